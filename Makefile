@@ -1,0 +1,28 @@
+# Two commands on a fresh clone: `make demo` (train the default model and print a sample), `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint bench ui clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m minillm train --out runs/demo --overwrite
+
+test: setup
+	bash scripts/install_browser.sh
+	$(PY) -m pytest
+
+lint: setup
+	.venv/bin/ruff check minillm tests bench main.py
+
+bench: setup
+	$(PY) bench/tokenizers.py
+	$(PY) bench/generation.py
+	$(PY) bench/train_shakespeare.py
+
+ui: setup
+	$(PY) -m minillm ui runs/demo
+
+clean:
+	rm -rf .venv runs .pytest_cache .hypothesis
