@@ -1,0 +1,123 @@
+"""What every Mini LLM tokenizer offers, and the checks both kinds share.
+
+Both kinds reserve the same special tokens at the same ids, so a model config (pad_id, bos_id, eos_id)
+fits either: "<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2; the character tokenizer adds "<|unk|>"=3.
+Encoding ordinary text never produces a special id, even when the text spells one ("<|eos|>" is seven
+ordinary characters) unless the caller passes `allow_special=True`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from minillm.checkpoint import TOKENIZER_FILE
+from minillm.errors import MiniLLMError
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in both kinds
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class DecodeStream(Protocol):
+    """Incremental decoder: feed one token id at a time, get text once it forms whole characters."""
+
+    def step(self, token_id: int) -> str | None:
+        """The new text completed by `token_id`, or None while a character is still partial."""
+        ...
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids. Subclasses: BPETokenizer ("bpe") and CharacterTokenizer ("char")."""
+
+    kind: str
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
+    unk_id: int | None = None
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (valid ids are 0..vocab_size-1)."""
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids for `text`; BOS first and EOS last if `add_special_tokens`.
+
+        Special-token spellings in `text` are encoded as ordinary text unless `allow_special` is True.
+        """
+
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False,
+                     allow_special: bool = False) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, possibly faster."""
+        return [self.encode(t, add_special_tokens, allow_special) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text for `ids`; pad/bos/eos are left out if `skip_special_tokens`."""
+
+    @abstractmethod
+    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
+        """A fresh incremental decoder (see DecodeStream) for streaming generation."""
+
+    def count_unknown(self, text: str) -> int:
+        """How many characters of `text` this tokenizer cannot represent (they encode as unk_id)."""
+        return 0
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write one JSON file (`path/tokenizer.json` if `path` is a folder), atomically."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """`path` itself, or `path/tokenizer.json` when `path` is a folder."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def checked_texts(texts: Iterable[str] | str, seen_text: list[bool]) -> Iterator[str]:
+    """Yield the training texts, refusing non-strings; sets seen_text[0] once a non-blank text passes.
+
+    Works as a stream, so a large file can be trained on line by line without reading it whole.
+    A single string counts as one text (not as an iterable of characters).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    for text in texts:
+        if not isinstance(text, str):
+            raise MiniLLMError(
+                f"training texts must be strings, got {type(text).__name__}; "
+                "pass e.g. open(path).read() or a list of str"
+            )
+        if not seen_text[0] and text and not text.isspace():
+            seen_text[0] = True
+        yield text
+
+
+def require_text(seen_text: list[bool]) -> None:
+    """Refuse to train on nothing (empty or whitespace-only input)."""
+    if not seen_text[0]:
+        raise MiniLLMError(
+            "training text is empty or only whitespace; give the tokenizer some real text to learn from"
+        )
+
+
+def checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """`ids` as a list of Python ints, refusing any outside 0..vocab_size-1."""
+    try:
+        ids = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise MiniLLMError(f"token ids must be integers, got {ids!r:.80}") from None
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise MiniLLMError(
+            f"token id {bad} is outside the vocabulary (0..{vocab_size - 1}); "
+            "decode only ids produced by this tokenizer or a model trained with it"
+        )
+    return ids

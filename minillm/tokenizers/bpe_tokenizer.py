@@ -1,0 +1,180 @@
+"""Byte-level BPE, trained and run by Hugging Face `tokenizers` (Rust).
+
+Byte level means the base alphabet is the 256 byte values, so any Unicode text round-trips exactly and
+there is no unknown token. The saved tokenizer.json is that library's own format: it loads with
+`tokenizers.Tokenizer.from_file(path)` and `transformers.PreTrainedTokenizerFast(tokenizer_file=path)`.
+Those loaders treat a special-token spelling in the text ("<|eos|>") as the special token (their
+convention); pass `split_special_tokens=True` to transformers, or set `tok.encode_special_tokens = True`
+on a `tokenizers.Tokenizer`, to get exactly the ids this class gives.
+
+This is the only module that imports Hugging Face `tokenizers` (our sub-package has the same name).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from minillm.checkpoint import atomic_write
+from minillm.errors import MiniLLMError
+from minillm.tokenizers.base import (
+    BOS_ID,
+    BOS_TOKEN,
+    EOS_ID,
+    EOS_TOKEN,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    checked_ids,
+    checked_texts,
+    require_text,
+    tokenizer_file,
+)
+
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE tokenizer; wraps a `tokenizers.Tokenizer`."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: HFTokenizer):
+        # Two copies of the same tokenizer: one reads special-token spellings as plain text (the default),
+        # one as special tokens (allow_special=True). A flag flipped per call would not be thread-safe.
+        json_str = hf_tokenizer.to_str()
+        self._hf = HFTokenizer.from_str(json_str)
+        self._hf.encode_special_tokens = True
+        self._hf_special = HFTokenizer.from_str(json_str)
+        self._hf_special.encode_special_tokens = False
+        self._vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
+        """Learn merges from `texts` (strings, streamed) up to `vocab_size` tokens, special tokens included.
+
+        Pairs seen fewer than `min_frequency` times are not merged, so a small text may give a smaller
+        vocabulary than asked for: read `vocab_size` afterwards.
+        """
+        if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+            raise MiniLLMError(
+                f"BPE vocab_size {vocab_size!r} is too small: it needs at least {MIN_VOCAB_SIZE} "
+                f"({BYTE_ALPHABET_SIZE} byte tokens + {len(SPECIAL_TOKENS)} special tokens); "
+                "use e.g. 1024 or more"
+            )
+        if not isinstance(min_frequency, int) or min_frequency < 1:
+            raise MiniLLMError(f"BPE min_frequency must be a whole number >= 1, got {min_frequency!r}")
+        hf = HFTokenizer(models.BPE())
+        # No normalizer: the text is kept byte for byte, so decode(encode(s)) == s.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, even unseen ones
+            show_progress=False,
+        )
+        seen_text = [False]
+        hf.train_from_iterator(checked_texts(texts, seen_text), trainer=trainer)
+        require_text(seen_text)
+        # For Hugging Face loaders: add_special_tokens=True wraps the text in BOS ... EOS, as ours does.
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A {EOS_TOKEN}", special_tokens=[(BOS_TOKEN, BOS_ID), (EOS_TOKEN, EOS_ID)]
+        )
+        return cls(hf)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def _backend(self, allow_special: bool) -> HFTokenizer:
+        return self._hf_special if allow_special else self._hf
+
+    def encode(self, text: str, add_special_tokens: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids for `text`; BOS first and EOS last if `add_special_tokens`."""
+        try:
+            ids = self._backend(allow_special).encode(text, add_special_tokens=False).ids
+        except TypeError:
+            raise _bad_text(text) from None
+        return [BOS_ID, *ids, EOS_ID] if add_special_tokens else ids
+
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False,
+                     allow_special: bool = False) -> list[list[int]]:
+        """`[encode(t) for t in texts]`, computed in parallel by the Rust library."""
+        texts = list(texts)
+        try:
+            # encode_batch_fast skips computing character offsets, which we do not use.
+            encodings = self._backend(allow_special).encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError:
+            raise _bad_text(next((t for t in texts if _not_encodable(t)), texts)) from None
+        if add_special_tokens:
+            return [[BOS_ID, *e.ids, EOS_ID] for e in encodings]
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text for `ids`; pad/bos/eos are left out if `skip_special_tokens`."""
+        return self._hf.decode(checked_ids(ids, self._vocab_size), skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> _BPEDecodeStream:
+        """An incremental decoder that never returns part of a UTF-8 character."""
+        return _BPEDecodeStream(self, skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        """Write Hugging Face's tokenizer.json format, atomically."""
+        json_str = self._hf.to_str(pretty=True)
+        atomic_write(tokenizer_file(path), lambda f: f.write(json_str + "\n"), mode="w")
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], path: Path) -> BPETokenizer:
+        """Build from a parsed Hugging Face tokenizer.json, checking it has our special tokens."""
+        try:
+            hf = HFTokenizer.from_str(json.dumps(raw))
+        except Exception as e:  # the Rust library raises a bare Exception for malformed files
+            message = f"tokenizer {path} is a broken BPE tokenizer.json ({str(e)[:200]}); retrain it"
+            raise MiniLLMError(message) from None
+        wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if hf.token_to_id(t) != i]
+        if wrong:
+            raise MiniLLMError(
+                f"tokenizer {path} lacks the Mini LLM special tokens {wrong} at ids 0-2; "
+                "use a tokenizer.json trained by minillm"
+            )
+        return cls(hf)
+
+
+class _BPEDecodeStream:
+    """Wraps tokenizers.decoders.DecodeStream, which buffers bytes until a character is whole."""
+
+    def __init__(self, tokenizer: BPETokenizer, skip_special_tokens: bool):
+        self._tokenizer = tokenizer
+        self._stream = decoders.DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str | None:
+        """The new text completed by `token_id`, or None while a character is still partial."""
+        [token_id] = checked_ids([token_id], self._tokenizer.vocab_size)
+        return self._stream.step(self._tokenizer._hf, token_id)
+
+
+def _not_encodable(text: Any) -> bool:
+    if not isinstance(text, str):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _bad_text(text: Any) -> MiniLLMError:
+    """The error for text that the Rust library refused (not a str, or a lone surrogate)."""
+    if not isinstance(text, str):
+        return MiniLLMError(f"can only encode text (str), got {type(text).__name__}")
+    return MiniLLMError(
+        "text contains a lone surrogate character, which is not valid Unicode; "
+        "read files with encoding='utf-8' (errors='replace' for damaged files)"
+    )

@@ -1,0 +1,143 @@
+"""One token per character: the vocabulary is every character seen in training, sorted by code point.
+
+Ids: the special tokens first ("<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2, "<|unk|>"=3), then the characters.
+A character not seen in training encodes as unk_id and decodes as U+FFFD "\N{REPLACEMENT CHARACTER}";
+`count_unknown(text)` says how many there are, so a caller can warn before generating.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minillm.checkpoint import write_json
+from minillm.errors import MiniLLMError
+from minillm.tokenizers.base import (
+    BOS_ID,
+    EOS_ID,
+    SPECIAL_TOKENS,
+    UNK_TOKEN,
+    Tokenizer,
+    checked_ids,
+    checked_texts,
+    require_text,
+    tokenizer_file,
+)
+
+FILE_TYPE = "minillm-char"  # the "type" field that marks our tokenizer.json
+FILE_VERSION = 1
+CHAR_SPECIAL_TOKENS = [*SPECIAL_TOKENS, UNK_TOKEN]
+UNK_ID = CHAR_SPECIAL_TOKENS.index(UNK_TOKEN)
+UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # what unk_id decodes to
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in CHAR_SPECIAL_TOKENS) + ")")
+
+
+class CharacterTokenizer(Tokenizer):
+    """Character-level tokenizer over a fixed alphabet (full Unicode)."""
+
+    kind = "char"
+    unk_id = UNK_ID
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet  # id of alphabet[i] is i + len(CHAR_SPECIAL_TOKENS)
+        # Encoding looks code points up in a sorted array: vectorised, no per-character Python loop.
+        codes = _code_points(alphabet)
+        self._order = np.argsort(codes, kind="stable")
+        self._sorted_codes = codes[self._order]
+        skipped = ["", "", "", UNKNOWN_TEXT]
+        spelled = [*SPECIAL_TOKENS, UNKNOWN_TEXT]
+        self._decode_tables = {True: skipped + list(alphabet), False: spelled + list(alphabet)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str] | str) -> CharacterTokenizer:
+        """Collect the characters of `texts` (strings, streamed) into a sorted alphabet."""
+        chars: set[str] = set()
+        seen_text = [False]
+        for text in checked_texts(texts, seen_text):
+            chars.update(text)
+        require_text(seen_text)
+        return cls("".join(sorted(chars)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(CHAR_SPECIAL_TOKENS) + len(self.alphabet)
+
+    def _lookup(self, text: str) -> np.ndarray:
+        """Ids of the characters of `text`, unk_id for unknown ones. Shape (len(text),), int64."""
+        codes = _code_points(text)
+        pos = np.searchsorted(self._sorted_codes, codes)
+        pos = np.minimum(pos, len(self._sorted_codes) - 1)  # codes above the largest known land past the end
+        known = self._sorted_codes[pos] == codes
+        return np.where(known, self._order[pos] + len(CHAR_SPECIAL_TOKENS), UNK_ID)
+
+    def encode(self, text: str, add_special_tokens: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids for `text`; BOS first and EOS last if `add_special_tokens`."""
+        if allow_special and isinstance(text, str):
+            # Odd pieces of the split are special-token spellings, even pieces ordinary text.
+            pieces = _SPECIAL_SPLIT.split(text)
+            ids = [i for n, piece in enumerate(pieces)
+                   for i in ([CHAR_SPECIAL_TOKENS.index(piece)] if n % 2 else self._lookup(piece).tolist())]
+        else:
+            ids = self._lookup(text).tolist()
+        return [BOS_ID, *ids, EOS_ID] if add_special_tokens else ids
+
+    def count_unknown(self, text: str) -> int:
+        """How many characters of `text` were never seen in training (they encode as unk_id)."""
+        return int(np.count_nonzero(self._lookup(text) == UNK_ID))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text for `ids`; pad/bos/eos are left out if `skip_special_tokens`; unk_id gives U+FFFD."""
+        table = self._decode_tables[bool(skip_special_tokens)]
+        return "".join(map(table.__getitem__, checked_ids(ids, self.vocab_size)))
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> _CharDecodeStream:
+        """An incremental decoder; every id is a whole character, so only skipped specials give None."""
+        return _CharDecodeStream(self, skip_special_tokens)
+
+    def save(self, path: str | Path) -> None:
+        """Write our own JSON ({"type": "minillm-char", ...}), atomically."""
+        write_json(tokenizer_file(path), {
+            "type": FILE_TYPE,
+            "version": FILE_VERSION,
+            "special_tokens": CHAR_SPECIAL_TOKENS,
+            "unknown_text": UNKNOWN_TEXT,
+            "alphabet": self.alphabet,
+        })
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], path: Path) -> CharacterTokenizer:
+        """Build from a parsed tokenizer.json written by `save`, checking it is consistent."""
+        if raw.get("version") != FILE_VERSION:
+            raise MiniLLMError(
+                f"tokenizer {path} has version {raw.get('version')!r}, "
+                f"this minillm reads version {FILE_VERSION}; "
+                "upgrade minillm or retrain the tokenizer"
+            )
+        alphabet = raw.get("alphabet")
+        if raw.get("special_tokens") != CHAR_SPECIAL_TOKENS or not isinstance(alphabet, str) or not alphabet:
+            raise MiniLLMError(f"tokenizer {path} is a damaged character tokenizer file; retrain it")
+        if len(set(alphabet)) != len(alphabet):
+            raise MiniLLMError(f"tokenizer {path} lists a character twice in its alphabet; retrain it")
+        return cls(alphabet)
+
+
+class _CharDecodeStream:
+    def __init__(self, tokenizer: CharacterTokenizer, skip_special_tokens: bool):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+
+    def step(self, token_id: int) -> str | None:
+        """The character for `token_id`, or None for a skipped special token."""
+        text = self._tokenizer.decode([token_id], self._skip)
+        return text or None
+
+
+def _code_points(text: str) -> np.ndarray:
+    """Unicode code points of `text` (lone surrogates included). Shape (len(text),), uint32."""
+    if not isinstance(text, str):
+        raise MiniLLMError(f"can only encode text (str), got {type(text).__name__}")
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")

@@ -1,0 +1,342 @@
+"""Tokenizers: round trips, reserved special tokens, save/load, Hugging Face compatibility, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.errors import MiniLLMError
+from minillm.tokenizers import BPETokenizer, CharacterTokenizer, Tokenizer, load_tokenizer
+
+# Small multilingual text: enough for a few hundred merges, and multi-byte characters of every UTF-8 length.
+TRAIN_TEXTS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n",
+    "héllo wörld, ça va? naïve café. 世界你好，这是一个测试。 こんにちは 😀🎉 Привет мир\n",
+    "Text may spell <|pad|>, <|bos|>, <|eos|> or <|unk|>: they stay text. x\n",
+] * 20
+BPE_VOCAB = 320
+MULTIBYTE_TEXT = "Hi 😀🎉 世界你好 — café naïve Привет 👩‍👩‍👧 \U0001F9D1\u200d\U0001F4BB!"
+SPECIAL_SPELLINGS = "a <|pad|> b <|bos|> c <|eos|> d <|unk|> e"
+FAST = settings(max_examples=200, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    return BPETokenizer.train(TRAIN_TEXTS, vocab_size=BPE_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def char() -> CharacterTokenizer:
+    return CharacterTokenizer.train(TRAIN_TEXTS)
+
+
+@pytest.fixture(scope="module", params=["bpe", "char"])
+def tok(request, bpe, char) -> Tokenizer:
+    return {"bpe": bpe, "char": char}[request.param]
+
+
+# --- training and ids ------------------------------------------------------------------------------------
+
+
+def test_special_ids_are_the_same_in_both_kinds(bpe, char):
+    assert (bpe.kind, char.kind) == ("bpe", "char")
+    for t in (bpe, char):
+        assert (t.pad_id, t.bos_id, t.eos_id) == (0, 1, 2)
+        assert t.decode([0, 1, 2], skip_special_tokens=False) == "<|pad|><|bos|><|eos|>"
+    assert bpe.unk_id is None
+    assert char.unk_id == 3
+
+
+def test_bpe_vocab_is_learned_up_to_the_requested_size(bpe):
+    assert 256 + 3 < bpe.vocab_size <= BPE_VOCAB
+    ids = bpe.encode("".join(TRAIN_TEXTS))
+    assert max(ids) < bpe.vocab_size
+    assert len(ids) < 0.7 * len("".join(TRAIN_TEXTS).encode("utf-8"))  # the merges do compress
+
+
+def test_char_vocab_is_the_sorted_training_characters(char):
+    chars = sorted(set("".join(TRAIN_TEXTS)))
+    assert char.vocab_size == 4 + len(chars)
+    assert char.encode("".join(chars)) == list(range(4, 4 + len(chars)))
+
+
+def test_training_streams_lines_from_a_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(TRAIN_TEXTS), encoding="utf-8")
+    with open(path, encoding="utf-8") as f:
+        from_file = BPETokenizer.train(f, vocab_size=BPE_VOCAB)
+    assert from_file.decode(from_file.encode(MULTIBYTE_TEXT)) == MULTIBYTE_TEXT
+    with open(path, encoding="utf-8") as f:
+        assert CharacterTokenizer.train(f).alphabet == CharacterTokenizer.train(TRAIN_TEXTS).alphabet
+
+
+def test_a_single_string_is_one_training_text():
+    assert CharacterTokenizer.train("ba").alphabet == "ab"
+    assert BPETokenizer.train("hello hello hello", vocab_size=300).encode("hello") == \
+        BPETokenizer.train(["hello hello hello"], vocab_size=300).encode("hello")
+
+
+# --- round trips -----------------------------------------------------------------------------------------
+
+
+@FAST
+@given(text=st.text())
+def test_bpe_round_trips_any_unicode(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size and i > bpe.eos_id for i in ids)
+    assert bpe.decode(ids) == text
+
+
+@FAST
+@given(data=st.data())
+def test_char_round_trips_text_over_its_alphabet(char, data):
+    text = data.draw(st.text(alphabet=st.sampled_from(char.alphabet)))
+    assert char.decode(char.encode(text)) == text
+    assert char.count_unknown(text) == 0
+
+
+@FAST
+@given(text=st.text())
+def test_char_encode_matches_a_plain_dict_lookup(char, text):
+    # An independent, obviously correct encoder, to hold the vectorised one against.
+    table = {c: i + 4 for i, c in enumerate(char.alphabet)}
+    expected = [table.get(c, char.unk_id) for c in text]
+    assert char.encode(text) == expected
+    assert char.count_unknown(text) == expected.count(char.unk_id)
+
+
+def test_char_unknown_characters_count_and_decode_visibly(char):
+    text = "héllo ∑ 🦀 x"  # ∑ and 🦀 never appear in training
+    assert char.count_unknown(text) == 2
+    ids = char.encode(text)
+    assert ids.count(char.unk_id) == 2
+    assert char.decode(ids) == "héllo \ufffd \ufffd x"
+    assert char.decode(ids, skip_special_tokens=False) == "héllo \ufffd \ufffd x"
+    assert char.count_unknown("") == 0
+    assert char.count_unknown("\ud800") == 1  # a lone surrogate is just another unseen character
+
+
+def test_encode_batch_equals_encode_one_by_one(tok):
+    texts = ["", "hello", MULTIBYTE_TEXT, SPECIAL_SPELLINGS, "∑ unseen 🦀", *TRAIN_TEXTS[:3]]
+    for flags in ({}, {"add_special_tokens": True}, {"allow_special": True}):
+        assert tok.encode_batch(texts, **flags) == [tok.encode(t, **flags) for t in texts]
+    assert tok.encode_batch(iter(texts)) == [tok.encode(t) for t in texts]
+
+
+# --- special tokens ---------------------------------------------------------------------------------------
+
+
+def test_special_spellings_in_text_are_ordinary_text(tok):
+    ids = tok.encode(SPECIAL_SPELLINGS)
+    assert not {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id} & set(ids)
+    assert tok.decode(ids) == SPECIAL_SPELLINGS
+    assert tok.encode("<|eos|>") != [tok.eos_id]
+
+
+def test_allow_special_reads_special_spellings_as_special_tokens(tok):
+    ids = tok.encode("hi<|eos|>", allow_special=True)
+    assert ids[-1] == tok.eos_id and ids[:-1] == tok.encode("hi")
+    assert tok.encode("<|pad|><|bos|>", allow_special=True) == [tok.pad_id, tok.bos_id]
+
+
+def test_add_special_tokens_wraps_in_bos_and_eos(tok):
+    plain = tok.encode("hello")
+    assert tok.encode("hello", add_special_tokens=True) == [tok.bos_id, *plain, tok.eos_id]
+    assert tok.encode("", add_special_tokens=True) == [tok.bos_id, tok.eos_id]
+    wrapped = tok.encode("hello", add_special_tokens=True)
+    assert tok.decode(wrapped) == "hello"
+    assert tok.decode(wrapped, skip_special_tokens=False) == "<|bos|>hello<|eos|>"
+
+
+# --- streaming decode -------------------------------------------------------------------------------------
+
+
+def test_bpe_decode_stream_emits_whole_characters_only(bpe):
+    ids = bpe.encode(MULTIBYTE_TEXT, add_special_tokens=True)
+    stream = bpe.decode_stream()
+    chunks = [stream.step(i) for i in ids]
+    # Some emoji/CJK characters span several byte tokens: the stream must have waited on them.
+    assert None in chunks
+    text = "".join(c for c in chunks if c is not None)
+    assert text == bpe.decode(ids) == MULTIBYTE_TEXT
+    assert "\ufffd" not in text
+
+
+def test_decode_stream_keeps_special_tokens_when_asked(tok):
+    ids = tok.encode("a 世界", add_special_tokens=True)
+    stream = tok.decode_stream(skip_special_tokens=False)
+    text = "".join(c for c in map(stream.step, ids) if c is not None)
+    assert text == tok.decode(ids, skip_special_tokens=False) == "<|bos|>a 世界<|eos|>"
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text())
+def test_decode_stream_concatenates_to_decode(tok, text):
+    ids = tok.encode(text)
+    stream = tok.decode_stream()
+    assert "".join(c for c in map(stream.step, ids) if c is not None) == tok.decode(ids)
+
+
+# --- save and load ----------------------------------------------------------------------------------------
+
+
+def test_save_then_load_gives_an_identical_tokenizer(tok, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = load_tokenizer(path)
+    assert type(loaded) is type(tok)
+    assert (loaded.kind, loaded.vocab_size, loaded.unk_id) == (tok.kind, tok.vocab_size, tok.unk_id)
+    texts = [MULTIBYTE_TEXT, SPECIAL_SPELLINGS, "∑ unseen 🦀", *TRAIN_TEXTS[:3]]
+    for text in texts:
+        for flags in ({}, {"add_special_tokens": True}, {"allow_special": True}):
+            assert loaded.encode(text, **flags) == tok.encode(text, **flags)
+    ids = list(range(tok.vocab_size))
+    assert loaded.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False)
+    # A folder works too (the run folder holds tokenizer.json); saving is repeatable and leaves no temp files.
+    loaded.save(tmp_path)
+    assert load_tokenizer(tmp_path).encode(MULTIBYTE_TEXT) == tok.encode(MULTIBYTE_TEXT)
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+
+
+def test_char_file_says_its_kind(char, tmp_path):
+    char.save(tmp_path / "tokenizer.json")
+    raw = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert raw["type"] == "minillm-char"
+    assert raw["alphabet"] == char.alphabet
+
+
+def test_huggingface_tokenizers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = tmp_path / "tokenizer.json"
+    bpe.save(path)
+    hf = HFTokenizer.from_file(str(path))
+    for text in (MULTIBYTE_TEXT, *TRAIN_TEXTS[:3]):
+        assert hf.encode(text, add_special_tokens=False).ids == bpe.encode(text)
+        assert hf.encode(text).ids == bpe.encode(text, add_special_tokens=True)
+        assert hf.decode(bpe.encode(text)) == text
+    # HF's own convention matches special spellings; its documented flag gives our reserved behaviour.
+    hf_ids = hf.encode(SPECIAL_SPELLINGS, add_special_tokens=False).ids
+    assert hf_ids == bpe.encode(SPECIAL_SPELLINGS, allow_special=True)
+    hf.encode_special_tokens = True
+    assert hf.encode(SPECIAL_SPELLINGS, add_special_tokens=False).ids == bpe.encode(SPECIAL_SPELLINGS)
+
+
+def test_transformers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    path = tmp_path / "tokenizer.json"
+    bpe.save(path)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), split_special_tokens=True)
+    for text in (MULTIBYTE_TEXT, SPECIAL_SPELLINGS, *TRAIN_TEXTS[:3]):
+        assert hf.encode(text, add_special_tokens=False) == bpe.encode(text)
+        assert hf(text)["input_ids"] == bpe.encode(text, add_special_tokens=True)
+    ids = bpe.encode(MULTIBYTE_TEXT, add_special_tokens=True)
+    assert hf.decode(ids, skip_special_tokens=True) == bpe.decode(ids) == MULTIBYTE_TEXT
+
+
+# --- bad input: one clear MiniLLMError each ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("texts", ["", [], ["", "  \n\t "], "   "])
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_training_on_blank_text_is_refused(kind, texts):
+    with pytest.raises(MiniLLMError, match="empty or only whitespace"):
+        if kind == "bpe":
+            BPETokenizer.train(texts, vocab_size=300)
+        else:
+            CharacterTokenizer.train(texts)
+
+
+def test_training_on_non_strings_is_refused():
+    with pytest.raises(MiniLLMError, match="must be strings, got bytes"):
+        CharacterTokenizer.train([b"bytes"])
+    with pytest.raises(MiniLLMError, match="must be strings, got int"):
+        BPETokenizer.train(["ok", 3], vocab_size=300)
+
+
+@pytest.mark.parametrize("vocab_size", [0, 256, 258, 300.0])
+def test_bpe_vocab_below_bytes_plus_specials_is_refused(vocab_size):
+    with pytest.raises(MiniLLMError, match="at least 259"):
+        BPETokenizer.train(TRAIN_TEXTS, vocab_size=vocab_size)
+    assert BPETokenizer.train(TRAIN_TEXTS, vocab_size=259).vocab_size == 259
+
+
+def test_missing_tokenizer_file_is_refused(tmp_path):
+    with pytest.raises(MiniLLMError, match="not found"):
+        load_tokenizer(tmp_path / "nope.json")
+    with pytest.raises(MiniLLMError, match="not found"):
+        load_tokenizer(tmp_path)  # a folder without tokenizer.json
+
+
+def test_tokenizer_file_that_is_not_json_is_refused(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"type": "minillm-char", "alph', encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="not valid JSON"):
+        load_tokenizer(path)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(MiniLLMError, match="not valid JSON"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("content", [[1, 2], "x", {"type": "sentencepiece"}, {"model": {"type": "Unigram"}}])
+def test_tokenizer_file_of_unknown_kind_is_refused(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="unknown kind"):
+        load_tokenizer(path)
+
+
+def test_damaged_tokenizer_files_are_refused(bpe, char, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    char.save(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for broken, message in [({**raw, "alphabet": "aa"}, "twice"), ({**raw, "alphabet": 5}, "damaged"),
+                            ({**raw, "version": 99}, "version 99")]:
+        path.write_text(json.dumps(broken), encoding="utf-8")
+        with pytest.raises(MiniLLMError, match=message):
+            load_tokenizer(path)
+    bpe.save(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**raw, "model": {"type": "BPE", "vocab": 3}}), encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="broken BPE"):
+        load_tokenizer(path)
+
+
+def test_a_foreign_bpe_file_without_our_special_tokens_is_refused(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, trainers
+
+    foreign = HFTokenizer(models.BPE())
+    foreign.train_from_iterator(TRAIN_TEXTS, trainers.BpeTrainer(vocab_size=100, show_progress=False))
+    foreign.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(MiniLLMError, match="lacks the Mini LLM special tokens"):
+        load_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.mark.parametrize("bad_id", [-1, "vocab_size", "vocab_size+5"])
+def test_decoding_ids_outside_the_vocabulary_is_refused(tok, bad_id):
+    bad_id = {"vocab_size": tok.vocab_size, "vocab_size+5": tok.vocab_size + 5}.get(bad_id, bad_id)
+    with pytest.raises(MiniLLMError, match=f"token id {bad_id} is outside the vocabulary"):
+        tok.decode([5, bad_id])
+    with pytest.raises(MiniLLMError, match="outside the vocabulary"):
+        tok.decode_stream().step(bad_id)
+    assert tok.decode([tok.vocab_size - 1]) == tok.decode(iter([tok.vocab_size - 1]))
+
+
+def test_encoding_non_text_is_refused(tok):
+    with pytest.raises(MiniLLMError, match="can only encode text"):
+        tok.encode(b"bytes")
+    with pytest.raises(MiniLLMError, match="can only encode text"):
+        tok.encode_batch(["ok", None])
+
+
+def test_bpe_refuses_lone_surrogates_clearly(bpe):
+    with pytest.raises(MiniLLMError, match="lone surrogate"):
+        bpe.encode("a\ud800b")
+    with pytest.raises(MiniLLMError, match="lone surrogate"):
+        bpe.encode_batch(["ok", "a\udfffb"])
