@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 from hypothesis import given, settings
@@ -200,6 +202,14 @@ def test_save_then_load_gives_an_identical_tokenizer(tok, tmp_path):
     loaded.save(tmp_path)
     assert load_tokenizer(tmp_path).encode(MULTIBYTE_TEXT) == tok.encode(MULTIBYTE_TEXT)
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]
+
+
+def test_pickle_and_deepcopy_keep_special_tokens_reserved(tok):
+    # DataLoader workers and multiprocessing receive tokenizers by pickling.
+    for copied in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        for allow_special in (False, True):
+            expected = tok.encode(SPECIAL_SPELLINGS, allow_special=allow_special)
+            assert copied.encode(SPECIAL_SPELLINGS, allow_special=allow_special) == expected
 
 
 def test_char_file_says_its_kind(char, tmp_path):

@@ -54,6 +54,13 @@ class BPETokenizer(Tokenizer):
         self._hf_special.encode_special_tokens = False
         self._vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
 
+    def __getstate__(self) -> dict[str, str]:
+        # Pickled (DataLoader workers, deepcopy) as the JSON: HF's own pickling drops encode_special_tokens.
+        return {"json": self._hf.to_str()}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.__init__(HFTokenizer.from_str(state["json"]))
+
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
         """Learn merges from `texts` (strings, streamed) up to `vocab_size` tokens, special tokens included.
@@ -92,6 +99,11 @@ class BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def hf_tokenizer(self) -> HFTokenizer:
+        """The underlying `tokenizers.Tokenizer` (reads special spellings as text); do not modify it."""
+        return self._hf
 
     def _backend(self, allow_special: bool) -> HFTokenizer:
         return self._hf_special if allow_special else self._hf
