@@ -11,8 +11,9 @@ from minillm.training.trainer import (
     lr_at,
     read_train_config,
     resume,
+    sample_prompt,
     train,
 )
 
 __all__ = ["TrainResult", "Trainer", "evaluate_run", "is_main_process", "lr_at", "read_train_config",
-           "resume", "train"]
+           "resume", "sample_prompt", "train"]

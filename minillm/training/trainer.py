@@ -56,6 +56,7 @@ OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss 
 MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model will likely memorise it
 FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
 CHECKPOINT_FORMAT = 1
+SAMPLE_PROMPT_TOKENS = 24  # the prompt of the sample printed after training: the test split's start
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
 
 LogFn = Callable[[str], None]
@@ -583,9 +584,14 @@ RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interva
                     "compile", "dtype")
 
 
-def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, progress: bool = True,
-           log: LogFn = default_log, on_metrics: MetricsCallback | None = None) -> TrainResult:
-    """Continue an interrupted run from its last.pt, exactly where the checkpoint left off."""
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
+           model_overrides: dict[str, Any] | None = None, progress: bool = True, log: LogFn = default_log,
+           on_metrics: MetricsCallback | None = None) -> TrainResult:
+    """Continue an interrupted run from its last.pt, exactly where the checkpoint left off.
+
+    `overrides` may change RESUMABLE_FIELDS (e.g. a longer max_time); any other field, of the training
+    or (`model_overrides`) the model config, must equal what the run was trained with.
+    """
     run_dir = Path(run_dir)
     last_path = run_dir / LAST_CHECKPOINT_FILE
     if not last_path.is_file():
@@ -596,15 +602,18 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *, prog
     state = load_torch(last_path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise MiniLLMError(f"{last_path} is not a Mini LLM resume checkpoint; start again with --overwrite")
-    overrides = dict(overrides or {})
-    fixed = sorted(set(overrides) - set(RESUMABLE_FIELDS))
-    if fixed:
+    overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
+    saved_train, saved_model = state["train_config"], state["model_config"]
+    changed = [k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved_train.get(k) != v]
+    changed += [k for k, v in model_overrides.items() if saved_model.get(k) != v]
+    if changed:
         raise MiniLLMError(
-            f"cannot change {fixed} when resuming (the run was trained with other values); only "
-            f"{list(RESUMABLE_FIELDS)} may change; start a new run with --overwrite to change the rest"
+            f"cannot change {sorted(changed)} when resuming {run_dir} (it was trained with other values); "
+            f"only {list(RESUMABLE_FIELDS)} may change; start a new run with --overwrite to change the rest"
         )
-    model_config = ModelConfig.from_dict(state["model_config"])
-    config = TrainConfig.from_dict({**state["train_config"], **overrides})
+    model_config = ModelConfig.from_dict(saved_model)
+    allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
+    config = TrainConfig.from_dict({**saved_train, **allowed})
     from minillm.checkpoint import check_compatible
     from minillm.tokenizers import load_tokenizer
 
@@ -625,6 +634,20 @@ def write_train_config(run_dir: Path, model_config: ModelConfig, config: TrainCo
     if is_main_process():
         write_json(run_dir / TRAIN_CONFIG_FILE, {"minillm_version": __version__,
                                                  "model": model_config.to_dict(), "train": config.to_dict()})
+
+
+def sample_prompt(run_dir: str | Path, tokenizer: Any) -> str:
+    """A prompt in the style of the data: the start of the test split, up to its first line end."""
+    run_dir = Path(run_dir)
+    record = data_utils.read_split_record(run_dir)
+    if record["format"] == PAIRS:
+        offsets = np.load(run_dir / "test.offsets.npy")
+        ids = data_utils.read_stream(run_dir / "test.src.bin", record["dtype"])[offsets[0, 0]:offsets[0, 1]]
+        return tokenizer.decode(ids.tolist())
+    ids = data_utils.read_stream(run_dir / "test.bin", record["dtype"])[:SAMPLE_PROMPT_TOKENS]
+    text = tokenizer.decode(ids.tolist()).lstrip("\n")
+    line_end = text.find("\n")
+    return text[:line_end + 1] if line_end > 0 else text
 
 
 def read_train_config(run_dir: str | Path) -> TrainConfig:

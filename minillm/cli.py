@@ -1,0 +1,321 @@
+"""The `minillm` command: train, generate, evaluate, ui. A thin layer: parse arguments, call the library.
+
+    minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
+    minillm generate RUN_DIR --prompt "ROMEO:"
+    minillm evaluate RUN_DIR [--data FILE]
+    minillm ui [RUN_DIR]
+
+`train` has an option for every ModelConfig and TrainConfig field (generated from the dataclasses,
+`--d-model`, `--learning-rate`, ...); explicit options override the --preset. A problem the user can fix
+(MiniLLMError) prints one line `error: ...` to stderr and exits with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from minillm import __version__
+from minillm.config import (
+    DEFAULT_PRESET,
+    MODEL_TYPES,
+    PRESETS,
+    SPLIT_MODES,
+    TOKENIZER_TYPES,
+    ModelConfig,
+    TrainConfig,
+    preset_configs,
+)
+from minillm.errors import MiniLLMError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_RUNS_DIR = "runs"
+FINAL_SAMPLE_TOKENS = 200  # the sample printed at the end of `minillm train`
+FINAL_SAMPLE_TEMPERATURE = 0.8
+FINAL_SAMPLE_SEED = 0
+
+# ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
+MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
+TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
+OPTION_ALIASES = {"max_seq_len": ["--block-size"]}
+CHOICES = {"split_mode": SPLIT_MODES, "dtype": ("auto", "float32", "bfloat16", "float16")}
+NONE_WORDS = ("none", "off")
+
+HELP = {
+    "d_model": "width of the model (embedding size)",
+    "n_layers": "number of transformer blocks (each stack, for the encoder-decoder)",
+    "n_encoder_layers": "encoder depth of the encoder-decoder (default: --n-layers)",
+    "n_decoder_layers": "decoder depth of the encoder-decoder (default: --n-layers)",
+    "n_heads": "attention heads (must divide --d-model)",
+    "d_ff": "hidden width of the feed-forward layers (default: about 8/3 of --d-model)",
+    "max_seq_len": "context length in tokens (the training window, block size)",
+    "dropout": "dropout probability (0 to 0.3 fights overfitting on small data)",
+    "rope_theta": "base of the rotary position embedding",
+    "tie_embeddings": "share the input embedding and the output layer",
+    "norm_eps": "epsilon of the RMS norms",
+    "vocab_size": "BPE vocabulary size, special tokens included (ignored by the char tokenizer)",
+    "split_mode": "how the file becomes samples: blank-line paragraphs, lines, or a separator string",
+    "separator": "sample separator for --split-mode separator",
+    "val_fraction": "share of samples held out for validation",
+    "test_fraction": "share of samples held out for the final test",
+    "source_fraction": "encoder-decoder on plain text: share of each window given as the source",
+    "batch_size": "sequences per optimizer step (per accumulation step)",
+    "learning_rate": "peak learning rate (after warmup)",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "steps of linear learning-rate warmup",
+    "max_steps": "optimizer steps to train for",
+    "epochs": "train for this many passes over the training tokens instead of --max-steps",
+    "weight_decay": "AdamW weight decay (matrices only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this (0 turns clipping off)",
+    "grad_accum_steps": "batches summed per optimizer step",
+    "eval_interval": "evaluate on the validation set (and save checkpoints) every N steps",
+    "eval_batches": "validation batches per evaluation",
+    "log_interval": "log the training loss every N steps",
+    "patience": "stop after N evaluations without improvement ('none': never)",
+    "max_time": "wall-clock budget in seconds ('none': no budget)",
+    "seed": "random seed (same seed, same run on CPU)",
+    "device": "cpu, cuda, cuda:1, mps (default: the best available)",
+    "compile": "torch.compile the model (faster on GPU after a slow first step)",
+    "dtype": "auto = bf16 autocast on CUDA, fp32 elsewhere",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _converter(base: type, optional: bool) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        if optional and text.strip().lower() in NONE_WORDS:
+            return None
+        return base(text)
+
+    convert.__name__ = base.__name__  # argparse names it in "invalid int value"
+    return convert
+
+
+def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, skip: Sequence[str]) -> None:
+    """One --option per dataclass field: --d-model for d_model, typed from the annotation."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, [])]
+        kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS,
+                                  "help": HELP.get(f.name, f.name)}
+        annotation = str(f.type)
+        base_name = annotation.replace(" | None", "").strip()
+        if base_name == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            base = {"int": int, "float": float, "str": str}[base_name]
+            kwargs["type"] = _converter(base, "None" in annotation)
+            kwargs["metavar"] = base_name.upper()
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
+                kwargs.pop("metavar")
+        group.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minillm", description="Train and use your own small language model.")
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model on a text file (default: Tiny Shakespeare)",
+                                description="Train a tokenizer and a model on DATA into a run folder.")
+    train.add_argument("data", nargs="?", metavar="DATA",
+                       help="UTF-8 text file, or TSV/JSONL pairs for the encoder-decoder "
+                            "(default: the bundled Tiny Shakespeare)")
+    train.add_argument("--tokenizer", dest="train__tokenizer", choices=TOKENIZER_TYPES,
+                       default=argparse.SUPPRESS, help="byte-level BPE or characters (default: char)")
+    train.add_argument("--model", "--model-type", dest="model__model_type", choices=MODEL_TYPES,
+                       default=argparse.SUPPRESS,
+                       help="decoder-only (GPT-style) or encoder-decoder transformer (default: decoder_only)")
+    train.add_argument("--out", type=Path,
+                       help=f"run folder (default: {DEFAULT_RUNS_DIR}/<data>-<model>-<tokenizer>)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                       help="starting settings, overridden by explicit options: "
+                            + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run from its last.pt")
+    existing.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_config_options(train.add_argument_group("model options"), ModelConfig, "model__",
+                        MODEL_FIELDS_NOT_OPTIONS)
+    _add_config_options(train.add_argument_group("training options"), TrainConfig, "train__",
+                        TRAIN_FIELDS_NOT_OPTIONS)
+    train.set_defaults(func=cmd_train)
+
+    generate = commands.add_parser(
+        "generate", help="generate text from a trained run",
+        description="Stream text from a run's best model. stdout is the prompt followed by the "
+                    "continuation (decoder-only), or the generated target (encoder-decoder).")
+    generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
+    generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
+    generate.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS)
+    generate.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=argparse.SUPPRESS, help="keep the k likeliest tokens")
+    generate.add_argument("--top-p", type=float, default=argparse.SUPPRESS, help="nucleus sampling mass")
+    generate.add_argument("--repetition-penalty", type=float, default=argparse.SUPPRESS)
+    generate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="same seed, same text")
+    generate.add_argument("--device", default=None)
+    generate.set_defaults(func=cmd_generate)
+
+    evaluate = commands.add_parser("evaluate", help="loss and perplexity on the test split or a file")
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--data", type=Path, help="score all of this file instead of the test split")
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    ui = commands.add_parser("ui", help="open the web UI (needs the 'ui' extra: gradio)")
+    ui.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run to load at start")
+    ui.add_argument("--host", default="127.0.0.1", help="127.0.0.1 keeps it local")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
+    ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _overrides(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+def default_run_dir(data: str | None, model_type: str, tokenizer: str) -> Path:
+    stem = Path(data).stem if data else "tinyshakespeare"
+    return Path(DEFAULT_RUNS_DIR) / f"{stem}-{model_type}-{tokenizer}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from minillm.training import resume, train
+
+    model_overrides = _overrides(args, "model__")
+    train_overrides = _overrides(args, "train__")
+    if args.data is not None:
+        train_overrides["data"] = args.data
+    model_config, train_config = preset_configs(args.preset, model_overrides, train_overrides)
+    out = args.out or default_run_dir(train_config.data, model_config.model_type, train_config.tokenizer)
+    progress = not args.no_progress
+    if args.resume:
+        result = resume(out, train_overrides, model_overrides=model_overrides, progress=progress)
+    else:
+        result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress)
+    print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
+          f"val loss {result.best_val_loss:.4f}; test perplexity {result.test_metrics['perplexity']:.2f})")
+    print_final_sample(result.run_dir, train_config.device)
+    print(f"\nnext: minillm generate {result.run_dir} --prompt \"...\"   or   minillm ui {result.run_dir}")
+    return 0
+
+
+def print_final_sample(run_dir: Path, device: str | None) -> None:
+    """A short sample from the best model, prompted with the start of the test split."""
+    from minillm.checkpoint import load_run
+    from minillm.training import sample_prompt
+
+    run = load_run(run_dir, device)
+    prompt = sample_prompt(run_dir, run.tokenizer)
+    print(f"\nsample from the best model (prompt {prompt!r}):\n")
+    kwargs = dict(max_new_tokens=FINAL_SAMPLE_TOKENS, temperature=FINAL_SAMPLE_TEMPERATURE,
+                  seed=FINAL_SAMPLE_SEED)
+    if run.config.model_type == "transformer":
+        stream(run, prompt="", source=prompt, **kwargs)
+    else:
+        sys.stdout.write(prompt)
+        stream(run, prompt=prompt, source=None, **kwargs)
+
+
+def stream(run: Any, prompt: str, source: str | None, **settings: Any) -> None:
+    """Write the generated chunks to stdout as they come, then a newline."""
+    from minillm.generation import stream_text
+
+    chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
+    try:
+        for chunk in chunks:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    finally:
+        chunks.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from minillm.checkpoint import load_run
+
+    run = load_run(args.run_dir, args.device)
+    settings = {name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)}
+    prompt, source = args.prompt, args.source
+    if run.config.model_type == "transformer":
+        if source is None:  # a text-trained encoder-decoder continues its source, so --prompt is one
+            prompt, source = "", prompt
+        if not source:
+            raise MiniLLMError(f"{args.run_dir} is an encoder-decoder model: pass --source TEXT")
+    elif source is not None:
+        raise MiniLLMError(f"{args.run_dir} is a decoder-only model: it has no --source; use --prompt")
+    unknown = run.tokenizer.count_unknown(prompt + (source or ""))
+    if unknown:
+        print(f"warning: {unknown} character(s) of the input are not in this run's character vocabulary; "
+              "they become <|unk|> and the model has never seen them", file=sys.stderr)
+    if run.config.model_type == "decoder_only":
+        sys.stdout.write(prompt)  # stdout = prompt + continuation
+    stream(run, prompt=prompt, source=source, **settings)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from minillm.training import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.data, args.device)
+    print(f"{metrics['data']}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
+          f"over {metrics['tokens']:,} tokens")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("gradio") is None:
+        raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'")
+    from minillm.ui.app import launch
+
+    launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors (already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except MiniLLMError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # permission denied, disk full, ...: name the file, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        hint = " (continue training with the same command plus --resume)" if args.command == "train" else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
