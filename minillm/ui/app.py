@@ -206,7 +206,8 @@ def model_info_markdown(run: Run) -> str:
     if step is not None:
         best += f" (step {step})"
     rows = [
-        ("Model", f"{c.model_type} ({html.escape(run.info.get('model_path', ''))})"),
+        ("Model type", c.model_type),
+        ("File", html.escape(run.info.get("model_path", ""))),
         ("Parameters", f"{n_params:,} ({n_params / 1e6:.2f}M)"),
         ("Layers", layers),
         ("Heads", str(c.n_heads)),
@@ -217,7 +218,9 @@ def model_info_markdown(run: Run) -> str:
         ("Device", str(run.device)),
         ("Best validation loss", best),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    (head_key, head_value), *rows = rows
+    return (f"| {head_key} | {head_value} |\n|---|---|\n"
+            + "\n".join(f"| {key} | {value} |" for key, value in rows))
 
 
 def _generation_fields(model_type: str):
@@ -386,13 +389,14 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 gr.Markdown("## Model")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     run_picker = gr.Dropdown(
                         choices=_run_choices(runs_dir, run_dir), value=run_dir,
                         label=f"Run (from {runs_dir}/)", allow_custom_value=True, elem_id="run_picker",
                         scale=5,
                     )
-                    refresh_button = gr.Button("↻", elem_id="refresh_runs", scale=1, min_width=40)
+                    refresh_button = gr.Button("↻ Refresh", elem_id="refresh_runs", size="sm", scale=0,
+                                               min_width=90)
                 with gr.Row():
                     model_type_box = gr.Dropdown(list(MODEL_TYPES), value=model_type, label="Model type",
                                                  elem_id="model_type")
@@ -415,18 +419,21 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                         max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1,
                                                    label="Max new tokens", elem_id="max_new_tokens")
                         temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
-                                                label="Temperature (0 = greedy)", elem_id="temperature")
-                        top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="Top-k (0 = off)",
+                                                label="Temperature", elem_id="temperature")
+                        top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="Top-k",
                                           elem_id="top_k")
                     with gr.Row():
-                        top_p = gr.Slider(0.01, 1.0, value=DEFAULT_TOP_P, step=0.01, label="Top-p (1 = off)",
+                        top_p = gr.Slider(0.01, 1.0, value=DEFAULT_TOP_P, step=0.01, label="Top-p",
                                           elem_id="top_p")
                         repetition_penalty = gr.Slider(1.0, MAX_REPETITION_PENALTY,
                                                        value=DEFAULT_REPETITION_PENALTY, step=0.05,
-                                                       label="Repetition penalty (1 = off)",
+                                                       label="Repetition penalty",
                                                        elem_id="repetition_penalty")
-                        seed = gr.Number(None, precision=0, minimum=0, maximum=MAX_SEED,
-                                         label="Seed (blank = random)", elem_id="seed")
+                        # A text box, not gr.Number: a Number cannot be left blank (it shows 0).
+                        seed = gr.Textbox("", label="Seed", placeholder="blank = random", max_lines=1,
+                                          elem_id="seed")
+                    gr.Markdown("Temperature 0 is greedy; top-k 0, top-p 1 and repetition penalty 1 are off; "
+                                "a blank seed draws a new one each time (shown after the run).")
                 with gr.Row():
                     generate_button = gr.Button(GENERATE_LABEL, variant="primary", elem_id="generate_button")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop_button")
