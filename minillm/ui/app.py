@@ -313,50 +313,72 @@ def finish_generating():
     return gr.update(value=GENERATE_LABEL, interactive=True)
 
 
+def _inputs(run: Run, prompt: str, source: str) -> tuple[str, str | None]:
+    """(prompt, source) for stream_text, read as `minillm generate` reads --prompt and --source."""
+    prompt, source = prompt or "", source or ""
+    if run.config.model_type == "decoder_only":
+        return prompt, None
+    if not source.strip():  # a text-trained encoder-decoder continues its source, so the prompt is one
+        prompt, source = "", prompt
+    if not source.strip():
+        raise MiniLLMError("this is an encoder-decoder model: enter a source text to generate from")
+    return prompt, source
+
+
+def _unknown_note(run: Run, text: str) -> str:
+    unknown = run.tokenizer.count_unknown(text)
+    if not unknown:
+        return ""
+    return (f"{unknown} character(s) of the input are not in this run's character vocabulary; they become "
+            "<|unk|> and the model has never seen them")
+
+
 def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, temperature: Any, top_k: Any,
-             top_p: Any, repetition_penalty: Any, seed: Any) -> Iterator[tuple[Any, Any, Any]]:
+             top_p: Any, repetition_penalty: Any, seed: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
     """Stream the output into the page as the tokens arrive; Stop ends it between two tokens.
 
-    Yields (output, stats, error). A decoder-only model's output is the prompt followed by the
-    continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
+    Yields (output, stats, error, warning). A decoder-only model's output is the prompt followed by
+    the continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
     """
     from minillm.generation import stream_text
 
     run = session.run  # a load during this generation does not change the model under it
     if run is None:
-        yield gr.update(), "", _error(NO_MODEL_MESSAGE)
+        yield gr.update(), "", _error(NO_MODEL_MESSAGE), gr.update()
         return
     try:
         settings = _check_settings(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    seed)
-        is_seq2seq = run.config.model_type == "transformer"
-        if is_seq2seq and not (source or "").strip():
-            raise MiniLLMError("this is an encoder-decoder model: enter a source text to generate from")
+        prompt, source = _inputs(run, prompt, source)
+        note = _unknown_note(run, prompt + (source or ""))
     except Exception as e:
-        yield gr.update(), "", _error(e)
+        yield gr.update(), "", _error(e), gr.update()
         return
 
     session.stop.clear()
-    text = "" if is_seq2seq else (prompt or "")
-    yield text, "Generating…", _no_error()
+    text = prompt if source is None else ""
+    yield text, "Generating…", _no_error(), _warning(note)
     n_chunks, stopped, start = 0, False, time.perf_counter()
-    chunks = stream_text(run.model, run.tokenizer, prompt or "", source=source if is_seq2seq else None,
-                         **settings)
+    chunks = None
     try:
+        chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
         for chunk in chunks:
             text += chunk
             n_chunks += 1
-            yield text, gr.update(), gr.update()
-            # Checked after every token: Stop (from another event of this tab) ends it here.
+            yield text, gr.update(), gr.update(), gr.update()
+            # Checked after every token: Stop (an event of this tab running beside this one) ends it here.
             if session.stop.is_set():
                 stopped = True
                 break
     except Exception as e:
-        yield text, _stats(n_chunks, time.perf_counter() - start, settings["seed"], True), _error(e)
+        elapsed = time.perf_counter() - start
+        yield text, _stats(n_chunks, elapsed, settings["seed"], True), _error(e), gr.update()
         return
     finally:
-        chunks.close()  # stops the model's token loop at once when we broke out early
-    yield text, _stats(n_chunks, time.perf_counter() - start, settings["seed"], stopped), gr.update()
+        if chunks is not None:
+            chunks.close()  # ends the model's token loop at once when we left early
+    elapsed = time.perf_counter() - start
+    yield text, _stats(n_chunks, elapsed, settings["seed"], stopped), gr.update(), gr.update()
 
 
 def stop(session: Session) -> None:
@@ -458,7 +480,8 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
         generate_inputs = [session, prompt, source, max_new_tokens, temperature, top_k, top_p,
                            repetition_penalty, seed]
         generate_button.click(start_generating, None, generate_button, api_name=False, **quick).then(
-            generate, generate_inputs, [output, stats, error], api_name="generate", show_progress="minimal",
+            generate, generate_inputs, [output, stats, error, warning], api_name="generate",
+            show_progress="minimal",
         ).then(finish_generating, None, generate_button, api_name=False, **quick)
         stop_button.click(stop, session, None, api_name="stop", **quick)
 
