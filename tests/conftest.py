@@ -1,0 +1,55 @@
+"""Shared fixtures: a small generated corpus and one tiny trained run that every test file may reuse.
+
+`tiny_run` is session-scoped and shared: tests that change a run must copy it first
+(`shutil.copytree(tiny_run, tmp_path / "run")`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from minillm.config import preset_configs
+
+CORPUS_PARAGRAPHS = 300
+SUBJECTS = ["the cat", "a dog", "the old king", "my friend", "the fox", "a bird"]
+VERBS = ["sees", "likes", "runs to", "sings to", "waits for", "jumps over"]
+OBJECTS = ["the moon", "a tree", "the river", "the queen", "a small house", "the hill"]
+
+
+def make_corpus(n_paragraphs: int = CORPUS_PARAGRAPHS, seed: int = 0) -> str:
+    """Paragraphs of short sentences from a tiny grammar: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        lines = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+                 for _ in range(rng.randint(1, 3))]
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def tiny_configs(model_type: str = "decoder_only", tokenizer: str = "char", data: str | Path | None = None,
+                 **train_overrides):
+    """The tiny preset's configs, for a data file."""
+    return preset_configs("tiny", {"model_type": model_type},
+                          {"tokenizer": tokenizer, "data": str(data) if data else None, **train_overrides})
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_file) -> Path:
+    """The run folder of a char-level decoder-only model trained with the tiny preset (a few seconds)."""
+    from minillm.training import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-decoder_only-char"
+    model_config, train_config = tiny_configs(data=corpus_file)
+    train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
+    return run_dir

@@ -1,0 +1,227 @@
+"""Data preparation: reading files, splitting, token streams and batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.errors import MiniLLMError
+from minillm.tokenizers import CharacterTokenizer
+from minillm.training import data_utils
+from minillm.training.data_utils import (
+    PAIRS,
+    TEXT,
+    LMBatches,
+    PairBatches,
+    contiguous_split,
+    detect_format,
+    load_samples,
+    parse_pairs,
+    read_stream,
+    read_text_file,
+    shuffled_split,
+    split_data,
+    split_samples,
+    token_dtype,
+    write_pair_streams,
+    write_token_stream,
+)
+
+CPU = torch.device("cpu")
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+
+
+def test_read_text_file_drops_bom_and_normalises_line_ends(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes("\ufeffhello\r\nworld\r\n".encode())
+    assert read_text_file(path) == "hello\nworld\n"
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "not found"),
+    (b"", "empty"),
+    (b"  \n\t\n", "empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"),
+    ("caf\u00e9 cr\u00e8me".encode("latin-1"), "not UTF-8"),
+])
+def test_unreadable_files_are_clear_errors_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "data.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(MiniLLMError, match=needle) as info:
+        read_text_file(path)
+    assert str(path) in str(info.value)
+
+
+# -- samples and splits ------------------------------------------------------------------------------------
+
+
+def test_split_samples_modes():
+    text = "a b\nc\n\n\n  \nd\n\ne<SEP>f"
+    assert split_samples(text, "paragraph") == ["a b\nc", "d", "e<SEP>f"]
+    assert split_samples(text, "line") == ["a b", "c", "d", "e<SEP>f"]
+    assert split_samples(text, "separator", "<SEP>") == ["a b\nc\n\n\n  \nd\n\ne", "f"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab \n\t"), max_size=200))
+def test_paragraph_split_keeps_every_visible_character_in_order(text):
+    samples = split_samples(text, "paragraph")
+    assert all(s.strip() for s in samples)
+    assert all("\n\n" not in s for s in samples)
+    visible = "".join(text.split())
+    assert "".join("".join(s.split()) for s in samples) == visible
+
+
+def test_shuffled_split_is_a_seeded_partition():
+    split = shuffled_split(100, 0.05, 0.05, seed=1)
+    assert sorted(split["train"] + split["val"] + split["test"]) == list(range(100))
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (90, 5, 5)
+    assert split == shuffled_split(100, 0.05, 0.05, seed=1)
+    assert split != shuffled_split(100, 0.05, 0.05, seed=2)
+
+
+def test_small_splits_still_get_one_sample_each():
+    split = shuffled_split(3, 0.05, 0.05, seed=0)
+    assert [len(split[name]) for name in ("train", "val", "test")] == [1, 1, 1]
+    with pytest.raises(MiniLLMError, match="too few"):
+        shuffled_split(2, 0.05, 0.05, seed=0)
+
+
+def test_few_huge_samples_fall_back_to_contiguous_chunks():
+    text = "".join(f"line {i}\n" for i in range(1000))  # one paragraph
+    splits, record = split_data(TEXT, [text], "f.txt", 0.1, 0.1, seed=0)
+    assert record["contiguous"]
+    joined = {name: "".join(pieces) for name, pieces in splits.items()}
+    assert joined["train"] + joined["val"] + joined["test"] == text
+    assert joined["val"].startswith("line ") and joined["test"].startswith("line ")  # cut at line ends
+    assert 0.75 < len(joined["train"]) / len(text) < 0.85
+
+
+def test_contiguous_split_of_too_little_text_is_an_error():
+    with pytest.raises(MiniLLMError, match="too short"):
+        contiguous_split("ab", 0.05, 0.05)
+
+
+# -- pair files --------------------------------------------------------------------------------------------
+
+
+def test_detect_format_by_extension_and_content(tmp_path):
+    assert detect_format(tmp_path / "x.tsv", "anything") == PAIRS
+    assert detect_format(tmp_path / "x.jsonl", "anything") == PAIRS
+    jsonl = "\n".join(json.dumps({"input": str(i), "output": str(-i)}) for i in range(5))
+    assert detect_format(tmp_path / "x.txt", jsonl) == PAIRS
+    assert detect_format(tmp_path / "x.txt", "abc\tcba\nxy\tyx\n") == PAIRS
+    assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n") == TEXT
+
+
+def test_parse_pairs_tsv_and_jsonl(tmp_path):
+    assert parse_pairs("p.tsv", "ab\tba\n\ncd\tdc\nef\tfe\n") == [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
+    jsonl = "\n".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(3))
+    assert parse_pairs("p.jsonl", jsonl)[2] == ("q2", "a2")
+    with pytest.raises(MiniLLMError, match="line 2"):
+        parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n")
+    with pytest.raises(MiniLLMError, match="line 1"):
+        parse_pairs("p.jsonl", '{"input": 1}\n')
+
+
+def test_pairs_for_the_decoder_only_model_become_text_samples(tmp_path):
+    path = tmp_path / "p.tsv"
+    path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
+    assert load_samples(path, "transformer", "paragraph", "")[0] == PAIRS
+    fmt, samples = load_samples(path, "decoder_only", "paragraph", "")
+    assert fmt == TEXT and samples[0] == "ab\nba"
+
+
+# -- token streams -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def char_tokenizer():
+    return CharacterTokenizer.train(["abcdefgh \n"])
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert token_dtype(65) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_token_stream_is_samples_joined_by_eos_and_streaming_changes_nothing(tmp_path, char_tokenizer,
+                                                                             monkeypatch):
+    samples = ["abc", "de f", "gh\nab"] * 50
+    expected = []
+    for sample in samples:
+        expected += char_tokenizer.encode(sample) + [char_tokenizer.eos_id]
+    count = write_token_stream(tmp_path / "a.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
+    monkeypatch.setattr(data_utils, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
+    write_token_stream(tmp_path / "b.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
+    a, b = read_stream(tmp_path / "a.bin", "uint16"), read_stream(tmp_path / "b.bin", "uint16")
+    assert count == len(expected)
+    assert a.tolist() == expected
+    assert b.tolist() == expected
+
+
+def test_lm_batches_are_shifted_windows_of_the_stream():
+    tokens = np.arange(100, dtype=np.uint16)
+    batches = LMBatches(tokens, block_size=8)
+    batch = batches.sample(4, torch.Generator().manual_seed(0), CPU)
+    x, y = batch["input_ids"], batch["targets"]
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.long
+    assert torch.equal(y, x + 1)  # y is x shifted by one position in the stream
+    again = batches.sample(4, torch.Generator().manual_seed(0), CPU)
+    assert torch.equal(again["input_ids"], x)
+
+
+def test_sequential_windows_score_every_token_once():
+    tokens = np.arange(1, 54, dtype=np.uint16)  # 53 tokens: 52 predictions; no pad id (0) inside
+    batches = LMBatches(tokens, block_size=8, pad_id=0)
+    scored = []
+    total = 0
+    for batch, n in batches.sequential(3, CPU):
+        targets = batch["targets"]
+        scored += targets[targets != 0].tolist()
+        total += n
+    assert sorted(scored) == list(range(2, 54))
+    assert total == 52
+
+
+def test_a_split_shorter_than_the_block_gets_shorter_windows():
+    batches = LMBatches(np.arange(1, 6, dtype=np.uint16), block_size=32)
+    batch = batches.sample(2, torch.Generator().manual_seed(0), CPU)
+    assert batch["input_ids"].shape == (2, 4)
+
+
+def test_encoder_decoder_windows_split_into_source_and_continuation():
+    tokens = np.arange(10, 60, dtype=np.uint16)
+    batches = LMBatches(tokens, block_size=8, model_type="transformer", source_fraction=0.5, bos_id=1)
+    batch = batches.sample(2, torch.Generator().manual_seed(0), CPU)
+    src, tgt_in, targets = batch["src_ids"], batch["tgt_ids"], batch["targets"]
+    assert src.shape[1] + targets.shape[1] == 9  # one window of block_size + 1 tokens
+    assert torch.equal(targets[:, 0], src[:, -1] + 1)  # the continuation follows the source
+    assert (tgt_in[:, 0] == 1).all() and torch.equal(tgt_in[:, 1:], targets[:, :-1])
+
+
+def test_pair_batches_pad_and_shift(tmp_path, char_tokenizer):
+    pairs = [("abc", "cba"), ("a", "hgfe"), ("de", "")]
+    write_pair_streams(tmp_path, "train", char_tokenizer, pairs, np.dtype(np.uint16))
+    offsets = np.load(tmp_path / "train.offsets.npy")
+    tok = char_tokenizer
+    batches = PairBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
+                          read_stream(tmp_path / "train.tgt.bin", "uint16"), offsets, max_len=16,
+                          pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    batch = batches.batch_of([0, 1, 2], CPU)
+    assert batch["src_ids"][0].tolist() == tok.encode("abc")
+    assert batch["src_ids"][1].tolist() == tok.encode("a") + [tok.pad_id] * 2
+    assert batch["src_mask"].tolist()[1] == [True, False, False]
+    assert batch["tgt_ids"][1].tolist() == [tok.bos_id] + tok.encode("hgfe")
+    assert batch["targets"][1].tolist() == tok.encode("hgfe") + [tok.eos_id]
+    assert batch["targets"][2].tolist() == [tok.eos_id] + [tok.pad_id] * 4  # empty target: just EOS
+    assert batch["tgt_mask"][2].tolist() == [True, False, False, False, False]
