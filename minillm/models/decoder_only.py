@@ -1,0 +1,132 @@
+"""A decoder-only (GPT / Llama-style) language model: embedding, causal pre-norm blocks, norm, LM head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.errors import MiniLLMError
+from minillm.models.decoding import KVCache, check_token_ids, generate_tokens
+from minillm.models.layers import (
+    Block,
+    RMSNorm,
+    RotaryEmbedding,
+    causal_mask_for_cache,
+    fuse_decoding_weights,
+    init_weights,
+    lm_loss,
+    padding_attention_mask,
+)
+
+
+class DecoderOnlyTransformer(nn.Module):
+    """Predicts each next token from the tokens before it (causal self-attention, RoPE positions)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        init_weights(self, {"layers.": 2 * config.n_layers})
+        if config.tie_embeddings:
+            # One matrix both reads tokens in and scores them out: a token's input and output meanings
+            # agree, and at small sizes it saves vocab_size * d_model parameters (often a large share).
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids -> ((B, T, V) logits, loss or None). attention_mask: (B, T), True/1 = real token.
+
+        loss is the mean cross-entropy against (B, T) targets, ignoring targets equal to config.pad_id.
+        """
+        T = input_ids.size(1)
+        if T > self.config.max_seq_len:
+            raise MiniLLMError(f"sequence of {T} tokens is longer than the model's max_seq_len "
+                               f"({self.config.max_seq_len}); cut it into windows")
+        cos, sin = self.rotary(0, T)
+        mask = None if attention_mask is None else padding_attention_mask(attention_mask.bool(), causal=True)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
+        return logits, loss
+
+    # ---- incremental decoding -------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to max_seq_len positions.
+
+        It serves one generation: it holds fused copies of the current weights (see fuse_decoding_weights).
+        """
+        weight, c = self.embed_tokens.weight, self.config
+        cache = KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype,
+                        weight.device)
+        fuse_decoding_weights(cache, self.layers)
+        return cache
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
+                       all_positions: bool = False) -> torch.Tensor:
+        """Logits for (B, T) new tokens that follow the cache's positions; the cache then holds them too.
+
+        Returns (B, V) for the last position, or (B, T, V) with all_positions=True.
+        """
+        T, start = input_ids.size(1), cache.length
+        cos, sin = self.rotary(start, T)
+        mask, is_causal = causal_mask_for_cache(T, start, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        cache.advance(T)
+        x = x if all_positions else x[:, -1:]
+        logits = self.lm_head(self.norm(x))
+        return logits if all_positions else logits[:, 0]
+
+    @torch.inference_mode()
+    def iter_generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                      eos_id: int | None = None, generator: torch.Generator | None = None,
+                      use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield one (B,) tensor of new token ids per step after the (B, T) prompt (T >= 1).
+
+        Stops after max_new_tokens, or once every row has produced eos_id (finished rows yield pad_id).
+        A prompt or generation longer than max_seq_len slides: the oldest tokens are dropped (see
+        decoding.CONTEXT_KEEP_FRACTION). use_cache=False recomputes the whole window at each step (same
+        result, slower; for benchmarks and tests). The model is in eval mode while generating.
+        """
+        ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
+        cache = self.new_cache(ids.size(0)) if use_cache else None
+
+        def next_logits(window: torch.Tensor, restart: bool) -> torch.Tensor:
+            if cache is None:
+                return self(window)[0][:, -1]
+            if restart:
+                cache.reset()
+                return self.forward_cached(window, cache)
+            return self.forward_cached(window[:, -1:], cache)
+
+        was_training = self.training
+        self.eval()
+        try:
+            yield from generate_tokens(
+                ids, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
+                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
+                pad_id=self.config.pad_id, generator=generator)
+        finally:
+            self.train(was_training)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 eos_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """The (B, T) prompt then the new tokens: (B, T + n), n <= max_new_tokens (see iter_generate)."""
+        ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
+        new = list(self.iter_generate(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                      eos_id, generator, use_cache))
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1)

@@ -1,0 +1,247 @@
+"""Building blocks shared by both models (Llama family): RMSNorm, RoPE, attention, SwiGLU, blocks.
+
+No layer has a bias. Parameter names follow Hugging Face's Llama (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
+`gate_proj`, `up_proj`, `down_proj`, `input_layernorm`, `post_attention_layernorm`) and weights keep
+Llama's shapes (`nn.Linear` stores (out_features, in_features)), so exporting to `transformers` is a renaming.
+
+Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.models.decoding import KVCache
+
+INIT_STD = 0.02  # GPT-2 / Llama initialisation of every weight matrix and of the embedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (no mean subtraction, no bias), as in Llama."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("eps_tensor", torch.full((1, 1, 1), eps), persistent=False)  # for decoding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D)."""
+        if x.dim() == 3 and x.size(1) == 1:
+            # One position per row (decoding): a batched dot product gives mean(x^2) + eps in one op,
+            # about half the time of F.rms_norm's several small kernels at this size.
+            mean_square = torch.baddbmm(self.eps_tensor, x, x.transpose(1, 2), alpha=1.0 / x.size(-1))
+            return x * mean_square.rsqrt_() * self.weight  # (B, 1, D)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for rotary position embeddings (RoPE).
+
+    Uses Hugging Face Llama's "rotate half" layout (the two halves of each head are the pairs being
+    rotated), so exported q/k weights need no permutation. The tables are buffers that are not saved in the
+    state_dict: they are a pure function of the config.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, Dh/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (P, Dh): the same angle for both halves of a pair
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions start .. start+length-1, each (length, Dh)."""
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, Dh) queries or keys by their positions' angles; cos/sin are (T, Dh)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def padding_attention_mask(key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """A (B, 1, T, T) boolean mask (True = may attend) from a (B, T) padding mask (True = real token)."""
+    T = key_mask.size(1)
+    allowed = key_mask[:, None, None, :]  # (B, 1, 1, T): no query looks at padding
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=key_mask.device).tril()
+    # Every position may attend to itself, so a query at a padding position never has all of its keys
+    # masked: softmax over nothing is NaN, and a NaN value would leak into real positions of the next
+    # layer (attention weight 0 times NaN is still NaN). Outputs at padding positions are ignored anyway.
+    return allowed | torch.eye(T, dtype=torch.bool, device=key_mask.device)
+
+
+def memory_attention_mask(src_mask: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, 1, S) cross-attention mask from a (B, S) source padding mask (True = real token)."""
+    # A source row that is all padding would leave its queries nothing to attend to (NaN); let it see
+    # every position instead: the output is garbage but finite, and such a row carries no information.
+    empty = ~src_mask.any(dim=1, keepdim=True)
+    return (src_mask | empty)[:, None, None, :]
+
+
+def causal_mask_for_cache(length: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for `length` new queries at positions start.. over start+length cached keys."""
+    if length == 1:
+        return None, False  # one new token may see everything before it
+    if start == 0:
+        return None, True  # square: SDPA's own causal mask is right
+    # SDPA's is_causal aligns the mask top-left, which is wrong when there are more keys than queries.
+    query_pos = torch.arange(start, start + length, device=device)[:, None]
+    key_pos = torch.arange(start + length, device=device)[None, :]
+    return key_pos <= query_pos, False
+
+
+class Attention(nn.Module):
+    """Multi-head attention on F.scaled_dot_product_attention: self-attention (causal or bidirectional,
+    optionally with a KV cache) or cross-attention over an encoder's output."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.dropout = config.dropout
+        d = config.d_model
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, H, T, Dh)."""
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                is_causal: bool) -> torch.Tensor:
+        """Attention of (B, H, T, Dh) queries over (B, H, S, Dh) keys/values, then the output projection."""
+        B, _, T, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """Self-attention of (B, T, D) x; with a cache, x holds only the new positions and the keys/values
+        of earlier positions come from `cache` (this layer's slot `layer`)."""
+        if cache is None:
+            q = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
+            k = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
+            v = self._heads(self.v_proj(x))
+        else:
+            # Decoding is bound by per-op overhead, not arithmetic: one matmul with the q/k/v weights fused
+            # (once per cache) and one rotation of q and k together save several small ops per layer.
+            B, T, _ = x.shape
+            qkv = F.linear(x, cache.qkv_weights[layer]).view(B, T, 3, self.n_heads, self.head_dim)
+            qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+            qk = apply_rotary(qkv[:2], cos, sin)
+            q = qk[0]
+            k, v = cache.update(layer, qk[1], qkv[2])  # (B, H, cached + T, Dh)
+        return self._attend(q, k, v, attn_mask, is_causal)
+
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values of the (B, S, D) encoder output, each (B, H, S, Dh).
+
+        Computed once per generation: the source does not change while the target grows.
+        """
+        return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+
+    def cross(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+              memory_mask: torch.Tensor | None) -> torch.Tensor:
+        """Cross-attention of (B, T, D) decoder states over the encoder output (no positions: the source
+        and target position spaces are unrelated, and self-attention already encoded both)."""
+        k, v = memory_kv
+        return self._attend(self._heads(self.q_proj(x)), k, v, memory_mask, False)
+
+
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, gate_up_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). gate_up_weight: gate and up weights fused (decoding: one matmul)."""
+        if gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """A pre-norm residual block: x + attn(norm(x)) [+ cross_attn(norm(x))] + mlp(norm(x)).
+
+    Pre-norm keeps a clean residual path from the embedding to the output, which is what lets deep stacks
+    train without warmup tricks. `cross_attention=True` makes it an encoder-decoder decoder block.
+    """
+
+    def __init__(self, config: ModelConfig, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.dropout = config.dropout
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = Attention(config)
+        if cross_attention:
+            self.cross_attn_layernorm = RMSNorm(config.d_model, config.norm_eps)
+            self.cross_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
+                layer: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). memory_kv/memory_mask: the encoder output's keys/values, decoder only."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer)
+        x = x + self._residual(h)
+        if memory_kv is not None:
+            h = self.cross_attn.cross(self.cross_attn_layernorm(x), memory_kv, memory_mask)
+            x = x + self._residual(h)
+        gate_up = None if cache is None else cache.gate_up_weights[layer]
+        return x + self._residual(self.mlp(self.post_attention_layernorm(x), gate_up))
+
+
+@torch.no_grad()
+def fuse_decoding_weights(cache: KVCache, blocks: nn.ModuleList) -> None:
+    """Give `cache` each block's q/k/v and gate/up weights concatenated, for the fused decoding matmuls.
+
+    They are copies taken now: a cache serves one generation, during which the weights do not change.
+    """
+    cache.qkv_weights = [torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
+                                    b.self_attn.v_proj.weight]) for b in blocks]  # (3D, D) each
+    cache.gate_up_weights = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in blocks]
+
+
+def init_weights(model: nn.Module, stacks: dict[str, int]) -> None:
+    """Llama/GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), norms at 1.
+
+    The projections that write into the residual stream (`o_proj`, `down_proj`) are scaled down by
+    1/sqrt(number of residual branches in their stack), so the residual stream's variance at the output
+    does not grow with depth. `stacks` maps a parameter-name prefix to its number of residual branches
+    (2 per decoder-only or encoder layer: attention and MLP; 3 per encoder-decoder decoder layer).
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+    for name, param in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            branches = next(n for prefix, n in stacks.items() if name.startswith(prefix))
+            nn.init.normal_(param, mean=0.0, std=INIT_STD / math.sqrt(branches))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, V) logits against (B, T) targets, ignoring targets equal to pad_id."""
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()  # (B*T, V)
+    return F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=pad_id)

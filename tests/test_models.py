@@ -1,0 +1,380 @@
+"""The models: shapes, loss, masks, init, learning, KV-cache equivalence, sliding window, generate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.config import ModelConfig
+from minillm.errors import MiniLLMError
+from minillm.models import (
+    DecoderOnlyTransformer,
+    TransformerModel,
+    build_model,
+    count_parameters,
+    pick_device,
+)
+from minillm.models.decoding import CONTEXT_KEEP_FRACTION
+
+VOCAB = 40
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_config(model_type: str = "decoder_only", **overrides) -> ModelConfig:
+    values = dict(model_type=model_type, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
+    return ModelConfig(**{**values, **overrides})
+
+
+def tiny_model(model_type: str = "decoder_only", seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(tiny_config(model_type, **overrides)).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    """Ordinary token ids (no specials), so generation tests are not cut short by an EOS."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- construction ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_build_model_gives_the_configured_type_with_config(model_type):
+    model = tiny_model(model_type)
+    expected = DecoderOnlyTransformer if model_type == "decoder_only" else TransformerModel
+    assert isinstance(model, expected)
+    assert model.config.model_type == model_type
+
+
+def test_build_model_refuses_a_non_config():
+    with pytest.raises(MiniLLMError, match="ModelConfig"):
+        build_model({"vocab_size": 10})
+
+
+def test_weight_names_and_shapes_are_llama_style():
+    config = tiny_config(d_ff=64)
+    state = tiny_model(d_ff=64).state_dict()
+    D, F_ = config.d_model, config.d_ff
+    assert state["embed_tokens.weight"].shape == (VOCAB, D)
+    assert state["lm_head.weight"].shape == (VOCAB, D)
+    assert state["norm.weight"].shape == (D,)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert state[f"layers.1.self_attn.{name}.weight"].shape == (D, D)
+    assert state["layers.0.mlp.gate_proj.weight"].shape == (F_, D)
+    assert state["layers.0.mlp.up_proj.weight"].shape == (F_, D)
+    assert state["layers.0.mlp.down_proj.weight"].shape == (D, F_)
+    assert state["layers.0.input_layernorm.weight"].shape == (D,)
+    assert state["layers.0.post_attention_layernorm.weight"].shape == (D,)
+    assert not any("bias" in k for k in state), "Llama-style layers have no biases"
+    assert not any("rotary" in k or "eps_tensor" in k for k in state), "derived buffers are not saved"
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_tied_embeddings_share_one_matrix_and_are_counted_once(model_type):
+    tied = tiny_model(model_type, tie_embeddings=True)
+    untied = tiny_model(model_type, tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert count_parameters(untied) - count_parameters(tied) == VOCAB * 32
+    all_tensors = sum(p.numel() for p in untied.parameters())
+    assert count_parameters(untied) == all_tensors
+
+
+def test_initialisation_scales_residual_projections_by_depth():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=VOCAB, d_model=256, n_layers=8, n_heads=4, max_seq_len=16)
+    model = DecoderOnlyTransformer(config)
+    layer = model.layers[0]
+    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layers)
+    assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert layer.mlp.down_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    assert torch.equal(layer.input_layernorm.weight, torch.ones(256))
+
+
+def test_pick_device():
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    assert isinstance(pick_device(), torch.device)
+    if not torch.cuda.is_available():
+        assert pick_device() != torch.device("cuda")
+        with pytest.raises(MiniLLMError, match="CUDA is not available"):
+            pick_device("cuda")
+    with pytest.raises(MiniLLMError, match="unknown device"):
+        pick_device("toaster")
+
+
+# ---- forward --------------------------------------------------------------------------------------------
+
+def test_decoder_only_forward_shapes_and_loss_ignores_pad_targets():
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    targets = random_ids(2, 10, seed=2)
+    targets[0, 6:] = PAD
+    logits, loss = model(ids, targets=targets)
+    assert logits.shape == (2, 10, VOCAB)
+    keep = targets != PAD
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert model(ids)[1] is None
+
+
+def test_transformer_forward_shapes_and_loss_ignores_pad_targets():
+    model = tiny_model("transformer")
+    src, tgt = random_ids(3, 7), random_ids(3, 5, seed=2)
+    targets = random_ids(3, 5, seed=3)
+    targets[1, 2:] = PAD
+    logits, loss = model(src, tgt, targets=targets)
+    assert logits.shape == (3, 5, VOCAB)
+    keep = targets != PAD
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-6)
+
+
+def test_decoder_only_is_causal():
+    model = tiny_model()
+    ids = random_ids(1, 12)
+    changed = ids.clone()
+    changed[0, 8] = (ids[0, 8] + 1) % VOCAB
+    before, after = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :8], after[:, :8])
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+def test_transformer_decoder_is_causal_and_encoder_sees_the_whole_source():
+    model = tiny_model("transformer")
+    src, tgt = random_ids(1, 6), random_ids(1, 8, seed=2)
+    changed_tgt = tgt.clone()
+    changed_tgt[0, 5] = (tgt[0, 5] + 1) % VOCAB
+    torch.testing.assert_close(model(src, tgt)[0][:, :5], model(src, changed_tgt)[0][:, :5])
+    changed_src = src.clone()
+    changed_src[0, -1] = (src[0, -1] + 1) % VOCAB  # the last source token changes every target position
+    assert not torch.allclose(model(src, tgt)[0][:, 0], model(changed_src, tgt)[0][:, 0])
+
+
+def test_decoder_padding_mask_leaves_real_positions_unchanged_and_never_nan():
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    right = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 4], dtype=torch.bool)
+    torch.testing.assert_close(model(right, attention_mask=mask)[0][:, :6], model(ids)[0])
+    left = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    logits = model(left, attention_mask=mask.flip(1))[0]
+    assert torch.isfinite(logits).all(), "padding positions that see no real token must not turn into NaN"
+
+
+def test_transformer_source_padding_mask_matches_the_unpadded_source():
+    model = tiny_model("transformer")
+    src, tgt = random_ids(1, 5), random_ids(1, 4, seed=2)
+    padded = torch.cat([src, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    src_mask = torch.tensor([[1] * 5 + [0] * 3])
+    torch.testing.assert_close(model(padded, tgt, src_mask=src_mask)[0], model(src, tgt)[0])
+    all_pad = torch.zeros(1, 5, dtype=torch.bool)
+    assert torch.isfinite(model(src, tgt, src_mask=all_pad)[0]).all()
+
+
+def test_sequence_longer_than_the_context_is_a_clear_error():
+    with pytest.raises(MiniLLMError, match="max_seq_len"):
+        tiny_model()(random_ids(1, 17))
+    with pytest.raises(MiniLLMError, match="max_seq_len"):
+        tiny_model("transformer")(random_ids(1, 17), random_ids(1, 3))
+
+
+# ---- learning -------------------------------------------------------------------------------------------
+
+def overfit(model: torch.nn.Module, batch: dict, steps: int, lr: float = 1e-2) -> float:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        _, loss = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def test_decoder_only_overfits_a_tiny_batch():
+    model = tiny_model(dropout=0.0)
+    data = random_ids(4, 13)
+    first = model(data[:, :-1], targets=data[:, 1:])[1].item()
+    loss = overfit(model, {"input_ids": data[:, :-1], "targets": data[:, 1:]}, steps=100)
+    assert first > 3.0 and loss < 0.05
+
+
+def test_transformer_overfits_a_tiny_batch():
+    model = tiny_model("transformer", dropout=0.0)
+    src, target = random_ids(4, 8), random_ids(4, 8, seed=5)
+    bos = torch.full((4, 1), BOS)
+    batch = {"src_ids": src, "tgt_ids": torch.cat([bos, target[:, :-1]], dim=1), "targets": target}
+    loss = overfit(model, batch, steps=100)
+    assert loss < 0.05
+
+
+# ---- KV cache -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_decoder_only_cached_decoding_equals_full_forward(prompt_len):
+    model = tiny_model(max_seq_len=16)
+    ids = random_ids(2, 16)
+    full = model(ids)[0]  # (B, 16, V)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        prefill = model.forward_cached(ids[:, :prompt_len], cache, all_positions=True)
+        steps = [model.forward_cached(ids[:, t:t + 1], cache) for t in range(prompt_len, 16)]
+    incremental = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+    assert cache.length == 16
+
+
+@pytest.mark.parametrize("prompt_len", [1, 6])
+def test_transformer_cached_decoding_equals_full_forward(prompt_len):
+    model = tiny_model("transformer", max_seq_len=16)
+    src, tgt = random_ids(2, 9), random_ids(2, 16, seed=2)
+    src_mask = torch.ones(2, 9, dtype=torch.bool)
+    src_mask[1, 6:] = False
+    full = model(src, tgt, src_mask=src_mask)[0]
+    with torch.no_grad():
+        cache = model.new_cache(src, src_mask)
+        prefill = model.forward_cached(tgt[:, :prompt_len], cache, all_positions=True)
+        steps = [model.forward_cached(tgt[:, t:t + 1], cache) for t in range(prompt_len, 16)]
+    incremental = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
+
+
+def test_cached_chunks_after_a_prefix_use_the_right_causal_mask():
+    model = tiny_model()
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        first = model.forward_cached(ids[:, :5], cache, all_positions=True)
+        second = model.forward_cached(ids[:, 5:], cache, all_positions=True)  # 7 queries over 12 keys
+    torch.testing.assert_close(torch.cat([first, second], dim=1), model(ids)[0], atol=1e-5, rtol=0)
+
+
+def expected_windows(prompt_len: int, n_new: int, max_len: int) -> list[tuple[int, int]]:
+    """(start, end) of the context window before each new token, by the documented sliding rule."""
+    keep = max(1, int(max_len * CONTEXT_KEEP_FRACTION))
+    start, end, windows = max(0, prompt_len - max_len), prompt_len, []
+    for _ in range(n_new):
+        windows.append((start, end))
+        end += 1
+        if end - start > max_len:
+            start = end - keep
+    return windows
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_the_context_slides_and_matches_a_full_recompute(model_type, use_cache):
+    max_len, n_new = 8, 20
+    model = tiny_model(model_type, max_seq_len=max_len)
+    src = random_ids(1, 5, seed=7)
+    if model_type == "decoder_only":
+        context = random_ids(1, 3)
+        out = model.generate(context, n_new, temperature=0, use_cache=use_cache)
+        full_sequence = out
+        new = out[:, 3:]
+    else:
+        new = model.generate(src, n_new, temperature=0, use_cache=use_cache)
+        full_sequence = torch.cat([torch.full((1, 1), BOS), new], dim=1)
+    assert new.shape == (1, n_new)
+    windows = expected_windows(full_sequence.size(1) - n_new, n_new, max_len)
+    assert windows[-1][0] > 0, "the test must cover at least one slide"
+    with torch.no_grad():
+        for i, (start, end) in enumerate(windows):
+            window = full_sequence[:, start:end]
+            logits = model(window)[0] if model_type == "decoder_only" else model(src, window)[0]
+            assert new[0, i] == logits[0, -1].argmax(), f"token {i} differs from a full recompute"
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_window():
+    model = tiny_model(max_seq_len=8)
+    prompt = random_ids(1, 20)
+    out = model.generate(prompt, 1, temperature=0)
+    assert out[0, -1] == model(prompt[:, -8:])[0][0, -1].argmax()
+
+
+# ---- generate -------------------------------------------------------------------------------------------
+
+def test_decoder_only_generate_returns_prompt_then_new_tokens_and_iter_generate_streams():
+    model = tiny_model()
+    prompt = random_ids(2, 4)
+    out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 10) and out.dtype == torch.long
+    assert torch.equal(out[:, :4], prompt)
+    steps = list(model.iter_generate(prompt, 6, temperature=0))
+    assert len(steps) == 6 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), out[:, 4:])
+    assert torch.equal(model.generate(prompt, 6, temperature=0, use_cache=False), out)
+
+
+def test_transformer_generate_returns_only_new_tokens_and_continues_a_prefix():
+    model = tiny_model("transformer")
+    src = random_ids(1, 6)
+    out = model.generate(src, 8, temperature=0)
+    assert out.shape == (1, 8)
+    continued = model.generate(src, 5, temperature=0, tgt_prefix=out[:, :3])
+    assert torch.equal(continued, out[:, 3:])
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_same_generator_seed_gives_the_same_sample(model_type):
+    model = tiny_model(model_type)
+    prompt = random_ids(1, 3)
+
+    def sample(seed: int) -> torch.Tensor:
+        return model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(5), sample(5))
+    assert not torch.equal(sample(5), sample(6))
+
+
+def test_generation_stops_when_every_row_reached_eos_and_pads_finished_rows():
+    model = tiny_model()
+    prompt = random_ids(2, 3)
+    free = model.generate(prompt, 12, temperature=0)[:, 3:]
+    eos = int(free[0, 2])  # make row 0's third token the end of sequence
+
+    def first_eos(row: torch.Tensor) -> int:
+        hits = (row == eos).nonzero()
+        return int(hits[0]) if len(hits) else len(row)
+
+    stops = [first_eos(free[0]), first_eos(free[1])]
+    out = model.generate(prompt, 12, temperature=0, eos_id=eos)[:, 3:]
+    assert out.size(1) == min(12, max(stops) + 1)
+    for row, stop in enumerate(stops):
+        assert torch.equal(out[row, :stop + 1], free[row, :stop + 1])
+        assert (out[row, stop + 1:] == PAD).all()
+
+
+def test_closing_iter_generate_stops_the_work_and_restores_training_mode():
+    model = tiny_model().train()
+    steps = model.iter_generate(random_ids(1, 2), 1000, temperature=0)
+    next(steps)
+    assert not model.training, "generation runs in eval mode (no dropout)"
+    steps.close()
+    assert model.training
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_bad_input_ids_are_clear_errors(model_type):
+    model = tiny_model(model_type)
+    with pytest.raises(MiniLLMError, match="outside the model's vocabulary"):
+        model.generate(torch.tensor([[3, VOCAB]]), 2)
+    with pytest.raises(MiniLLMError, match="outside the model's vocabulary"):
+        model.generate(torch.tensor([[-1, 3]]), 2)
+    with pytest.raises(MiniLLMError, match="shape"):
+        model.generate(torch.tensor([3, 4]), 2)
+    with pytest.raises(MiniLLMError, match="empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(MiniLLMError, match="integer"):
+        model.generate(torch.tensor([[3.0, 4.0]]), 2)
+    with pytest.raises(MiniLLMError, match="max_new_tokens"):
+        model.generate(random_ids(1, 2), 0)
+
+
+def test_transformer_source_longer_than_the_context_is_a_clear_error():
+    with pytest.raises(MiniLLMError, match="max_seq_len"):
+        tiny_model("transformer").generate(random_ids(1, 17), 2)

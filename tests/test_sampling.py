@@ -1,0 +1,156 @@
+"""The one sampler: greedy, temperature, repetition penalty, exactly-k top-k, top-p, seeds, bad settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.config import ModelConfig
+from minillm.errors import MiniLLMError
+from minillm.models import build_model
+from minillm.sampling import check_sampling_settings, sample_next_token
+
+DRAWS = 2000  # rows sampled at once when a test looks at the distribution
+
+
+def draws(logits: list[float], seed: int = 0, **kwargs) -> set[int]:
+    """The distinct tokens chosen when the same (V,) logits are sampled DRAWS times."""
+    batch = torch.tensor(logits).repeat(DRAWS, 1)
+    tokens = sample_next_token(batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert tokens.shape == (DRAWS,) and tokens.dtype == torch.long
+    return set(tokens.tolist())
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    assert sample_next_token(logits, temperature=0).tolist() == [1, 0]
+    assert sample_next_token(logits, temperature=0, top_k=2, top_p=0.1).tolist() == [1, 0]
+
+
+def test_plain_sampling_can_reach_every_token():
+    assert draws([0.0, 0.5, 1.0, 0.2]) == {0, 1, 2, 3}
+
+
+def test_top_k_keeps_exactly_k_tokens_even_when_tied():
+    # All ten logits tie: a threshold compare (`logits >= kth value`) would keep all ten.
+    chosen = draws([1.0] * 10, top_k=3)
+    assert len(chosen) == 3
+    tied_top = draws([1.0, 5.0, 5.0, 5.0, 0.0], top_k=2)
+    assert len(tied_top) == 2 and tied_top <= {1, 2, 3}
+
+
+def test_top_k_keeps_the_most_likely():
+    assert draws([0.0, 2.0, 1.0, 3.0, -1.0], top_k=2) == {1, 3}
+    assert draws([0.0, 2.0, 1.0, 3.0, -1.0], top_k=1) == {3}
+
+
+def test_top_k_larger_than_the_vocabulary_is_clamped():
+    assert draws([0.0, 0.5, 1.0], top_k=1000) == {0, 1, 2}
+
+
+def test_top_k_zero_or_none_is_off():
+    assert draws([0.0, 0.5, 1.0], top_k=0) == draws([0.0, 0.5, 1.0], top_k=None) == {0, 1, 2}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = [math.log(p) for p in (0.5, 0.3, 0.15, 0.05)]
+    assert draws(logits, top_p=0.5) == {0}  # token 0 alone reaches 0.5
+    assert draws(logits, top_p=0.6) == {0, 1}
+    assert draws(logits, top_p=0.9) == {0, 1, 2}
+    assert draws(logits, top_p=1.0) == {0, 1, 2, 3}
+    assert draws(logits, top_p=0.01) == {0}, "the most likely token always stays"
+
+
+def test_top_p_applies_after_top_k():
+    logits = [math.log(p) for p in (0.4, 0.3, 0.2, 0.1)]
+    # top_k=2 renormalises to (4/7, 3/7): top_p=0.5 then keeps only token 0.
+    assert draws(logits, top_k=2, top_p=0.5) == {0}
+    assert draws(logits, top_k=3, top_p=0.95) == {0, 1, 2}
+
+
+def test_temperature_sharpens_and_flattens():
+    logits = torch.tensor([[0.0, 1.0]]).repeat(DRAWS, 1)
+
+    def share_of_1(temperature: float) -> float:
+        generator = torch.Generator().manual_seed(0)
+        tokens = sample_next_token(logits, temperature=temperature, generator=generator)
+        return tokens.float().mean().item()
+
+    assert share_of_1(0.1) > 0.99
+    assert 0.6 < share_of_1(1.0) < 0.85  # sigmoid(1) = 0.73
+    assert 0.45 < share_of_1(100.0) < 0.55
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    previous = torch.tensor([[0]])
+    # positive: 2.0 / 2 = 1.0 falls below token 1's 1.5
+    assert sample_next_token(torch.tensor([[2.0, 1.5]]), 0, repetition_penalty=2.0,
+                             previous_ids=previous).item() == 1
+    # negative: -1.0 * 2 = -2.0 falls below token 1's -1.5 (dividing would have raised it)
+    assert sample_next_token(torch.tensor([[-1.0, -1.5]]), 0, repetition_penalty=2.0,
+                             previous_ids=previous).item() == 1
+    # a penalty below 1 favours repeats
+    assert sample_next_token(torch.tensor([[1.0, 1.5]]), 0, repetition_penalty=0.5,
+                             previous_ids=previous).item() == 0
+    # repeated ids in the history are penalised once, not once per occurrence
+    assert sample_next_token(torch.tensor([[3.0, 1.4]]), 0, repetition_penalty=2.0,
+                             previous_ids=torch.tensor([[0, 0, 0]])).item() == 0
+
+
+def test_a_generator_makes_sampling_reproducible():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+
+    def sample(seed: int) -> torch.Tensor:
+        return sample_next_token(logits, 0.9, 20, 0.9, 1.1, torch.arange(10).repeat(64, 1),
+                                 torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), vocab=st.integers(1, 40), top_k=st.integers(1, 50),
+       top_p=st.floats(0.01, 1.0), temperature=st.floats(0.05, 5.0))
+def test_sampled_tokens_are_always_among_the_top_k(seed, vocab, top_k, top_p, temperature):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, vocab, generator=generator)
+    tokens = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
+    allowed = torch.topk(logits, min(top_k, vocab), dim=-1).indices
+    assert ((tokens[:, None] == allowed).any(dim=-1)).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=-0.5), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"),
+])
+def test_bad_settings_are_clear_errors(kwargs, message):
+    values = dict(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
+    with pytest.raises(MiniLLMError, match=message):
+        check_sampling_settings(**{**values, **kwargs})
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
+    with pytest.raises(MiniLLMError, match=message):
+        model.generate(torch.tensor([[3, 4]]), **{**values, **kwargs})
+
+
+def test_good_edge_settings_are_accepted():
+    check_sampling_settings(1, 0.0, 0, 1.0, 1.0)
+    check_sampling_settings(1, 2.0, 10_000, 0.5, 0.5)
+    check_sampling_settings(1, 1, 5.0, 1, 2)  # integral floats and ints where floats are expected
