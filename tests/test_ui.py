@@ -168,16 +168,23 @@ def test_generate_before_loading_is_an_error():
     assert len(steps) == 1 and shown(steps[0][2]) and "no model loaded" in steps[0][2]["value"]
 
 
-def test_generate_streams_what_the_library_generates(ui_run):
+@pytest.fixture
+def every_token(monkeypatch):
+    """Update the page after every token (by default updates are batched by time)."""
+    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 0.0)
+
+
+def test_generate_streams_what_the_library_generates(ui_run, every_token):
     session = app.Session()
     load(session, ui_run)
     steps = generate(session, prompt="Speak")
     outputs = [s[0] for s in steps if isinstance(s[0], str)]
     run = session.run
-    expected = "Speak" + "".join(stream_text(run.model, run.tokenizer, "Speak", **SETTINGS))
+    chunks = list(stream_text(run.model, run.tokenizer, "Speak", **SETTINGS))
+    expected = "Speak" + "".join(chunks)
     assert outputs[-1] == expected
-    # It streamed: the text grew step by step, each step extending the one before.
-    assert len(outputs) > 3
+    # It streamed: the prompt, a step per chunk of text (each extending the one before), the end.
+    assert len(outputs) == 1 + len(chunks) + 1 and len(chunks) > 3
     assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
     final_stats = steps[-1][1]
     assert "tokens/s" in final_stats and "seed 7" in final_stats and "Generated" in final_stats
@@ -212,7 +219,17 @@ def test_bad_settings_are_errors_and_the_app_keeps_working(ui_run, setting, valu
     assert not shown(generate(session)[-1][2])
 
 
-def test_stop_ends_generation_within_one_token_and_keeps_the_text(ui_run):
+def test_updates_are_batched_in_time_to_the_same_text(ui_run, monkeypatch):
+    session = app.Session()
+    load(session, ui_run)
+    every = generate(session, max_new_tokens=100)
+    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 3600.0)
+    batched = generate(session, max_new_tokens=100)
+    assert batched[-1][0] == every[-1][0]
+    assert len(batched) == 2  # "Generating…" and the final text: no update in between
+
+
+def test_stop_ends_generation_within_one_token_and_keeps_the_text(ui_run, every_token):
     session = app.Session()
     load(session, ui_run)
     stream = app.generate(session, "Speak", "", 200, 1.0, 0, 1.0, 1.0, 3)

@@ -59,6 +59,9 @@ DEFAULT_TOP_K = 0
 DEFAULT_TOP_P = 1.0
 MAX_REPETITION_PENALTY = 2.0
 DEFAULT_REPETITION_PENALTY = 1.0
+# The page is updated at most this often while tokens stream in: an update per token would cost more
+# than a small model takes to make the token. Stop is still checked after every token.
+STREAM_INTERVAL_S = 0.05
 MAX_SEED = 2**31 - 1  # a blank seed draws one in [0, MAX_SEED] and reports it: any output can be redone
 
 LOAD_LABEL = "Load model"
@@ -359,13 +362,16 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     text = prompt if source is None else ""
     yield text, "Generating…", _no_error(), _warning(note)
     n_chunks, stopped, start = 0, False, time.perf_counter()
+    last_update = start
     chunks = None
     try:
         chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
         for chunk in chunks:
             text += chunk
             n_chunks += 1
-            yield text, gr.update(), gr.update(), gr.update()
+            if time.perf_counter() - last_update >= STREAM_INTERVAL_S:
+                yield text, gr.update(), gr.update(), gr.update()
+                last_update = time.perf_counter()
             # Checked after every token: Stop (an event of this tab running beside this one) ends it here.
             if session.stop.is_set():
                 stopped = True

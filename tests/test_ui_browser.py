@@ -1,0 +1,286 @@
+"""End to end: `minillm ui RUN_DIR` in a subprocess, driven by a real headless Chromium through Playwright.
+
+The page must load the run, stream a generation that equals what `minillm generate` prints for the same
+settings and seed, stop a long generation, and show errors in the page. The screenshot of the page after
+a generation is saved to docs/ui.png. Outside CI the test skips when Chromium or Playwright is missing;
+under CI (CI=true) that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from minillm.checkpoint import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE, load_run
+from minillm.models import count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "ui.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
+SERVER_START_TIMEOUT_S = 60
+WAIT_MS = 20_000  # the longest any single page step (a load, a generation) may take
+PROMPT = "the cat"
+ENDLESS_LOGIT_SCALE = 10.0
+SETTINGS = {"max_new_tokens": 40, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1,
+            "seed": 1234}
+
+
+def require_browser():
+    """Skip (fail under CI) with the reason when the browser cannot run here."""
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason is None and not os.access(CHROMIUM, os.X_OK):
+        reason = f"{CHROMIUM} is missing (scripts/install_browser.sh installs Debian's chromium)"
+    if reason:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"browser test cannot run under CI: {reason}")
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log = log_path.read_text()[-3000:]
+            raise AssertionError(f"`minillm ui` exited with {process.returncode}:\n{log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"`minillm ui` did not serve {url} within {SERVER_START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_run, tmp_path_factory):
+    """A copy of the trained tiny run in its own runs folder (the page lists it in the run picker)."""
+    runs = tmp_path_factory.mktemp("ui_runs")
+    return Path(shutil.copytree(tiny_run, runs / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def endless_run(run_dir):
+    """A run whose model never ends its text by itself, to stop it: an untrained model, scaled up for
+    peaked logits, with an all-zero end-of-text embedding (EOS's logit is always 0, so with top-k=5 it is
+    never among the 5 largest)."""
+    from minillm.checkpoint import read_run_config, save_best
+    from minillm.models import build_model
+    from minillm.tokenizers import load_tokenizer
+
+    config, meta = read_run_config(run_dir / BEST_CONFIG_FILE)
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(ENDLESS_LOGIT_SCALE)
+        model.lm_head.weight[config.eos_id] = 0.0
+    endless = run_dir.parent / "endless"
+    save_best(endless, model, config, meta["tokenizer_type"], {"step": 0, "val_loss": None})
+    load_tokenizer(run_dir / TOKENIZER_FILE).save(endless / TOKENIZER_FILE)
+    return endless
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """`minillm ui RUN_DIR --port P` in a subprocess; always stopped at the end."""
+    require_browser()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
+    env = {**os.environ, **OFFLINE_ENV}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "minillm", "ui", str(run_dir), "--port", str(port),
+             "--runs-dir", str(run_dir.parent)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh tab on the UI; any request that leaves this machine is blocked and recorded."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    outside = []
+
+    def local_only(route):
+        host = urlparse(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost") or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", local_only)
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server)
+    page.outside_requests = outside
+    yield page
+    context.close()
+
+
+def field(page, elem_id: str):
+    """The input inside a component: the elem_id sits on its wrapper (a slider's number box, a text box)."""
+    selectors = [f"#{elem_id} {inner}" for inner in ("input[type=number]", "input[type=text]", "textarea")]
+    return page.locator(", ".join(selectors)).first
+
+
+def set_value(page, elem_id: str, value) -> None:
+    box = field(page, elem_id)
+    box.fill(str(value))
+    box.press("Tab")  # commit it, as leaving the box does
+
+
+def generate_in_page(page, prompt: str, settings: dict) -> tuple[str, str]:
+    field(page, "prompt").fill(prompt)
+    for name, value in settings.items():
+        set_value(page, name, value)
+    before = page.locator("#stats").inner_text()
+    page.locator("#generate_button").click()
+    wait_until_generated(page, before)
+    return field(page, "output").input_value(), page.locator("#stats").inner_text()
+
+
+def wait_until_generated(page, stats_before: str) -> None:
+    """Until a new tokens/s line is shown (the time in it differs from any earlier one) and Generate can
+    be pressed again."""
+    page.wait_for_function(
+        """before => {
+            const stats = document.querySelector('#stats')?.innerText || '';
+            return /tokens\\/s/.test(stats) && stats !== before
+                && !document.querySelector('#generate_button').disabled;
+        }""", arg=stats_before)
+
+
+def cli_generate(run_dir: Path, prompt: str, settings: dict) -> str:
+    """What `minillm generate` prints (prompt + continuation) for the same prompt, settings and seed."""
+    args = [sys.executable, "-m", "minillm", "generate", str(run_dir), "--prompt", prompt]
+    for name, value in settings.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    result = subprocess.run(args, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")  # the CLI ends its output with one newline
+    return result.stdout[:-1]
+
+
+def test_load_generate_matches_cli_and_screenshot(page, run_dir):
+    n_params = f"{count_parameters(load_run(run_dir).model):,}"
+    # `minillm ui RUN_DIR` pre-filled the paths and loaded the run when the page opened.
+    page.locator("#model_info").get_by_text(n_params).wait_for()
+    assert field(page, "model_path").input_value() == str(run_dir / BEST_MODEL_FILE)
+
+    # Load it again through the page, as a user would.
+    field(page, "model_path").fill(str(run_dir / BEST_MODEL_FILE))
+    field(page, "tokenizer_path").fill(str(run_dir / TOKENIZER_FILE))
+    page.locator("#load_button").click()
+    page.wait_for_function("() => !document.querySelector('#load_button').disabled"
+                           " && /Load model/.test(document.querySelector('#load_button').innerText)")
+    page.locator("#model_info").get_by_text(n_params).wait_for()
+    assert not page.locator("#error").is_visible()
+
+    output, stats = generate_in_page(page, PROMPT, SETTINGS)
+    assert re.search(r"Generated \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \(seed 1234\)", stats), stats
+    assert output.startswith(PROMPT) and len(output) > len(PROMPT)
+    assert output == cli_generate(run_dir, PROMPT, SETTINGS)
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.mouse.move(0, 0)  # no hover or focus highlight in the picture
+    page.evaluate("document.activeElement?.blur()")
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert page.outside_requests == [], f"the page tried to reach the internet: {page.outside_requests}"
+
+
+def test_stop_keeps_the_text_and_the_app_ready(page, run_dir, endless_run):
+    n_params = f"{count_parameters(load_run(run_dir).model):,}"
+    page.locator("#model_info").get_by_text(n_params).wait_for()
+    field(page, "model_path").fill(str(endless_run / BEST_MODEL_FILE))
+    field(page, "tokenizer_path").fill(str(endless_run / TOKENIZER_FILE))
+    page.locator("#load_button").click()
+    page.locator("#model_info").get_by_text(str(endless_run / BEST_MODEL_FILE)).wait_for()
+    field(page, "prompt").fill(PROMPT)
+    for name, value in {"max_new_tokens": 1000, "top_k": 5, "seed": 5}.items():
+        set_value(page, name, value)
+    page.locator("#generate_button").click()
+    # Stop once some text has streamed in.
+    page.wait_for_function(
+        f"() => (document.querySelector('#output textarea')?.value || '').length > {len(PROMPT) + 5}")
+    page.locator("#stop_button").click()
+    wait_until_generated(page, "")
+    stats = page.locator("#stats").inner_text()
+    n_tokens = int(re.search(r"(\d+) tokens in", stats).group(1))
+    assert "Stopped after" in stats and n_tokens < 1000, stats
+    assert field(page, "output").input_value().startswith(PROMPT)
+    # Ready for the next request.
+    output, stats = generate_in_page(page, PROMPT, {"max_new_tokens": 10, "seed": 6})
+    assert "Generated" in stats and output.startswith(PROMPT)
+
+
+def test_bad_path_shows_an_error_and_the_app_keeps_working(page, run_dir):
+    n_params = f"{count_parameters(load_run(run_dir).model):,}"
+    page.locator("#model_info").get_by_text(n_params).wait_for()
+    field(page, "model_path").fill("/no/such/folder/best_model.pt")
+    page.locator("#load_button").click()
+    error = page.locator("#error")
+    error.get_by_text("model file not found").wait_for()
+    assert "/no/such/folder/best_model.pt" in error.inner_text()
+    assert "Traceback" not in page.content()
+    # The model loaded before is still there: generating works and clears the error.
+    output, stats = generate_in_page(page, PROMPT, {"max_new_tokens": 8, "seed": 1})
+    assert "Generated" in stats and not error.is_visible()
+
+
+def test_api_is_driven_by_gradio_client(server, run_dir, browser):
+    """Each event has an api_name: a script can load and generate, in its own session, like a tab."""
+    from gradio_client import Client
+
+    client = Client(server, analytics_enabled=False, verbose=False, download_files=False)
+    info, *_ = client.predict("decoder_only", "char", str(run_dir / BEST_MODEL_FILE),
+                              str(run_dir / TOKENIZER_FILE), api_name="/load_model")
+    assert f"{count_parameters(load_run(run_dir).model):,}" in info
+    output, stats, *_ = client.predict(PROMPT, "", *SETTINGS.values(), api_name="/generate")
+    assert output == cli_generate(run_dir, PROMPT, SETTINGS) and "tokens/s" in stats
