@@ -23,6 +23,16 @@ VOCAB = 40
 PAD, BOS, EOS = 0, 1, 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run these tiny models on one CPU thread: at this size a second thread only adds synchronisation,
+    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(model_type: str = "decoder_only", **overrides) -> ModelConfig:
     values = dict(model_type=model_type, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
     return ModelConfig(**{**values, **overrides})

@@ -1,0 +1,79 @@
+"""Text in, text out: the one generation entry point that the CLI and the UI both call.
+
+    for chunk in stream_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=200, seed=1):
+        print(chunk, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from minillm.errors import MiniLLMError
+
+
+def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
+                max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+                top_p: float | None = None, repetition_penalty: float = 1.0,
+                seed: int | None = None) -> Iterator[str]:
+    """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
+
+    Decoder-only: continues `prompt` (which is not yielded again); an empty prompt starts from the EOS
+    token, which is what separates samples in the training data, so the model begins a new sample.
+    Encoder-decoder: `source` is the encoder input, encoded as plain tokens like the training sources
+    (no special tokens); `prompt`, if any, is a prefix of the target that the model continues.
+    The concatenated chunks equal tokenizer.decode(new token ids). Same seed -> same text (on one device).
+    Closing the iterator stops the model's token loop.
+    """
+    if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
+        raise MiniLLMError("prompt and source must be text")
+    config = model.config
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id, generator=generator)
+    if config.model_type == "transformer":
+        if source is None or not source.strip():
+            raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
+        source_ids = tokenizer.encode(source)
+        if len(source_ids) > config.max_seq_len:
+            raise MiniLLMError(f"the source is {len(source_ids)} tokens but the model reads at most "
+                               f"{config.max_seq_len}; shorten it")
+        prefix = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+        source_tensor = torch.tensor([source_ids], dtype=torch.long)
+        tokens = model.iter_generate(source_tensor, tgt_prefix=prefix, **settings)
+    else:
+        prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        tokens = model.iter_generate(torch.tensor([prompt_ids], dtype=torch.long), **settings)
+
+    decoder = tokenizer.decode_stream(skip_special_tokens=True)
+    new_ids: list[int] = []
+    emitted: list[str] = []
+    try:
+        for token in tokens:
+            token_id = int(token[0])
+            if token_id == tokenizer.eos_id:
+                break
+            new_ids.append(token_id)
+            chunk = decoder.step(token_id)
+            if chunk:
+                emitted.append(chunk)
+                yield chunk
+    finally:
+        tokens.close()  # stops the model's loop now, also when our caller stopped early
+    # A character still incomplete at the end (e.g. half of an emoji's bytes) was held back by the
+    # stream decoder; the full decode shows it (as U+FFFD), so the chunks add up to decode(new_ids).
+    text, done = tokenizer.decode(new_ids), "".join(emitted)
+    if len(text) > len(done) and text.startswith(done):
+        yield text[len(done):]
+
+
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
+                  **settings: Any) -> str:
+    """The whole continuation as one string (stream_text, joined); settings as for stream_text."""
+    return "".join(stream_text(model, tokenizer, prompt, source=source, **settings))

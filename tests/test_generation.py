@@ -1,0 +1,212 @@
+"""stream_text / generate_text: text chunks from a model, real tokenizers, never a broken character."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.errors import MiniLLMError
+from minillm.generation import generate_text, stream_text
+from minillm.models import build_model
+from minillm.tokenizers import BPETokenizer, CharacterTokenizer
+
+CHAR_TEXT = "the cat sees the moon.\na dog runs to the river.\n" * 4
+# CJK and emoji are 3 and 4 bytes in UTF-8: with this small BPE vocabulary the emoji stay split over
+# several byte tokens, so a streaming decoder must hold partial characters back.
+UNICODE_TEXT = "猫は😀が好き🎉。Hello 世界! " * 20
+BPE_VOCAB = 270
+UNICODE_SNIPPET = "猫は😀が好き🎉。世界"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run these tiny models on one CPU thread: at this size a second thread only adds synchronisation,
+    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer() -> CharacterTokenizer:
+    return CharacterTokenizer.train([CHAR_TEXT])
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer() -> BPETokenizer:
+    tokenizer = BPETokenizer.train([UNICODE_TEXT], vocab_size=BPE_VOCAB)
+    assert len(tokenizer.encode("😀")) > 1, "the fixture must split a character over several tokens"
+    return tokenizer
+
+
+def tiny_model(tokenizer, model_type: str = "decoder_only", seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    values = dict(model_type=model_type, vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                  max_seq_len=32)
+    return build_model(ModelConfig(**{**values, **overrides})).eval()
+
+
+class ScriptedModel(nn.Module):
+    """Stands in for a model: "generates" a fixed list of ids, and records how it was called."""
+
+    def __init__(self, ids: list[int], model_type: str = "decoder_only", vocab_size: int = 300):
+        super().__init__()
+        self.config = ModelConfig(model_type=model_type, vocab_size=vocab_size, d_model=8, n_heads=2)
+        self.weight = nn.Parameter(torch.zeros(1))  # so the model has a device
+        self.ids = ids
+        self.calls: list[dict] = []
+        self.pulled = 0
+        self.closed = False
+
+    def iter_generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                      repetition_penalty=1.0, eos_id=None, generator=None, tgt_prefix=None):
+        self.calls.append(dict(input_ids=input_ids.tolist(), eos_id=eos_id,
+                               tgt_prefix=None if tgt_prefix is None else tgt_prefix.tolist()))
+        try:
+            for token_id in self.ids[:max_new_tokens]:
+                self.pulled += 1
+                yield torch.tensor([token_id])
+        finally:
+            self.closed = True
+
+
+def first_eos_cut(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+# ---- decoder-only ---------------------------------------------------------------------------------------
+
+def test_stream_text_is_the_decoded_generate_of_the_same_seed(char_tokenizer):
+    model = tiny_model(char_tokenizer)
+    prompt = "the cat"
+    prompt_ids = torch.tensor([char_tokenizer.encode(prompt)])
+    settings = dict(max_new_tokens=40, temperature=1.0, top_k=None, top_p=0.95, repetition_penalty=1.1)
+    out = model.generate(prompt_ids, eos_id=char_tokenizer.eos_id, generator=torch.Generator().manual_seed(3),
+                         **settings)
+    new_ids = first_eos_cut(out[0, prompt_ids.size(1):].tolist(), char_tokenizer.eos_id)
+    chunks = list(stream_text(model, char_tokenizer, prompt, seed=3, **settings))
+    assert "".join(chunks) == char_tokenizer.decode(new_ids)
+    assert len(chunks) == len(new_ids), "a character tokenizer streams one chunk per token"
+    assert generate_text(model, char_tokenizer, prompt, seed=3, **settings) == "".join(chunks)
+
+
+def test_same_seed_same_text_different_seed_different_text(char_tokenizer):
+    model = tiny_model(char_tokenizer)
+    settings = dict(max_new_tokens=40, temperature=1.0, top_k=None)
+    first = generate_text(model, char_tokenizer, "a dog", seed=7, **settings)
+    assert generate_text(model, char_tokenizer, "a dog", seed=7, **settings) == first
+    assert generate_text(model, char_tokenizer, "a dog", seed=8, **settings) != first
+
+
+def test_prompt_is_not_repeated_and_an_empty_prompt_starts_from_eos(char_tokenizer):
+    continuation = char_tokenizer.encode(" sees the moon")
+    model = ScriptedModel(continuation, vocab_size=char_tokenizer.vocab_size)
+    assert generate_text(model, char_tokenizer, "the cat") == " sees the moon"
+    assert model.calls[-1]["input_ids"] == [char_tokenizer.encode("the cat")]
+    assert model.calls[-1]["eos_id"] == char_tokenizer.eos_id
+    generate_text(model, char_tokenizer, "")
+    assert model.calls[-1]["input_ids"] == [[char_tokenizer.eos_id]]
+
+
+def test_generation_stops_at_eos(char_tokenizer):
+    ids = char_tokenizer.encode("the") + [char_tokenizer.eos_id] + char_tokenizer.encode("moon")
+    model = ScriptedModel(ids, vocab_size=char_tokenizer.vocab_size)
+    assert generate_text(model, char_tokenizer, "a") == "the"
+    assert model.closed and model.pulled == 4
+
+
+def test_closing_the_stream_stops_the_model(char_tokenizer):
+    ids = char_tokenizer.encode("the cat sees the moon")
+    model = ScriptedModel(ids, vocab_size=char_tokenizer.vocab_size)
+    chunks = stream_text(model, char_tokenizer, "a")
+    assert next(chunks) == "t"
+    chunks.close()
+    assert model.closed and model.pulled == 1
+
+
+def test_bad_settings_are_clear_errors(char_tokenizer):
+    model = tiny_model(char_tokenizer)
+    with pytest.raises(MiniLLMError, match="temperature"):
+        generate_text(model, char_tokenizer, "a", temperature=-1.0)
+    with pytest.raises(MiniLLMError, match="max_new_tokens"):
+        generate_text(model, char_tokenizer, "a", max_new_tokens=0)
+    with pytest.raises(MiniLLMError, match="text"):
+        generate_text(model, char_tokenizer, None)
+
+
+# ---- no broken characters -------------------------------------------------------------------------------
+
+def test_bpe_stream_never_emits_a_broken_character(bpe_tokenizer):
+    ids = bpe_tokenizer.encode(UNICODE_SNIPPET)
+    model = ScriptedModel(ids, vocab_size=bpe_tokenizer.vocab_size)
+    chunks = list(stream_text(model, bpe_tokenizer, "Hello", max_new_tokens=len(ids)))
+    assert all(chunks), "no empty chunks"
+    assert not any("\ufffd" in chunk for chunk in chunks)
+    assert "".join(chunks) == bpe_tokenizer.decode(ids) == UNICODE_SNIPPET
+    assert len(chunks) < len(ids), "some tokens completed no character and were held back"
+
+
+def test_a_character_cut_off_at_the_end_is_still_yielded(bpe_tokenizer):
+    ids = bpe_tokenizer.encode("猫😀")
+    ids = ids[:-1]  # stop in the middle of the emoji's bytes
+    model = ScriptedModel(ids, vocab_size=bpe_tokenizer.vocab_size)
+    chunks = list(stream_text(model, bpe_tokenizer, "x", max_new_tokens=len(ids)))
+    assert chunks[0] == "猫"
+    assert "".join(chunks) == bpe_tokenizer.decode(ids)
+
+
+def test_bpe_with_a_trained_model_streams_whole_characters(bpe_tokenizer):
+    """A tiny model that memorised the Unicode text reproduces it greedily, in whole characters."""
+    data = torch.tensor([bpe_tokenizer.encode(UNICODE_TEXT)[:49]])
+    model = tiny_model(bpe_tokenizer, max_seq_len=48).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(100):
+        _, loss = model(data[:, :-1], targets=data[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    prompt = "猫は😀が好き🎉。Hello"  # ends where the pre-tokenizer splits, so its ids start the data
+    n = len(bpe_tokenizer.encode(prompt))
+    assert bpe_tokenizer.encode(prompt) == data[0, :n].tolist()
+    # Generate up to the last whole character of the memorised data (stopping in the middle of one would
+    # end, by design, with a final chunk holding U+FFFD: see test_a_character_cut_off_at_the_end...).
+    m = max(m for m in range(1, data.size(1) - n + 1)
+            if "\ufffd" not in bpe_tokenizer.decode(data[0, n:n + m].tolist()))
+    chunks = list(stream_text(model, bpe_tokenizer, prompt, max_new_tokens=m, temperature=0))
+    expected = bpe_tokenizer.decode(data[0, n:n + m].tolist())
+    assert "".join(chunks) == expected
+    assert "😀" in expected and "🎉" in expected
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
+# ---- encoder-decoder ------------------------------------------------------------------------------------
+
+def test_encoder_decoder_needs_a_source(char_tokenizer):
+    model = tiny_model(char_tokenizer, "transformer")
+    with pytest.raises(MiniLLMError, match="source"):
+        generate_text(model, char_tokenizer, "a")
+    with pytest.raises(MiniLLMError, match="source"):
+        generate_text(model, char_tokenizer, "", source="   ")
+    with pytest.raises(MiniLLMError, match="shorten"):
+        generate_text(model, char_tokenizer, "", source="the moon " * 10)
+
+
+def test_encoder_decoder_encodes_the_source_plainly_and_the_prompt_as_a_target_prefix(char_tokenizer):
+    model = ScriptedModel(char_tokenizer.encode("moon"), "transformer", char_tokenizer.vocab_size)
+    assert generate_text(model, char_tokenizer, "the ", source="a dog") == "moon"
+    assert model.calls[-1]["input_ids"] == [char_tokenizer.encode("a dog")]
+    assert model.calls[-1]["tgt_prefix"] == [char_tokenizer.encode("the ")]
+
+
+def test_encoder_decoder_stream_is_the_decoded_generate_of_the_same_seed(char_tokenizer):
+    model = tiny_model(char_tokenizer, "transformer")
+    source = "the cat sees"
+    settings = dict(max_new_tokens=30, temperature=0.9, top_k=10)
+    out = model.generate(torch.tensor([char_tokenizer.encode(source)]), eos_id=char_tokenizer.eos_id,
+                         generator=torch.Generator().manual_seed(4), **settings)
+    expected = char_tokenizer.decode(first_eos_cut(out[0].tolist(), char_tokenizer.eos_id))
+    assert generate_text(model, char_tokenizer, "", source=source, seed=4, **settings) == expected
