@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,6 +93,37 @@ def test_loading_button_is_disabled_then_restored():
     busy, idle = app.start_loading(), app.finish_loading()
     assert busy["interactive"] is False and busy["value"] == app.LOADING_LABEL
     assert idle["interactive"] is True and idle["value"] == app.LOAD_LABEL
+
+
+def test_a_load_during_a_generation_leaves_that_generation_alone(ui_run, tmp_path, every_token):
+    session = app.Session()
+    load(session, ui_run)
+    solo = generate(session, seed=11)[-1][0]
+    stream = app.generate(session, "Speak", "", *list(SETTINGS.values())[:-1], 11)
+    for _ in range(3):
+        next(stream)
+    other = make_run(tmp_path / "other", seed=1)
+    assert not shown(load(session, other)["error"])
+    assert [*stream][-1][0] == solo  # finished with the model it started with
+    assert session.run.info["model_path"] == str(other / BEST_MODEL_FILE)  # the next one uses the new model
+
+
+def test_loads_racing_in_one_session_leave_one_whole_model(ui_run, tmp_path):
+    """Two loads at once (e.g. two API calls): the session ends with one of them, fully loaded."""
+    other = make_run(tmp_path / "other", seed=1)
+    session = app.Session()
+    results = []
+    threads = [threading.Thread(target=lambda d=d: results.append(load(session, d))) for d in (ui_run, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(not shown(r["error"]) for r in results)
+    loaded = session.run.info["model_path"]
+    assert loaded in (str(ui_run / BEST_MODEL_FILE), str(other / BEST_MODEL_FILE))
+    fresh = load_run(Path(loaded).parent)
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(session.run.model.state_dict()[key], value)
 
 
 def test_run_folder_as_model_path_and_blank_tokenizer_path(ui_run):

@@ -175,6 +175,19 @@ def set_value(page, elem_id: str, value) -> None:
     box.press("Tab")  # commit it, as leaving the box does
 
 
+def record_button_states(page, elem_id: str) -> None:
+    """Collect every "label|state" the button goes through into window.buttonStates (a load is too
+    quick to catch by polling)."""
+    page.evaluate("""id => {
+        const button = document.getElementById(id);
+        window.buttonStates = [];
+        const record = () => window.buttonStates.push(
+            button.innerText.trim() + "|" + (button.disabled ? "disabled" : "enabled"));
+        new MutationObserver(record).observe(button, {attributes: true, childList: true, subtree: true,
+                                                       characterData: true});
+    }""", elem_id)
+
+
 def generate_in_page(page, prompt: str, settings: dict) -> tuple[str, str]:
     field(page, "prompt").fill(prompt)
     for name, value in settings.items():
@@ -214,14 +227,17 @@ def test_load_generate_matches_cli_and_screenshot(page, run_dir):
     page.locator("#model_info").get_by_text(n_params).wait_for()
     assert field(page, "model_path").input_value() == str(run_dir / BEST_MODEL_FILE)
 
-    # Load it again through the page, as a user would.
+    # Load it again through the page, as a user would, recording what the button shows meanwhile.
     field(page, "model_path").fill(str(run_dir / BEST_MODEL_FILE))
     field(page, "tokenizer_path").fill(str(run_dir / TOKENIZER_FILE))
+    record_button_states(page, "load_button")
     page.locator("#load_button").click()
     page.wait_for_function("() => !document.querySelector('#load_button').disabled"
                            " && /Load model/.test(document.querySelector('#load_button').innerText)")
     page.locator("#model_info").get_by_text(n_params).wait_for()
     assert not page.locator("#error").is_visible()
+    # While loading, the button said so and could not be pressed again.
+    assert "Loading…|disabled" in page.evaluate("window.buttonStates")
 
     output, stats = generate_in_page(page, PROMPT, SETTINGS)
     assert re.search(r"Generated \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \(seed 1234\)", stats), stats
