@@ -74,6 +74,11 @@ def test_page_has_every_element_and_named_api(ui_run):
     assert by_id["model_path"]["value"] == str(ui_run / BEST_MODEL_FILE)
     assert by_id["tokenizer_path"]["value"] == str(ui_run / TOKENIZER_FILE)
     assert str(ui_run) in [choice[1] for choice in by_id["run_picker"]["choices"]]
+    # Without a run: empty paths, and the runs found under runs_dir to pick from.
+    by_id = {c["props"].get("elem_id"): c["props"] for c in
+             app.build_demo(runs_dir=ui_run.parent).get_config_file()["components"]}
+    assert by_id["model_path"]["value"] == "" and by_id["run_picker"].get("value") is None
+    assert [choice[1] for choice in by_id["run_picker"]["choices"]] == [str(ui_run)]
 
 
 def test_load_shows_model_info(ui_run):

@@ -290,7 +290,7 @@ def test_bad_path_shows_an_error_and_the_app_keeps_working(page, run_dir):
     assert "Generated" in stats and not error.is_visible()
 
 
-def test_api_is_driven_by_gradio_client(server, run_dir, browser):
+def test_api_is_driven_by_gradio_client(server, run_dir):
     """Each event has an api_name: a script can load and generate, in its own session, like a tab."""
     from gradio_client import Client
 

@@ -509,5 +509,7 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
     demo = build_demo(run_dir, runs_dir)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
-    demo.launch(server_name=host, server_port=port, share=share, show_error=False, css=CSS,
+    else:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
+        print(f"Mini LLM UI on http://{host}:{port} (Ctrl+C to stop)", flush=True)
+    demo.launch(server_name=host, server_port=port, share=share, quiet=not share, show_error=False, css=CSS,
                 footer_links=["api", "settings"])
