@@ -388,3 +388,25 @@ def test_bad_input_ids_are_clear_errors(model_type):
 def test_transformer_source_longer_than_the_context_is_a_clear_error():
     with pytest.raises(MiniLLMError, match="max_seq_len"):
         tiny_model("transformer").generate(random_ids(1, 17), 2)
+
+
+# ---- Hugging Face compatibility -------------------------------------------------------------------------
+
+def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
+    """An independent implementation: our weights, renamed, give the same logits in transformers' Llama."""
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(rope_theta=500.0)
+    model = tiny_model(rope_theta=500.0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads, max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False)
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf_model.load_state_dict(renamed, strict=False)
+    assert not missing and not unexpected
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids)[0], atol=1e-5, rtol=0)

@@ -53,18 +53,23 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, Dh/2)
         angles = torch.cat((angles, angles), dim=-1)  # (P, Dh): the same angle for both halves of a pair
+        sin = angles.sin()
+        sin[:, :head_dim // 2] *= -1  # signed for apply_rotary: (-sin, +sin) over the two halves
         self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions start .. start+length-1, each (length, Dh)."""
+        """cos and signed sin for positions start .. start+length-1, each (length, Dh)."""
         return self.cos[start:start + length], self.sin[start:start + length]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, Dh) queries or keys by their positions' angles; cos/sin are (T, Dh)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate (..., T, Dh) queries or keys by their positions' angles; cos/sin are (T, Dh), sin signed.
+
+    Llama's x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1): rolling x by half a head
+    gives (x2, x1) and the signed sin supplies the minus, in fewer ops than split, negate and concatenate.
+    """
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 def padding_attention_mask(key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
