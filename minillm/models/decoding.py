@@ -92,7 +92,9 @@ def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,
     """
     check_sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     batch, length = context.shape
-    tokens = context.new_empty((batch, length + max_new_tokens))  # the whole history, written in place
+    # The whole history, written in place; its capacity doubles when full, so a huge max_new_tokens
+    # does not allocate up front.
+    tokens = context.new_empty((batch, length + min(max_new_tokens, max_len)))
     tokens[:, :length] = context
     start = max(0, length - max_len)  # the window is tokens[:, start:length]
     keep = max(1, int(max_len * CONTEXT_KEEP_FRACTION))
@@ -104,6 +106,8 @@ def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,
         if finished is not None:
             token = token.masked_fill(finished, pad_id)
             finished |= token == eos_id
+        if length == tokens.size(1):
+            tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
         tokens[:, length] = token
         length += 1
         yield token
