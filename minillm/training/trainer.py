@@ -93,6 +93,15 @@ def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
+def is_overfitting(history: list[dict[str, float]], evals: int = OVERFIT_EVALS) -> bool:
+    """Val loss rose at each of the last `evals` evaluations while train loss fell over them."""
+    recent = history[-(evals + 1):]
+    if len(recent) < evals + 1:
+        return False
+    val_rising = all(b["val_loss"] > a["val_loss"] for a, b in zip(recent, recent[1:], strict=False))
+    return val_rising and recent[-1]["train_loss"] < recent[0]["train_loss"]
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on norms or biases); fused kernels on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -476,12 +485,7 @@ class Trainer:
 
     def _check_overfitting(self) -> None:
         """Warn once when val loss has risen OVERFIT_EVALS evaluations in a row while train loss fell."""
-        recent = self.history[-(OVERFIT_EVALS + 1):]
-        if self.overfitting or len(recent) < OVERFIT_EVALS + 1:
-            return
-        val_rising = all(b["val_loss"] > a["val_loss"] for a, b in zip(recent, recent[1:], strict=False))
-        train_falling = recent[-1]["train_loss"] < recent[0]["train_loss"]
-        if val_rising and train_falling:
+        if not self.overfitting and is_overfitting(self.history):
             self.overfitting = True
             self.log(
                 f"warning: overfitting: validation loss rose for {OVERFIT_EVALS} evaluations while training "

@@ -1,0 +1,211 @@
+"""Training end to end on tiny models: it learns, it writes the run folder, it resumes exactly, it stops."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_configs
+
+from minillm.checkpoint import load_run, load_torch
+from minillm.errors import MiniLLMError
+from minillm.training import data_utils, evaluate_run, lr_at, resume, train
+from minillm.training import trainer as trainer_module
+from minillm.training.metrics import read_metrics
+from minillm.training.trainer import is_overfitting
+
+RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.pt", "metrics.jsonl",
+             "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",
+             "train.bin", "val.bin", "test.bin"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def run_tiny(run_dir, corpus, model_type="decoder_only", tokenizer="char", overwrite=False, **overrides):
+    model_config, train_config = tiny_configs(model_type, tokenizer, corpus, **overrides)
+    return train(model_config, train_config, run_dir, overwrite=overwrite, progress=False, log=quiet)
+
+
+@pytest.mark.parametrize("model_type, tokenizer", [
+    ("decoder_only", "char"), ("decoder_only", "bpe"), ("transformer", "char"), ("transformer", "bpe"),
+])
+def test_tiny_run_learns_and_writes_the_run_folder(tmp_path, corpus_file, tiny_run, model_type, tokenizer):
+    if (model_type, tokenizer) == ("decoder_only", "char"):
+        run_dir = tiny_run  # the shared fixture is exactly this run
+    else:
+        run_dir = tmp_path / "run"
+        run_tiny(run_dir, corpus_file, model_type, tokenizer)
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "loss_curve.png").read_bytes().startswith(PNG_MAGIC)
+
+    evals = [row for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "eval"]
+    assert len(evals) == 3  # tiny preset: 60 steps, an evaluation every 20
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    run = load_run(run_dir)
+    assert evals[0]["val_loss"] < math.log(run.config.vocab_size)  # better than guessing uniformly
+    assert run.config.model_type == model_type and run.info["tokenizer_type"] == tokenizer
+
+    test_metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert test_metrics["tokens"] > 0
+    assert test_metrics["perplexity"] == pytest.approx(math.exp(test_metrics["loss"]))
+    best = json.loads((run_dir / "best_model_config.json").read_text())["training"]
+    assert best["val_loss"] == min(row["val_loss"] for row in evals)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, corpus_file):
+    # Dropout on, so the restored torch RNG matters as much as the batch generator and the optimizer.
+    settings = dict(max_steps=40, eval_interval=10, log_interval=5, dropout=0.1)
+
+    def configs():
+        model_config, train_config = tiny_configs(data=corpus_file, **{
+            k: v for k, v in settings.items() if k != "dropout"})
+        return model_config.replace(dropout=settings["dropout"]), train_config
+
+    train(*configs(), tmp_path / "straight", progress=False, log=quiet)
+
+    def interrupt_at_step_25(row):
+        if row["step"] == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*configs(), tmp_path / "resumed", progress=False, log=quiet, on_metrics=interrupt_at_step_25)
+    assert load_torch(tmp_path / "resumed" / "last.pt")["step"] == 20
+    random.seed(12345)  # other RNG use between the two sessions must not matter
+    result = resume(tmp_path / "resumed", progress=False, log=quiet)
+    assert result.steps == 40
+
+    straight = load_torch(tmp_path / "straight" / "last.pt")
+    resumed = load_torch(tmp_path / "resumed" / "last.pt")
+    for name, weight in straight["model"].items():
+        assert torch.equal(weight, resumed["model"][name]), name
+    assert straight["history"] == resumed["history"]
+    # metrics.jsonl: rows the interrupted session logged after its checkpoint are replaced, not doubled.
+    rows = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    steps = [row["step"] for row in rows if row["kind"] == "train"]
+    assert steps == list(range(5, 45, 5))
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    with pytest.raises(MiniLLMError, match="d_model"):
+        resume(run_dir, model_overrides={"d_model": 64}, progress=False, log=quiet)
+    with pytest.raises(MiniLLMError, match="batch_size"):
+        resume(run_dir, {"batch_size": 3}, progress=False, log=quiet)
+    (run_dir / "last.pt").unlink()
+    with pytest.raises(MiniLLMError, match="nothing to resume"):
+        resume(run_dir, progress=False, log=quiet)
+
+
+def test_existing_run_is_refused_unless_overwrite(tmp_path, corpus_file, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    before = (run_dir / "best_model.pt").read_bytes()
+    with pytest.raises(MiniLLMError, match="already holds a run"):
+        run_tiny(run_dir, corpus_file, max_steps=1)
+    assert (run_dir / "best_model.pt").read_bytes() == before
+    result = run_tiny(run_dir, corpus_file, overwrite=True, max_steps=2, eval_interval=1)
+    assert result.steps == 2
+    assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "eval"] == [1, 2]
+
+
+def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monkeypatch):
+    # Validation loss scripted to rise after the first evaluation; everything else is real.
+    scripted = iter([2.0, 2.1, 2.2, 2.3, 2.4])
+    real_mean_loss = trainer_module.mean_loss
+
+    def mean_loss(model, batches, device, dtype):
+        if isinstance(batches, list):  # the fixed validation batches
+            return next(scripted), 1
+        return real_mean_loss(model, batches, device, dtype)  # the final test
+
+    monkeypatch.setattr(trainer_module, "mean_loss", mean_loss)
+    messages = []
+    model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, patience=3)
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    assert result.stop_reason == "early_stopping"
+    assert (result.steps, result.best_step, result.best_val_loss) == (20, 5, 2.0)
+    warning = next(m for m in messages if m.startswith("warning: overfitting"))
+    assert "parameters" in warning and "dropout" in warning and "more data" in warning
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["overfitting"] is True
+
+
+def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
+    result = run_tiny(tmp_path / "run", corpus_file, max_time=1e-6)
+    assert result.stop_reason == "max_time" and result.steps == 1
+    assert load_run(tmp_path / "run").config.model_type == "decoder_only"
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, corpus_file):
+    result = run_tiny(tmp_path / "run", corpus_file, epochs=0.5, eval_interval=1000)
+    train_tokens = data_utils.read_split_record(tmp_path / "run")["tokens"]["train"]
+    model_config, train_config = tiny_configs(data=corpus_file)
+    tokens_per_step = train_config.batch_size * model_config.max_seq_len
+    assert result.steps == math.ceil(0.5 * train_tokens / tokens_per_step)
+
+
+def test_evaluate_run_reproduces_the_test_metrics(tiny_run, corpus_file):
+    saved = json.loads((tiny_run / "test_metrics.json").read_text())
+    metrics = evaluate_run(tiny_run)
+    assert metrics["loss"] == pytest.approx(saved["loss"], rel=1e-5)
+    assert metrics["tokens"] == saved["tokens"]
+    on_file = evaluate_run(tiny_run, corpus_file)
+    assert on_file["tokens"] > metrics["tokens"] and math.isfinite(on_file["loss"])
+
+
+def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
+    rng = random.Random(0)
+    words = set()
+    while len(words) < 1200:
+        words.add("".join(rng.sample("abcdefgh", rng.randint(3, 5))))  # distinct letters, 3-5 long
+    data = tmp_path / "reverse.tsv"
+    data.write_text("".join(f"{w}\t{w[::-1]}\n" for w in sorted(words)), encoding="utf-8")
+    model_config, train_config = tiny_configs(
+        "transformer", "char", data, max_steps=250, learning_rate=3e-3, min_lr=3e-4, warmup_steps=20,
+        batch_size=64, eval_interval=125, val_fraction=0.1, test_fraction=0.1)
+    model_config = model_config.replace(d_model=64, n_heads=4, n_layers=2, max_seq_len=8)
+    train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
+
+    run = load_run(tmp_path / "run")
+    record = data_utils.read_split_record(tmp_path / "run")
+    offsets = np.load(tmp_path / "run" / "test.offsets.npy")
+    sources = data_utils.read_stream(tmp_path / "run" / "test.src.bin", record["dtype"])
+    targets = data_utils.read_stream(tmp_path / "run" / "test.tgt.bin", record["dtype"])
+    correct = 0
+    n_test = offsets.shape[1] - 1
+    for i in range(n_test):  # held-out pairs, greedy decoding
+        source = torch.tensor(sources[offsets[0, i]:offsets[0, i + 1]].astype(np.int64))[None]
+        out = run.model.generate(source, max_new_tokens=7, temperature=0, eos_id=run.tokenizer.eos_id)
+        out = out[0].tolist()
+        out = out[:out.index(run.tokenizer.eos_id)] if run.tokenizer.eos_id in out else out
+        correct += out == targets[offsets[1, i]:offsets[1, i + 1]].tolist()
+    assert n_test == 120
+    assert correct / n_test >= 0.9
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    _, config = tiny_configs(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
+    rates = [lr_at(step, config, max_steps=100) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-3 / 11)
+    assert all(a < b for a, b in zip(rates[:10], rates[1:11], strict=True))  # warming up
+    assert rates[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))  # cosine decay
+    assert lr_at(100, config, max_steps=100) == pytest.approx(1e-4)
+
+
+def test_overfitting_needs_rising_val_and_falling_train_loss():
+    def history(val, train):
+        pairs = enumerate(zip(val, train, strict=True))
+        return [{"step": i, "val_loss": v, "train_loss": t} for i, (v, t) in pairs]
+
+    assert is_overfitting(history([1.0, 1.1, 1.2, 1.3], [1.0, 0.9, 0.8, 0.7]))
+    assert not is_overfitting(history([1.0, 1.1, 1.2], [1.0, 0.9, 0.8]))  # too few evaluations
+    assert not is_overfitting(history([1.0, 1.1, 1.05, 1.3], [1.0, 0.9, 0.8, 0.7]))  # not rising each time
+    assert not is_overfitting(history([1.0, 1.1, 1.2, 1.3], [1.0, 1.1, 1.2, 1.3]))  # train loss rising too
