@@ -67,7 +67,8 @@ class ModelConfig(_JSONConfig):
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.model_type in MODEL_TYPES, f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        _check(self.model_type in MODEL_TYPES,
+               f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
@@ -75,7 +76,8 @@ class ModelConfig(_JSONConfig):
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
         )
-        _check(self.head_dim % 2 == 0, f"d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        _check(self.head_dim % 2 == 0,
+               f"d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
         if self.n_encoder_layers is None:
             self.n_encoder_layers = self.n_layers
         if self.n_decoder_layers is None:
@@ -141,10 +143,13 @@ class TrainConfig(_JSONConfig):
     dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "float32", "bfloat16", "float16"
 
     def __post_init__(self) -> None:
-        _check(self.tokenizer in TOKENIZER_TYPES, f"tokenizer must be one of {TOKENIZER_TYPES}, got {self.tokenizer!r}")
-        _check(self.split_mode in SPLIT_MODES, f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
+        _check(self.tokenizer in TOKENIZER_TYPES,
+               f"tokenizer must be one of {TOKENIZER_TYPES}, got {self.tokenizer!r}")
+        _check(self.split_mode in SPLIT_MODES,
+               f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
         _check(bool(self.separator), "separator must not be empty")
-        for name in ("batch_size", "max_steps", "grad_accum_steps", "eval_interval", "eval_batches", "log_interval"):
+        for name in ("batch_size", "max_steps", "grad_accum_steps", "eval_interval", "eval_batches",
+                     "log_interval"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _check(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
@@ -152,7 +157,8 @@ class TrainConfig(_JSONConfig):
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             _check(0.0 < value < 0.5, f"{name} must be between 0 and 0.5, got {value}")
-        _check(0.0 < self.source_fraction < 1.0, f"source_fraction must be in (0, 1), got {self.source_fraction}")
+        _check(0.0 < self.source_fraction < 1.0,
+               f"source_fraction must be in (0, 1), got {self.source_fraction}")
         _check(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         _check(
             0 <= self.min_lr <= self.learning_rate,
@@ -183,8 +189,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "seconds on any CPU: for tests and smoke runs",
         model=dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=32),
-        train=dict(batch_size=8, max_steps=60, warmup_steps=5, eval_interval=20, eval_batches=4, log_interval=5,
-                   learning_rate=3e-3, min_lr=3e-4, vocab_size=300),
+        train=dict(batch_size=8, max_steps=60, warmup_steps=5, eval_interval=20, eval_batches=4,
+                   log_interval=5, learning_rate=3e-3, min_lr=3e-4, vocab_size=300),
     ),
     "cpu": Preset(
         "the default: a few minutes on a laptop CPU",
