@@ -138,13 +138,13 @@ class TransformerModel(nn.Module):
         self._check_length(src, "source")
         if src_mask is not None:
             src_mask = src_mask.to(device=device, dtype=torch.bool)
-        bos = torch.full((src.size(0), 1), self.config.bos_id, dtype=torch.long, device=device)
+        start = torch.full((src.size(0), 1), self.config.bos_id, dtype=torch.long, device=device)
         if tgt_prefix is not None:
             prefix = check_token_ids(tgt_prefix, self.config.vocab_size, "tgt_prefix", device,
                                      allow_empty=True)
             if prefix.size(0) != src.size(0):
                 raise MiniLLMError(f"tgt_prefix has {prefix.size(0)} rows but the source has {src.size(0)}")
-            bos = torch.cat([bos, prefix], dim=1)
+            start = torch.cat([start, prefix], dim=1)  # (B, 1 + P): the decoder's first input
         was_training = self.training
         self.eval()
         try:
@@ -159,7 +159,7 @@ class TransformerModel(nn.Module):
                 return self.forward_cached(window[:, -1:], cache)
 
             yield from generate_tokens(
-                bos, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
+                start, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
                 pad_id=self.config.pad_id, generator=generator)
         finally:
