@@ -39,6 +39,7 @@ DEFAULT_RUNS_DIR = "runs"
 FINAL_SAMPLE_TOKENS = 200  # the sample printed at the end of `minillm train`
 FINAL_SAMPLE_TEMPERATURE = 0.8
 FINAL_SAMPLE_SEED = 0
+SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
@@ -230,7 +231,7 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
     from minillm.training import sample_prompt
 
     run = load_run(run_dir, device)
-    prompt = sample_prompt(run_dir, run.tokenizer)
+    prompt = sample_prompt(run_dir, run.tokenizer, min(SAMPLE_PROMPT_TOKENS, run.config.max_seq_len // 2))
     print(f"\nsample from the best model (prompt {prompt!r}):\n")
     kwargs = dict(max_new_tokens=FINAL_SAMPLE_TOKENS, temperature=FINAL_SAMPLE_TEMPERATURE,
                   seed=FINAL_SAMPLE_SEED)

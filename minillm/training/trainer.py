@@ -56,7 +56,6 @@ OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss 
 MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model will likely memorise it
 FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
 CHECKPOINT_FORMAT = 1
-SAMPLE_PROMPT_TOKENS = 24  # the prompt of the sample printed after training: the test split's start
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
 
 LogFn = Callable[[str], None]
@@ -640,18 +639,27 @@ def write_train_config(run_dir: Path, model_config: ModelConfig, config: TrainCo
                                                  "model": model_config.to_dict(), "train": config.to_dict()})
 
 
-def sample_prompt(run_dir: str | Path, tokenizer: Any) -> str:
-    """A prompt in the style of the data: the start of the test split, up to its first line end."""
+def sample_prompt(run_dir: str | Path, tokenizer: Any, max_tokens: int) -> str:
+    """A prompt in the style of the data: the start of the test split (up to its first line end), or the
+    first test source of a pair file; at most `max_tokens` tokens."""
     run_dir = Path(run_dir)
     record = data_utils.read_split_record(run_dir)
     if record["format"] == PAIRS:
         offsets = np.load(run_dir / "test.offsets.npy")
         ids = data_utils.read_stream(run_dir / "test.src.bin", record["dtype"])[offsets[0, 0]:offsets[0, 1]]
-        return tokenizer.decode(ids.tolist())
-    ids = data_utils.read_stream(run_dir / "test.bin", record["dtype"])[:SAMPLE_PROMPT_TOKENS]
-    text = tokenizer.decode(ids.tolist()).lstrip("\n")
-    line_end = text.find("\n")
-    return text[:line_end + 1] if line_end > 0 else text
+    else:
+        ids = data_utils.read_stream(run_dir / "test.bin", record["dtype"])
+    ids = ids[:max_tokens].tolist()
+    while ids:
+        text = tokenizer.decode(ids)
+        if record["format"] != PAIRS:
+            text = text.lstrip("\n")
+            line_end = text.find("\n")
+            text = text[:line_end + 1] if line_end > 0 else text
+        if len(tokenizer.encode(text)) <= max_tokens:  # BPE may split decoded text differently
+            return text
+        ids = ids[:-1]
+    return ""
 
 
 def read_train_config(run_dir: str | Path) -> TrainConfig:

@@ -1,0 +1,128 @@
+"""The run folder on disk: atomic writes, safe loading, and refusing files that do not belong together."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from minillm.checkpoint import (
+    atomic_write,
+    clean_state_dict,
+    find_runs,
+    load_run,
+    load_torch,
+    read_json,
+    save_torch,
+)
+from minillm.errors import MiniLLMError
+from minillm.tokenizers import CharacterTokenizer
+
+
+class Boom(Exception):
+    pass
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "model.pt"
+    save_torch(path, {"w": torch.ones(3)})
+
+    def half_then_crash(f):
+        f.write(b"partial bytes")
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_write(path, half_then_crash)
+    assert torch.equal(load_torch(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+
+
+def test_save_and_load_round_trip_tensors_and_plain_types(tmp_path):
+    state = {"w": torch.arange(4.0), "step": 3, "history": [{"val_loss": 1.5}], "rng": torch.get_rng_state()}
+    save_torch(tmp_path / "x.pt", state)
+    loaded = load_torch(tmp_path / "x.pt")
+    assert torch.equal(loaded["w"], state["w"]) and loaded["history"] == state["history"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "best_model.pt"
+    path.write_bytes(content)
+    with pytest.raises(MiniLLMError, match="corrupt"):
+        load_torch(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "best_model.pt"
+    save_torch(path, {"w": torch.randn(64, 64)})
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(MiniLLMError, match=str(path.name)):
+        load_torch(path)
+
+
+class NotWeights:
+    """Pickled objects other than tensors and plain containers could run code on load."""
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": NotWeights()}, path)
+    with pytest.raises(MiniLLMError, match="corrupt or not a Mini LLM weights file"):
+        load_torch(path)
+
+
+def test_last_checkpoint_of_a_run_loads_with_weights_only(tiny_run):
+    state = torch.load(tiny_run / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 60 and "optimizer" in state and "rng" in state
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes():
+    state = {"_orig_mod.module.w": torch.zeros(1), "b": torch.ones(1)}
+    assert list(clean_state_dict(state)) == ["w", "b"]
+
+
+def test_load_run_of_a_good_run(tiny_run):
+    run = load_run(tiny_run)
+    assert not run.model.training
+    assert run.tokenizer.vocab_size == run.config.vocab_size
+    assert run.info["training"]["step"] > 0
+
+
+def test_corrupt_best_model_in_a_run_is_a_clear_error(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    (run_dir / "best_model.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(MiniLLMError, match="best_model.pt"):
+        load_run(run_dir)
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    CharacterTokenizer.train(["xyz"]).save(run_dir / "tokenizer.json")  # another vocabulary
+    with pytest.raises(MiniLLMError, match="do not belong together"):
+        load_run(run_dir)
+
+
+def test_weights_of_another_shape_are_refused(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    config = json.loads((run_dir / "best_model_config.json").read_text())
+    config["model"]["d_model"] = 64
+    config["model"]["d_ff"] = None
+    (run_dir / "best_model_config.json").write_text(json.dumps(config))
+    with pytest.raises(MiniLLMError, match="do not fit"):
+        load_run(run_dir)
+
+
+def test_missing_run_and_broken_json(tmp_path):
+    with pytest.raises(MiniLLMError, match="not found"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MiniLLMError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+
+
+def test_find_runs_lists_run_folders_only(tmp_path, tiny_run):
+    shutil.copytree(tiny_run, tmp_path / "a")
+    (tmp_path / "not-a-run").mkdir()
+    assert find_runs(tmp_path) == [tmp_path / "a"]
