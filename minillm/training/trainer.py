@@ -463,7 +463,7 @@ class Trainer:
         if improved:
             self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
             if self.main:
-                save_best(self.run_dir, self.model, self.model_config, self._tokenizer_kind(), {
+                save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, {
                     "step": self.step, "val_loss": val_loss, "train_loss": train_loss,
                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "parameters": self.n_params,
                     "data": self.split_record.get("source"),
@@ -493,9 +493,6 @@ class Trainer:
                 "model (--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping "
                 f"keeps the best model (step {self.best_step}, val loss {self.best_val_loss:.4f})."
             )
-
-    def _tokenizer_kind(self) -> str:
-        return self.config.tokenizer
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything needed to continue exactly: tensors and plain Python types only."""
@@ -568,11 +565,11 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
           progress: bool = True, log: LogFn = default_log,
           on_metrics: MetricsCallback | None = None) -> TrainResult:
     """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here)."""
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, overwrite)
     from minillm.models import pick_device
 
-    pick_device(config.device)  # an unavailable device fails now, not after tokenizing
+    run_dir = Path(run_dir)
+    pick_device(config.device)  # an unavailable device fails now, before any file is touched
+    prepare_run_dir(run_dir, overwrite)
     tokenizer, split_record = prepare_data(run_dir, config, model_config.model_type, progress, log)
     model_config = with_tokenizer(model_config, tokenizer)
     write_train_config(run_dir, model_config, config)
