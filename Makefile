@@ -11,6 +11,7 @@ demo: setup
 
 test: setup
 	bash scripts/install_browser.sh
+	.venv/bin/ruff check minillm tests bench main.py
 	$(PY) -m pytest
 
 lint: setup

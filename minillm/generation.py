@@ -21,8 +21,8 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
                 seed: int | None = None) -> Iterator[str]:
     """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
 
-    Decoder-only: continues `prompt` (which is not yielded again); an empty prompt starts from the EOS
-    token, which is what separates samples in the training data, so the model begins a new sample.
+    Decoder-only: continues `prompt` (which is not yielded again); an empty prompt starts from the BOS
+    token, which begins every sample in the training data, so the model writes a new sample.
     Encoder-decoder: `source` is the encoder input, encoded as plain tokens like the training sources
     (no special tokens); `prompt`, if any, is a prefix of the target that the model continues.
     The concatenated chunks equal tokenizer.decode(new token ids). Same seed -> same text (on one device).
@@ -48,7 +48,7 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
         source_tensor = torch.tensor([source_ids], dtype=torch.long)
         tokens = model.iter_generate(source_tensor, tgt_prefix=prefix, **settings)
     else:
-        prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+        prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
         tokens = model.iter_generate(torch.tensor([prompt_ids], dtype=torch.long), **settings)
 
     decoder = tokenizer.decode_stream(skip_special_tokens=True)

@@ -154,12 +154,12 @@ def test_token_dtype_fits_the_vocabulary():
     assert token_dtype(65537) == np.uint32
 
 
-def test_token_stream_is_samples_joined_by_eos_and_streaming_changes_nothing(tmp_path, char_tokenizer,
+def test_token_stream_is_samples_between_bos_and_eos_and_streaming_changes_nothing(tmp_path, char_tokenizer,
                                                                              monkeypatch):
     samples = ["abc", "de f", "gh\nab"] * 50
     expected = []
     for sample in samples:
-        expected += char_tokenizer.encode(sample) + [char_tokenizer.eos_id]
+        expected += [char_tokenizer.bos_id, *char_tokenizer.encode(sample), char_tokenizer.eos_id]
     count = write_token_stream(tmp_path / "a.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
     monkeypatch.setattr(data_utils, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
     write_token_stream(tmp_path / "b.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))

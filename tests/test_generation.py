@@ -101,14 +101,14 @@ def test_same_seed_same_text_different_seed_different_text(char_tokenizer):
     assert generate_text(model, char_tokenizer, "a dog", seed=8, **settings) != first
 
 
-def test_prompt_is_not_repeated_and_an_empty_prompt_starts_from_eos(char_tokenizer):
+def test_prompt_is_not_repeated_and_an_empty_prompt_starts_from_bos(char_tokenizer):
     continuation = char_tokenizer.encode(" sees the moon")
     model = ScriptedModel(continuation, vocab_size=char_tokenizer.vocab_size)
     assert generate_text(model, char_tokenizer, "the cat") == " sees the moon"
     assert model.calls[-1]["input_ids"] == [char_tokenizer.encode("the cat")]
     assert model.calls[-1]["eos_id"] == char_tokenizer.eos_id
     generate_text(model, char_tokenizer, "")
-    assert model.calls[-1]["input_ids"] == [[char_tokenizer.eos_id]]
+    assert model.calls[-1]["input_ids"] == [[char_tokenizer.bos_id]]
 
 
 def test_generation_stops_at_eos(char_tokenizer):

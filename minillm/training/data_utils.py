@@ -219,9 +219,12 @@ def _encode_chunks(tokenizer: Any, samples: Iterable[str]) -> Iterator[list[list
 
 
 def write_token_stream(path: str | Path, tokenizer: Any, samples: Iterable[str], dtype: np.dtype,
-                       eos_between: bool = True, progress: Any = None,
+                       mark_samples: bool = True, progress: Any = None,
                        lengths: list[int] | None = None) -> int:
-    """Tokenize samples in chunks and append them to a binary file (EOS after each sample); returns the count.
+    """Tokenize samples in chunks and append them to a binary file; returns the count.
+
+    With `mark_samples`, each sample is written as BOS, its tokens, EOS: the model learns where a sample
+    starts (generation from an empty prompt begins at BOS) and where it ends (generation stops at EOS).
 
     `lengths`, if given, receives each sample's token count (the offsets of a pair file).
     """
@@ -231,8 +234,8 @@ def write_token_stream(path: str | Path, tokenizer: Any, samples: Iterable[str],
         nonlocal count
         for encoded in _encode_chunks(tokenizer, samples):
             for ids in encoded:
-                if eos_between:
-                    ids.append(tokenizer.eos_id)
+                if mark_samples:
+                    ids = [tokenizer.bos_id, *ids, tokenizer.eos_id]
                 array = np.asarray(ids, dtype=dtype)
                 f.write(array.tobytes())
                 count += len(array)
@@ -252,7 +255,7 @@ def write_pair_streams(run_dir: Path, split: str, tokenizer: Any, pairs: list[tu
     for side, column in (("src", 0), ("tgt", 1)):
         lengths: list[int] = []
         texts = (pair[column] for pair in pairs)
-        write_token_stream(run_dir / f"{split}.{side}.bin", tokenizer, texts, dtype, eos_between=False,
+        write_token_stream(run_dir / f"{split}.{side}.bin", tokenizer, texts, dtype, mark_samples=False,
                            progress=progress if side == "tgt" else None, lengths=lengths)
         offsets.append(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
     atomic_write(run_dir / f"{split}.offsets.npy", lambda f: np.save(f, np.stack(offsets)))  # (2, N + 1)
@@ -339,7 +342,7 @@ def write_splits(run_dir: Path, fmt: str, splits: dict[str, list], tokenizer: An
                 tokens[name] = write_pair_streams(run_dir, name, tokenizer, splits[name], dtype, bar)
             else:
                 tokens[name] = write_token_stream(run_dir / f"{name}.bin", tokenizer, splits[name], dtype,
-                                                  eos_between=not contiguous, progress=bar)
+                                                  mark_samples=not contiguous, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
