@@ -1,0 +1,76 @@
+"""The typed configs validate themselves and round-trip through JSON."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minillm.config import PRESETS, ModelConfig, TrainConfig, preset_configs
+from minillm.errors import MiniLLMError
+
+
+@given(d_model=st.sampled_from([16, 32, 48, 64]), n_heads=st.sampled_from([1, 2, 4, 8]),
+       n_layers=st.integers(1, 6), tie=st.booleans(), model_type=st.sampled_from(["decoder_only", "transformer"]))
+def test_model_config_round_trips_through_json(d_model, n_heads, n_layers, tie, model_type):
+    config = ModelConfig(model_type=model_type, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                         tie_embeddings=tie, vocab_size=100)
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_train_config_round_trips_through_json():
+    config = TrainConfig(tokenizer="bpe", max_time=12.5, patience=3, epochs=2.0)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_defaults_are_derived_and_stay_derived_after_a_round_trip():
+    config = ModelConfig(d_model=96, n_heads=4, n_layers=3)
+    assert config.d_ff == 256 and config.d_ff % 32 == 0  # about 8/3 * d_model, rounded up to 32
+    assert config.n_encoder_layers == config.n_decoder_layers == 3
+    assert config.head_dim == 24
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(d_model=30, n_heads=4), "divisible by n_heads"),
+    (dict(d_model=12, n_heads=4), "must be even"),
+    (dict(n_layers=0), "n_layers must be a positive integer"),
+    (dict(model_type="rnn"), "model_type must be one of"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(vocab_size=3, eos_id=5), "eos_id must be a token id below vocab_size"),
+    (dict(max_seq_len=-1), "max_seq_len"),
+])
+def test_nonsense_model_settings_are_refused_with_the_reason(values, message):
+    with pytest.raises(MiniLLMError, match=message):
+        ModelConfig(**values)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(tokenizer="word"), "tokenizer must be one of"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(learning_rate=-1.0), "learning_rate must be positive"),
+    (dict(min_lr=1.0, learning_rate=1e-3), "min_lr"),
+    (dict(val_fraction=0.7), "val_fraction"),
+    (dict(max_time=0.0), "max_time must be positive"),
+    (dict(dtype="int8"), "dtype"),
+])
+def test_nonsense_train_settings_are_refused_with_the_reason(values, message):
+    with pytest.raises(MiniLLMError, match=message):
+        TrainConfig(**values)
+
+
+def test_a_typo_in_a_saved_config_is_an_error_not_silently_ignored():
+    with pytest.raises(MiniLLMError, match="unknown ModelConfig field.*n_layer"):
+        ModelConfig.from_dict({"n_layer": 4})
+    with pytest.raises(MiniLLMError, match="must be a JSON object"):
+        TrainConfig.from_dict(["batch_size", 8])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_valid_configs_and_overrides_win(name):
+    model, train = preset_configs(name, {"d_model": 64, "n_heads": 4}, {"seed": 7})
+    assert (model.d_model, model.n_heads, train.seed) == (64, 4, 7)
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(MiniLLMError, match="unknown preset 'huge'.*cpu"):
+        preset_configs("huge")
