@@ -28,6 +28,26 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
     The concatenated chunks equal tokenizer.decode(new token ids). Same seed -> same text (on one device).
     Closing the iterator stops the model's token loop.
     """
+    tokens = stream_tokens(model, tokenizer, prompt, source, max_new_tokens, temperature, top_k, top_p,
+                           repetition_penalty, seed)
+    try:
+        for _, chunk in tokens:
+            if chunk:
+                yield chunk
+    finally:
+        tokens.close()
+
+
+def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
+                  max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+                  top_p: float | None = None, repetition_penalty: float = 1.0,
+                  seed: int | None = None) -> Iterator[tuple[int | None, str]]:
+    """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.
+
+    The same stream as stream_text (which joins the texts), one item per token, for callers that count
+    tokens or stop between any two tokens (the UI). A last item (None, text) carries a character still
+    incomplete at the end, so the texts always add up to tokenizer.decode(new token ids).
+    """
     if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
     config = model.config
@@ -60,17 +80,16 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
             if token_id == tokenizer.eos_id:
                 break
             new_ids.append(token_id)
-            chunk = decoder.step(token_id)
-            if chunk:
-                emitted.append(chunk)
-                yield chunk
+            chunk = decoder.step(token_id) or ""
+            emitted.append(chunk)
+            yield token_id, chunk
     finally:
         tokens.close()  # stops the model's loop now, also when our caller stopped early
     # A character still incomplete at the end (e.g. half of an emoji's bytes) was held back by the
     # stream decoder; the full decode shows it (as U+FFFD), so the chunks add up to decode(new_ids).
     text, done = tokenizer.decode(new_ids), "".join(emitted)
     if len(text) > len(done) and text.startswith(done):
-        yield text[len(done):]
+        yield None, text[len(done):]
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,

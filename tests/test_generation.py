@@ -8,7 +8,7 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.generation import generate_text, stream_text
+from minillm.generation import generate_text, stream_text, stream_tokens
 from minillm.models import build_model
 from minillm.tokenizers import BPETokenizer, CharacterTokenizer
 
@@ -147,6 +147,24 @@ def test_bpe_stream_never_emits_a_broken_character(bpe_tokenizer):
     assert not any("\ufffd" in chunk for chunk in chunks)
     assert "".join(chunks) == bpe_tokenizer.decode(ids) == UNICODE_SNIPPET
     assert len(chunks) < len(ids), "some tokens completed no character and were held back"
+
+
+def test_stream_tokens_gives_one_item_per_token_and_the_same_text(bpe_tokenizer):
+    ids = bpe_tokenizer.encode(UNICODE_SNIPPET)
+    model = ScriptedModel(ids, vocab_size=bpe_tokenizer.vocab_size)
+    items = list(stream_tokens(model, bpe_tokenizer, "Hello", max_new_tokens=len(ids)))
+    assert [token_id for token_id, _ in items] == ids  # every token, also those that end mid-character
+    assert "" in [text for _, text in items]
+    assert "".join(text for _, text in items) == "".join(
+        stream_text(model, bpe_tokenizer, "Hello", max_new_tokens=len(ids)))
+
+
+def test_stream_tokens_ends_with_the_cut_off_character(bpe_tokenizer):
+    ids = bpe_tokenizer.encode("猫😀")[:-1]
+    model = ScriptedModel(ids, vocab_size=bpe_tokenizer.vocab_size)
+    items = list(stream_tokens(model, bpe_tokenizer, "x", max_new_tokens=len(ids)))
+    assert [token_id for token_id, _ in items] == [*ids, None]
+    assert "".join(text for _, text in items) == bpe_tokenizer.decode(ids)
 
 
 def test_a_character_cut_off_at_the_end_is_still_yielded(bpe_tokenizer):

@@ -226,6 +226,7 @@ def test_generate_streams_what_the_library_generates(ui_run, every_token):
     assert all(b.startswith(a) for a, b in zip(outputs, outputs[1:], strict=False))
     final_stats = steps[-1][1]
     assert "tokens/s" in final_stats and "seed 7" in final_stats and "Generated" in final_stats
+    assert f"Generated {len(chunks)} tokens" in final_stats  # char tokenizer: one token per chunk
     # Same seed, same text.
     assert [s[0] for s in generate(session, prompt="Speak")][-1] == expected
 

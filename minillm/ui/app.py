@@ -301,10 +301,10 @@ def _check_settings(prompt: str, max_new_tokens: Any, temperature: Any, top_k: A
     )
 
 
-def _stats(n_chunks: int, seconds: float, seed: int, stopped: bool) -> str:
-    rate = n_chunks / seconds if seconds > 0 else 0.0
+def _stats(n_tokens: int, seconds: float, seed: int, stopped: bool) -> str:
+    rate = n_tokens / seconds if seconds > 0 else 0.0
     how = "Stopped after" if stopped else "Generated"
-    return f"{how} {n_chunks} tokens in {seconds:.2f} s: **{rate:.1f} tokens/s** (seed {seed})"
+    return f"{how} {n_tokens} tokens in {seconds:.2f} s: **{rate:.1f} tokens/s** (seed {seed})"
 
 
 def start_generating():
@@ -343,7 +343,7 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     Yields (output, stats, error, warning). A decoder-only model's output is the prompt followed by
     the continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
     """
-    from minillm.generation import stream_text
+    from minillm.generation import stream_tokens
 
     run = session.run  # a load during this generation does not change the model under it
     if run is None:
@@ -361,14 +361,14 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     session.stop.clear()
     text = prompt if source is None else ""
     yield text, "Generating…", _no_error(), _warning(note)
-    n_chunks, stopped, start = 0, False, time.perf_counter()
+    n_tokens, stopped, start = 0, False, time.perf_counter()
     last_update = start
-    chunks = None
+    tokens = None
     try:
-        chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
-        for chunk in chunks:
+        tokens = stream_tokens(run.model, run.tokenizer, prompt, source=source, **settings)
+        for token_id, chunk in tokens:  # one item per token (chunk "" while a character is incomplete)
             text += chunk
-            n_chunks += 1
+            n_tokens += token_id is not None
             if time.perf_counter() - last_update >= STREAM_INTERVAL_S:
                 yield text, gr.update(), gr.update(), gr.update()
                 last_update = time.perf_counter()
@@ -378,13 +378,13 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
                 break
     except Exception as e:
         elapsed = time.perf_counter() - start
-        yield text, _stats(n_chunks, elapsed, settings["seed"], True), _error(e), gr.update()
+        yield text, _stats(n_tokens, elapsed, settings["seed"], True), _error(e), gr.update()
         return
     finally:
-        if chunks is not None:
-            chunks.close()  # ends the model's token loop at once when we left early
+        if tokens is not None:
+            tokens.close()  # ends the model's token loop at once when we left early
     elapsed = time.perf_counter() - start
-    yield text, _stats(n_chunks, elapsed, settings["seed"], stopped), gr.update(), gr.update()
+    yield text, _stats(n_tokens, elapsed, settings["seed"], stopped), gr.update(), gr.update()
 
 
 def stop(session: Session) -> None:
