@@ -173,9 +173,10 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
         )
     device = pick_device(device)
     model = build_model(config)
-    state = clean_state_dict(load_torch(model_path))
+    state = load_torch(model_path)
     if not isinstance(state, dict):
         raise MiniLLMError(f"checkpoint {model_path} does not hold a state_dict; retrain or pick another file")
+    state = clean_state_dict(state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -97,6 +97,13 @@ def test_corrupt_best_model_in_a_run_is_a_clear_error(tmp_path, tiny_run):
         load_run(run_dir)
 
 
+def test_checkpoint_that_is_not_a_state_dict_is_a_clear_error(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    torch.save(torch.zeros(3), run_dir / "best_model.pt")  # loads with weights_only, but is no state_dict
+    with pytest.raises(MiniLLMError, match="does not hold a state_dict"):
+        load_run(run_dir)
+
+
 def test_mismatched_tokenizer_is_refused(tmp_path, tiny_run):
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
     CharacterTokenizer.train(["xyz"]).save(run_dir / "tokenizer.json")  # another vocabulary
