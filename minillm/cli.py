@@ -23,6 +23,7 @@ from typing import Any
 from minillm import __version__
 from minillm.config import (
     DEFAULT_PRESET,
+    DTYPES,
     MODEL_TYPES,
     PRESETS,
     SPLIT_MODES,
@@ -45,7 +46,7 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"]}
-CHOICES = {"split_mode": SPLIT_MODES, "dtype": ("auto", "float32", "bfloat16", "float16")}
+CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES}
 NONE_WORDS = ("none", "off")
 
 HELP = {

@@ -17,6 +17,7 @@ from minillm.errors import MiniLLMError
 MODEL_TYPES = ("decoder_only", "transformer")
 TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -170,10 +171,7 @@ class TrainConfig(_JSONConfig):
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         _check(self.patience is None or self.patience > 0, f"patience must be positive, got {self.patience}")
         _check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
-        _check(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}",
-        )
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
