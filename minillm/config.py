@@ -7,9 +7,7 @@ so a typo in a saved or hand-written config is caught.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from minillm.errors import MiniLLMError
@@ -101,9 +99,6 @@ class ModelConfig(_JSONConfig):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 @dataclass
