@@ -123,8 +123,6 @@ def read_run_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any
         config = ModelConfig.from_dict(raw["model"])
     except MiniLLMError as e:
         raise MiniLLMError(f"model config {config_path}: {e}") from None
-    except TypeError as e:
-        raise MiniLLMError(f"model config {config_path} is invalid: {e}") from None
     return config, {k: v for k, v in raw.items() if k != "model"}
 
 

@@ -36,7 +36,10 @@ class _JSONConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         _check(not unknown, f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as e:  # e.g. "0.1" where a number belongs: a comparison in __post_init__ fails
+            raise MiniLLMError(f"a {cls.__name__} field has a value of the wrong type ({e})") from None
 
     def replace(self, **changes):
         """A copy with some fields changed, validated again."""

@@ -65,6 +65,13 @@ def test_a_typo_in_a_saved_config_is_an_error_not_silently_ignored():
         TrainConfig.from_dict(["batch_size", 8])
 
 
+def test_a_value_of_the_wrong_type_in_a_saved_config_is_a_clear_error():
+    with pytest.raises(MiniLLMError, match="ModelConfig field has a value of the wrong type"):
+        ModelConfig.from_dict({"dropout": "0.1"})
+    with pytest.raises(MiniLLMError, match="TrainConfig field has a value of the wrong type"):
+        TrainConfig.from_dict({"learning_rate": "fast"})
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_valid_configs_and_overrides_win(name):
     model, train = preset_configs(name, {"d_model": 64, "n_heads": 4}, {"seed": 7})

@@ -661,10 +661,14 @@ def sample_prompt(run_dir: str | Path, tokenizer: Any, max_tokens: int) -> str:
 
 def read_train_config(run_dir: str | Path) -> TrainConfig:
     """The TrainConfig a run was trained with (train_config.json)."""
-    raw = read_json(Path(run_dir) / TRAIN_CONFIG_FILE, "training config")
+    path = Path(run_dir) / TRAIN_CONFIG_FILE
+    raw = read_json(path, "training config")
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
-        raise MiniLLMError(f"{Path(run_dir) / TRAIN_CONFIG_FILE} has no \"train\" section; retrain the run")
-    return TrainConfig.from_dict(raw["train"])
+        raise MiniLLMError(f"{path} has no \"train\" section; retrain the run")
+    try:
+        return TrainConfig.from_dict(raw["train"])
+    except MiniLLMError as e:
+        raise MiniLLMError(f"training config {path}: {e}") from None
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
