@@ -34,7 +34,9 @@ from minillm.checkpoint import (
     BEST_MODEL_FILE,
     LAST_CHECKPOINT_FILE,
     TOKENIZER_FILE,
+    check_compatible,
     clean_state_dict,
+    load_run,
     load_torch,
     read_json,
     save_best,
@@ -614,7 +616,6 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
     model_config = ModelConfig.from_dict(saved_model)
     allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
     config = TrainConfig.from_dict({**saved_train, **allowed})
-    from minillm.checkpoint import check_compatible
     from minillm.tokenizers import load_tokenizer
 
     check_compatible(model_config, load_tokenizer(run_dir / TOKENIZER_FILE), f" ({run_dir})")
@@ -674,8 +675,6 @@ def read_train_config(run_dir: str | Path) -> TrainConfig:
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
                  device: str | None = None) -> dict[str, Any]:
     """Loss and perplexity of a run's best model on its test split, or on every sample of another file."""
-    from minillm.checkpoint import load_run
-
     run_dir = Path(run_dir)
     run = load_run(run_dir, device)
     config = read_train_config(run_dir)
