@@ -350,8 +350,11 @@ def write_splits(run_dir: Path, fmt: str, splits: dict[str, list], tokenizer: An
                     samples={name: len(part) for name, part in splits.items()}, contiguous=contiguous)
 
 
-def save_split_record(run_dir: Path, spec: DataSpec, record: dict[str, Any], source: str) -> None:
-    write_json(run_dir / SPLIT_FILE, {"source": source, **spec.to_dict(), **record})
+def save_split_record(run_dir: Path, spec: DataSpec, record: dict[str, Any], source: str) -> dict[str, Any]:
+    """Write split.json; returns what it holds (what read_split_record will read)."""
+    split_record = {"source": source, **spec.to_dict(), **record}
+    write_json(run_dir / SPLIT_FILE, split_record)
+    return split_record
 
 
 def read_split_record(run_dir: str | Path) -> dict[str, Any]:

@@ -256,8 +256,7 @@ def prepare_data(run_dir: Path, config: TrainConfig, model_type: str, progress: 
     tokenizer.save(run_dir / TOKENIZER_FILE)
     bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress and is_main_process() else None
     spec = data_utils.write_splits(run_dir, fmt, splits, tokenizer, record["contiguous"], bar)
-    data_utils.save_split_record(run_dir, spec, record, str(data_path.resolve()))
-    return tokenizer, data_utils.read_split_record(run_dir)
+    return tokenizer, data_utils.save_split_record(run_dir, spec, record, str(data_path.resolve()))
 
 
 def with_tokenizer(model_config: ModelConfig, tokenizer) -> ModelConfig:
