@@ -455,16 +455,15 @@ class PairBatches:
         src_ids = torch.full((len(pairs), src_len), self.pad_id, dtype=torch.long)
         tgt_ids = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
         targets = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
+        src_mask = torch.zeros_like(src_ids, dtype=torch.bool)
         for row, (source, target) in enumerate(pairs):
             target = torch.from_numpy(target.astype(np.int64))
             src_ids[row, :len(source)] = torch.from_numpy(source.astype(np.int64))
+            src_mask[row, :max(1, len(source))] = True  # an empty source still shows one (pad) position
             tgt_ids[row, 0] = self.bos_id
             tgt_ids[row, 1:len(target) + 1] = target
             targets[row, :len(target)] = target
             targets[row, len(target)] = self.eos_id
-        src_mask = torch.zeros_like(src_ids, dtype=torch.bool)
-        for row, (source, _) in enumerate(pairs):
-            src_mask[row, :max(1, len(source))] = True
         tgt_mask = targets != self.pad_id
         batch = {"src_ids": src_ids, "tgt_ids": tgt_ids, "src_mask": src_mask, "tgt_mask": tgt_mask,
                  "targets": targets}
