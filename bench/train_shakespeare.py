@@ -32,7 +32,7 @@ from minillm.checkpoint import load_run  # noqa: E402
 from minillm.config import PRESETS, ModelConfig, TrainConfig, preset_configs  # noqa: E402
 from minillm.generation import generate_text  # noqa: E402
 from minillm.training import train  # noqa: E402
-from minillm.training.metrics import read_metrics  # noqa: E402
+from minillm.training.metrics import LOSS_CURVE_FILE, METRICS_FILE, read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("nanogpt", "cpu", "cpu-full")
@@ -64,7 +64,7 @@ def configs(name: str, budget: float, full_budget: float | None) -> tuple[ModelC
 
 
 def summarise(name: str, run_dir: Path, budget: float, parameters: int) -> dict:
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS_FILE)
     evals = [r for r in rows if r["kind"] == "eval"]
     within_budget = [r for r in evals if r["elapsed"] <= budget * 1.02] or evals[:1]
     last = evals[-1]
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_runs:
         run_dir = args.runs_dir / cpu_runs[0]
         args.docs.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "loss_curve.png", args.docs / "loss_curve_cpu.png")
+        shutil.copyfile(run_dir / LOSS_CURVE_FILE, args.docs / "loss_curve_cpu.png")
         print(f"\nloss curve of {cpu_runs[0]} copied to {args.docs / 'loss_curve_cpu.png'}")
     sample_run = args.runs_dir / (cpu_runs[0] if cpu_runs else (args.only or RUNS)[0])
     run = load_run(sample_run)
