@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from minillm.config import preset_configs
 
@@ -35,6 +36,16 @@ def tiny_configs(model_type: str = "decoder_only", tokenizer: str = "char", data
     """The tiny preset's configs, for a data file."""
     return preset_configs("tiny", {"model_type": model_type},
                           {"tokenizer": tokenizer, "data": str(data) if data else None, **train_overrides})
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one CPU thread: at this size a second thread only adds synchronisation,
+    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

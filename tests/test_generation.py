@@ -20,14 +20,8 @@ BPE_VOCAB = 270
 UNICODE_SNIPPET = "猫は😀が好き🎉。世界"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run these tiny models on one CPU thread: at this size a second thread only adds synchronisation,
-    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models run on one CPU thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
