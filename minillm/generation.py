@@ -15,6 +15,34 @@ from torch import nn
 from minillm.errors import MiniLLMError
 
 
+def generation_inputs(model_type: str, prompt: str | None, source: str | None) -> tuple[str, str | None]:
+    """(prompt, source) for stream_text from what the user typed; the CLI and the UI both read input so.
+
+    Decoder-only: the prompt, and no source. Encoder-decoder: the source is the text to transform and the
+    prompt an optional start of the target; with no source, the prompt is taken as the source (a model
+    trained on plain text continues its source).
+    """
+    prompt, source = prompt or "", source or ""
+    if model_type == "decoder_only":
+        if source.strip():
+            raise MiniLLMError("this is a decoder-only model: it takes no source text; put the text in the prompt")
+        return prompt, None
+    if not source.strip():
+        prompt, source = "", prompt
+    if not source.strip():
+        raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
+    return prompt, source
+
+
+def unknown_characters_warning(tokenizer: Any, text: str) -> str:
+    """A warning when `text` has characters a character-level tokenizer never saw ("" when none)."""
+    unknown = tokenizer.count_unknown(text)
+    if not unknown:
+        return ""
+    return (f"{unknown} character(s) of the input are not in this run's character vocabulary; they become "
+            "<|unk|> and the model has never seen them")
+
+
 def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
                 max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
                 top_p: float | None = None, repetition_penalty: float = 1.0,

@@ -8,7 +8,13 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.generation import generate_text, stream_text, stream_tokens
+from minillm.generation import (
+    generate_text,
+    generation_inputs,
+    stream_text,
+    stream_tokens,
+    unknown_characters_warning,
+)
 from minillm.models import build_model
 from minillm.tokenizers import BPETokenizer, CharacterTokenizer
 
@@ -222,3 +228,21 @@ def test_encoder_decoder_stream_is_the_decoded_generate_of_the_same_seed(char_to
                          generator=torch.Generator().manual_seed(4), **settings)
     expected = char_tokenizer.decode(first_eos_cut(out[0].tolist(), char_tokenizer.eos_id))
     assert generate_text(model, char_tokenizer, "", source=source, seed=4, **settings) == expected
+
+
+# ---- reading the user's input (shared by the CLI and the UI) --------------------------------------------
+
+def test_generation_inputs_read_prompt_and_source_by_model_type():
+    assert generation_inputs("decoder_only", "ROMEO:", None) == ("ROMEO:", None)
+    assert generation_inputs("decoder_only", None, "  ") == ("", None)
+    assert generation_inputs("transformer", "the ", "a dog") == ("the ", "a dog")
+    assert generation_inputs("transformer", "a dog", None) == ("", "a dog")  # the prompt is the source
+    with pytest.raises(MiniLLMError, match="decoder-only model: it takes no source"):
+        generation_inputs("decoder_only", "x", "y")
+    with pytest.raises(MiniLLMError, match="encoder-decoder model: give a source"):
+        generation_inputs("transformer", " ", "")
+
+
+def test_unknown_characters_are_counted_in_the_warning(char_tokenizer):
+    assert unknown_characters_warning(char_tokenizer, "the cat") == ""
+    assert unknown_characters_warning(char_tokenizer, "the ĉat 😀").startswith("2 character(s)")

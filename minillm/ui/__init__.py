@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["build_demo", "launch"]
+__all__ = ["build_demo", "launch", "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_RUNS_DIR"]
+
+# Here, not in app.py, so the CLI can show them in its help without importing gradio.
+DEFAULT_HOST = "127.0.0.1"  # local only; a public link needs --share
+DEFAULT_PORT = 7860
+DEFAULT_RUNS_DIR = "runs"
 
 
 def build_demo(*args: Any, **kwargs: Any):

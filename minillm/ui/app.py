@@ -34,6 +34,7 @@ from minillm.checkpoint import (
 )
 from minillm.config import MODEL_TYPES, TOKENIZER_TYPES
 from minillm.errors import MiniLLMError
+from minillm.ui import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
 
 try:
     import gradio as gr
@@ -42,9 +43,6 @@ except ImportError:  # gradio is the optional "ui" extra
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST = "127.0.0.1"  # local only; a public link needs --share
-DEFAULT_PORT = 7860
-DEFAULT_RUNS_DIR = "runs"
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
 CONCURRENCY_LIMIT = 2
 
@@ -316,26 +314,6 @@ def finish_generating():
     return gr.update(value=GENERATE_LABEL, interactive=True)
 
 
-def _inputs(run: Run, prompt: str, source: str) -> tuple[str, str | None]:
-    """(prompt, source) for stream_text, read as `minillm generate` reads --prompt and --source."""
-    prompt, source = prompt or "", source or ""
-    if run.config.model_type == "decoder_only":
-        return prompt, None
-    if not source.strip():  # a text-trained encoder-decoder continues its source, so the prompt is one
-        prompt, source = "", prompt
-    if not source.strip():
-        raise MiniLLMError("this is an encoder-decoder model: enter a source text to generate from")
-    return prompt, source
-
-
-def _unknown_note(run: Run, text: str) -> str:
-    unknown = run.tokenizer.count_unknown(text)
-    if not unknown:
-        return ""
-    return (f"{unknown} character(s) of the input are not in this run's character vocabulary; they become "
-            "<|unk|> and the model has never seen them")
-
-
 def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, temperature: Any, top_k: Any,
              top_p: Any, repetition_penalty: Any, seed: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
     """Stream the output into the page as the tokens arrive; Stop ends it between two tokens.
@@ -343,7 +321,7 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     Yields (output, stats, error, warning). A decoder-only model's output is the prompt followed by
     the continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
     """
-    from minillm.generation import stream_tokens
+    from minillm.generation import generation_inputs, stream_tokens, unknown_characters_warning
 
     run = session.run  # a load during this generation does not change the model under it
     if run is None:
@@ -352,8 +330,10 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     try:
         settings = _check_settings(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    seed)
-        prompt, source = _inputs(run, prompt, source)
-        note = _unknown_note(run, prompt + (source or ""))
+        # The source box is hidden for a decoder-only model: what it still holds is not an input.
+        visible_source = source if run.config.model_type == "transformer" else None
+        prompt, source = generation_inputs(run.config.model_type, prompt, visible_source)
+        note = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     except Exception as e:
         yield gr.update(), "", _error(e), gr.update()
         return
