@@ -14,6 +14,11 @@ from torch import nn
 
 from minillm.errors import MiniLLMError
 
+# Sampling defaults of the CLI and the UI alike (top_p None and repetition_penalty 1.0 mean off).
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50
+
 
 def generation_inputs(model_type: str, prompt: str | None, source: str | None) -> tuple[str, str | None]:
     """(prompt, source) for stream_text from what the user typed; the CLI and the UI both read input so.
@@ -44,7 +49,8 @@ def unknown_characters_warning(tokenizer: Any, text: str) -> str:
 
 
 def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
-                max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+                top_k: int | None = DEFAULT_TOP_K,
                 top_p: float | None = None, repetition_penalty: float = 1.0,
                 seed: int | None = None) -> Iterator[str]:
     """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
@@ -67,7 +73,8 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
 
 
 def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
-                  max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+                  top_k: int | None = DEFAULT_TOP_K,
                   top_p: float | None = None, repetition_penalty: float = 1.0,
                   seed: int | None = None) -> Iterator[tuple[int | None, str]]:
     """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.

@@ -34,6 +34,7 @@ from minillm.checkpoint import (
 )
 from minillm.config import MODEL_TYPES, TOKENIZER_TYPES
 from minillm.errors import MiniLLMError
+from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.ui import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
 
 try:
@@ -46,14 +47,11 @@ log = logging.getLogger(__name__)
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
 CONCURRENCY_LIMIT = 2
 
-# Generation settings: slider ranges and defaults. 0 turns top-k off, 1.0 turns top-p off.
+# Generation settings: slider ranges; defaults as in the CLI. 0 turns top-k off, 1.0 turns top-p off.
 MAX_NEW_TOKENS = 1000
-DEFAULT_NEW_TOKENS = 200
 MAX_PROMPT_CHARS = 20_000
 MAX_TEMPERATURE = 2.0
-DEFAULT_TEMPERATURE = 0.8
 MAX_TOP_K = 200
-DEFAULT_TOP_K = 0
 DEFAULT_TOP_P = 1.0
 MAX_REPETITION_PENALTY = 2.0
 DEFAULT_REPETITION_PENALTY = 1.0
@@ -424,7 +422,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                                     visible=model_type == "transformer")
                 with gr.Accordion("Sampling settings", open=True):
                     with gr.Row():
-                        max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_NEW_TOKENS, step=1,
+                        max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1,
                                                    label="Max new tokens", elem_id="max_new_tokens")
                         temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
                                                 label="Temperature", elem_id="temperature")
