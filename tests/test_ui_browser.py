@@ -92,6 +92,9 @@ def endless_run(run_dir):
     from minillm.tokenizers import load_tokenizer
 
     config, meta = read_run_config(run_dir / BEST_CONFIG_FILE)
+    # Wider and deeper than the tiny run, so 1000 tokens take about a second: time enough to press Stop
+    # before the generation ends by itself, even on a fast, quiet machine.
+    config = config.replace(d_model=256, n_layers=4, n_heads=4, d_ff=None)
     torch.manual_seed(0)
     model = build_model(config)
     with torch.no_grad():
