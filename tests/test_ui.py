@@ -286,6 +286,22 @@ def test_stop_ends_generation_within_one_token_and_keeps_the_text(ui_run, every_
     assert "Generated" in generate(session, max_new_tokens=10)[-1][1]
 
 
+def test_stop_pressed_while_the_generation_is_queued_still_stops_it(ui_run, every_token):
+    session = app.Session()
+    load(session, ui_run)
+    app.start_generating(session)  # the click on Generate; the generation then waits in the queue
+    app.stop(session)
+    steps = generate(session, max_new_tokens=200)
+    assert "Stopped after 1 tokens" in steps[-1][1]
+
+
+def test_stop_with_nothing_running_does_not_stop_the_next_generation(ui_run):
+    session = app.Session()
+    load(session, ui_run)
+    app.stop(session)
+    assert "Generated" in generate(session, max_new_tokens=10)[-1][1]
+
+
 def run_round_robin(*streams):
     """Advance the streams a step each in turn, as two tabs generating at once would; the last steps."""
     last = [None] * len(streams)

@@ -81,6 +81,7 @@ class Session:
     def __init__(self) -> None:
         self.run: Run | None = None
         self.stop = threading.Event()
+        self.generating = False  # from the click on Generate (or an API call) until the generation ends
 
     def __deepcopy__(self, memo: dict) -> Session:
         # Gradio deep-copies a State's initial value for every new tab: each tab gets a fresh session.
@@ -303,8 +304,11 @@ def _stats(n_tokens: int, seconds: float, seed: int, stopped: bool) -> str:
     return f"{how} {n_tokens} tokens in {seconds:.2f} s: **{rate:.1f} tokens/s** (seed {seed})"
 
 
-def start_generating():
-    """Before a generation: Generate cannot be pressed again until it ends."""
+def start_generating(session: Session):
+    """At the click, before the generation waits in the queue: Generate cannot be pressed again until it
+    ends, and a Stop pressed from now on (even while queued) ends it."""
+    session.stop.clear()
+    session.generating = True
     return gr.update(value=GENERATING_LABEL, interactive=False)
 
 
@@ -319,6 +323,18 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
     Yields (output, stats, error, warning). A decoder-only model's output is the prompt followed by
     the continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
     """
+    session.generating = True
+    try:
+        yield from _generation_steps(session, prompt, source, max_new_tokens, temperature, top_k, top_p,
+                                     repetition_penalty, seed)
+    finally:
+        session.generating = False
+        session.stop.clear()  # a Stop that came after the end does not carry over to the next generation
+
+
+def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens: Any, temperature: Any,
+                      top_k: Any, top_p: Any, repetition_penalty: Any,
+                      seed: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
     from minillm.generation import generation_inputs, stream_tokens, unknown_characters_warning
 
     run = session.run  # a load during this generation does not change the model under it
@@ -336,7 +352,6 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
         yield gr.update(), "", _error(e), gr.update()
         return
 
-    session.stop.clear()
     text = prompt if source is None else ""
     yield text, "Generating…", _no_error(), _warning(note)
     n_tokens, stopped, start = 0, False, time.perf_counter()
@@ -366,8 +381,10 @@ def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, te
 
 
 def stop(session: Session) -> None:
-    """Ask this tab's running generation to end after its current token (the text so far stays)."""
-    session.stop.set()
+    """Ask this tab's generation, running or queued, to end after its current token (the text so far
+    stays). With none under way it does nothing."""
+    if session.generating:
+        session.stop.set()
 
 
 # ----------------------------------------------------------------------------- page
@@ -463,7 +480,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
 
         generate_inputs = [session, prompt, source, max_new_tokens, temperature, top_k, top_p,
                            repetition_penalty, seed]
-        generate_button.click(start_generating, None, generate_button, api_name=False, **quick).then(
+        generate_button.click(start_generating, session, generate_button, api_name=False, **quick).then(
             generate, generate_inputs, [output, stats, error, warning], api_name="generate",
             show_progress="minimal",
         ).then(finish_generating, None, generate_button, api_name=False, **quick)
