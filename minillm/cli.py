@@ -225,7 +225,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_final_sample(result.run_dir, train_config.device)
     except MiniLLMError as e:  # the run is saved and good: a sample that cannot be made is not a failure
         print(f"warning: no sample: {e}", file=sys.stderr)
-    print(f"\nnext: minillm generate {result.run_dir} --prompt \"...\"   or   minillm ui {result.run_dir}")
+    from minillm.checkpoint import BEST_CONFIG_FILE, read_run_config
+
+    trained, _ = read_run_config(result.run_dir / BEST_CONFIG_FILE)  # (a resumed run's type is not in args)
+    flag = "--source" if trained.model_type == "transformer" else "--prompt"
+    print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
     return 0
 
 
