@@ -9,7 +9,7 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, check_token_ids, generate_tokens
+from minillm.models.decoding import KVCache, check_token_ids, eval_mode, generate_tokens, window_logits
 from minillm.models.layers import (
     Block,
     RMSNorm,
@@ -102,24 +102,12 @@ class DecoderOnlyTransformer(nn.Module):
         """
         ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
         cache = self.new_cache(ids.size(0)) if use_cache else None
-
-        def next_logits(window: torch.Tensor, restart: bool) -> torch.Tensor:
-            if cache is None:
-                return self(window)[0][:, -1]
-            if restart:
-                cache.reset()
-                return self.forward_cached(window, cache)
-            return self.forward_cached(window[:, -1:], cache)
-
-        was_training = self.training
-        self.eval()
-        try:
+        next_logits = window_logits(cache, self.forward_cached, lambda window: self(window)[0][:, -1])
+        with eval_mode(self):
             yield from generate_tokens(
                 ids, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
                 pad_id=self.config.pad_id, generator=generator)
-        finally:
-            self.train(was_training)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 from minillm.errors import MiniLLMError
 from minillm.sampling import check_sampling_settings, sample_next_token
@@ -77,6 +79,35 @@ def check_token_ids(ids: torch.Tensor | list, vocab_size: int, what: str, device
             f"model's vocabulary [0, {vocab_size}); use the tokenizer the model was trained with"
         )
     return ids.to(device=device, dtype=torch.long)
+
+
+def window_logits(cache: KVCache | None, forward_cached: Callable[[torch.Tensor, KVCache], torch.Tensor],
+                  full_logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+    """The `next_logits(window, restart)` that generate_tokens calls, for either model.
+
+    With a cache: a restart (first call, or the window slid) refills the cache from the whole window;
+    otherwise only the newest token is fed. Without one, `full_logits(window)` recomputes the window.
+    """
+    def next_logits(window: torch.Tensor, restart: bool) -> torch.Tensor:
+        if cache is None:
+            return full_logits(window)
+        if restart:
+            cache.reset()
+            return forward_cached(window, cache)
+        return forward_cached(window[:, -1:], cache)
+
+    return next_logits
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) inside the block; the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,

@@ -14,7 +14,7 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, check_token_ids, generate_tokens
+from minillm.models.decoding import KVCache, check_token_ids, eval_mode, generate_tokens, window_logits
 from minillm.models.layers import (
     Block,
     RMSNorm,
@@ -145,25 +145,15 @@ class TransformerModel(nn.Module):
             if prefix.size(0) != src.size(0):
                 raise MiniLLMError(f"tgt_prefix has {prefix.size(0)} rows but the source has {src.size(0)}")
             start = torch.cat([start, prefix], dim=1)  # (B, 1 + P): the decoder's first input
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             cache = self.new_cache(src, src_mask) if use_cache else None
-
-            def next_logits(window: torch.Tensor, restart: bool) -> torch.Tensor:
-                if cache is None:  # full recomputation, encoder included
-                    return self(src, window, src_mask=src_mask)[0][:, -1]
-                if restart:
-                    cache.reset()
-                    return self.forward_cached(window, cache)
-                return self.forward_cached(window[:, -1:], cache)
-
+            # Without a cache, each step recomputes everything, the encoder included.
+            next_logits = window_logits(cache, self.forward_cached,
+                                        lambda window: self(src, window, src_mask=src_mask)[0][:, -1])
             yield from generate_tokens(
                 start, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
                 top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
                 pad_id=self.config.pad_id, generator=generator)
-        finally:
-            self.train(was_training)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
