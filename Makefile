@@ -1,7 +1,7 @@
 # Two commands on a fresh clone: `make demo` (train the default model and print a sample), `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench ui clean
+.PHONY: setup demo test lint bench ui screenshot clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,10 @@ bench: setup
 	$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py
 	$(PY) bench/train_shakespeare.py
+
+screenshot: setup  # refresh the README's picture of the web UI (docs/ui.png) from the browser test
+	bash scripts/install_browser.sh
+	MINILLM_SCREENSHOT=docs/ui.png $(PY) -m pytest -q tests/test_ui_browser.py -k screenshot
 
 ui: setup
 	$(PY) -m minillm ui runs/demo

@@ -1,6 +1,8 @@
 """Mini LLM: train, understand and use your own small language model."""
 
-__version__ = "0.1.0"
+from minillm.version import __version__
+
+__all__ = ["__version__", "load_run"]
 
 
 def __getattr__(name: str):

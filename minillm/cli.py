@@ -13,27 +13,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from minillm import __version__
 from minillm.config import (
     DEFAULT_PRESET,
     DTYPES,
-    MODEL_TYPES,
     PRESETS,
     SPLIT_MODES,
     TOKENIZER_TYPES,
     ModelConfig,
     TrainConfig,
+    field_help,
     preset_configs,
 )
 from minillm.errors import MiniLLMError
-from minillm.ui import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+from minillm.models import is_encoder_decoder, model_kinds
+from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -45,50 +49,9 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
-OPTION_ALIASES = {"max_seq_len": ["--block-size"]}
+OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"]}
 CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES}
 NONE_WORDS = ("none", "off")
-
-HELP = {
-    "d_model": "width of the model (embedding size)",
-    "n_layers": "number of transformer blocks (each stack, for the encoder-decoder)",
-    "n_encoder_layers": "encoder depth of the encoder-decoder (default: --n-layers)",
-    "n_decoder_layers": "decoder depth of the encoder-decoder (default: --n-layers)",
-    "n_heads": "attention heads (must divide --d-model)",
-    "d_ff": "hidden width of the feed-forward layers (default: about 8/3 of --d-model)",
-    "max_seq_len": "context length in tokens (the training window, block size)",
-    "dropout": "dropout probability (0 to 0.3 fights overfitting on small data)",
-    "rope_theta": "base of the rotary position embedding",
-    "tie_embeddings": "share the input embedding and the output layer",
-    "norm_eps": "epsilon of the RMS norms",
-    "vocab_size": "BPE vocabulary size, special tokens included (ignored by the char tokenizer)",
-    "split_mode": "how the file becomes samples: blank-line paragraphs, lines, or a separator string",
-    "separator": "sample separator for --split-mode separator",
-    "val_fraction": "share of samples held out for validation",
-    "test_fraction": "share of samples held out for the final test",
-    "source_fraction": "encoder-decoder on plain text: share of each window given as the source",
-    "batch_size": "sequences per optimizer step (per accumulation step)",
-    "learning_rate": "peak learning rate (after warmup)",
-    "min_lr": "learning rate at the end of the cosine decay",
-    "warmup_steps": "steps of linear learning-rate warmup",
-    "max_steps": "optimizer steps to train for",
-    "epochs": "train for this many passes over the training tokens instead of --max-steps",
-    "weight_decay": "AdamW weight decay (matrices only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the gradient norm to this (0 turns clipping off)",
-    "grad_accum_steps": "batches summed per optimizer step",
-    "eval_interval": "evaluate on the validation set (and save checkpoints) every N steps",
-    "eval_batches": "validation batches per evaluation",
-    "log_interval": "log the training loss every N steps",
-    "patience": "stop after N evaluations without improvement ('none': never)",
-    "max_time": "wall-clock budget in seconds ('none': no budget)",
-    "seed": "random seed (same seed, same run on CPU)",
-    "device": "cpu, cuda, cuda:1, mps (default: the best available)",
-    "compile": "torch.compile the model (faster on GPU after a slow first step)",
-    "dtype": "auto = bf16 autocast on CUDA, fp32 elsewhere",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error of the command."""
@@ -114,7 +77,7 @@ def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, 
             continue
         names = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, [])]
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS,
-                                  "help": HELP.get(f.name, f.name)}
+                                  "help": field_help(cls, f.name)}
         annotation = str(f.type)
         base_name = annotation.replace(" | None", "").strip()
         if base_name == "bool":
@@ -141,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: the bundled Tiny Shakespeare)")
     train.add_argument("--tokenizer", dest="train__tokenizer", choices=TOKENIZER_TYPES,
                        default=argparse.SUPPRESS, help="byte-level BPE or characters (default: char)")
-    train.add_argument("--model", "--model-type", dest="model__model_type", choices=MODEL_TYPES,
+    train.add_argument("--model", "--model-type", dest="model__model_type", choices=model_kinds(),
                        default=argparse.SUPPRESS,
                        help="decoder-only (GPT-style) or encoder-decoder transformer (default: decoder_only)")
     train.add_argument("--out", type=Path,
@@ -205,6 +168,29 @@ def default_run_dir(data: str | None, model_type: str, tokenizer: str) -> Path:
     return Path(DEFAULT_RUNS_DIR) / f"{stem}-{model_type}-{tokenizer}"
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c() -> Iterator[threading.Event]:
+    """A first Ctrl-C sets the event (the training's stop hook: it evaluates, saves and ends); a second one
+    interrupts at once. Outside the main thread (where signals cannot be caught) the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step: the run evaluates and saves (Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from minillm.training import resume, train
 
@@ -215,20 +201,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config, train_config = preset_configs(args.preset, model_overrides, train_overrides)
     out = args.out or default_run_dir(train_config.data, model_config.model_type, train_config.tokenizer)
     progress = not args.no_progress
-    if args.resume:
-        result = resume(out, train_overrides, model_overrides=model_overrides, progress=progress)
-    else:
-        result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress)
+    with stop_on_ctrl_c() as stop:
+        if args.resume:
+            result = resume(out, train_overrides, model_overrides=model_overrides, progress=progress,
+                            should_stop=stop.is_set)
+        else:
+            result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress,
+                           should_stop=stop.is_set)
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {result.test_metrics['perplexity']:.2f})")
+    if result.stop_reason == "stopped":
+        print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         print_final_sample(result.run_dir, train_config.device)
     except MiniLLMError as e:  # the run is saved and good: a sample that cannot be made is not a failure
         print(f"warning: no sample: {e}", file=sys.stderr)
-    from minillm.checkpoint import BEST_CONFIG_FILE, read_run_config
+    from minillm.checkpoint import read_run_config
+    from minillm.run_folder import RunFolder
 
-    trained, _ = read_run_config(result.run_dir / BEST_CONFIG_FILE)  # (a resumed run's type is not in args)
-    flag = "--source" if trained.model_type == "transformer" else "--prompt"
+    trained, _ = read_run_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
+    flag = "--source" if is_encoder_decoder(trained) else "--prompt"
     print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
     return 0
 
@@ -236,14 +229,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_final_sample(run_dir: Path, device: str | None) -> None:
     """A short sample from the best model, prompted with the start of the test split."""
     from minillm.checkpoint import load_run
-    from minillm.training import sample_prompt
+    from minillm.data.prepare import sample_prompt
 
     run = load_run(run_dir, device)
     prompt = sample_prompt(run_dir, run.tokenizer, min(SAMPLE_PROMPT_TOKENS, run.config.max_seq_len // 2))
     print(f"\nsample from the best model (prompt {prompt!r}):\n")
     kwargs = dict(max_new_tokens=FINAL_SAMPLE_TOKENS, temperature=FINAL_SAMPLE_TEMPERATURE,
                   seed=FINAL_SAMPLE_SEED)
-    if run.config.model_type == "transformer":
+    if is_encoder_decoder(run.config):
         stream(run, prompt="", source=prompt, **kwargs)
     else:
         sys.stdout.write(prompt)
@@ -274,11 +267,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir, args.device)
     settings = {name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)}
-    prompt, source = generation_inputs(run.config.model_type, args.prompt, args.source)
+    prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
     warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    if run.config.model_type == "decoder_only":
+    if not is_encoder_decoder(run.config):
         sys.stdout.write(prompt)  # stdout = prompt + continuation
     stream(run, prompt=prompt, source=source, **settings)
     return 0

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from minillm.errors import MiniLLMError
 
-MODEL_TYPES = ("decoder_only", "transformer")
 TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,6 +25,9 @@ def _check(condition: bool, message: str) -> None:
 class _JSONConfig:
     """Shared dict/JSON round-trip for the config dataclasses."""
 
+    # Old field name -> new one: configs saved before a rename still load.
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -33,6 +35,7 @@ class _JSONConfig:
     def from_dict(cls, values: dict[str, Any]):
         if not isinstance(values, dict):
             raise MiniLLMError(f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
+        values = {cls.RENAMED_FIELDS.get(k, k): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         _check(not unknown, f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(known)}")
@@ -46,31 +49,42 @@ class _JSONConfig:
         return dataclasses.replace(self, **changes)
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by `minillm train --help`), kept next to the field."""
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of a config field."""
+    return next(f.metadata.get("help", name) for f in dataclasses.fields(cls) if f.name == name)
+
+
 @dataclass
 class ModelConfig(_JSONConfig):
     """The shape of a model. This is what `best_model_config.json` holds under "model"."""
 
-    model_type: str = "decoder_only"  # "decoder_only" (GPT-style) or "transformer" (encoder-decoder)
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4  # decoder-only depth; default depth of each stack of the encoder-decoder
-    n_encoder_layers: int | None = None  # encoder-decoder only; None means n_layers
-    n_decoder_layers: int | None = None  # encoder-decoder only; None means n_layers
-    n_heads: int = 4
-    d_ff: int | None = None  # SwiGLU hidden width; None means about 8/3 * d_model, rounded up to 32
-    max_seq_len: int = 256  # the context length (block size) in tokens
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
+    model_type: str = option("decoder_only", "the model kind, a name in minillm.models' registry")
+    vocab_size: int = option(256, "token ids the model knows; set from the trained tokenizer")
+    d_model: int = option(128, "width of the model (embedding size)")
+    n_layers: int = option(4, "number of transformer blocks (each stack, for the encoder-decoder)")
+    n_encoder_layers: int | None = option(None, "encoder depth of the encoder-decoder (default: --n-layers)")
+    n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)")
+    n_heads: int = option(4, "attention heads (must divide --d-model)")
+    d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model)")
+    max_seq_len: int = option(256, "context length in tokens (the training window, block size)")
+    dropout: float = option(0.0, "dropout probability (0 to 0.3 fights overfitting on small data)")
+    rope_theta: float = option(10000.0, "base of the rotary position embedding")
+    tie_embeddings: bool = option(True, "share the input embedding and the output layer")
+    norm_eps: float = option(1e-5, "epsilon of the RMS norms")
     # The special token ids of the tokenizer the model was trained with.
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    pad_id: int = option(0, "padding token id (from the tokenizer)")
+    bos_id: int = option(1, "beginning-of-sample token id (from the tokenizer)")
+    eos_id: int = option(2, "end-of-sample token id (from the tokenizer)")
 
     def __post_init__(self) -> None:
-        _check(self.model_type in MODEL_TYPES,
-               f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        # Which kinds exist is the models' registry's to say (build_model refuses an unknown one).
+        _check(isinstance(self.model_type, str) and bool(self.model_type),
+               f"model_type must be the name of a model kind, got {self.model_type!r}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
@@ -108,38 +122,43 @@ class ModelConfig(_JSONConfig):
 class TrainConfig(_JSONConfig):
     """How to train: data, tokenizer, optimisation, evaluation and budget."""
 
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"vocab_size": "bpe_vocab_size"}  # before 0.2
+
     # Data
-    data: str | None = None  # text file (or TSV/JSONL pairs); None trains on the bundled Tiny Shakespeare
-    tokenizer: str = "char"  # "char" or "bpe"
-    vocab_size: int = 4096  # BPE only: the target vocabulary, special tokens included
-    split_mode: str = "paragraph"  # how the file becomes samples: "paragraph", "line" or "separator"
-    separator: str = "<|endoftext|>"  # the sample separator when split_mode == "separator"
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    source_fraction: float = 0.5  # encoder-decoder on plain text: share of each window given as the source
+    data: str | None = option(None, "text file (or TSV/JSONL pairs); none trains on the bundled Tiny Shakespeare")
+    tokenizer: str = option("char", "byte-level BPE or characters")
+    bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
+                                       "tokenizer)")
+    split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
+                                          "separator string")
+    separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
+    val_fraction: float = option(0.05, "share of samples held out for validation")
+    test_fraction: float = option(0.05, "share of samples held out for the final test")
+    source_fraction: float = option(0.5, "encoder-decoder on plain text: share of each window given as the source")
     # Optimisation
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4  # the floor of the cosine decay
-    warmup_steps: int = 100
-    max_steps: int = 2000
-    epochs: float | None = None  # if set, overrides max_steps: one epoch is one pass over the training tokens
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    grad_accum_steps: int = 1
+    batch_size: int = option(32, "sequences per optimizer step (per accumulation step)")
+    learning_rate: float = option(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(100, "steps of linear learning-rate warmup")
+    max_steps: int = option(2000, "optimizer steps to train for")
+    epochs: float | None = option(None, "train for this many passes over the training tokens instead of "
+                                        "--max-steps")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.99, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
+    grad_accum_steps: int = option(1, "batches summed per optimizer step")
     # Evaluation, logging and budget
-    eval_interval: int = 250
-    eval_batches: int = 20
-    log_interval: int = 10
-    patience: int | None = None  # stop after this many evaluations without improvement
-    max_time: float | None = None  # wall-clock budget in seconds
+    eval_interval: int = option(250, "evaluate on the validation set (and save checkpoints) every N steps")
+    eval_batches: int = option(20, "validation batches per evaluation")
+    log_interval: int = option(10, "log the training loss every N steps")
+    patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)")
+    max_time: float | None = option(None, "wall-clock budget in seconds ('none': no budget)")
     # Runtime
-    seed: int = 1337
-    device: str | None = None  # None picks cuda, then mps, then cpu
-    compile: bool = False
-    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 elsewhere), "float32", "bfloat16", "float16"
+    seed: int = option(1337, "random seed (same seed, same run on CPU)")
+    device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: the best available)")
+    compile: bool = option(False, "torch.compile the model (faster on GPU after a slow first step)")
+    dtype: str = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere; or float32, bfloat16, float16")
 
     def __post_init__(self) -> None:
         _check(self.tokenizer in TOKENIZER_TYPES,
@@ -151,7 +170,7 @@ class TrainConfig(_JSONConfig):
                      "log_interval"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        _check(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _check(self.bpe_vocab_size > 0, f"bpe_vocab_size must be positive, got {self.bpe_vocab_size}")
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
@@ -186,7 +205,7 @@ PRESETS: dict[str, Preset] = {
         "seconds on any CPU: for tests and smoke runs",
         model=dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=32),
         train=dict(batch_size=8, max_steps=60, warmup_steps=5, eval_interval=20, eval_batches=4,
-                   log_interval=5, learning_rate=3e-3, min_lr=3e-4, vocab_size=300),
+                   log_interval=5, learning_rate=3e-3, min_lr=3e-4, bpe_vocab_size=300),
     ),
     "cpu": Preset(
         "the default: about 5 minutes on a 2-core laptop CPU",

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from minillm.errors import MiniLLMError
+from minillm.models import is_encoder_decoder
 
 # Sampling defaults of the CLI and the UI alike (top_p None and repetition_penalty 1.0 mean off).
 DEFAULT_MAX_NEW_TOKENS = 200
@@ -20,7 +21,7 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 50
 
 
-def generation_inputs(model_type: str, prompt: str | None, source: str | None) -> tuple[str, str | None]:
+def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | None) -> tuple[str, str | None]:
     """(prompt, source) for stream_text from what the user typed; the CLI and the UI both read input so.
 
     Decoder-only: the prompt, and no source. Encoder-decoder: the source is the text to transform and the
@@ -28,7 +29,7 @@ def generation_inputs(model_type: str, prompt: str | None, source: str | None) -
     trained on plain text continues its source).
     """
     prompt, source = prompt or "", source or ""
-    if model_type == "decoder_only":
+    if not encoder_decoder:
         if source.strip():
             raise MiniLLMError("this is a decoder-only model: it takes no source text; put the text in the prompt")
         return prompt, None
@@ -92,7 +93,7 @@ def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | N
         generator = torch.Generator(device=device).manual_seed(int(seed))
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id, generator=generator)
-    if config.model_type == "transformer":
+    if is_encoder_decoder(config):
         if source is None or not source.strip():
             raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
         source_ids = tokenizer.encode(source)  # longer than max_seq_len: the model's own clear error

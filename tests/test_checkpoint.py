@@ -8,16 +8,10 @@ import shutil
 import pytest
 import torch
 
-from minillm.checkpoint import (
-    atomic_write,
-    clean_state_dict,
-    find_runs,
-    load_run,
-    load_torch,
-    read_json,
-    save_torch,
-)
+from minillm.checkpoint import clean_state_dict, load_run
 from minillm.errors import MiniLLMError
+from minillm.files import atomic_write, load_torch, read_json, save_torch
+from minillm.run_folder import find_runs
 from minillm.tokenizers import CharacterTokenizer
 
 

@@ -34,7 +34,7 @@ def test_defaults_are_derived_and_stay_derived_after_a_round_trip():
     (dict(d_model=30, n_heads=4), "divisible by n_heads"),
     (dict(d_model=12, n_heads=4), "must be even"),
     (dict(n_layers=0), "n_layers must be a positive integer"),
-    (dict(model_type="rnn"), "model_type must be one of"),
+    (dict(model_type=""), "model_type must be the name of a model kind"),
     (dict(dropout=1.5), "dropout"),
     (dict(vocab_size=3, eos_id=5), "eos_id must be a token id below vocab_size"),
     (dict(max_seq_len=-1), "max_seq_len"),

@@ -10,27 +10,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.errors import MiniLLMError
-from minillm.tokenizers import CharacterTokenizer
-from minillm.training import data_utils
-from minillm.training.data_utils import (
+from minillm.data import prepare
+from minillm.data.batches import LMBatches, PairBatches
+from minillm.data.corpus import (
     PAIRS,
     TEXT,
-    LMBatches,
-    PairBatches,
     contiguous_split,
     detect_format,
     load_samples,
     parse_pairs,
-    read_stream,
     read_text_file,
     shuffled_split,
     split_data,
     split_samples,
-    token_dtype,
-    write_pair_streams,
-    write_token_stream,
 )
+from minillm.data.prepare import read_stream, token_dtype, write_pair_streams, write_token_stream
+from minillm.errors import MiniLLMError
+from minillm.tokenizers import CharacterTokenizer
 
 CPU = torch.device("cpu")
 
@@ -135,8 +131,8 @@ def test_parse_pairs_tsv_and_jsonl(tmp_path):
 def test_pairs_for_the_decoder_only_model_become_text_samples(tmp_path):
     path = tmp_path / "p.tsv"
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
-    assert load_samples(path, "transformer", "paragraph", "")[0] == PAIRS
-    fmt, samples = load_samples(path, "decoder_only", "paragraph", "")
+    assert load_samples(path, True, "paragraph", "")[0] == PAIRS
+    fmt, samples = load_samples(path, False, "paragraph", "")
     assert fmt == TEXT and samples[0] == "ab\nba"
 
 
@@ -161,7 +157,7 @@ def test_token_stream_is_samples_between_bos_and_eos_and_streaming_changes_nothi
     for sample in samples:
         expected += [char_tokenizer.bos_id, *char_tokenizer.encode(sample), char_tokenizer.eos_id]
     count = write_token_stream(tmp_path / "a.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
-    monkeypatch.setattr(data_utils, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
+    monkeypatch.setattr(prepare, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
     write_token_stream(tmp_path / "b.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
     a, b = read_stream(tmp_path / "a.bin", "uint16"), read_stream(tmp_path / "b.bin", "uint16")
     assert count == len(expected)
@@ -171,7 +167,7 @@ def test_token_stream_is_samples_between_bos_and_eos_and_streaming_changes_nothi
 
 def test_lm_batches_are_shifted_windows_of_the_stream():
     tokens = np.arange(100, dtype=np.uint16)
-    batches = LMBatches(tokens, block_size=8)
+    batches = LMBatches(tokens, max_seq_len=8)
     batch = batches.sample(4, torch.Generator().manual_seed(0), CPU)
     x, y = batch["input_ids"], batch["targets"]
     assert x.shape == y.shape == (4, 8) and x.dtype == torch.long
@@ -182,7 +178,7 @@ def test_lm_batches_are_shifted_windows_of_the_stream():
 
 def test_sequential_windows_score_every_token_once():
     tokens = np.arange(1, 54, dtype=np.uint16)  # 53 tokens: 52 predictions; no pad id (0) inside
-    batches = LMBatches(tokens, block_size=8, pad_id=0)
+    batches = LMBatches(tokens, max_seq_len=8, pad_id=0)
     scored = []
     total = 0
     for batch, n in batches.sequential(3, CPU):
@@ -194,17 +190,17 @@ def test_sequential_windows_score_every_token_once():
 
 
 def test_a_split_shorter_than_the_block_gets_shorter_windows():
-    batches = LMBatches(np.arange(1, 6, dtype=np.uint16), block_size=32)
+    batches = LMBatches(np.arange(1, 6, dtype=np.uint16), max_seq_len=32)
     batch = batches.sample(2, torch.Generator().manual_seed(0), CPU)
     assert batch["input_ids"].shape == (2, 4)
 
 
 def test_encoder_decoder_windows_split_into_source_and_continuation():
     tokens = np.arange(10, 60, dtype=np.uint16)
-    batches = LMBatches(tokens, block_size=8, model_type="transformer", source_fraction=0.5, bos_id=1)
+    batches = LMBatches(tokens, max_seq_len=8, encoder_decoder=True, source_fraction=0.5, bos_id=1)
     batch = batches.sample(2, torch.Generator().manual_seed(0), CPU)
     src, tgt_in, targets = batch["src_ids"], batch["tgt_ids"], batch["targets"]
-    assert src.shape[1] + targets.shape[1] == 9  # one window of block_size + 1 tokens
+    assert src.shape[1] + targets.shape[1] == 9  # one window of max_seq_len + 1 tokens
     assert torch.equal(targets[:, 0], src[:, -1] + 1)  # the continuation follows the source
     assert (tgt_in[:, 0] == 1).all() and torch.equal(tgt_in[:, 1:], targets[:, :-1])
 
@@ -215,7 +211,7 @@ def test_pair_batches_pad_and_shift(tmp_path, char_tokenizer):
     offsets = np.load(tmp_path / "train.offsets.npy")
     tok = char_tokenizer
     batches = PairBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
-                          read_stream(tmp_path / "train.tgt.bin", "uint16"), offsets, max_len=16,
+                          read_stream(tmp_path / "train.tgt.bin", "uint16"), offsets, max_seq_len=16,
                           pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
     batch = batches.batch_of([0, 1, 2], CPU)
     assert batch["src_ids"][0].tolist() == tok.encode("abc")

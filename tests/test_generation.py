@@ -232,15 +232,15 @@ def test_encoder_decoder_stream_is_the_decoded_generate_of_the_same_seed(char_to
 
 # ---- reading the user's input (shared by the CLI and the UI) --------------------------------------------
 
-def test_generation_inputs_read_prompt_and_source_by_model_type():
-    assert generation_inputs("decoder_only", "ROMEO:", None) == ("ROMEO:", None)
-    assert generation_inputs("decoder_only", None, "  ") == ("", None)
-    assert generation_inputs("transformer", "the ", "a dog") == ("the ", "a dog")
-    assert generation_inputs("transformer", "a dog", None) == ("", "a dog")  # the prompt is the source
+def test_generation_inputs_read_prompt_and_source_by_model_kind():
+    assert generation_inputs(False, "ROMEO:", None) == ("ROMEO:", None)
+    assert generation_inputs(False, None, "  ") == ("", None)
+    assert generation_inputs(True, "the ", "a dog") == ("the ", "a dog")
+    assert generation_inputs(True, "a dog", None) == ("", "a dog")  # the prompt is the source
     with pytest.raises(MiniLLMError, match="decoder-only model: it takes no source"):
-        generation_inputs("decoder_only", "x", "y")
+        generation_inputs(False, "x", "y")
     with pytest.raises(MiniLLMError, match="encoder-decoder model: give a source"):
-        generation_inputs("transformer", " ", "")
+        generation_inputs(True, " ", "")
 
 
 def test_unknown_characters_are_counted_in_the_warning(char_tokenizer):

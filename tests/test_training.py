@@ -13,8 +13,9 @@ import torch
 from conftest import tiny_configs
 
 from minillm.checkpoint import load_run, load_torch
+from minillm.data import prepare
 from minillm.errors import MiniLLMError
-from minillm.training import data_utils, evaluate_run, lr_at, resume, train
+from minillm.training import evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.metrics import read_metrics
 from minillm.training.trainer import is_overfitting
@@ -145,7 +146,7 @@ def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
 
 def test_epochs_set_the_number_of_steps(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, epochs=0.5, eval_interval=1000)
-    train_tokens = data_utils.read_split_record(tmp_path / "run")["tokens"]["train"]
+    train_tokens = prepare.read_split_record(tmp_path / "run")["tokens"]["train"]
     model_config, train_config = tiny_configs(data=corpus_file)
     tokens_per_step = train_config.batch_size * model_config.max_seq_len
     assert result.steps == math.ceil(0.5 * train_tokens / tokens_per_step)
@@ -174,10 +175,10 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
     train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
 
     run = load_run(tmp_path / "run")
-    record = data_utils.read_split_record(tmp_path / "run")
+    record = prepare.read_split_record(tmp_path / "run")
     offsets = np.load(tmp_path / "run" / "test.offsets.npy")
-    sources = data_utils.read_stream(tmp_path / "run" / "test.src.bin", record["dtype"])
-    targets = data_utils.read_stream(tmp_path / "run" / "test.tgt.bin", record["dtype"])
+    sources = prepare.read_stream(tmp_path / "run" / "test.src.bin", record["dtype"])
+    targets = prepare.read_stream(tmp_path / "run" / "test.tgt.bin", record["dtype"])
     correct = 0
     n_test = offsets.shape[1] - 1
     for i in range(n_test):  # held-out pairs, greedy decoding

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.checkpoint import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE, load_run, save_best
+from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
 from minillm.generation import stream_text
 from minillm.models import build_model, count_parameters
+from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.tokenizers import CharacterTokenizer
-from minillm.ui import app
+from minillm.ui import app, generating, loading
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 4
 ELEM_IDS = ["model_type", "tokenizer_type", "model_path", "tokenizer_path", "run_picker", "load_button",
@@ -194,7 +195,7 @@ def test_unexpected_exception_is_one_short_line(ui_run, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("something deep broke\n  File 'x.py', line 1\nmore traceback")
 
-    monkeypatch.setattr(app, "load_model_files", explode)
+    monkeypatch.setattr(loading, "load_model_files", explode)
     out = load(app.Session(), ui_run)
     message = out["error"]["value"]
     assert "RuntimeError" in message and "something deep broke" in message
@@ -209,7 +210,7 @@ def test_generate_before_loading_is_an_error():
 @pytest.fixture
 def every_token(monkeypatch):
     """Update the page after every token (by default updates are batched by time)."""
-    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 0.0)
+    monkeypatch.setattr(generating, "STREAM_INTERVAL_S", 0.0)
 
 
 def test_generate_streams_what_the_library_generates(ui_run, every_token):
@@ -262,7 +263,7 @@ def test_updates_are_batched_in_time_to_the_same_text(ui_run, monkeypatch):
     session = app.Session()
     load(session, ui_run)
     every = generate(session, max_new_tokens=100)
-    monkeypatch.setattr(app, "STREAM_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(generating, "STREAM_INTERVAL_S", 3600.0)
     batched = generate(session, max_new_tokens=100)
     assert batched[-1][0] == every[-1][0]
     assert len(batched) == 2  # "Generating…" and the final text: no update in between

@@ -2,8 +2,9 @@
 
 The page must load the run, stream a generation that equals what `minillm generate` prints for the same
 settings and seed, stop a long generation, and show errors in the page. The screenshot of the page after
-a generation is saved to docs/ui.png. Outside CI the test skips when Chromium or Playwright is missing;
-under CI (CI=true) that is a failure.
+a generation is saved to a temporary folder, or to $MINILLM_SCREENSHOT (`make screenshot` refreshes the
+README's docs/ui.png that way; the tests never rewrite a tracked file). Outside CI the test skips when
+Chromium or Playwright is missing; under CI (CI=true) that is a failure.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from urllib.parse import urlparse
 import pytest
 import torch
 
-from minillm.checkpoint import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE, load_run
+from minillm.checkpoint import load_run
 from minillm.models import count_parameters
+from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT = REPO / "docs" / "ui.png"
+SCREENSHOT_ENV = "MINILLM_SCREENSHOT"  # where to save the page's picture (default: the test's tmp_path)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -224,7 +226,7 @@ def cli_generate(run_dir: Path, prompt: str, settings: dict) -> str:
     return result.stdout[:-1]
 
 
-def test_load_generate_matches_cli_and_screenshot(page, run_dir):
+def test_load_generate_matches_cli_and_screenshot(page, run_dir, tmp_path):
     n_params = f"{count_parameters(load_run(run_dir).model):,}"
     # `minillm ui RUN_DIR` pre-filled the paths and loaded the run when the page opened.
     page.locator("#model_info").get_by_text(n_params).wait_for()
@@ -247,10 +249,12 @@ def test_load_generate_matches_cli_and_screenshot(page, run_dir):
     assert output.startswith(PROMPT) and len(output) > len(PROMPT)
     assert output == cli_generate(run_dir, PROMPT, SETTINGS)
 
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ui.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.mouse.move(0, 0)  # no hover or focus highlight in the picture
     page.evaluate("document.activeElement?.blur()")
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
     assert page.outside_requests == [], f"the page tried to reach the internet: {page.outside_requests}"
 
 

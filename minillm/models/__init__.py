@@ -1,4 +1,10 @@
-"""The models: a decoder-only LM and an encoder-decoder transformer, plus helpers to build and place them."""
+"""The models, as a registry of kinds: a kind's name (ModelConfig.model_type) -> its class.
+
+Code that must treat the kinds differently asks the class what it can do (`is_encoder_decoder`,
+`layers_description`), never compares kind names, so a third kind is a new file plus one
+`register_model_kind` line. A model class takes a ModelConfig and implements the interface of
+DecoderOnlyTransformer (forward returning (logits, loss), iter_generate, generate).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +16,47 @@ from minillm.errors import MiniLLMError
 from minillm.models.decoder_only import DecoderOnlyTransformer
 from minillm.models.transformer import TransformerModel
 
-__all__ = ["DecoderOnlyTransformer", "TransformerModel", "build_model", "count_parameters", "pick_device"]
+__all__ = ["DecoderOnlyTransformer", "TransformerModel", "build_model", "count_parameters", "is_encoder_decoder",
+           "model_class", "model_kinds", "pick_device", "register_model_kind"]
+
+_MODEL_KINDS: dict[str, type[nn.Module]] = {}
+
+
+def register_model_kind(name: str, cls: type[nn.Module]) -> None:
+    """Make `cls` buildable as ModelConfig(model_type=name); it needs `is_encoder_decoder` and
+    `layers_description(config)` besides the model interface."""
+    for attribute in ("is_encoder_decoder", "layers_description"):
+        if not hasattr(cls, attribute):
+            raise TypeError(f"model class {cls.__name__} has no {attribute!r}")
+    _MODEL_KINDS[name] = cls
+
+
+register_model_kind("decoder_only", DecoderOnlyTransformer)
+register_model_kind("transformer", TransformerModel)
+
+
+def model_kinds() -> tuple[str, ...]:
+    """The names of the known model kinds, the default first."""
+    return tuple(_MODEL_KINDS)
+
+
+def model_class(kind: str) -> type[nn.Module]:
+    """The class of a model kind; an unknown kind is refused with the list of known ones."""
+    if kind not in _MODEL_KINDS:
+        raise MiniLLMError(f"unknown model type {kind!r}; choose one of {list(_MODEL_KINDS)}")
+    return _MODEL_KINDS[kind]
+
+
+def is_encoder_decoder(config: ModelConfig) -> bool:
+    """True when the model reads a separate source (encoder) and generates a target (decoder)."""
+    return model_class(config.model_type).is_encoder_decoder
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised model of config.model_type ("decoder_only" or "transformer")."""
+    """A freshly initialised model of the kind config.model_type."""
     if not isinstance(config, ModelConfig):
         raise MiniLLMError(f"build_model needs a ModelConfig, got {type(config).__name__}")
-    if config.model_type == "decoder_only":
-        return DecoderOnlyTransformer(config)
-    return TransformerModel(config)
+    return model_class(config.model_type)(config)
 
 
 def count_parameters(model: nn.Module) -> int:

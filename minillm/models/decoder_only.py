@@ -25,6 +25,12 @@ from minillm.models.layers import (
 class DecoderOnlyTransformer(nn.Module):
     """Predicts each next token from the tokens before it (causal self-attention, RoPE positions)."""
 
+    is_encoder_decoder = False
+
+    @staticmethod
+    def layers_description(config: ModelConfig) -> str:
+        return f"{config.n_layers} layers"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -31,6 +31,12 @@ from minillm.models.layers import (
 class TransformerModel(nn.Module):
     """Encoder-decoder: forward(src_ids, tgt_ids) gives the next target token's logits at each position."""
 
+    is_encoder_decoder = True
+
+    @staticmethod
+    def layers_description(config: ModelConfig) -> str:
+        return f"{config.n_encoder_layers} encoder + {config.n_decoder_layers} decoder layers"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -7,16 +7,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from minillm.checkpoint import read_json
 from minillm.errors import MiniLLMError
+from minillm.files import read_json
 from minillm.tokenizers.base import Tokenizer, tokenizer_file
 from minillm.tokenizers.bpe_tokenizer import BPETokenizer
 from minillm.tokenizers.character_tokenizer import FILE_TYPE as CHAR_FILE_TYPE
 from minillm.tokenizers.character_tokenizer import CharacterTokenizer
 
-__all__ = ["Tokenizer", "BPETokenizer", "CharacterTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "BPETokenizer", "CharacterTokenizer", "TOKENIZER_KINDS", "load_tokenizer",
+           "train_tokenizer"]
+
+# The tokenizer kinds by name (TrainConfig.tokenizer, the "kind" of a loaded tokenizer).
+TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (BPETokenizer, CharacterTokenizer)}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A tokenizer of `kind` trained on `texts` (streamed); `vocab_size` is the target of kinds that have
+    one (BPE), ignored by the character tokenizer, whose vocabulary is the characters it sees."""
+    if kind not in TOKENIZER_KINDS:
+        raise MiniLLMError(f"unknown tokenizer {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}")
+    return TOKENIZER_KINDS[kind].train(texts, vocab_size=vocab_size)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

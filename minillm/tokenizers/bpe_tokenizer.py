@@ -20,8 +20,8 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from minillm.checkpoint import atomic_write
 from minillm.errors import MiniLLMError
+from minillm.files import atomic_write
 from minillm.tokenizers.base import (
     BOS_ID,
     BOS_TOKEN,

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from minillm.checkpoint import write_json
 from minillm.errors import MiniLLMError
+from minillm.files import write_json
 from minillm.tokenizers.base import (
     BOS_ID,
     EOS_ID,
@@ -48,8 +48,11 @@ class CharacterTokenizer(Tokenizer):
         self._decode_tables = {True: skipped + list(alphabet), False: spelled + list(alphabet)}
 
     @classmethod
-    def train(cls, texts: Iterable[str] | str) -> CharacterTokenizer:
-        """Collect the characters of `texts` (strings, streamed) into a sorted alphabet."""
+    def train(cls, texts: Iterable[str] | str, vocab_size: int | None = None) -> CharacterTokenizer:
+        """Collect the characters of `texts` (strings, streamed) into a sorted alphabet.
+
+        `vocab_size` is accepted for the common interface and ignored: the vocabulary is what the text has.
+        """
         chars: set[str] = set()
         seen_text = [False]
         for text in checked_texts(texts, seen_text):

@@ -1,19 +1,12 @@
-"""Training: data preparation (data_utils), the training loop (trainer) and its records (metrics).
+"""Training: starting and resuming runs (runs), the loop (trainer), scoring (evaluation), and what the loop
+needs around it (precision, RNG state, the rank of this process, metrics). The data steps are minillm.data.
 
     from minillm.training import train, resume, evaluate_run
 """
 
-from minillm.training.trainer import (
-    Trainer,
-    TrainResult,
-    evaluate_run,
-    is_main_process,
-    lr_at,
-    read_train_config,
-    resume,
-    sample_prompt,
-    train,
-)
+from minillm.training.distributed import is_main_process
+from minillm.training.evaluation import evaluate_run
+from minillm.training.runs import resume, train
+from minillm.training.trainer import Trainer, TrainResult, lr_at
 
-__all__ = ["TrainResult", "Trainer", "evaluate_run", "is_main_process", "lr_at", "read_train_config",
-           "resume", "sample_prompt", "train"]
+__all__ = ["TrainResult", "Trainer", "evaluate_run", "is_main_process", "lr_at", "resume", "train"]

@@ -9,10 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from minillm.checkpoint import atomic_write
+from minillm.files import atomic_write
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_CURVE_FILE = "loss_curve.png"
 PLOT_SIZE_INCHES = (7.0, 4.2)
 PLOT_DPI = 110
 

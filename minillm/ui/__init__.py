@@ -5,14 +5,17 @@ Gradio is imported lazily (only when the UI is used), so `import minillm` never 
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+
+# Before gradio is imported (by any module of the UI): no analytics or telemetry calls; it works offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __all__ = ["build_demo", "launch", "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_RUNS_DIR"]
 
-# Here, not in app.py, so the CLI can show them in its help without importing gradio.
-DEFAULT_HOST = "127.0.0.1"  # local only; a public link needs --share
-DEFAULT_PORT = 7860
-DEFAULT_RUNS_DIR = "runs"
 
 
 def build_demo(*args: Any, **kwargs: Any):

@@ -1,0 +1,76 @@
+"""Plain file helpers on the ground floor: atomic writes, JSON, and safe torch load/save.
+
+Everything users keep is written atomically (a temporary file in the same folder, then os.replace), so a
+crash leaves either the old file or the new one, never half of each. Weights are read with
+`torch.load(..., weights_only=True)`: a checkpoint cannot run code. Imports nothing of ours but errors,
+and torch only when a torch file is read or written, so the tokenizers can use it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from minillm.errors import MiniLLMError
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temporary file beside `path`, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: never leave the temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """Read a JSON file, turning every way it can be broken into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MiniLLMError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MiniLLMError(f"{what} {path} is not valid JSON ({e}); re-create it or pick another file") from None
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """torch.save, atomically."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise MiniLLMError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MiniLLMError(
+            f"checkpoint {path} is corrupt or not a Mini LLM weights file ({first_line[:200]}); "
+            "retrain or pick another file"
+        ) from None

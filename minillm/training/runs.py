@@ -1,0 +1,120 @@
+"""Starting a run and continuing one: `train` (a new run in a folder) and `resume` (from its last.pt).
+
+The folder is checked before anything is written, prepared in a staging folder and swapped in, and locked
+for the life of the training; the loop itself is trainer.Trainer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from minillm.checkpoint import check_compatible, write_train_config
+from minillm.config import ModelConfig, TrainConfig
+from minillm.data.prepare import read_data, read_split_record, write_data
+from minillm.errors import MiniLLMError
+from minillm.files import load_torch
+from minillm.models import is_encoder_decoder, model_class, pick_device
+from minillm.run_folder import RunFolder
+from minillm.tokenizers import Tokenizer, load_tokenizer
+from minillm.training.distributed import is_main_process
+from minillm.training.trainer import (
+    CHECKPOINT_FORMAT,
+    LogFn,
+    MetricsCallback,
+    StopHook,
+    Trainer,
+    TrainResult,
+    default_log,
+)
+
+
+def with_tokenizer(model_config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config with the vocabulary and special ids of the trained tokenizer."""
+    return model_config.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+
+
+def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *, overwrite: bool = False,
+          progress: bool = True, log: LogFn = default_log, on_metrics: MetricsCallback | None = None,
+          should_stop: StopHook | None = None) -> TrainResult:
+    """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here).
+
+    Everything that can be checked is checked before the folder is touched (model kind, device, data).
+    The new run is prepared beside the old one (in a staging folder) and swapped in only once its data
+    and tokenizer are written; `overwrite` is needed to replace a run, and only a run's own files go.
+    The folder is locked for the life of the training. `should_stop`: see Trainer.fit.
+    """
+    folder = RunFolder(run_dir)
+    model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
+    pick_device(config.device)
+    folder.check_new_run(overwrite)
+    data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
+                     config.val_fraction, config.test_fraction, config.seed, log)
+    with folder.lock():
+        folder.check_new_run(overwrite)  # again, now that no other training can start here
+        with folder.staging() as staged:
+            bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress and is_main_process() else None
+            tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar)
+            model_config = with_tokenizer(model_config, tokenizer)
+            write_train_config(staged, model_config, config)
+            replaced = folder.replace_with(staged)
+        if replaced:
+            log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
+        del data
+        trainer = Trainer(folder.path, model_config, config, split_record, log, progress, on_metrics)
+        trainer.describe()
+        stop_reason = trainer.fit(should_stop)
+        return trainer.result(stop_reason, trainer.test())
+
+
+# Settings that may change when a run is resumed (the rest would change what is being trained).
+RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
+                    "compile", "dtype")
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
+           model_overrides: dict[str, Any] | None = None, progress: bool = True, log: LogFn = default_log,
+           on_metrics: MetricsCallback | None = None, should_stop: StopHook | None = None) -> TrainResult:
+    """Continue an interrupted run from its last.pt, exactly where the checkpoint left off.
+
+    `overrides` may change RESUMABLE_FIELDS (e.g. a longer max_time); any other field, of the training
+    or (`model_overrides`) the model config, must equal what the run was trained with.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.last_checkpoint.is_file():
+        raise MiniLLMError(
+            f"nothing to resume in {run_dir}: it has no {folder.last_checkpoint.name} (training saves one at the "
+            "first evaluation); start again with --overwrite"
+        )
+    with folder.lock():
+        state = load_torch(folder.last_checkpoint)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise MiniLLMError(f"{folder.last_checkpoint} is not a Mini LLM resume checkpoint; start again with "
+                               "--overwrite")
+        overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
+        saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()  # (old field names renamed)
+        saved_model = state["model_config"]
+        changed = [k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved_train.get(k) != v]
+        changed += [k for k, v in model_overrides.items() if saved_model.get(k) != v]
+        if changed:
+            raise MiniLLMError(
+                f"cannot change {sorted(changed)} when resuming {run_dir} (it was trained with other values); "
+                f"only {list(RESUMABLE_FIELDS)} may change; start a new run with --overwrite to change the rest"
+            )
+        model_config = ModelConfig.from_dict(saved_model)
+        allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
+        config = TrainConfig.from_dict({**saved_train, **allowed})
+        check_compatible(model_config, load_tokenizer(folder.tokenizer), f" ({run_dir})")
+        trainer = Trainer(folder.path, model_config, config, read_split_record(run_dir), log, progress,
+                          on_metrics)
+        trainer.load_state(state)
+        del state
+        if is_main_process():
+            trainer.metrics.truncate_after(trainer.step)
+            write_train_config(run_dir, model_config, config)
+        log(f"resuming {run_dir} at step {trainer.step} of {trainer.max_steps}")
+        stop_reason = trainer.fit(should_stop)
+        return trainer.result(stop_reason, trainer.test())

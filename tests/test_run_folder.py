@@ -1,0 +1,137 @@
+"""The run folder: one owner of its file names, a stop hook that saves, and nothing lost by accident
+(a bad --overwrite keeps the old run, only a run's own files are deleted, one training at a time)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import time
+
+import pytest
+import torch
+from conftest import tiny_configs
+
+from minillm.errors import MiniLLMError
+from minillm.files import load_torch
+from minillm.run_folder import RUN_MARKERS, RunFolder
+from minillm.training import resume, train
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def test_every_file_of_a_finished_run_is_named_by_the_run_folder(tiny_run):
+    on_disk = {p.name for p in tiny_run.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert on_disk <= set(RunFolder(tiny_run).file_names())
+    folder = RunFolder(tiny_run)
+    assert folder.is_minillm_run() and folder.has_best_model() and folder.holds_run()
+    assert {p.name for p in folder.existing_files()} == on_disk
+
+
+def test_the_stop_hook_saves_and_a_resume_matches_an_uninterrupted_run(tmp_path, corpus_file):
+    settings = dict(max_steps=30, eval_interval=10, log_interval=5)
+    train(*tiny_configs(data=corpus_file, **settings), tmp_path / "straight", progress=False, log=quiet)
+
+    steps = iter(range(1, 1000))
+    stop_after_13 = lambda: next(steps) >= 13  # noqa: E731 (asked once per step)
+    messages = []
+    stopped = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "stopped", progress=False,
+                    log=messages.append, should_stop=stop_after_13)
+    assert (stopped.stop_reason, stopped.steps) == ("stopped", 13)
+    assert any("stopped at step 13" in m and "--resume" in m for m in messages)
+    assert load_torch(tmp_path / "stopped" / "last.pt")["step"] == 13  # evaluated and saved at the stop
+    assert stopped.test_metrics["tokens"] > 0
+
+    result = resume(tmp_path / "stopped", progress=False, log=quiet)
+    assert (result.stop_reason, result.steps) == ("max_steps", 30)
+    straight = load_torch(tmp_path / "straight" / "last.pt")["model"]
+    resumed = load_torch(tmp_path / "stopped" / "last.pt")["model"]
+    for name, weight in straight.items():
+        assert torch.equal(weight, resumed[name]), name
+
+
+def test_overwrite_with_a_bad_data_path_keeps_the_old_run(tmp_path, tiny_run, corpus_file):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for bad in (tmp_path / "typo.txt", tmp_path):
+        with pytest.raises(MiniLLMError):
+            train(*tiny_configs(data=bad), run_dir, overwrite=True, progress=False, log=quiet)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="empty"):
+        train(*tiny_configs(data=empty), run_dir, overwrite=True, progress=False, log=quiet)
+    with pytest.raises(MiniLLMError, match="vocab_size"):  # the tokenizer fails: after the data was read
+        train(*tiny_configs(tokenizer="bpe", data=corpus_file, bpe_vocab_size=10), run_dir,
+              overwrite=True, progress=False, log=quiet)
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before
+    assert not list(run_dir.glob(".staging-*"))
+
+
+def test_overwrite_deletes_only_the_runs_own_files_and_says_so(tmp_path, tiny_run, corpus_file):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    (run_dir / "notes.bin").write_bytes(b"mine")  # the user's file, named like a token file
+    (run_dir / "keep.txt").write_text("mine", encoding="utf-8")
+    messages = []
+    train(*tiny_configs(data=corpus_file, max_steps=2, eval_interval=1), run_dir, overwrite=True,
+          progress=False, log=messages.append)
+    assert (run_dir / "notes.bin").read_bytes() == b"mine"
+    assert (run_dir / "keep.txt").read_text(encoding="utf-8") == "mine"
+    assert any(m.startswith(f"replaced the run that was in {run_dir}") for m in messages)
+    assert load_torch(run_dir / "last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("marker", RUN_MARKERS)
+def test_a_folder_with_a_file_named_like_ours_is_not_a_run_to_overwrite(tmp_path, corpus_file, marker):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / marker).write_text("the user's own file", encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="already holds a run"):
+        train(*tiny_configs(data=corpus_file), folder, progress=False, log=quiet)
+    with pytest.raises(MiniLLMError, match=f"named like a run's \\({marker}\\).*will not delete"):
+        train(*tiny_configs(data=corpus_file), folder, overwrite=True, progress=False, log=quiet)
+    assert (folder / marker).read_text(encoding="utf-8") == "the user's own file"
+
+
+def _hold_lock(path, ready, release):
+    with RunFolder(path).lock():
+        ready.set()
+        release.wait(30)
+
+
+def test_a_second_training_into_a_locked_folder_is_refused(tmp_path, corpus_file):
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path / "run", ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(MiniLLMError, match=rf"in use by another training \(process {holder.pid}\)"):
+            train(*tiny_configs(data=corpus_file), tmp_path / "run", progress=False, log=quiet)
+        with pytest.raises(MiniLLMError, match="in use by another training"):
+            with RunFolder(tmp_path / "run").lock():
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with RunFolder(tmp_path / "run").lock():  # free again once the holder is gone
+        pass
+
+
+def test_a_killed_training_leaves_no_stale_lock(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path / "run", ready, release))
+    holder.start()
+    assert ready.wait(60)
+    holder.kill()
+    holder.join(30)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with RunFolder(tmp_path / "run").lock():
+                break
+        except MiniLLMError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

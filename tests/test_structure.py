@@ -1,0 +1,159 @@
+"""The package's structure holds: layers import downwards only, kinds are registries, modules stay small."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from minillm import models
+from minillm.config import ModelConfig, preset_configs
+from minillm.errors import MiniLLMError
+from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, model_kinds
+from minillm.tokenizers import TOKENIZER_KINDS
+
+PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
+MAX_MODULE_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """Every minillm module `path` imports, at module level or inside a function alike."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minillm"):
+            # `from minillm.data import prepare` imports the module minillm.data.prepare.
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & known
+            found |= submodules or {node.module}
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    modules = package_modules()
+    graph = {name: imported_modules(path, set(modules)) - {name} for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycle = trail[trail.index(target):] + [target] if target in trail else [name, target]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if target not in state:
+                visit(target, [*trail, target])
+        state[name] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_importing_the_tokenizers_imports_neither_torch_nor_the_models():
+    code = ("import sys, minillm.tokenizers; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('minillm.models', "
+            "'minillm.checkpoint', 'minillm.training'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_no_module_is_longer_than_a_few_screens():
+    lengths = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in package_modules().items()}
+    assert {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_model_kinds_are_never_compared_as_strings_outside_the_registry():
+    kinds = "|".join(map(re.escape, model_kinds()))
+    comparison = re.compile(rf"""(==|!=|\bin)\s*\(?\s*["']({kinds})["']|["']({kinds})["']\s*(==|!=)""")
+    offenders = [f"{name}:{number}" for name, path in package_modules().items() if name != "minillm.models"
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                 if comparison.search(line)]
+    assert offenders == []
+
+
+def test_tokenizer_kinds_match_the_config_choices():
+    from minillm.config import TOKENIZER_TYPES
+
+    assert sorted(TOKENIZER_KINDS) == sorted(TOKENIZER_TYPES)
+
+
+class BigramModel(nn.Module):
+    """A throwaway third kind: each next token from the current one alone (an embedding table)."""
+
+    is_encoder_decoder = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.table = nn.Embedding(config.vocab_size, config.vocab_size)
+
+    @staticmethod
+    def layers_description(config: ModelConfig) -> str:
+        return "no layers (a bigram table)"
+
+    def forward(self, input_ids, attention_mask=None, targets=None):
+        logits = self.table(input_ids)
+        loss = None
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                               ignore_index=self.config.pad_id)
+        return logits, loss
+
+
+@pytest.fixture
+def bigram_kind(monkeypatch):
+    monkeypatch.setitem(models._MODEL_KINDS, "bigram", BigramModel)
+    return "bigram"
+
+
+def test_a_third_kind_is_one_registry_line_and_trains(bigram_kind, corpus_file, tmp_path):
+    from minillm.checkpoint import load_run
+    from minillm.training import train
+
+    model = build_model(ModelConfig(model_type=bigram_kind, vocab_size=50))
+    assert isinstance(model, BigramModel) and model_class(bigram_kind) is BigramModel
+    assert not is_encoder_decoder(model.config) and count_parameters(model) == 50 * 50
+    model_config, train_config = preset_configs("tiny", {"model_type": bigram_kind},
+                                                {"data": str(corpus_file), "max_steps": 20})
+    lines = []
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=lines.append)
+    assert result.best_val_loss < result.history[0]["val_loss"] or result.best_step == result.history[0]["step"]
+    assert any("no layers (a bigram table)" in line for line in lines)
+    assert isinstance(load_run(tmp_path / "run").model, BigramModel)
+
+
+def test_an_unknown_kind_is_refused_with_the_known_ones():
+    known = r"\['decoder_only', 'transformer'\]"
+    with pytest.raises(MiniLLMError, match=rf"unknown model type 'rnn'; choose one of {known}"):
+        build_model(ModelConfig(model_type="rnn"))
+
+
+def test_training_an_unknown_kind_is_refused_before_any_file_is_written(corpus_file, tmp_path):
+    from minillm.training import train
+
+    model_config, train_config = preset_configs("tiny", {"model_type": "rnn"}, {"data": str(corpus_file)})
+    with pytest.raises(MiniLLMError, match="unknown model type"):
+        train(model_config, train_config, tmp_path / "run", progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_registered_kind_needs_its_capabilities():
+    with pytest.raises(TypeError, match="is_encoder_decoder"):
+        models.register_model_kind("broken", nn.Linear)
+    assert "broken" not in model_kinds()
+    torch.manual_seed(0)  # (nothing else: the registry is unchanged)
