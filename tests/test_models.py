@@ -257,14 +257,14 @@ def test_cached_chunks_after_a_prefix_use_the_right_causal_mask():
     torch.testing.assert_close(torch.cat([first, second], dim=1), model(ids)[0], atol=1e-5, rtol=0)
 
 
-def expected_windows(prompt_len: int, n_new: int, max_len: int) -> list[tuple[int, int]]:
+def expected_windows(prompt_len: int, n_new: int, max_seq_len: int) -> list[tuple[int, int]]:
     """(start, end) of the context window before each new token, by the documented sliding rule."""
-    keep = max(1, int(max_len * CONTEXT_KEEP_FRACTION))
-    start, end, windows = max(0, prompt_len - max_len), prompt_len, []
+    keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
+    start, end, windows = max(0, prompt_len - max_seq_len), prompt_len, []
     for _ in range(n_new):
         windows.append((start, end))
         end += 1
-        if end - start > max_len:
+        if end - start > max_seq_len:
             start = end - keep
     return windows
 
@@ -272,8 +272,8 @@ def expected_windows(prompt_len: int, n_new: int, max_len: int) -> list[tuple[in
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generation_past_the_context_slides_and_matches_a_full_recompute(model_type, use_cache):
-    max_len, n_new = 8, 20
-    model = tiny_model(model_type, max_seq_len=max_len)
+    max_seq_len, n_new = 8, 20
+    model = tiny_model(model_type, max_seq_len=max_seq_len)
     src = random_ids(1, 5, seed=7)
     if model_type == "decoder_only":
         context = random_ids(1, 3)
@@ -284,7 +284,7 @@ def test_generation_past_the_context_slides_and_matches_a_full_recompute(model_t
         new = model.generate(src, n_new, temperature=0, use_cache=use_cache)
         full_sequence = torch.cat([torch.full((1, 1), BOS), new], dim=1)
     assert new.shape == (1, n_new)
-    windows = expected_windows(full_sequence.size(1) - n_new, n_new, max_len)
+    windows = expected_windows(full_sequence.size(1) - n_new, n_new, max_seq_len)
     assert windows[-1][0] > 0, "the test must cover at least one slide"
     with torch.no_grad():
         for i, (start, end) in enumerate(windows):

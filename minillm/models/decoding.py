@@ -25,9 +25,9 @@ class KVCache:
     encoder-decoder also keeps here its cross-attention keys/values of the encoder output, computed once.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
+        shape = (n_layers, batch_size, n_heads, max_seq_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)  # views per layer
@@ -46,7 +46,7 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.keys.size(3):
             raise MiniLLMError(f"KV cache overflow: {end} positions for a cache of {self.keys.size(3)}")
-        keys, values = self._layer_keys[layer], self._layer_values[layer]  # (B, H, max_len, Dh)
+        keys, values = self._layer_keys[layer], self._layer_values[layer]  # (B, H, max_seq_len, Dh)
         keys.narrow(2, self.length, k.size(2)).copy_(k)
         values.narrow(2, self.length, v.size(2)).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
@@ -110,13 +110,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,
+def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_seq_len: int,
                     next_logits: Callable[[torch.Tensor, bool], torch.Tensor], *, temperature: float,
                     top_k: int | None, top_p: float | None, repetition_penalty: float, eos_id: int | None,
                     pad_id: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """Sample up to max_new_tokens after the (B, T) context, yielding one (B,) tensor per new token.
 
-    `next_logits(window, restart)` returns the (B, V) logits after `window`, the (B, <= max_len) context
+    `next_logits(window, restart)` returns the (B, V) logits after `window`, the (B, <= max_seq_len) context
     the model sees. restart=False means only window[:, -1] is new since the previous call (a KV cache
     feeds just that token); restart=True means the window moved (or this is the first call).
     With eos_id, a row that produced EOS gets pad_id afterwards and generation ends once every row has.
@@ -125,10 +125,10 @@ def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,
     batch, length = context.shape
     # The whole history, written in place; its capacity doubles when full, so a huge max_new_tokens
     # does not allocate up front.
-    tokens = context.new_empty((batch, length + min(max_new_tokens, max_len)))
+    tokens = context.new_empty((batch, length + min(max_new_tokens, max_seq_len)))
     tokens[:, :length] = context
-    start = max(0, length - max_len)  # the window is tokens[:, start:length]
-    keep = max(1, int(max_len * CONTEXT_KEEP_FRACTION))
+    start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
+    keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
     finished = torch.zeros(batch, dtype=torch.bool, device=context.device) if eos_id is not None else None
     logits = next_logits(tokens[:, start:length], True)
     for step in range(max_new_tokens):
@@ -144,7 +144,7 @@ def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_len: int,
         yield token
         if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
             return
-        restart = length - start > max_len
+        restart = length - start > max_seq_len
         if restart:
             start = length - keep
         logits = next_logits(tokens[:, start:length], restart)

@@ -48,10 +48,10 @@ class RotaryEmbedding(nn.Module):
     state_dict: they are a pure function of the config.
     """
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # (P, Dh/2)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (P, Dh/2)
         angles = torch.cat((angles, angles), dim=-1)  # (P, Dh): the same angle for both halves of a pair
         sin = angles.sin()
         sin[:, :head_dim // 2] *= -1  # signed for apply_rotary: (-sin, +sin) over the two halves
