@@ -15,6 +15,7 @@ from minillm.errors import MiniLLMError
 TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_THREADS = 1024
 
 
 def _check(condition: bool, message: str) -> None:
@@ -153,10 +154,13 @@ class TrainConfig(_JSONConfig):
     eval_batches: int = option(20, "validation batches per evaluation")
     log_interval: int = option(10, "log the training loss every N steps")
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)")
-    max_time: float | None = option(None, "wall-clock budget in seconds ('none': no budget)")
+    max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
+                                           "('none': no budget)")
     # Runtime
     seed: int = option(1337, "random seed (same seed, same run on CPU)")
     device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: the best available)")
+    threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core); on a machine shared with "
+                                       "another job, 1 is often faster")
     compile: bool = option(False, "torch.compile the model (faster on GPU after a slow first step)")
     dtype: str = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere; or float32, bfloat16, float16")
 
@@ -189,6 +193,8 @@ class TrainConfig(_JSONConfig):
         _check(self.patience is None or self.patience > 0, f"patience must be positive, got {self.patience}")
         _check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.threads is None or (isinstance(self.threads, int) and 0 < self.threads <= MAX_THREADS),
+               f"threads must be between 1 and {MAX_THREADS}, got {self.threads!r}")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -167,3 +169,24 @@ def test_the_real_command_exits_2_with_one_line(tmp_path, entry):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: data file not found") and "Traceback" not in result.stderr
+
+
+def test_a_first_ctrl_c_stops_training_gracefully_and_saves(tmp_path, corpus_file):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "minillm", "train", str(corpus_file), *TINY, "--max-steps", "1000000",
+               "--eval-interval", "1000000", "--log-interval", "1", "--out", str(run_dir), "--no-progress"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or "train" not in (run_dir / "metrics.jsonl").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "stopped by Ctrl-C" in err and "--resume" in err and "Traceback" not in err
+    step = load_torch(run_dir / "last.pt")["step"]  # evaluated and saved where it stopped
+    assert step >= 1 and f"stopped at step {step}" in out
+    assert (run_dir / "test_metrics.json").is_file()

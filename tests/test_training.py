@@ -6,6 +6,7 @@ import json
 import math
 import random
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +211,34 @@ def test_overfitting_needs_rising_val_and_falling_train_loss():
     assert not is_overfitting(history([1.0, 1.1, 1.2], [1.0, 0.9, 0.8]))  # too few evaluations
     assert not is_overfitting(history([1.0, 1.1, 1.05, 1.3], [1.0, 0.9, 0.8, 0.7]))  # not rising each time
     assert not is_overfitting(history([1.0, 1.1, 1.2, 1.3], [1.0, 1.1, 1.2, 1.3]))  # train loss rising too
+
+
+def test_a_time_budget_drives_the_schedule_and_evaluates_more_than_once(tmp_path, corpus_file):
+    # Far more steps than the budget allows: the schedule must still warm up and decay within the budget.
+    model_config, train_config = tiny_configs(data=corpus_file, max_steps=10**6, max_time=2.0,
+                                              eval_interval=10**6, log_interval=1, warmup_steps=5)
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
+    assert result.stop_reason == "max_time" and result.steps < 10**6
+    assert len(result.history) >= 3  # evaluated at fractions of the budget, not only at the end
+    rows = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "train"]
+    peak, floor = train_config.learning_rate, train_config.min_lr
+    assert max(row["lr"] for row in rows) > floor + 0.5 * (peak - floor)  # it warmed up
+    assert rows[-1]["lr"] < floor + 0.1 * (peak - floor)  # and decayed by the end of the budget
+
+
+def test_a_training_that_slows_down_says_the_cpu_may_be_shared(tmp_path, corpus_file):
+    def another_job_starts(row):  # from step 20 on, each log interval loses 0.2 s to "another process"
+        if row["kind"] == "train" and row["step"] >= 20:
+            time.sleep(0.2)
+
+    messages = []
+    model_config, train_config = tiny_configs(data=corpus_file, max_steps=30, log_interval=2, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append,
+              on_metrics=another_job_starts)
+        assert torch.get_num_threads() == 1  # --threads took effect
+    finally:
+        torch.set_num_threads(threads)
+    warning = [m for m in messages if m.startswith("warning: training slowed")]
+    assert len(warning) == 1 and "--threads 1" in warning[0]

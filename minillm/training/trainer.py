@@ -42,6 +42,9 @@ OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss 
 MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model will likely memorise it
 FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
 CHECKPOINT_FORMAT = 1
+BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
+SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
+WARMUP_LOGS = 2  # log intervals skipped before the reference throughput is taken (first steps are slow)
 
 LogFn = Callable[[str], None]
 MetricsCallback = Callable[[dict[str, Any]], None]
@@ -113,6 +116,8 @@ class Trainer:
         self.device = pick_device(config.device)
         self.amp_dtype = autocast_dtype(config.dtype, self.device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
 
         torch.manual_seed(config.seed)
         self.model = build_model(model_config).to(self.device)
@@ -146,6 +151,8 @@ class Trainer:
         self.overfitting = False
         self.last_saved_step = 0
         self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
+        self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
+        self.logs_seen, self.reference_rate, self.slow_warned = 0, None, False  # see _watch_throughput
 
     def open_split(self, split: str):
         return open_split(self.run_dir, split, self.model_config, is_encoder_decoder(self.model_config),
@@ -210,7 +217,7 @@ class Trainer:
         stop_reason = "max_steps"
         try:
             while self.step < self.max_steps:
-                lr = lr_at(self.step, config, self.max_steps)
+                lr = lr_at(self.scheduled_step(), config, self.max_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss = self._train_step()
@@ -231,13 +238,8 @@ class Trainer:
                     self._record({"kind": "train", "step": self.step, "train_loss": train_loss, "lr": lr,
                                   "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
                                   "elapsed": self.elapsed})
-                    postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}",
-                               "tok/s": f"{tokens_per_s:,.0f}"}
-                    if self.best_val_loss < math.inf:
-                        postfix["val"] = f"{self.best_val_loss:.3f}"
-                    if self.overfitting:
-                        postfix["warn"] = "overfitting"
-                    bar.set_postfix(postfix, refresh=False)
+                    self._watch_throughput(tokens_per_s)
+                    bar.set_postfix(self._postfix(train_loss, lr, tokens_per_s, now - last_log), refresh=False)
                     loss_sum.zero_()
                     n_log = tokens_since_log = 0
                     last_log = now
@@ -245,7 +247,7 @@ class Trainer:
                 out_of_time = config.max_time is not None and self.elapsed >= config.max_time
                 stop_asked = should_stop is not None and bool(should_stop())
                 if (self.step % config.eval_interval == 0 or self.step == self.max_steps or out_of_time
-                        or stop_asked):
+                        or stop_asked or self._budget_eval_due()):
                     self._evaluate_and_save(eval_loss_sum.item() / max(1, n_eval))
                     eval_loss_sum.zero_()
                     n_eval = 0
@@ -270,6 +272,48 @@ class Trainer:
             raise
         bar.close()
         return stop_reason
+
+    def scheduled_step(self) -> float:
+        """Where the learning-rate schedule is: the step, or with a time budget the share of the budget
+        spent (in steps) if that is further, so that warmup and decay fit the budget on a slow machine."""
+        if self.config.max_time is None:
+            return self.step
+        return max(self.step, self.elapsed / self.config.max_time * self.max_steps)
+
+    def _budget_eval_due(self) -> bool:
+        """With a time budget: another 1/BUDGET_EVALS of it passed since the last such evaluation."""
+        if self.config.max_time is None:
+            return False
+        passed = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
+        due = passed > self.budget_evals
+        self.budget_evals = max(self.budget_evals, passed)
+        return due
+
+    def _watch_throughput(self, tokens_per_s: float) -> None:
+        """Warn once when training runs far slower than it did early on (another process on the cores)."""
+        self.logs_seen += 1
+        if self.logs_seen <= WARMUP_LOGS:
+            return
+        if self.reference_rate is None:
+            self.reference_rate = tokens_per_s
+        elif not self.slow_warned and tokens_per_s < self.reference_rate / SLOWDOWN_FACTOR:
+            self.slow_warned = True
+            self.log(f"warning: training slowed to {tokens_per_s:,.0f} tokens/s from {self.reference_rate:,.0f} "
+                     "early on; another process is probably using the CPU. Stop it, or train with fewer threads "
+                     f"(--threads 1; now {torch.get_num_threads()}), which suffer less from sharing")
+
+    def _postfix(self, train_loss: float, lr: float, tokens_per_s: float, seconds: float) -> dict[str, str]:
+        """What the progress bar shows beside the step count; with a time budget, when the run will end."""
+        postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tokens_per_s:,.0f}"}
+        if self.best_val_loss < math.inf:
+            postfix["val"] = f"{self.best_val_loss:.3f}"
+        if self.config.max_time is not None:
+            step_seconds = seconds / self.config.log_interval
+            left = min((self.max_steps - self.step) * step_seconds, self.config.max_time - self.elapsed)
+            postfix["ends in"] = tqdm.format_interval(max(0.0, left))
+        if self.overfitting:
+            postfix["warn"] = "overfitting"
+        return postfix
 
     def _train_step(self) -> torch.Tensor:
         """One optimizer step (with gradient accumulation); returns the mean loss, still on device."""
@@ -375,6 +419,8 @@ class Trainer:
             setattr(self, name, state[name])
         self.history = list(state["history"])
         self.last_saved_step = self.step
+        if self.config.max_time is not None:  # the budget evaluations already made count as made
+            self.budget_evals = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
         restore_rng_state(state["rng"], self.batch_generator)
 
     # -- the end -------------------------------------------------------------------------------------
