@@ -33,8 +33,12 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, tokenizer_type: str,
-              training: dict[str, Any]) -> None:
-    """Save best_model.pt and best_model_config.json (weights first, so the config never points ahead)."""
+              training: dict[str, Any], tokenizer_fingerprint: str | None = None) -> None:
+    """Save best_model.pt and best_model_config.json (weights first, so the config never points ahead).
+
+    `tokenizer_fingerprint` (Tokenizer.fingerprint()) lets a load tell the run's own tokenizer from another
+    one of the same kind and size.
+    """
     folder = RunFolder(run_dir)
     state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_torch(folder.best_model, state)
@@ -42,6 +46,7 @@ def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, 
         "minillm_version": __version__,
         "model": config.to_dict(),
         "tokenizer_type": tokenizer_type,
+        **({"tokenizer_fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {}),
         "training": training,
     })
 
@@ -99,6 +104,12 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
         raise MiniLLMError(
             f"{config_path} says the model was trained with a {expected!r} tokenizer but {tokenizer_path} "
             f"is a {tokenizer.kind!r} tokenizer; use the tokenizer.json from the same run"
+        )
+    expected_fingerprint = meta.get("tokenizer_fingerprint")
+    if expected_fingerprint is not None and expected_fingerprint != tokenizer.fingerprint():
+        raise MiniLLMError(
+            f"{tokenizer_path} is not the tokenizer the model in {model_path} was trained with (same kind and "
+            "size, other tokens: its fingerprint differs); use the tokenizer.json saved in the same run folder"
         )
     device = pick_device(device)
     model = build_model(config)

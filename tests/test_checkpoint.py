@@ -127,3 +127,27 @@ def test_find_runs_lists_run_folders_only(tmp_path, tiny_run):
     shutil.copytree(tiny_run, tmp_path / "a")
     (tmp_path / "not-a-run").mkdir()
     assert find_runs(tmp_path) == [tmp_path / "a"]
+
+
+def test_a_swapped_tokenizer_of_the_same_size_is_refused(tmp_path, tiny_run):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    original = load_run(run_dir).tokenizer
+    alphabet = original.alphabet
+    swapped = CharacterTokenizer(alphabet[1:] + alphabet[0])  # same characters, other ids
+    assert swapped.vocab_size == original.vocab_size and swapped.fingerprint() != original.fingerprint()
+    swapped.save(run_dir / "tokenizer.json")
+    with pytest.raises(MiniLLMError, match="not the tokenizer the model .* was trained with"):
+        load_run(run_dir)
+    original.save(run_dir / "tokenizer.json")
+    assert load_run(run_dir).tokenizer.fingerprint() == original.fingerprint()
+
+
+def test_the_fingerprint_depends_on_the_mapping_not_the_file(tmp_path):
+    from minillm.tokenizers import BPETokenizer, load_tokenizer
+
+    texts = ["the cat sees the moon", "a dog runs to the hill"] * 20
+    bpe = BPETokenizer.train(texts, vocab_size=280)
+    bpe.save(tmp_path / "a.json")
+    reloaded = load_tokenizer(tmp_path / "a.json")
+    assert reloaded.fingerprint() == bpe.fingerprint()
+    assert BPETokenizer.train(texts[:2], vocab_size=262).fingerprint() != bpe.fingerprint()

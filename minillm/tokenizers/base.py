@@ -8,6 +8,7 @@ ordinary characters) unless the caller passes `allow_special=True`.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from minillm.run_folder import TOKENIZER_FILE
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in both kinds
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+FINGERPRINT_CHARS = 16  # hex digits of sha256 kept: 64 bits tell a run's tokenizer from any other
 
 
 class DecodeStream(Protocol):
@@ -66,6 +68,15 @@ class Tokenizer(ABC):
     def count_unknown(self, text: str) -> int:
         """How many characters of `text` this tokenizer cannot represent (they encode as unk_id)."""
         return 0
+
+    def fingerprint(self) -> str:
+        """A short hash of what the tokenizer maps (kind, vocabulary, merges), not of how its file is
+        formatted: two tokenizers with the same fingerprint encode every text alike."""
+        return hashlib.sha256(f"{self.kind}\n{self.canonical_form()}".encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+    @abstractmethod
+    def canonical_form(self) -> str:
+        """Everything that decides the mapping between text and ids, as one deterministic string."""
 
     @abstractmethod
     def save(self, path: str | Path) -> None:

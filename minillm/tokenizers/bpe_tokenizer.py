@@ -137,6 +137,10 @@ class BPETokenizer(Tokenizer):
         """An incremental decoder that never returns part of a UTF-8 character."""
         return _BPEDecodeStream(self, skip_special_tokens)
 
+    def canonical_form(self) -> str:
+        """The Hugging Face JSON of the tokenizer (deterministic: written by the Rust library)."""
+        return self._hf.to_str(pretty=False)
+
     def save(self, path: str | Path) -> None:
         """Write Hugging Face's tokenizer.json format, atomically."""
         json_str = self._hf.to_str(pretty=True)

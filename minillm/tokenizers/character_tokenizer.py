@@ -91,6 +91,9 @@ class CharacterTokenizer(Tokenizer):
         """An incremental decoder; every id is a whole character, so only skipped specials give None."""
         return _CharDecodeStream(self, skip_special_tokens)
 
+    def canonical_form(self) -> str:
+        return "\n".join([*CHAR_SPECIAL_TOKENS, self.alphabet])
+
     def save(self, path: str | Path) -> None:
         """Write our own JSON ({"type": "minillm-char", ...}), atomically."""
         write_json(tokenizer_file(path), {

@@ -30,6 +30,7 @@ from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.run_folder import RunFolder
+from minillm.tokenizers import load_tokenizer
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import mean_loss, score
 from minillm.training.metrics import MetricsLog, plot_loss_curve
@@ -129,6 +130,7 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if config.compile else self.model
 
         self.split_record = split_record
+        self.tokenizer_fingerprint = load_tokenizer(self.files.tokenizer).fingerprint()  # saved with the model
         self.train_data = self.open_split("train")
         val_data = self.open_split("val")
         self.batch_generator = torch.Generator().manual_seed(config.seed)
@@ -352,11 +354,11 @@ class Trainer:
         if improved:
             self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
             if self.main:
-                save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, {
-                    "step": self.step, "val_loss": val_loss, "train_loss": train_loss,
-                    "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "parameters": self.n_params,
-                    "data": self.split_record.get("source"),
-                })
+                summary = {"step": self.step, "val_loss": val_loss, "train_loss": train_loss,
+                           "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "parameters": self.n_params,
+                           "data": self.split_record.get("source")}
+                save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, summary,
+                          tokenizer_fingerprint=self.tokenizer_fingerprint)
         else:
             self.evals_since_best += 1
         self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss})
