@@ -192,7 +192,7 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from minillm.training import resume, train
+    from minillm.training import distributed, resume, train
 
     model_overrides = _overrides(args, "model__")
     train_overrides = _overrides(args, "train__")
@@ -201,13 +201,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config, train_config = preset_configs(args.preset, model_overrides, train_overrides)
     out = args.out or default_run_dir(train_config.data, model_config.model_type, train_config.tokenizer)
     progress = not args.no_progress
-    with stop_on_ctrl_c() as stop:
-        if args.resume:
-            result = resume(out, train_overrides, model_overrides=model_overrides, progress=progress,
-                            should_stop=stop.is_set)
-        else:
-            result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress,
-                           should_stop=stop.is_set)
+    try:
+        with stop_on_ctrl_c() as stop:
+            if args.resume:
+                result = resume(out, train_overrides, model_overrides=model_overrides, progress=progress,
+                                should_stop=stop.is_set)
+            else:
+                result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress,
+                               should_stop=stop.is_set)
+    finally:
+        distributed.teardown()
+    if not distributed.is_main_process():  # under torchrun, rank 0 reports
+        return EXIT_INTERRUPTED if result.stop_reason == "stopped" else 0
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {result.test_metrics['perplexity']:.2f})")
     if result.stop_reason == "stopped":

@@ -6,6 +6,7 @@ for the life of the training; the loop itself is trainer.Trainer.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import Tokenizer, load_tokenizer
+from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.trainer import (
     CHECKPOINT_FORMAT,
@@ -46,28 +48,38 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     The new run is prepared beside the old one (in a staging folder) and swapped in only once its data
     and tokenizer are written; `overwrite` is needed to replace a run, and only a run's own files go.
     The folder is locked for the life of the training. `should_stop`: see Trainer.fit.
+    Under torchrun, rank 0 prepares the data and the others wait for it (its error is theirs too).
     """
     folder = RunFolder(run_dir)
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
-    pick_device(config.device)
-    folder.check_new_run(overwrite)
-    data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
-                     config.val_fraction, config.test_fraction, config.seed, log)
-    with folder.lock():
-        folder.check_new_run(overwrite)  # again, now that no other training can start here
-        with folder.staging() as staged:
-            bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress and is_main_process() else None
-            tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar)
-            model_config = with_tokenizer(model_config, tokenizer)
-            write_train_config(staged, model_config, config)
-            replaced = folder.replace_with(staged)
-        if replaced:
-            log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
-        del data
-        trainer = Trainer(folder.path, model_config, config, split_record, log, progress, on_metrics)
+    distributed.setup(pick_device(config.device))
+    with contextlib.ExitStack() as held:
+        def prepare() -> tuple[dict[str, Any], dict[str, Any]]:
+            folder.check_new_run(overwrite)
+            data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
+                             config.val_fraction, config.test_fraction, config.seed, log)
+            held.enter_context(folder.lock())
+            folder.check_new_run(overwrite)  # again, now that no other training can start here
+            with folder.staging() as staged:
+                bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress else None
+                tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar)
+                trained_config = with_tokenizer(model_config, tokenizer)
+                write_train_config(staged, trained_config, config)
+                replaced = folder.replace_with(staged)
+            if replaced:
+                log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
+            return trained_config.to_dict(), split_record
+
+        trained, split_record = distributed.run_on_main(prepare)
+        trainer = Trainer(folder.path, ModelConfig.from_dict(trained), config, split_record, log, progress,
+                          on_metrics)
         trainer.describe()
-        stop_reason = trainer.fit(should_stop)
-        return trainer.result(stop_reason, trainer.test())
+        return finish(trainer, trainer.fit(should_stop))
+
+
+def finish(trainer: Trainer, stop_reason: str) -> TrainResult:
+    """The result of a run, with the best model's test metrics (scored by rank 0 alone)."""
+    return trainer.result(stop_reason, trainer.test() if is_main_process() else {})
 
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
@@ -89,7 +101,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
             f"nothing to resume in {run_dir}: it has no {folder.last_checkpoint.name} (training saves one at the "
             "first evaluation); start again with --overwrite"
         )
-    with folder.lock():
+    with folder.lock() if is_main_process() else contextlib.nullcontext():
         state = load_torch(folder.last_checkpoint)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MiniLLMError(f"{folder.last_checkpoint} is not a Mini LLM resume checkpoint; start again with "
@@ -116,5 +128,4 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
             trainer.metrics.truncate_after(trainer.step)
             write_train_config(run_dir, model_config, config)
         log(f"resuming {run_dir} at step {trainer.step} of {trainer.max_steps}")
-        stop_reason = trainer.fit(should_stop)
-        return trainer.result(stop_reason, trainer.test())
+        return finish(trainer, trainer.fit(should_stop))

@@ -11,6 +11,7 @@ minillm.data, scoring in evaluation.py. Only rank 0 writes files or prints (see 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from minillm.checkpoint import clean_state_dict, save_best
@@ -31,6 +33,7 @@ from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import load_tokenizer
+from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import mean_loss, score
 from minillm.training.metrics import MetricsLog, plot_loss_curve
@@ -114,7 +117,8 @@ class Trainer:
         self.model_config, self.config = model_config, config
         self.log, self.progress, self.on_metrics = log, progress, on_metrics
         self.main = is_main_process()
-        self.device = pick_device(config.device)
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.device = distributed.setup(pick_device(config.device))
         self.amp_dtype = autocast_dtype(config.dtype, self.device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
         if config.threads is not None:
@@ -126,8 +130,17 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config, self.device)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
-        # Compiled for speed, but weights are always saved from the uncompiled module (no `_orig_mod.`).
-        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        # Several processes: DDP averages the gradients (its first act: rank 0's weights to every rank), and
+        # each rank's dropout draws its own numbers. Compiled for speed, but weights are always saved from
+        # the plain module (no `module.` or `_orig_mod.` prefixes).
+        self.ddp = None
+        if self.world_size > 1:
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if
+                                               self.device.type == "cuda" else None)
+            torch.manual_seed(config.seed + self.rank)
+        train_model = self.ddp or self.model
+        self.forward_model = torch.compile(train_model) if config.compile else train_model
+        self.eval_model = self.model if self.ddp else self.forward_model  # the same windows on every rank
 
         self.split_record = split_record
         self.tokenizer_fingerprint = load_tokenizer(self.files.tokenizer).fingerprint()  # saved with the model
@@ -162,8 +175,13 @@ class Trainer:
 
     # -- planning ------------------------------------------------------------------------------------
 
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step, over all accumulation steps and all processes."""
+        return self.config.batch_size * self.config.grad_accum_steps * self.world_size
+
     def _tokens_per_step(self) -> float:
-        rows = self.config.batch_size * self.config.grad_accum_steps
+        rows = self.global_batch
         if self.split_record["format"] == PAIRS:
             pairs = max(1, self.split_record["samples"]["train"])
             return rows * self.split_record["tokens"]["train"] / pairs
@@ -189,6 +207,11 @@ class Trainer:
         budget = f", or {self.config.max_time:g} s, whichever comes first" if self.config.max_time else ""
         self.log(f"plan: {self.max_steps:,} steps x {self.tokens_per_step:,.0f} tokens = {total:,.0f} tokens "
                  f"= {epochs:.2f} epochs{budget}")
+        if self.world_size > 1:
+            c = self.config
+            self.log(f"distributed: {self.world_size} processes ({self.device.type}); global batch "
+                     f"{self.global_batch} sequences = {self.world_size} x batch {c.batch_size} x "
+                     f"{c.grad_accum_steps} accumulation step(s), {self.tokens_per_step:,.0f} tokens per step")
         if epochs > MANY_EPOCHS:
             self.log(f"note: {epochs:.0f} passes over {tokens['train']:,} tokens is many epochs: a "
                      f"{self.n_params / 1e6:.2f}M-parameter model will likely memorise the data "
@@ -235,7 +258,7 @@ class Trainer:
 
                 if self.step % config.log_interval == 0:
                     now = time.monotonic()
-                    train_loss = loss_sum.item() / n_log
+                    train_loss = distributed.mean_over_ranks(loss_sum).item() / n_log
                     tokens_per_s = tokens_since_log / max(now - last_log, 1e-9)
                     self._record({"kind": "train", "step": self.step, "train_loss": train_loss, "lr": lr,
                                   "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
@@ -246,11 +269,15 @@ class Trainer:
                     n_log = tokens_since_log = 0
                     last_log = now
 
-                out_of_time = config.max_time is not None and self.elapsed >= config.max_time
-                stop_asked = should_stop is not None and bool(should_stop())
+                # Every rank must take the same branch (an evaluation is collective): the time budget runs on
+                # rank 0's clock, and a stop asked on any rank counts for all.
+                out_of_time, stop_asked, budget_eval = distributed.any_rank(
+                    [self.main and config.max_time is not None and self.elapsed >= config.max_time,
+                     should_stop is not None and bool(should_stop()), self.main and self._budget_eval_due()],
+                    self.device)
                 if (self.step % config.eval_interval == 0 or self.step == self.max_steps or out_of_time
-                        or stop_asked or self._budget_eval_due()):
-                    self._evaluate_and_save(eval_loss_sum.item() / max(1, n_eval))
+                        or stop_asked or budget_eval):
+                    self._evaluate_and_save(distributed.mean_over_ranks(eval_loss_sum).item() / max(1, n_eval))
                     eval_loss_sum.zero_()
                     n_eval = 0
                     if config.patience is not None and self.evals_since_best >= config.patience:
@@ -318,15 +345,26 @@ class Trainer:
         return postfix
 
     def _train_step(self) -> torch.Tensor:
-        """One optimizer step (with gradient accumulation); returns the mean loss, still on device."""
-        config = self.config
+        """One optimizer step (with gradient accumulation); returns this rank's mean loss, still on device.
+
+        Every rank draws the same global batch (the batch generator is seeded alike everywhere) and takes
+        its own micro-batches of it: micro-batch `j * world_size + rank` at accumulation step j. So the
+        data of a step, and the averaged gradient, do not depend on how the batch is split over processes
+        and accumulation steps (2 processes x 1 step = 1 process x 2 steps).
+        """
+        config, size = self.config, self.config.batch_size
+        starts = self.train_data.sample_starts(self.global_batch, self.batch_generator)
         total = torch.zeros((), device=self.device)
-        for _ in range(config.grad_accum_steps):
-            batch = self.train_data.sample(config.batch_size, self.batch_generator, self.device)
-            with autocast(self.device, self.amp_dtype):
+        for j in range(config.grad_accum_steps):
+            first = (j * self.world_size + self.rank) * size
+            batch = self.train_data.batch_at(starts[first:first + size], self.device)
+            last = j == config.grad_accum_steps - 1
+            # DDP all-reduces the gradients on the last micro-step only.
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync, autocast(self.device, self.amp_dtype):
                 _, loss = self.forward_model(**batch)
-            loss = loss / config.grad_accum_steps
-            self.scaler.scale(loss).backward()
+                loss = loss / config.grad_accum_steps
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         if config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -344,7 +382,9 @@ class Trainer:
     # -- evaluation and checkpoints ------------------------------------------------------------------
 
     def _evaluate_and_save(self, train_loss: float) -> None:
-        val_loss, _ = mean_loss(self.forward_model, self.eval_batches, self.device, self.amp_dtype)
+        val_loss, _ = mean_loss(self.eval_model, self.eval_batches, self.device, self.amp_dtype)
+        val_loss = distributed.mean_over_ranks(torch.tensor(val_loss, device=self.device)).item()
+        rank_rng = distributed.gather_to_all(torch.get_rng_state()) if self.ddp else None
         if not math.isfinite(val_loss):
             raise MiniLLMError(
                 f"training diverged at step {self.step} (validation loss is {val_loss}); "
@@ -367,8 +407,9 @@ class Trainer:
                       "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                       "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                       "overfitting": self.overfitting})
+        self.last_saved_step = self.step
         if self.main:
-            self.save_last()
+            self.save_last(rank_rng)
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
                                   f"{self.n_params / 1e6:.2f}M parameters")
@@ -385,8 +426,12 @@ class Trainer:
                 f"keeps the best model (step {self.best_step}, val loss {self.best_val_loss:.4f})."
             )
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: tensors and plain Python types only."""
+    def checkpoint_state(self, rank_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: tensors and plain Python types only.
+
+        `rank_rng`: each rank's torch generator state (its dropout) in a distributed run. The batch
+        generator is the same on every rank, so rank 0's "rng" serves them all.
+        """
         return {
             "format": CHECKPOINT_FORMAT,
             "minillm_version": __version__,
@@ -402,12 +447,14 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "overfitting": self.overfitting,
             "rng": rng_state(self.batch_generator),
+            "rank_rng": rank_rng or [],
+            "world_size": self.world_size,
             "model_config": self.model_config.to_dict(),
             "train_config": self.config.to_dict(),
         }
 
-    def save_last(self) -> None:
-        save_torch(self.files.last_checkpoint, self.checkpoint_state())
+    def save_last(self, rank_rng: list[torch.Tensor] | None = None) -> None:
+        save_torch(self.files.last_checkpoint, self.checkpoint_state(rank_rng))
         self.last_saved_step = self.step
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -424,6 +471,9 @@ class Trainer:
         if self.config.max_time is not None:  # the budget evaluations already made count as made
             self.budget_evals = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
         restore_rng_state(state["rng"], self.batch_generator)
+        rank_rng = state.get("rank_rng") or []
+        if self.ddp is not None and len(rank_rng) == self.world_size:  # same world size: exactly as it was
+            torch.set_rng_state(rank_rng[self.rank])
 
     # -- the end -------------------------------------------------------------------------------------
 
