@@ -21,6 +21,7 @@ bench: setup
 	$(PY) bench/tokenizers.py
 	$(PY) bench/generation.py
 	$(PY) bench/train_shakespeare.py
+	$(PY) bench/distributed.py
 
 screenshot: setup  # refresh the README's picture of the web UI (docs/ui.png) from the browser test
 	bash scripts/install_browser.sh
