@@ -7,6 +7,7 @@ so a typo in a saved or hand-written config is caught.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +17,8 @@ TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_THREADS = 1024
+MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
+MAX_STEPS = 10**12
 
 
 def _check(condition: bool, message: str) -> None:
@@ -50,14 +53,39 @@ class _JSONConfig:
         return dataclasses.replace(self, **changes)
 
 
-def option(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by `minillm train --help`), kept next to the field."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, low: float | None = None, high: float | None = None) -> Any:
+    """A config field with its help text (shown by `minillm train --help`) and, for a number, the sane
+    range it must lie in (inclusive), kept next to the field. Numbers must also be finite."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
 def field_help(cls: type, name: str) -> str:
-    """The help text of a config field."""
-    return next(f.metadata.get("help", name) for f in dataclasses.fields(cls) if f.name == name)
+    """The help text of a config field, with its range when it has one."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    low, high = f.metadata.get("low"), f.metadata.get("high")
+    bounds = f" [{_number(low)}..{_number(high)}]" if low is not None and high is not None else ""
+    return f.metadata.get("help", name) + bounds
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 1,000,000 rather than 1e+06, 0.001 rather than 1e-03."""
+    if float(value).is_integer() and abs(value) < 2**64:
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def check_bounds(config: Any) -> None:
+    """Refuse a number of the wrong type, not finite, or outside its field's range (see `option`)."""
+    for f in dataclasses.fields(config):
+        low, high, value = f.metadata.get("low"), f.metadata.get("high"), getattr(config, f.name)
+        if low is None or value is None:
+            continue
+        whole = str(f.type).replace(" | None", "") == "int"
+        kind = "a whole number" if whole else "a number"
+        ok_type = isinstance(value, int) if whole else isinstance(value, (int, float))
+        _check(ok_type and not isinstance(value, bool), f"{f.name} must be {kind}, got {value!r}")
+        _check(math.isfinite(value) and low <= value <= high,
+               f"{f.name} must be between {_number(low)} and {_number(high)}, got {value!r}")
 
 
 @dataclass
@@ -65,24 +93,28 @@ class ModelConfig(_JSONConfig):
     """The shape of a model. This is what `best_model_config.json` holds under "model"."""
 
     model_type: str = option("decoder_only", "the model kind, a name in minillm.models' registry")
-    vocab_size: int = option(256, "token ids the model knows; set from the trained tokenizer")
-    d_model: int = option(128, "width of the model (embedding size)")
-    n_layers: int = option(4, "number of transformer blocks (each stack, for the encoder-decoder)")
-    n_encoder_layers: int | None = option(None, "encoder depth of the encoder-decoder (default: --n-layers)")
-    n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)")
-    n_heads: int = option(4, "attention heads (must divide --d-model)")
-    d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model)")
-    max_seq_len: int = option(256, "context length in tokens (the training window, block size)")
-    dropout: float = option(0.0, "dropout probability (0 to 0.3 fights overfitting on small data)")
-    rope_theta: float = option(10000.0, "base of the rotary position embedding")
+    vocab_size: int = option(256, "token ids the model knows; set from the trained tokenizer", 1, MAX_VOCAB_SIZE)
+    d_model: int = option(128, "width of the model (embedding size)", 1, 65536)
+    n_layers: int = option(4, "number of transformer blocks (each stack, for the encoder-decoder)", 1, 1024)
+    n_encoder_layers: int | None = option(None, "encoder depth of the encoder-decoder (default: --n-layers)", 1,
+                                          1024)
+    n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)", 1,
+                                          1024)
+    n_heads: int = option(4, "attention heads (must divide --d-model)", 1, 4096)
+    d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model)",
+                              1, 2**20)
+    max_seq_len: int = option(256, "context length in tokens (the training window, block size)", 1, 2**20)
+    dropout: float = option(0.0, "dropout probability (0 to 0.3 fights overfitting on small data)", 0, 0.99)
+    rope_theta: float = option(10000.0, "base of the rotary position embedding", 1, 1e9)
     tie_embeddings: bool = option(True, "share the input embedding and the output layer")
-    norm_eps: float = option(1e-5, "epsilon of the RMS norms")
+    norm_eps: float = option(1e-5, "epsilon of the RMS norms", 1e-12, 1)
     # The special token ids of the tokenizer the model was trained with.
     pad_id: int = option(0, "padding token id (from the tokenizer)")
     bos_id: int = option(1, "beginning-of-sample token id (from the tokenizer)")
     eos_id: int = option(2, "end-of-sample token id (from the tokenizer)")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         # Which kinds exist is the models' registry's to say (build_model refuses an unknown one).
         _check(isinstance(self.model_type, str) and bool(self.model_type),
                f"model_type must be the name of a model kind, got {self.model_type!r}")
@@ -101,9 +133,7 @@ class ModelConfig(_JSONConfig):
             self.n_decoder_layers = self.n_layers
         if self.d_ff is None:
             self.d_ff = 32 * -(-(8 * self.d_model // 3) // 32)
-        for name in ("n_encoder_layers", "n_decoder_layers", "d_ff"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check_bounds(self)  # again, with the defaults filled in
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         _check(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
@@ -129,7 +159,7 @@ class TrainConfig(_JSONConfig):
     data: str | None = option(None, "text file (or TSV/JSONL pairs); none trains on the bundled Tiny Shakespeare")
     tokenizer: str = option("char", "byte-level BPE or characters")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
-                                       "tokenizer)")
+                                       "tokenizer)", 1, MAX_VOCAB_SIZE)
     split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
                                           "separator string")
     separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
@@ -137,34 +167,36 @@ class TrainConfig(_JSONConfig):
     test_fraction: float = option(0.05, "share of samples held out for the final test")
     source_fraction: float = option(0.5, "encoder-decoder on plain text: share of each window given as the source")
     # Optimisation
-    batch_size: int = option(32, "sequences per optimizer step (per accumulation step)")
-    learning_rate: float = option(1e-3, "peak learning rate (after warmup)")
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(100, "steps of linear learning-rate warmup")
-    max_steps: int = option(2000, "optimizer steps to train for")
+    batch_size: int = option(32, "sequences per optimizer step (per accumulation step)", 1, 10**6)
+    learning_rate: float = option(1e-3, "peak learning rate (after warmup)", 1e-12, 10)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", 0, 10)
+    warmup_steps: int = option(100, "steps of linear learning-rate warmup", 0, MAX_STEPS)
+    max_steps: int = option(2000, "optimizer steps to train for", 1, MAX_STEPS)
     epochs: float | None = option(None, "train for this many passes over the training tokens instead of "
-                                        "--max-steps")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+                                        "--max-steps", 1e-6, 1e6)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)", 0, 100)
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
-    grad_clip: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)")
-    grad_accum_steps: int = option(1, "batches summed per optimizer step")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)", 0, 1e6)
+    grad_accum_steps: int = option(1, "batches summed per optimizer step", 1, 10**6)
     # Evaluation, logging and budget
-    eval_interval: int = option(250, "evaluate on the validation set (and save checkpoints) every N steps")
-    eval_batches: int = option(20, "validation batches per evaluation")
-    log_interval: int = option(10, "log the training loss every N steps")
-    patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)")
+    eval_interval: int = option(250, "evaluate on the validation set (and save checkpoints) every N steps", 1,
+                                MAX_STEPS)
+    eval_batches: int = option(20, "validation batches per evaluation", 1, 10**6)
+    log_interval: int = option(10, "log the training loss every N steps", 1, MAX_STEPS)
+    patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)", 1, 10**9)
     max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
-                                           "('none': no budget)")
+                                           "('none': no budget)", 0.001, 1e9)
     # Runtime
-    seed: int = option(1337, "random seed (same seed, same run on CPU)")
+    seed: int = option(1337, "random seed (same seed, same run on CPU)", 0, 2**63 - 1)
     device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: the best available)")
     threads: int | None = option(None, "CPU threads (default: PyTorch's, one per core); on a machine shared with "
-                                       "another job, 1 is often faster")
+                                       "another job, 1 is often faster", 1, MAX_THREADS)
     compile: bool = option(False, "torch.compile the model (faster on GPU after a slow first step)")
     dtype: str = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere; or float32, bfloat16, float16")
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         _check(self.tokenizer in TOKENIZER_TYPES,
                f"tokenizer must be one of {TOKENIZER_TYPES}, got {self.tokenizer!r}")
         _check(self.split_mode in SPLIT_MODES,

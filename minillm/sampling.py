@@ -13,6 +13,13 @@ import torch
 
 from minillm.errors import MiniLLMError
 
+# The ranges where sampling stays exact in float32: a temperature below MIN_TEMPERATURE (or a penalty beyond
+# its bounds) scales logits past what float32 holds, and the softmax would be NaN.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+MAX_NEW_TOKENS = 10**9
+MAX_TOP_K = 2**31 - 1
+
 
 def check_sampling_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                             repetition_penalty: float) -> None:
@@ -21,16 +28,22 @@ def check_sampling_settings(max_new_tokens: int, temperature: float, top_k: int 
     top_k: None or 0 disables it (the Hugging Face convention); a negative top_k is an error; a top_k
     larger than the vocabulary is clamped to the vocabulary size by `sample_next_token`.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise MiniLLMError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not _is_number(temperature) or not temperature >= 0 or math.isinf(temperature):
-        raise MiniLLMError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not _is_number(top_k) or top_k != int(top_k) or top_k < 0):
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+            or not 0 < max_new_tokens <= MAX_NEW_TOKENS):
+        raise MiniLLMError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
+                           f"got {max_new_tokens!r}")
+    if not _is_number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise MiniLLMError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
+                           f"got {temperature!r}")
+    if top_k is not None and (not _is_number(top_k) or not math.isfinite(top_k) or top_k != int(top_k)
+                              or not 0 <= top_k <= MAX_TOP_K):
         raise MiniLLMError(f"top_k must be a whole number >= 0 (0 or None = off), got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise MiniLLMError(f"top_p must be in (0, 1] (1 or None = off), got {top_p!r}")
-    if not _is_number(repetition_penalty) or not repetition_penalty > 0 or math.isinf(repetition_penalty):
-        raise MiniLLMError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+    if not _is_number(repetition_penalty) or not (
+            MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY):
+        raise MiniLLMError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
+                           f"{MAX_REPETITION_PENALTY:g} (1 = off), got {repetition_penalty!r}")
 
 
 def _is_number(value: object) -> bool:

@@ -33,7 +33,7 @@ def test_defaults_are_derived_and_stay_derived_after_a_round_trip():
 @pytest.mark.parametrize("values, message", [
     (dict(d_model=30, n_heads=4), "divisible by n_heads"),
     (dict(d_model=12, n_heads=4), "must be even"),
-    (dict(n_layers=0), "n_layers must be a positive integer"),
+    (dict(n_layers=0), "n_layers must be between 1 and 1,024, got 0"),
     (dict(model_type=""), "model_type must be the name of a model kind"),
     (dict(dropout=1.5), "dropout"),
     (dict(vocab_size=3, eos_id=5), "eos_id must be a token id below vocab_size"),
@@ -46,11 +46,11 @@ def test_nonsense_model_settings_are_refused_with_the_reason(values, message):
 
 @pytest.mark.parametrize("values, message", [
     (dict(tokenizer="word"), "tokenizer must be one of"),
-    (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(learning_rate=-1.0), "learning_rate must be positive"),
+    (dict(batch_size=0), "batch_size must be between 1 and 1,000,000, got 0"),
+    (dict(learning_rate=-1.0), "learning_rate must be between"),
     (dict(min_lr=1.0, learning_rate=1e-3), "min_lr"),
     (dict(val_fraction=0.7), "val_fraction"),
-    (dict(max_time=0.0), "max_time must be positive"),
+    (dict(max_time=0.0), "max_time must be between 0.001 and"),
     (dict(dtype="int8"), "dtype"),
 ])
 def test_nonsense_train_settings_are_refused_with_the_reason(values, message):
@@ -66,10 +66,12 @@ def test_a_typo_in_a_saved_config_is_an_error_not_silently_ignored():
 
 
 def test_a_value_of_the_wrong_type_in_a_saved_config_is_a_clear_error():
-    with pytest.raises(MiniLLMError, match="ModelConfig field has a value of the wrong type"):
+    with pytest.raises(MiniLLMError, match="dropout must be a number, got '0.1'"):
         ModelConfig.from_dict({"dropout": "0.1"})
-    with pytest.raises(MiniLLMError, match="TrainConfig field has a value of the wrong type"):
+    with pytest.raises(MiniLLMError, match="learning_rate must be a number, got 'fast'"):
         TrainConfig.from_dict({"learning_rate": "fast"})
+    with pytest.raises(MiniLLMError, match="TrainConfig field has a value of the wrong type"):
+        TrainConfig.from_dict({"val_fraction": "a tenth"})
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -81,3 +83,29 @@ def test_every_preset_builds_valid_configs_and_overrides_win(name):
 def test_unknown_preset_names_the_choices():
     with pytest.raises(MiniLLMError, match="unknown preset 'huge'.*cpu"):
         preset_configs("huge")
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (ModelConfig, dict(vocab_size=10**12), "vocab_size must be between 1 and 1,048,576"),
+    (ModelConfig, dict(d_model=2**40, n_heads=1), "d_model must be between"),
+    (ModelConfig, dict(rope_theta=float("inf")), "rope_theta must be between"),
+    (ModelConfig, dict(norm_eps=float("nan")), "norm_eps must be between"),
+    (ModelConfig, dict(n_layers=2.5), "n_layers must be a whole number"),
+    (ModelConfig, dict(dropout=True), "dropout must be a number"),
+    (TrainConfig, dict(learning_rate=float("inf")), "learning_rate must be between"),
+    (TrainConfig, dict(seed=2**64), "seed must be between 0 and 9,223,372,036,854,775,807"),
+    (TrainConfig, dict(seed=-1), "seed must be between"),
+    (TrainConfig, dict(bpe_vocab_size=2**31), "bpe_vocab_size must be between"),
+    (TrainConfig, dict(max_steps=10**15), "max_steps must be between"),
+    (TrainConfig, dict(max_time=float("nan")), "max_time must be between"),
+])
+def test_numbers_outside_their_documented_range_are_refused(cls, values, message):
+    with pytest.raises(MiniLLMError, match=message):
+        cls(**values)
+
+
+def test_the_ranges_are_in_the_help():
+    from minillm.config import field_help
+
+    assert field_help(TrainConfig, "batch_size").endswith("[1..1,000,000]")
+    assert field_help(ModelConfig, "dropout").endswith("[0..0.99]")

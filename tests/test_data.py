@@ -221,3 +221,47 @@ def test_pair_batches_pad_and_shift(tmp_path, char_tokenizer):
     assert batch["targets"][1].tolist() == tok.encode("hgfe") + [tok.eos_id]
     assert batch["targets"][2].tolist() == [tok.eos_id] + [tok.pad_id] * 4  # empty target: just EOS
     assert batch["tgt_mask"][2].tolist() == [True, False, False, False, False]
+
+
+def test_damaged_prepared_files_are_clear_errors(tmp_path, tiny_run):
+    import shutil
+
+    from minillm.checkpoint import load_run
+    from minillm.data.batches import open_split
+    from minillm.models import is_encoder_decoder
+    from minillm.run_folder import RunFolder
+    from minillm.training import resume
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    files = RunFolder(run_dir)
+    config = load_run(run_dir).config
+
+    def open_train():
+        return open_split(run_dir, "train", config, is_encoder_decoder(config), 0.5)
+
+    data = files.tokens("train").read_bytes()
+    files.tokens("train").write_bytes(data[:-1])  # half a token
+    with pytest.raises(MiniLLMError, match="damaged or truncated .*bytes.*--overwrite"):
+        open_train()
+    files.tokens("train").write_bytes(data[:-200])  # whole tokens, but fewer than split.json says
+    with pytest.raises(MiniLLMError, match="damaged or truncated .*tokens, .* expected"):
+        open_train()
+    files.tokens("train").write_bytes(data)
+    files.split_record.write_text('{"format": "text"}', encoding="utf-8")
+    with pytest.raises(MiniLLMError, match="split record .* is damaged"):
+        open_train()
+    files.last_checkpoint.write_bytes(files.last_checkpoint.read_bytes()[:100])
+    with pytest.raises(MiniLLMError, match="corrupt"):
+        resume(run_dir, progress=False, log=lambda m: None)
+
+
+def test_damaged_pair_offsets_are_a_clear_error(tmp_path):
+    from minillm.data.prepare import read_offsets
+
+    path = tmp_path / "train.offsets.npy"
+    np.save(path, np.array([[0, 5, 3], [0, 1, 2]]))  # a source that ends before it starts
+    with pytest.raises(MiniLLMError, match="damaged"):
+        read_offsets(path)
+    path.write_bytes(b"not numpy")
+    with pytest.raises(MiniLLMError, match="damaged"):
+        read_offsets(path)

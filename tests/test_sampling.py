@@ -139,6 +139,12 @@ def test_sampled_tokens_are_always_among_the_top_k(seed, vocab, top_k, top_p, te
     (dict(top_p=float("nan")), "top_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(temperature=1e-300), "temperature must be 0 \\(greedy\\) or between"),
+    (dict(repetition_penalty=1e300), "repetition_penalty must be between"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty must be between"),
+    (dict(top_k=float("inf")), "top_k"),
+    (dict(top_k=2**70), "top_k"),
+    (dict(max_new_tokens=10**30), "max_new_tokens"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     values = dict(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
@@ -154,3 +160,12 @@ def test_good_edge_settings_are_accepted():
     check_sampling_settings(1, 0.0, 0, 1.0, 1.0)
     check_sampling_settings(1, 2.0, 10_000, 0.5, 0.5)
     check_sampling_settings(1, 1, 5.0, 1, 2)  # integral floats and ints where floats are expected
+
+
+@pytest.mark.parametrize("temperature, penalty", [(1e-4, 1.0), (100.0, 1.0), (1.0, 100.0), (1e-4, 1e-2)])
+def test_settings_at_the_edges_of_their_ranges_sample_real_tokens(temperature, penalty):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=generator) * 30  # large logits: the worst case for overflow
+    previous = torch.randint(50, (3, 10), generator=generator)
+    tokens = sample_next_token(logits, temperature, None, None, penalty, previous, generator)
+    assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 50)).all()

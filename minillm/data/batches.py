@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from minillm.data.corpus import PAIRS
-from minillm.data.prepare import INCOMPLETE_FIX, read_split_record, read_stream
+from minillm.data.prepare import INCOMPLETE_FIX, read_offsets, read_split_record, read_stream
 from minillm.errors import MiniLLMError
 from minillm.run_folder import RunFolder
 
@@ -147,23 +147,26 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def open_split(run_dir: str | Path, split: str, model_config: Any, encoder_decoder: bool,
                source_fraction: float) -> LMBatches | PairBatches:
-    """Batches of one split of a prepared run folder."""
+    """Batches of one split of a prepared run folder, checked against the token counts in split.json."""
     record = read_split_record(run_dir)
     return open_prepared(run_dir, split, record["format"], record["dtype"], model_config, encoder_decoder,
-                         source_fraction)
+                         source_fraction, expected_tokens=record["tokens"].get(split))
 
 
 def open_prepared(folder: str | Path, split: str, fmt: str, dtype: str, model_config: Any, encoder_decoder: bool,
-                  source_fraction: float) -> LMBatches | PairBatches:
+                  source_fraction: float, expected_tokens: int | None = None) -> LMBatches | PairBatches:
     """Batches of one split prepared in `folder` (a run folder, or a temporary one for `evaluate --data`)."""
     files = RunFolder(folder)
     if fmt == PAIRS:
         offsets_path = files.pair_offsets(split)
         if not offsets_path.is_file():
             raise MiniLLMError(f"{offsets_path} is missing; the run folder is incomplete: {INCOMPLETE_FIX}")
-        src, tgt = (read_stream(files.pair_tokens(split, side), dtype) for side in ("src", "tgt"))
-        return PairBatches(src, tgt, np.load(offsets_path), model_config.max_seq_len, model_config.pad_id,
+        offsets = read_offsets(offsets_path)
+        src = read_stream(files.pair_tokens(split, "src"), dtype, int(offsets[0, -1]))
+        tgt = read_stream(files.pair_tokens(split, "tgt"), dtype, int(offsets[1, -1]))
+        return PairBatches(src, tgt, offsets, model_config.max_seq_len, model_config.pad_id,
                            model_config.bos_id, model_config.eos_id)
-    tokens = read_stream(files.tokens(split), dtype)
+    tokens = read_stream(files.tokens(split), dtype, expected_tokens)
     return LMBatches(tokens, model_config.max_seq_len, encoder_decoder, source_fraction, model_config.bos_id,
                      model_config.pad_id)
+

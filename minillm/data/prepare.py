@@ -99,14 +99,40 @@ def write_pair_streams(folder: str | Path, split: str, tokenizer: Any, pairs: li
     return int(offsets[1][-1])
 
 
-def read_stream(path: str | Path, dtype: str | np.dtype) -> np.ndarray:
-    """A token file as a read-only memmap (an empty file as an empty array: memmap refuses size 0)."""
+def read_stream(path: str | Path, dtype: str | np.dtype, expected: int | None = None) -> np.ndarray:
+    """A token file as a read-only memmap (an empty file as an empty array: memmap refuses size 0).
+
+    A file whose size is not a whole number of tokens, or not the `expected` count, is damaged.
+    """
     path = Path(path)
     if not path.is_file():
         raise MiniLLMError(f"token file missing: {path}; the run folder is incomplete: {INCOMPLETE_FIX}")
-    if path.stat().st_size == 0:
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:
+        raise MiniLLMError(f"unknown token type {dtype!r} for {path}; the split record is damaged: "
+                           f"{INCOMPLETE_FIX}") from None
+    size = path.stat().st_size
+    if size % itemsize or (expected is not None and size // itemsize != expected):
+        found = f"{size:,} bytes" if size % itemsize else f"{size // itemsize:,} tokens"
+        wanted = f", {expected:,} expected" if expected is not None else ""
+        raise MiniLLMError(f"token file {path} is damaged or truncated ({found}{wanted}): {INCOMPLETE_FIX}")
+    if size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def read_offsets(path: Path) -> np.ndarray:
+    """The (2, N + 1) offsets of a pair split: non-decreasing from 0, or the file is damaged."""
+    try:
+        offsets = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise MiniLLMError(f"{path} is damaged ({e}): {INCOMPLETE_FIX}") from None
+    if (offsets.ndim != 2 or offsets.shape[0] != 2 or offsets.shape[1] < 1
+            or not np.issubdtype(offsets.dtype, np.integer) or (offsets[:, 0] != 0).any()
+            or (np.diff(offsets, axis=1) < 0).any()):
+        raise MiniLLMError(f"{path} is damaged (not the offsets of a pair split): {INCOMPLETE_FIX}")
+    return offsets
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,8 +183,17 @@ def save_split_record(folder: str | Path, spec: DataSpec, record: dict[str, Any]
     return split_record
 
 
+SPLIT_RECORD_KEYS = {"format": str, "dtype": str, "tokens": dict, "samples": dict}
+
+
 def read_split_record(run_dir: str | Path) -> dict[str, Any]:
-    return read_json(RunFolder(run_dir).split_record, "split record")
+    """split.json, checked to hold what the batches need."""
+    path = RunFolder(run_dir).split_record
+    record = read_json(path, "split record")
+    broken = not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in SPLIT_RECORD_KEYS.items())
+    if broken:
+        raise MiniLLMError(f"split record {path} is damaged (it needs {sorted(SPLIT_RECORD_KEYS)}): {INCOMPLETE_FIX}")
+    return record
 
 
 @dataclass
@@ -209,7 +244,7 @@ def sample_prompt(run_dir: str | Path, tokenizer: Tokenizer, max_tokens: int) ->
     record = read_split_record(run_dir)
     pairs = record["format"] == PAIRS
     if pairs:
-        offsets = np.load(files.pair_offsets("test"))
+        offsets = read_offsets(files.pair_offsets("test"))
         ids = read_stream(files.pair_tokens("test", "src"), record["dtype"])[offsets[0, 0]:offsets[0, 1]]
     else:
         ids = read_stream(files.tokens("test"), record["dtype"])
