@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib.util
 import signal
 import sys
@@ -300,6 +301,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
     try:
@@ -313,7 +320,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except OSError as e:  # permission denied, disk full, ...: name the file, no traceback
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        hint = "; free some space or use a folder on another disk" if e.errno == errno.ENOSPC else ""
+        print(f"error: {e.strerror or e}{where}{hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's out-of-memory errors (CPU and CUDA)
+        if not isinstance(e, MemoryError) and not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory ({type(e).__name__}); use a smaller --batch-size, --block-size or model "
+              "(--d-model, --n-layers), or --grad-accum-steps to keep the batch", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = " (continue training with the same command plus --resume)" if args.command == "train" else ""

@@ -8,9 +8,11 @@ and torch only when a torch file is read or written, so the tokenizers can use i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from minillm.errors import MiniLLMError
+
+MIN_FREE_BYTES = 1 << 20  # a failed write with less than this free on the disk: the disk is full
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -31,9 +35,23 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: never leave the temporary file behind
+    except BaseException as e:  # Ctrl-C included: never leave the temporary file behind
+        # A full disk shows as ENOSPC, or (torch.save) as a RuntimeError of its own: look before the
+        # temporary file goes and gives the space back.
+        full = isinstance(e, OSError) and e.errno in DISK_FULL
+        full = full or (isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < MIN_FREE_BYTES)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise MiniLLMError(disk_full_message(path)) from None
         raise
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_full_message(path: Path) -> str:
+    return (f"no space left on the disk to write {path}; free some space or use a folder on another disk "
+            f"(--out); {path.name} was left as it was")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import make_corpus
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
@@ -190,3 +191,32 @@ def test_a_first_ctrl_c_stops_training_gracefully_and_saves(tmp_path, corpus_fil
     step = load_torch(run_dir / "last.pt")["step"]  # evaluated and saved where it stopped
     assert step >= 1 and f"stopped at step {step}" in out
     assert (run_dir / "test_metrics.json").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KB filesystem (tmpfs; needs root, as on the CI machine), so that a write really fills it."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.parametrize("paragraphs, model, full_at", [
+    (3000, [], "train.bin"),  # the token files do not fit
+    (300, ["--d-model", "128", "--n-heads", "2"], ".pt"),  # the data fits, a checkpoint does not
+])
+def test_a_disk_that_fills_up_during_training_is_one_clear_line(small_disk, capsys, paragraphs, model, full_at):
+    corpus = small_disk.parent / "corpus.txt"  # on the normal disk: only the run folder is short of space
+    corpus.write_text(make_corpus(paragraphs), encoding="utf-8")
+    run_dir = small_disk / "run"
+    status = main(["train", str(corpus), *TINY, *model, "--out", str(run_dir)])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.startswith("error:") and "no space left" in err.lower() and "another disk" in err
+    assert full_at in err.split(";")[0]
+    assert not list(run_dir.rglob("*.tmp"))  # no temporary file left behind
