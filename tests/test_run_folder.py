@@ -135,3 +135,24 @@ def test_a_killed_training_leaves_no_stale_lock(tmp_path):
         except MiniLLMError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_a_training_that_cannot_fit_in_memory_is_refused_with_its_estimate(tmp_path, corpus_file):
+    model_config, train_config = tiny_configs(data=corpus_file, batch_size=10**6)
+    model_config = model_config.replace(max_seq_len=4096)
+    with pytest.raises(MiniLLMError, match=r"needs about [\d.]+ (GiB|TiB).* free; make it smaller: --batch-size"):
+        train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_estimate_grows_with_the_batch_and_the_context():
+    from minillm.config import preset_configs
+    from minillm.training.memory import estimate_training_memory
+
+    model, config = preset_configs("cpu")
+    base = estimate_training_memory(model, config)
+    assert base.parameters > 0 and base.weights_and_optimizer == 16 * base.parameters
+    double_batch = estimate_training_memory(model, config.replace(batch_size=2 * config.batch_size))
+    assert double_batch.activations == 2 * base.activations
+    assert double_batch.weights_and_optimizer == base.weights_and_optimizer
+    assert estimate_training_memory(model.replace(max_seq_len=128), config).activations == 2 * base.activations

@@ -40,6 +40,12 @@ class Tokenizer(ABC):
     eos_id: int = EOS_ID
     unk_id: int | None = None
 
+    @classmethod
+    def planned_vocab_size(cls, vocab_size: int) -> int:
+        """The vocabulary a tokenizer of this kind trained with target `vocab_size` will about have (for
+        estimates made before it is trained)."""
+        return vocab_size
+
     @property
     @abstractmethod
     def vocab_size(self) -> int:

@@ -28,6 +28,7 @@ from minillm.tokenizers.base import (
 
 FILE_TYPE = "minillm-char"  # the "type" field that marks our tokenizer.json
 FILE_VERSION = 1
+TYPICAL_ALPHABET = 512  # letters, digits, punctuation and some accented or other scripts' characters
 CHAR_SPECIAL_TOKENS = [*SPECIAL_TOKENS, UNK_TOKEN]
 UNK_ID = CHAR_SPECIAL_TOKENS.index(UNK_TOKEN)
 UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # what unk_id decodes to
@@ -59,6 +60,11 @@ class CharacterTokenizer(Tokenizer):
             chars.update(text)
         require_text(seen_text)
         return cls("".join(sorted(chars)))
+
+    @classmethod
+    def planned_vocab_size(cls, vocab_size: int) -> int:
+        """Not known before training (it is the characters of the text): a typical alphabet's size."""
+        return TYPICAL_ALPHABET
 
     @property
     def vocab_size(self) -> int:

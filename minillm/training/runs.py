@@ -19,9 +19,10 @@ from minillm.errors import MiniLLMError
 from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
 from minillm.run_folder import RunFolder
-from minillm.tokenizers import Tokenizer, load_tokenizer
+from minillm.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
+from minillm.training.memory import check_memory
 from minillm.training.trainer import (
     CHECKPOINT_FORMAT,
     LogFn,
@@ -52,12 +53,14 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     """
     folder = RunFolder(run_dir)
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
-    distributed.setup(pick_device(config.device))
+    device = distributed.setup(pick_device(config.device))
     with contextlib.ExitStack() as held:
         def prepare() -> tuple[dict[str, Any], dict[str, Any]]:
             folder.check_new_run(overwrite)
             data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
                              config.val_fraction, config.test_fraction, config.seed, log)
+            vocab = TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size)
+            check_memory(model_config, config, device, vocab)  # before anything is written or allocated
             held.enter_context(folder.lock())
             folder.check_new_run(overwrite)  # again, now that no other training can start here
             with folder.staging() as staged:

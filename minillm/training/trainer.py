@@ -36,6 +36,7 @@ from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import mean_loss, score
+from minillm.training.memory import check_memory
 from minillm.training.metrics import MetricsLog, plot_loss_curve
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.rng import restore_rng_state, rng_state
@@ -124,6 +125,7 @@ class Trainer:
         if config.threads is not None:
             torch.set_num_threads(config.threads)
 
+        check_memory(model_config, config, self.device)  # (again: now the vocabulary is known)
         torch.manual_seed(config.seed)
         self.model = build_model(model_config).to(self.device)
         self.n_params = count_parameters(self.model)
