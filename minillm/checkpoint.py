@@ -16,6 +16,7 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, read_json, save_torch, write_json
 from minillm.models import build_model, pick_device
+from minillm.models.llama import fuse_split
 from minillm.run_folder import BEST_CONFIG_FILE, RunFolder
 from minillm.tokenizers import load_tokenizer
 from minillm.version import __version__
@@ -116,7 +117,7 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
     state = load_torch(model_path)
     if not isinstance(state, dict):
         raise MiniLLMError(f"checkpoint {model_path} does not hold a state_dict; retrain or pick another file")
-    state = clean_state_dict(state)
+    state = fuse_split(clean_state_dict(state))  # (checkpoints from before the projections were fused)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

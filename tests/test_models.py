@@ -18,6 +18,8 @@ from minillm.models import (
     pick_device,
 )
 from minillm.models.decoding import CONTEXT_KEEP_FRACTION
+from minillm.models.llama import fuse_split, split_fused
+from minillm.sampling import MAX_NEW_TOKENS
 
 VOCAB = 40
 PAD, BOS, EOS = 0, 1, 2
@@ -64,11 +66,16 @@ def test_weight_names_and_shapes_are_llama_style():
     assert state["embed_tokens.weight"].shape == (VOCAB, D)
     assert state["lm_head.weight"].shape == (VOCAB, D)
     assert state["norm.weight"].shape == (D,)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        assert state[f"layers.1.self_attn.{name}.weight"].shape == (D, D)
-    assert state["layers.0.mlp.gate_proj.weight"].shape == (F_, D)
-    assert state["layers.0.mlp.up_proj.weight"].shape == (F_, D)
+    assert state["layers.1.self_attn.qkv_proj.weight"].shape == (3 * D, D)  # fused: q, k, v rows
+    assert state["layers.1.self_attn.o_proj.weight"].shape == (D, D)
+    assert state["layers.0.mlp.gate_up_proj.weight"].shape == (2 * F_, D)  # fused: gate, up rows
     assert state["layers.0.mlp.down_proj.weight"].shape == (D, F_)
+    llama = split_fused(state)  # Llama's own names and shapes, where a format needs them
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert llama[f"layers.1.self_attn.{name}.weight"].shape == (D, D)
+    assert llama["layers.0.mlp.gate_proj.weight"].shape == llama["layers.0.mlp.up_proj.weight"].shape == (F_, D)
+    assert fuse_split(llama).keys() == state.keys()
+    assert all(torch.equal(fuse_split(llama)[k], v) for k, v in state.items())
     assert state["layers.0.input_layernorm.weight"].shape == (D,)
     assert state["layers.0.post_attention_layernorm.weight"].shape == (D,)
     assert not any("bias" in k for k in state), "Llama-style layers have no biases"
@@ -91,7 +98,7 @@ def test_initialisation_scales_residual_projections_by_depth():
     config = ModelConfig(vocab_size=VOCAB, d_model=256, n_layers=8, n_heads=4, max_seq_len=16)
     model = DecoderOnlyTransformer(config)
     layer = model.layers[0]
-    assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert layer.self_attn.qkv_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
     residual_std = 0.02 / math.sqrt(2 * config.n_layers)
     assert layer.self_attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
@@ -355,7 +362,7 @@ def test_generation_stops_when_every_row_reached_eos_and_pads_finished_rows():
 
 def test_closing_iter_generate_stops_the_work_and_restores_training_mode():
     model = tiny_model().train()
-    steps = model.iter_generate(random_ids(1, 2), 10**12, temperature=0)  # nothing is sized by this
+    steps = model.iter_generate(random_ids(1, 2), MAX_NEW_TOKENS, temperature=0)  # nothing is sized by this
     next(steps)
     assert not model.training, "generation runs in eval mode (no dropout)"
     steps.close()
@@ -398,7 +405,7 @@ def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
         rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=True,
         attention_bias=False, mlp_bias=False)
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
-    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in model.state_dict().items()}
+    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in split_fused(model.state_dict()).items()}
     missing, unexpected = hf_model.load_state_dict(renamed, strict=False)
     assert not missing and not unexpected
     ids = random_ids(2, 12)

@@ -15,7 +15,6 @@ from minillm.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     causal_mask_for_cache,
-    fuse_decoding_weights,
     init_weights,
     lm_loss,
     padding_attention_mask,
@@ -68,13 +67,10 @@ class DecoderOnlyTransformer(nn.Module):
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache for `batch_size` rows and up to max_seq_len positions.
-
-        It serves one generation: it holds fused copies of the current weights (see fuse_decoding_weights).
         """
         weight, c = self.embed_tokens.weight, self.config
         cache = KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype,
                         weight.device)
-        fuse_decoding_weights(cache, self.layers)
         return cache
 
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,

@@ -34,9 +34,6 @@ class KVCache:
         self.length = 0  # positions stored so far
         self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer
         self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S) cross-attention mask
-        # Per layer: q/k/v weights fused (3D, D) and gate/up weights fused (2F, D); see fuse_decoding_weights.
-        self.qkv_weights: list[torch.Tensor] = []
-        self.gate_up_weights: list[torch.Tensor] = []
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, Dh) new keys/values after the cached ones; return all of them (B, H, length+T, Dh).

@@ -1,8 +1,11 @@
 """Building blocks shared by both models (Llama family): RMSNorm, RoPE, attention, SwiGLU, blocks.
 
-No layer has a bias. Parameter names follow Hugging Face's Llama (`q_proj`, `k_proj`, `v_proj`, `o_proj`,
-`gate_proj`, `up_proj`, `down_proj`, `input_layernorm`, `post_attention_layernorm`) and weights keep
-Llama's shapes (`nn.Linear` stores (out_features, in_features)), so exporting to `transformers` is a renaming.
+No layer has a bias. The projections that read the same input are fused, as in nanoGPT and litgpt: one
+`qkv_proj` (3D, D) for self-attention, `q_proj` + `kv_proj` (2D, D) for cross-attention, one `gate_up_proj`
+(2F, D) for the feed-forward, so training and decoding run a few large matrix products. Otherwise names and
+shapes are Hugging Face Llama's (`o_proj`, `down_proj`, `input_layernorm`, `post_attention_layernorm`; an
+`nn.Linear` stores (out_features, in_features)); models/llama.py splits the fused weights where a format
+needs Llama's own names (the Hugging Face export).
 
 Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
 """
@@ -108,14 +111,16 @@ class Attention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention: self-attention (causal or bidirectional,
     optionally with a KV cache) or cross-attention over an encoder's output."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, cross: bool = False) -> None:
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.dropout = config.dropout
         d = config.d_model
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
+        if cross:  # queries from the decoder, keys and values from the encoder's output
+            self.q_proj = nn.Linear(d, d, bias=False)
+            self.kv_proj = nn.Linear(d, 2 * d, bias=False)
+        else:
+            self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,19 +141,12 @@ class Attention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """Self-attention of (B, T, D) x; with a cache, x holds only the new positions and the keys/values
         of earlier positions come from `cache` (this layer's slot `layer`)."""
-        if cache is None:
-            q = apply_rotary(self._heads(self.q_proj(x)), cos, sin)
-            k = apply_rotary(self._heads(self.k_proj(x)), cos, sin)
-            v = self._heads(self.v_proj(x))
-        else:
-            # Decoding is bound by per-op overhead, not arithmetic: one matmul with the q/k/v weights fused
-            # (once per cache) and one rotation of q and k together save several small ops per layer.
-            B, T, _ = x.shape
-            qkv = F.linear(x, cache.qkv_weights[layer]).view(B, T, 3, self.n_heads, self.head_dim)
-            qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-            qk = apply_rotary(qkv[:2], cos, sin)
-            q = qk[0]
-            k, v = cache.update(layer, qk[1], qkv[2])  # (B, H, cached + T, Dh)
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: one op, not two
+        q, k, v = qk[0], qk[1], qkv[2]
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
         return self._attend(q, k, v, attn_mask, is_causal)
 
     def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +154,9 @@ class Attention(nn.Module):
 
         Computed once per generation: the source does not change while the target grows.
         """
-        return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+        B, S, _ = memory.shape
+        kv = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
 
     def cross(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
               memory_mask: torch.Tensor | None) -> torch.Tensor:
@@ -171,15 +171,12 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.gate_up_proj = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)  # gate rows, then up rows
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, gate_up_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D). gate_up_weight: gate and up weights fused (decoding: one matmul)."""
-        if gate_up_weight is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -197,7 +194,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         if cross_attention:
             self.cross_attn_layernorm = RMSNorm(config.d_model, config.norm_eps)
-            self.cross_attn = Attention(config)
+            self.cross_attn = Attention(config, cross=True)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
@@ -214,19 +211,7 @@ class Block(nn.Module):
         if memory_kv is not None:
             h = self.cross_attn.cross(self.cross_attn_layernorm(x), memory_kv, memory_mask)
             x = x + self._residual(h)
-        gate_up = None if cache is None else cache.gate_up_weights[layer]
-        return x + self._residual(self.mlp(self.post_attention_layernorm(x), gate_up))
-
-
-@torch.no_grad()
-def fuse_decoding_weights(cache: KVCache, blocks: nn.ModuleList) -> None:
-    """Give `cache` each block's q/k/v and gate/up weights concatenated, for the fused decoding matmuls.
-
-    They are copies taken now: a cache serves one generation, during which the weights do not change.
-    """
-    cache.qkv_weights = [torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight,
-                                    b.self_attn.v_proj.weight]) for b in blocks]  # (3D, D) each
-    cache.gate_up_weights = [torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]) for b in blocks]
+        return x + self._residual(self.mlp(self.post_attention_layernorm(x)))
 
 
 def init_weights(model: nn.Module, stacks: dict[str, int]) -> None:

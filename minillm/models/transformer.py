@@ -20,7 +20,6 @@ from minillm.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     causal_mask_for_cache,
-    fuse_decoding_weights,
     init_weights,
     lm_loss,
     memory_attention_mask,
@@ -99,15 +98,12 @@ class TransformerModel(nn.Module):
 
     def new_cache(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> KVCache:
         """A KV cache for decoding against this source: encoded and projected to cross-attention K/V once.
-
-        It serves one generation: it holds fused copies of the current weights (see fuse_decoding_weights).
         """
         weight, c = self.embed_tokens.weight, self.config
         cache = KVCache(c.n_decoder_layers, src_ids.size(0), c.n_heads, c.max_seq_len, c.head_dim,
                         weight.dtype, weight.device)
         cache.memory_kv = self.memory_keys_values(self.encode(src_ids, src_mask))
         cache.memory_mask = None if src_mask is None else memory_attention_mask(src_mask.bool())
-        fuse_decoding_weights(cache, self.decoder_layers)
         return cache
 
     def forward_cached(self, tgt_ids: torch.Tensor, cache: KVCache,

@@ -18,6 +18,7 @@ from minillm.data.prepare import read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
+from minillm.models.llama import fuse_split
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from minillm.training import distributed
@@ -109,6 +110,10 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MiniLLMError(f"{folder.last_checkpoint} is not a Mini LLM resume checkpoint; start again with "
                                "--overwrite")
+        if fuse_split(state["model"]).keys() != state["model"].keys():
+            raise MiniLLMError(f"{folder.last_checkpoint} was written by an older Mini LLM (unfused layers) and "
+                               "cannot be resumed; its best model still loads (generate, evaluate, export); start "
+                               "again with --overwrite to train on")
         overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
         saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()  # (old field names renamed)
         saved_model = state["model_config"]
