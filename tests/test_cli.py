@@ -9,12 +9,14 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import main
 from minillm.generation import stream_text
 from minillm.tokenizers import CharacterTokenizer
+from minillm.training import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--no-progress"]
@@ -57,6 +59,24 @@ def test_explicit_options_override_the_preset(tmp_path, corpus_file):
     run = load_run(out)
     assert (run.config.d_model, run.config.max_seq_len, run.config.n_layers) == (16, 8, 2)  # n_layers: preset
     assert (run.config.model_type, run.info["tokenizer_type"]) == ("transformer", "bpe")
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_dtype_sets_the_precision_of_training(tmp_path, corpus_file, monkeypatch, dtype, expected):
+    computed_in = set()  # the dtype of the logits of every forward pass of the trainer's model
+    real_build_model = trainer_module.build_model
+
+    def build_model(config):  # the real model, observed
+        model = real_build_model(config)
+        model.lm_head.register_forward_hook(lambda module, inputs, output: computed_in.add(output.dtype))
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", build_model)
+    out = tmp_path / "run"
+    assert main(["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "2", "--eval-interval", "2",
+                 "--dtype", dtype]) == 0
+    assert computed_in == {expected}
+    assert all(w.dtype == torch.float32 for w in load_torch(out / "best_model.pt").values()), "fp32 weights"
 
 
 def test_resume_continues_with_a_longer_budget(run_copy, corpus_file, capsys):
