@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -365,6 +366,8 @@ def test_pick_run_fills_paths_and_types(ui_run, tmp_path):
 
 def test_refresh_lists_runs_newest_first(ui_run, tmp_path):
     runs = tmp_path / "runs"
-    make_run(runs / "a")
+    for name, saved_at in [("a", 1000), ("b", 3000), ("c", 2000)]:
+        make_run(runs / name)
+        os.utime(runs / name / BEST_MODEL_FILE, (saved_at, saved_at))
     update = app.refresh_runs(str(runs), None)
-    assert update["choices"] == [str(runs / "a")]
+    assert update["choices"] == [str(runs / "b"), str(runs / "c"), str(runs / "a")]
