@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_configs
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import main
 from minillm.generation import stream_text
 from minillm.tokenizers import CharacterTokenizer
+from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +129,30 @@ def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, c
     assert out == expected
 
 
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory, corpus_file) -> Path:
+    """A briefly trained char-level encoder-decoder run."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-transformer-char"
+    train(*tiny_configs("transformer", data=corpus_file, max_steps=20, eval_interval=20), run_dir,
+          progress=False, log=lambda message: None)
+    return run_dir
+
+
+@pytest.mark.parametrize("options, prompt, source", [
+    (["--source", "a dog runs", "--prompt", "the "], "the ", "a dog runs"),  # the prompt: a target prefix
+    (["--prompt", "a dog runs"], "", "a dog runs"),  # without --source the prompt is the source
+])
+def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, capsys, options, prompt, source):
+    settings = dict(max_new_tokens=30, temperature=0.9, seed=3)
+    assert main(["generate", str(seq2seq_run), *options, "--max-new-tokens", "30", "--temperature", "0.9",
+                 "--seed", "3"]) == 0
+    run = load_run(seq2seq_run)
+    target = "".join(stream_text(run.model, run.tokenizer, prompt, source=source, **settings))
+    assert capsys.readouterr().out == target + "\n"  # no prompt, no source: the generated target
+    other_source = "".join(stream_text(run.model, run.tokenizer, prompt, source="the old king", **settings))
+    assert other_source != target, "the source must matter, or this test could not tell"
+
+
 def test_generate_warns_about_characters_the_tokenizer_never_saw(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "the \u03a9 cat", "--max-new-tokens", "5"]) == 0
     err = capsys.readouterr().err
@@ -148,10 +175,23 @@ def test_generate_source_on_a_decoder_only_run(tiny_run, capsys):
     assert_one_line_error(capsys, main(["generate", str(tiny_run), "--source", "x"]), "decoder-only")
 
 
-def test_evaluate_prints_loss_and_perplexity(tiny_run, capsys):
+def test_evaluate_prints_the_test_loss_and_perplexity_training_saved(tiny_run, capsys):
     assert main(["evaluate", str(tiny_run)]) == 0
-    out = capsys.readouterr().out
-    assert "test split: loss" in out and "perplexity" in out
+    saved = json.loads((tiny_run / "test_metrics.json").read_text(encoding="utf-8"))
+    assert capsys.readouterr().out == (f"{tiny_run} test split: loss {saved['loss']:.4f}, perplexity "
+                                       f"{saved['perplexity']:.2f} over {saved['tokens']:,} tokens\n")
+
+
+def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, capsys):
+    data = tmp_path / "other.txt"
+    data.write_text("the fox sees the moon.\n\na dog runs to the hill.\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_run), "--data", str(data)]) == 0
+    expected = evaluate_run(tiny_run, data)
+    # The stream BOS sample EOS BOS sample EOS (one token per character): every token but the first is scored.
+    tokens = sum(len(line) + 2 for line in ["the fox sees the moon.", "a dog runs to the hill."]) - 1
+    assert expected["tokens"] == tokens
+    assert capsys.readouterr().out == (f"{data}: loss {expected['loss']:.4f}, perplexity "
+                                       f"{expected['perplexity']:.2f} over {tokens:,} tokens\n")
 
 
 def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):
