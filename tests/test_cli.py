@@ -15,11 +15,19 @@ from conftest import tiny_configs
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
-from minillm.cli import main
+from minillm.cli import (
+    FINAL_SAMPLE_SEED,
+    FINAL_SAMPLE_TEMPERATURE,
+    FINAL_SAMPLE_TOKENS,
+    SAMPLE_PROMPT_TOKENS,
+    main,
+)
+from minillm.data.prepare import bundled_data_path, sample_prompt
 from minillm.generation import stream_text
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
+from minillm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--no-progress"]
@@ -80,6 +88,62 @@ def test_dtype_sets_the_precision_of_training(tmp_path, corpus_file, monkeypatch
                  "--dtype", dtype]) == 0
     assert computed_in == {expected}
     assert all(w.dtype == torch.float32 for w in load_torch(out / "best_model.pt").values()), "fp32 weights"
+
+
+def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkeypatch, capsys, one_thread):
+    """`minillm train` with no data and no preset, as the quick start runs it; only 3 steps long, and
+    evaluated on fewer tokens (a full evaluation of the test split alone takes seconds)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--max-steps", "3", "--eval-interval", "3", "--eval-batches", "2",
+                 "--test-fraction", "0.005", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path("runs") / "tinyshakespeare-decoder_only-char"  # the default --out
+    record = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    assert Path(record["source"]) == bundled_data_path().resolve()
+    assert record["tokens"]["train"] > 900_000  # about 1.1M characters in all
+    run = load_run(run_dir)
+    assert (run.config.d_model, run.config.n_layers, run.config.max_seq_len) == (128, 4, 64)  # the cpu preset
+    assert run.info["tokenizer_type"] == "char" and run.info["training"]["step"] == 3
+    assert f"run saved in {run_dir} (best model: step 3" in out
+    # The sample: the start of the test split, then what the best model makes of it.
+    prompt = sample_prompt(run_dir, run.tokenizer, SAMPLE_PROMPT_TOKENS)
+    assert prompt.strip()
+    generated = "".join(stream_text(run.model, run.tokenizer, prompt, max_new_tokens=FINAL_SAMPLE_TOKENS,
+                                    temperature=FINAL_SAMPLE_TEMPERATURE, seed=FINAL_SAMPLE_SEED))
+    assert f"sample from the best model (prompt {prompt!r}):\n\n{prompt}{generated}\n" in out
+    assert f"next: minillm generate {run_dir} --prompt" in out
+
+
+@pytest.mark.parametrize("options, samples", [
+    ([], 40),  # paragraph: the blank lines cut
+    (["--split-mode", "line"], 70),  # every non-blank line
+    (["--split-mode", "separator", "--separator", "@@"], 21),  # blank lines and all
+])
+def test_split_mode_and_separator_cut_the_samples(tmp_path, options, samples):
+    data = tmp_path / "data.txt"
+    data.write_text("a b\nc d\n\ne f@@g h\n\ni j\nk l\n@@m n\n\no p\n\n" * 10, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--out", str(out), "--max-steps", "1", "--eval-interval", "1",
+                 *options]) == 0
+    assert json.loads((out / "split.json").read_text(encoding="utf-8"))["n_samples"] == samples
+    recorded = json.loads((out / "train_config.json").read_text(encoding="utf-8"))["train"]
+    assert [recorded["split_mode"], recorded["separator"]] == [
+        options[1] if options else "paragraph", options[3] if len(options) > 2 else "<|endoftext|>"]
+
+
+def test_help_and_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"minillm {__version__}\n"
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minillm") and all(c in out for c in ("train", "generate", "evaluate", "ui"))
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--d-model", "--learning-rate", "--split-mode", "--separator", "--dtype", "--resume"):
+        assert option in out
+    assert "clip the gradient norm" in out  # the help texts beside the config fields
+    assert main(["generate", "--help"]) == 0
+    assert "--source" in capsys.readouterr().out
 
 
 def test_resume_continues_with_a_longer_budget(run_copy, corpus_file, capsys):
