@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import random
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -36,6 +39,24 @@ def tiny_configs(model_type: str = "decoder_only", tokenizer: str = "char", data
     """The tiny preset's configs, for a data file."""
     return preset_configs("tiny", {"model_type": model_type},
                           {"tokenizer": tokenizer, "data": str(data) if data else None, **train_overrides})
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def import_dev_dependency(name: str) -> ModuleType:
+    """Import a package of the dev extras, or skip with the reason (pytest's -ra lists it in the summary).
+
+    Under CI (CI=true) a missing one is a failure, not a skip: CI installs the dev extras.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        reason = f"{name} is not installed ({e}); pip install -e '.[dev]' (or `make setup`) to run this test"
+        if under_ci():
+            pytest.fail(f"under CI: {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture

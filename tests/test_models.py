@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_dev_dependency
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
@@ -423,7 +424,7 @@ def test_transformer_source_longer_than_the_context_is_a_clear_error():
 
 def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
     """An independent implementation: our weights, renamed, give the same logits in transformers' Llama."""
-    transformers = pytest.importorskip("transformers")
+    transformers = import_dev_dependency("transformers")
     config = tiny_config(rope_theta=500.0)
     model = tiny_model(rope_theta=500.0)
     hf_config = transformers.LlamaConfig(

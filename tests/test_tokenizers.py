@@ -8,6 +8,7 @@ import pickle
 import unicodedata
 
 import pytest
+from conftest import import_dev_dependency
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,7 +256,7 @@ def test_huggingface_tokenizers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_pa
 
 
 def test_transformers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = import_dev_dependency("transformers")
 
     path = tmp_path / "tokenizer.json"
     bpe.save(path)
