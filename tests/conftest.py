@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
@@ -59,14 +60,23 @@ def import_dev_dependency(name: str) -> ModuleType:
         pytest.skip(reason)
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def single_thread():
     """Run tiny models on one CPU thread: at this size a second thread only adds synchronisation,
-    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower."""
+    and on a loaded machine two threads that spin-wait on each other can make a test 10x slower
+    (training the string reverser took 225 s on two threads with the machine loaded, 13 s on one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -83,5 +93,6 @@ def tiny_run(tmp_path_factory, corpus_file) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-decoder_only-char"
     model_config, train_config = tiny_configs(data=corpus_file)
-    train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
+    with single_thread():
+        train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     return run_dir

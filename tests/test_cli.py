@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_configs
+from conftest import single_thread, tiny_configs
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
@@ -31,6 +31,10 @@ from minillm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--no-progress"]
+
+
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_one_line_error(capsys, code: int, *needles: str) -> str:
@@ -90,7 +94,7 @@ def test_dtype_sets_the_precision_of_training(tmp_path, corpus_file, monkeypatch
     assert all(w.dtype == torch.float32 for w in load_torch(out / "best_model.pt").values()), "fp32 weights"
 
 
-def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkeypatch, capsys, one_thread):
+def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkeypatch, capsys):
     """`minillm train` with no data and no preset, as the quick start runs it; only 3 steps long, and
     evaluated on fewer tokens (a full evaluation of the test split alone takes seconds)."""
     monkeypatch.chdir(tmp_path)
@@ -197,8 +201,9 @@ def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, c
 def seq2seq_run(tmp_path_factory, corpus_file) -> Path:
     """A briefly trained char-level encoder-decoder run."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-transformer-char"
-    train(*tiny_configs("transformer", data=corpus_file, max_steps=20, eval_interval=20), run_dir,
-          progress=False, log=lambda message: None)
+    with single_thread():
+        train(*tiny_configs("transformer", data=corpus_file, max_steps=20, eval_interval=20), run_dir,
+              progress=False, log=lambda message: None)
     return run_dir
 
 

@@ -25,7 +25,7 @@ VOCAB = 40
 PAD, BOS, EOS = 0, 1, 2
 
 
-# Tiny models run on one CPU thread (see conftest.one_thread).
+# Tiny models run on one CPU thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

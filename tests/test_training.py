@@ -28,6 +28,10 @@ RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def quiet(message: str) -> None:
     pass
 

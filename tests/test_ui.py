@@ -26,6 +26,10 @@ ELEM_IDS = ["model_type", "tokenizer_type", "model_path", "tokenizer_path", "run
 SETTINGS = dict(max_new_tokens=24, temperature=0.9, top_k=10, top_p=0.95, repetition_penalty=1.1, seed=7)
 
 
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def make_run(run_dir, text=TEXT, model_type="decoder_only", seed=0):
     """A run folder with a character tokenizer and an untrained tiny model, saved as training saves one."""
     tokenizer = CharacterTokenizer.train([text])
