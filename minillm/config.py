@@ -178,7 +178,8 @@ class TrainConfig(_JSONConfig):
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.99, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0 turns clipping off)", 0, 1e6)
-    grad_accum_steps: int = option(1, "batches summed per optimizer step", 1, 10**6)
+    grad_accum_steps: int = option(1, "batches per optimizer step, their gradients averaged (batch_size x N)", 1,
+                                   10**6)
     # Evaluation, logging and budget
     eval_interval: int = option(250, "evaluate on the validation set (and save checkpoints) every N steps", 1,
                                 MAX_STEPS)

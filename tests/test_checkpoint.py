@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -19,15 +20,16 @@ class Boom(Exception):
     pass
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+@pytest.mark.parametrize("crash", [Boom, KeyboardInterrupt])  # an error, or Ctrl-C in the middle of a write
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, crash):
     path = tmp_path / "model.pt"
     save_torch(path, {"w": torch.ones(3)})
 
     def half_then_crash(f):
         f.write(b"partial bytes")
-        raise Boom
+        raise crash
 
-    with pytest.raises(Boom):
+    with pytest.raises(crash):
         atomic_write(path, half_then_crash)
     assert torch.equal(load_torch(path)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
@@ -123,10 +125,14 @@ def test_missing_run_and_broken_json(tmp_path):
         read_json(tmp_path / "bad.json")
 
 
-def test_find_runs_lists_run_folders_only(tmp_path, tiny_run):
-    shutil.copytree(tiny_run, tmp_path / "a")
+def test_find_runs_lists_run_folders_only_newest_first(tmp_path, tiny_run):
     (tmp_path / "not-a-run").mkdir()
-    assert find_runs(tmp_path) == [tmp_path / "a"]
+    # Saved at 1000 s, 3000 s and 2000 s: the names' order, and the order of copying, are neither order.
+    for name, saved_at in [("b", 1000), ("a", 3000), ("c", 2000)]:
+        shutil.copytree(tiny_run, tmp_path / name)
+        os.utime(tmp_path / name / "best_model.pt", (saved_at, saved_at))
+    assert find_runs(tmp_path) == [tmp_path / "a", tmp_path / "c", tmp_path / "b"]
+    assert find_runs(tmp_path / "missing") == []
 
 
 def test_a_swapped_tokenizer_of_the_same_size_is_refused(tmp_path, tiny_run):

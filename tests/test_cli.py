@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -11,16 +12,31 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import make_corpus
+import torch
+from conftest import make_corpus, single_thread, tiny_configs
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
-from minillm.cli import main
+from minillm.cli import (
+    FINAL_SAMPLE_SEED,
+    FINAL_SAMPLE_TEMPERATURE,
+    FINAL_SAMPLE_TOKENS,
+    SAMPLE_PROMPT_TOKENS,
+    main,
+)
+from minillm.data.prepare import bundled_data_path, sample_prompt
 from minillm.generation import stream_text
 from minillm.tokenizers import CharacterTokenizer
+from minillm.training import evaluate_run, train
+from minillm.training import trainer as trainer_module
+from minillm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--no-progress"]
+
+
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_one_line_error(capsys, code: int, *needles: str) -> str:
@@ -60,6 +76,80 @@ def test_explicit_options_override_the_preset(tmp_path, corpus_file):
     run = load_run(out)
     assert (run.config.d_model, run.config.max_seq_len, run.config.n_layers) == (16, 8, 2)  # n_layers: preset
     assert (run.config.model_type, run.info["tokenizer_type"]) == ("transformer", "bpe")
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_dtype_sets_the_precision_of_training(tmp_path, corpus_file, monkeypatch, dtype, expected):
+    computed_in = set()  # the dtype of the logits of every forward pass of the trainer's model
+    real_build_model = trainer_module.build_model
+
+    def build_model(config):  # the real model, observed
+        model = real_build_model(config)
+        model.lm_head.register_forward_hook(lambda module, inputs, output: computed_in.add(output.dtype))
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", build_model)
+    out = tmp_path / "run"
+    assert main(["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "2", "--eval-interval", "2",
+                 "--dtype", dtype]) == 0
+    assert computed_in == {expected}
+    assert all(w.dtype == torch.float32 for w in load_torch(out / "best_model.pt").values()), "fp32 weights"
+
+
+def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkeypatch, capsys):
+    """`minillm train` with no data and no preset, as the quick start runs it; only 3 steps long, and
+    evaluated on fewer tokens (a full evaluation of the test split alone takes seconds)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--max-steps", "3", "--eval-interval", "3", "--eval-batches", "2",
+                 "--test-fraction", "0.005", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path("runs") / "tinyshakespeare-decoder_only-char"  # the default --out
+    record = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    assert Path(record["source"]) == bundled_data_path().resolve()
+    assert record["tokens"]["train"] > 900_000  # about 1.1M characters in all
+    run = load_run(run_dir)
+    assert (run.config.d_model, run.config.n_layers, run.config.max_seq_len) == (128, 4, 64)  # the cpu preset
+    assert run.info["tokenizer_type"] == "char" and run.info["training"]["step"] == 3
+    assert f"run saved in {run_dir} (best model: step 3" in out
+    # The sample: the start of the test split, then what the best model makes of it.
+    prompt = sample_prompt(run_dir, run.tokenizer, SAMPLE_PROMPT_TOKENS)
+    assert prompt.strip()
+    generated = "".join(stream_text(run.model, run.tokenizer, prompt, max_new_tokens=FINAL_SAMPLE_TOKENS,
+                                    temperature=FINAL_SAMPLE_TEMPERATURE, seed=FINAL_SAMPLE_SEED))
+    assert f"sample from the best model (prompt {prompt!r}):\n\n{prompt}{generated}\n" in out
+    assert f"next: minillm generate {run_dir} --prompt" in out
+
+
+@pytest.mark.parametrize("options, samples", [
+    ([], 40),  # paragraph: the blank lines cut
+    (["--split-mode", "line"], 70),  # every non-blank line
+    (["--split-mode", "separator", "--separator", "@@"], 21),  # blank lines and all
+])
+def test_split_mode_and_separator_cut_the_samples(tmp_path, options, samples):
+    data = tmp_path / "data.txt"
+    data.write_text("a b\nc d\n\ne f@@g h\n\ni j\nk l\n@@m n\n\no p\n\n" * 10, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", str(data), *TINY, "--out", str(out), "--max-steps", "1", "--eval-interval", "1",
+                 *options]) == 0
+    assert json.loads((out / "split.json").read_text(encoding="utf-8"))["n_samples"] == samples
+    recorded = json.loads((out / "train_config.json").read_text(encoding="utf-8"))["train"]
+    assert [recorded["split_mode"], recorded["separator"]] == [
+        options[1] if options else "paragraph", options[3] if len(options) > 2 else "<|endoftext|>"]
+
+
+def test_help_and_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"minillm {__version__}\n"
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minillm") and all(c in out for c in ("train", "generate", "evaluate", "ui"))
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--d-model", "--learning-rate", "--split-mode", "--separator", "--dtype", "--resume"):
+        assert option in out
+    assert "clip the gradient norm" in out  # the help texts beside the config fields
+    assert main(["generate", "--help"]) == 0
+    assert "--source" in capsys.readouterr().out
 
 
 def test_resume_continues_with_a_longer_budget(run_copy, corpus_file, capsys):
@@ -109,6 +199,31 @@ def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, c
     assert out == expected
 
 
+@pytest.fixture(scope="module")
+def seq2seq_run(tmp_path_factory, corpus_file) -> Path:
+    """A briefly trained char-level encoder-decoder run."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-transformer-char"
+    with single_thread():
+        train(*tiny_configs("transformer", data=corpus_file, max_steps=20, eval_interval=20), run_dir,
+              progress=False, log=lambda message: None)
+    return run_dir
+
+
+@pytest.mark.parametrize("options, prompt, source", [
+    (["--source", "a dog runs", "--prompt", "the "], "the ", "a dog runs"),  # the prompt: a target prefix
+    (["--prompt", "a dog runs"], "", "a dog runs"),  # without --source the prompt is the source
+])
+def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, capsys, options, prompt, source):
+    settings = dict(max_new_tokens=30, temperature=0.9, seed=3)
+    assert main(["generate", str(seq2seq_run), *options, "--max-new-tokens", "30", "--temperature", "0.9",
+                 "--seed", "3"]) == 0
+    run = load_run(seq2seq_run)
+    target = "".join(stream_text(run.model, run.tokenizer, prompt, source=source, **settings))
+    assert capsys.readouterr().out == target + "\n"  # no prompt, no source: the generated target
+    other_source = "".join(stream_text(run.model, run.tokenizer, prompt, source="the old king", **settings))
+    assert other_source != target, "the source must matter, or this test could not tell"
+
+
 def test_generate_warns_about_characters_the_tokenizer_never_saw(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "the \u03a9 cat", "--max-new-tokens", "5"]) == 0
     err = capsys.readouterr().err
@@ -131,10 +246,23 @@ def test_generate_source_on_a_decoder_only_run(tiny_run, capsys):
     assert_one_line_error(capsys, main(["generate", str(tiny_run), "--source", "x"]), "decoder-only")
 
 
-def test_evaluate_prints_loss_and_perplexity(tiny_run, capsys):
+def test_evaluate_prints_the_test_loss_and_perplexity_training_saved(tiny_run, capsys):
     assert main(["evaluate", str(tiny_run)]) == 0
-    out = capsys.readouterr().out
-    assert "test split: loss" in out and "perplexity" in out
+    saved = json.loads((tiny_run / "test_metrics.json").read_text(encoding="utf-8"))
+    assert capsys.readouterr().out == (f"{tiny_run} test split: loss {saved['loss']:.4f}, perplexity "
+                                       f"{saved['perplexity']:.2f} over {saved['tokens']:,} tokens\n")
+
+
+def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, capsys):
+    data = tmp_path / "other.txt"
+    data.write_text("the fox sees the moon.\n\na dog runs to the hill.\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_run), "--data", str(data)]) == 0
+    expected = evaluate_run(tiny_run, data)
+    # The stream BOS sample EOS BOS sample EOS (one token per character): every token but the first is scored.
+    tokens = sum(len(line) + 2 for line in ["the fox sees the moon.", "a dog runs to the hill."]) - 1
+    assert expected["tokens"] == tokens
+    assert capsys.readouterr().out == (f"{data}: loss {expected['loss']:.4f}, perplexity "
+                                       f"{expected['perplexity']:.2f} over {tokens:,} tokens\n")
 
 
 def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -28,6 +28,12 @@ def test_defaults_are_derived_and_stay_derived_after_a_round_trip():
     assert config.d_ff == 256 and config.d_ff % 32 == 0  # about 8/3 * d_model, rounded up to 32
     assert config.n_encoder_layers == config.n_decoder_layers == 3
     assert config.head_dim == 24
+    saved = json.loads(json.dumps(config.to_dict()))
+    # The JSON holds the derived values themselves, so a saved run keeps its shape whatever the defaults become.
+    assert (saved["d_ff"], saved["n_encoder_layers"], saved["n_decoder_layers"]) == (256, 3, 3)
+    again = ModelConfig.from_dict(saved)
+    assert again == config
+    assert (again.d_ff, again.n_encoder_layers, again.n_decoder_layers, again.head_dim) == (256, 3, 3, 24)
 
 
 @pytest.mark.parametrize("values, message", [

@@ -26,7 +26,7 @@ from minillm.data.corpus import (
 )
 from minillm.data.prepare import read_stream, token_dtype, write_pair_streams, write_token_stream
 from minillm.errors import MiniLLMError
-from minillm.tokenizers import CharacterTokenizer
+from minillm.tokenizers import CharacterTokenizer, train_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -265,3 +265,31 @@ def test_damaged_pair_offsets_are_a_clear_error(tmp_path):
     path.write_bytes(b"not numpy")
     with pytest.raises(MiniLLMError, match="damaged"):
         read_offsets(path)
+
+
+# -- the tokenizer -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_the_tokenizer_learns_from_the_training_split_only(tmp_path, kind, pairs):
+    # Every sample has a character and a word of its own, so held-out samples hold text the training split lacks.
+    samples = [(f"{chr(0x4E00 + i)} common words", f"{f'w{i}x' * 6} more words") for i in range(60)]
+    path = tmp_path / ("data.tsv" if pairs else "data.txt")
+    path.write_text("".join(f"{a}\t{b}\n" for a, b in samples) if pairs else
+                    "".join(f"{a}\n{b}\n\n" for a, b in samples), encoding="utf-8")
+    data = prepare.read_data(path, pairs, "paragraph", "", 0.1, 0.1, seed=0, log=lambda message: None)
+    tokenizer, _ = prepare.write_data(tmp_path / "run", data, kind, 300)
+
+    def texts(split: str) -> list[str]:
+        return [text for sample in data.splits[split] for text in (sample if pairs else [sample])]
+
+    held_out = "".join(texts("val") + texts("test"))
+    if kind == "char":
+        assert set(tokenizer.alphabet) == set("".join(texts("train")))
+        assert set(held_out) - set(tokenizer.alphabet), "held-out text has characters the tokenizer never saw"
+    else:
+        from_train = train_tokenizer(kind, texts("train"), 300)
+        from_all = train_tokenizer(kind, texts("train") + texts("val") + texts("test"), 300)
+        assert tokenizer.encode(held_out) == from_train.encode(held_out)
+        assert from_all.encode(held_out) != from_train.encode(held_out), "the held-out words would be merges"

@@ -26,7 +26,7 @@ BPE_VOCAB = 270
 UNICODE_SNIPPET = "猫は😀が好き🎉。世界"
 
 
-# Tiny models run on one CPU thread (see conftest.one_thread).
+# Tiny models run on one CPU thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

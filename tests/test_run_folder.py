@@ -16,6 +16,9 @@ from minillm.files import load_torch
 from minillm.run_folder import RUN_MARKERS, RunFolder
 from minillm.training import resume, train
 
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def quiet(message: str) -> None:
     pass

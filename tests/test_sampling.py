@@ -156,10 +156,20 @@ def test_bad_settings_are_clear_errors(kwargs, message):
         model.generate(torch.tensor([[3, 4]]), **{**values, **kwargs})
 
 
-def test_good_edge_settings_are_accepted():
-    check_sampling_settings(1, 0.0, 0, 1.0, 1.0)
-    check_sampling_settings(1, 2.0, 10_000, 0.5, 0.5)
-    check_sampling_settings(1, 1, 5.0, 1, 2)  # integral floats and ints where floats are expected
+@pytest.mark.parametrize("settings", [
+    (3, 0.0, 0, 1.0, 1.0),  # greedy, top-k and top-p off
+    (3, 2.0, 10_000, 0.5, 0.5),  # a top-k beyond the vocabulary, a penalty below 1
+    (3, 1, 5.0, 1, 2),  # integral floats and ints where floats are expected
+])
+def test_good_edge_settings_are_accepted_and_generate(settings):
+    check_sampling_settings(*settings)  # no error
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty = settings
+    out = model.generate(torch.tensor([[3, 4]]), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 5) and out.dtype == torch.long
+    assert 0 <= int(out.min()) and int(out.max()) < 20
 
 
 @pytest.mark.parametrize("temperature, penalty", [(1e-4, 1.0), (100.0, 1.0), (1.0, 100.0), (1e-4, 1e-2)])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import import_dev_dependency
 from torch import nn
 
 from minillm import models
@@ -157,3 +158,13 @@ def test_a_registered_kind_needs_its_capabilities():
         models.register_model_kind("broken", nn.Linear)
     assert "broken" not in model_kinds()
     torch.manual_seed(0)  # (nothing else: the registry is unchanged)
+
+
+def test_a_missing_dev_dependency_skips_with_its_reason_and_fails_under_ci(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what a missing package looks like to `import`
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="transformers is not installed.*pip install -e '.\\[dev\\]'"):
+        import_dev_dependency("transformers")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="under CI: transformers is not installed"):
+        import_dev_dependency("transformers")

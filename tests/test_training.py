@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -14,9 +15,10 @@ import torch
 from conftest import tiny_configs
 
 from minillm.checkpoint import load_run, load_torch
+from minillm.config import ModelConfig, TrainConfig
 from minillm.data import prepare
 from minillm.errors import MiniLLMError
-from minillm.training import evaluate_run, lr_at, resume, train
+from minillm.training import Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.metrics import read_metrics
 from minillm.training.trainer import is_overfitting
@@ -25,6 +27,10 @@ RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.
              "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",
              "train.bin", "val.bin", "test.bin"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quiet(message: str) -> None:
@@ -242,3 +248,83 @@ def test_a_training_that_slows_down_says_the_cpu_may_be_shared(tmp_path, corpus_
         torch.set_num_threads(threads)
     warning = [m for m in messages if m.startswith("warning: training slowed")]
     assert len(warning) == 1 and "--threads 1" in warning[0]
+
+
+# ---- the optimizer step --------------------------------------------------------------------------------
+
+
+def tiny_trainer(run_dir, **overrides) -> Trainer:
+    """A Trainer over a copy of the tiny run's prepared data (no dropout, so a forward pass is repeatable)."""
+    raw = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
+    model_config = ModelConfig.from_dict(raw["model"]).replace(dropout=0.0)
+    config = TrainConfig.from_dict({**raw["train"], **overrides})
+    return Trainer(run_dir, model_config, config, prepare.read_split_record(run_dir), log=quiet, progress=False)
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def grad_norm(grads: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+
+
+def test_weight_decay_shrinks_matrices_but_not_norms(tmp_path, tiny_run):
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"), weight_decay=0.5, learning_rate=0.1)
+    model = trainer.model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a zero gradient: AdamW then only applies its decoupled decay
+    trainer.optimizer.step()
+    norms = [name for name, p in model.named_parameters() if p.dim() == 1]
+    assert norms and all("norm" in name for name in norms)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.equal(p, before[name]), f"{name} (a norm) must not be decayed"
+        else:
+            torch.testing.assert_close(p, before[name] * (1 - 0.1 * 0.5), msg=f"{name} must be decayed")
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_an_optimizer_step_uses_the_mean_gradient_of_the_accumulated_batches_clipped(tmp_path, tiny_run,
+                                                                                    grad_clip):
+    accum = 3
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"), grad_accum_steps=accum,
+                           grad_clip=grad_clip)
+    # The same micro-batches, drawn from a copy of the trainer's batch generator, by hand on a copy of the model.
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(trainer.batch_generator.get_state())
+    reference = copy.deepcopy(trainer.model)
+    losses = []
+    for _ in range(accum):
+        _, loss = reference(**trainer.train_data.sample(trainer.config.batch_size, generator, trainer.device))
+        (loss / accum).backward()
+        losses.append(loss.item())
+    expected = gradients(reference)
+    norm = grad_norm(expected)
+    if grad_clip:
+        assert norm > 2 * grad_clip, "the test must clip"
+        expected = {name: g * grad_clip / (norm + 1e-6) for name, g in expected.items()}
+
+    stepped_with = []
+    real_step = trainer.optimizer.step
+
+    def step(*args, **kwargs):  # a spy: the real step runs
+        stepped_with.append(gradients(trainer.model))
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    returned = trainer._train_step()
+    assert returned.item() == pytest.approx(sum(losses) / accum, rel=1e-5)  # the mean loss, not the sum
+    assert len(stepped_with) == 1
+    for name, grad in stepped_with[0].items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-7, rtol=1e-4, msg=name)
+    assert grad_norm(stepped_with[0]) == pytest.approx(grad_clip if grad_clip else norm, rel=1e-4)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus_file):
+    # An absurd learning rate (and no clipping) turns the weights into inf and the validation loss into NaN.
+    with pytest.raises(MiniLLMError, match=r"training diverged at step 2 .*--learning-rate"):
+        run_tiny(tmp_path / "run", corpus_file, learning_rate=1e8, min_lr=0.0, warmup_steps=0, grad_clip=0.0,
+                 max_steps=10, eval_interval=2)
+    assert not (tmp_path / "run" / "best_model.pt").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -23,6 +24,10 @@ ELEM_IDS = ["model_type", "tokenizer_type", "model_path", "tokenizer_path", "run
             "model_info", "prompt", "source", "max_new_tokens", "temperature", "top_k", "top_p",
             "repetition_penalty", "seed", "generate_button", "stop_button", "output", "error"]
 SETTINGS = dict(max_new_tokens=24, temperature=0.9, top_k=10, top_p=0.95, repetition_penalty=1.1, seed=7)
+
+
+# Tiny models run on one CPU thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(run_dir, text=TEXT, model_type="decoder_only", seed=0):
@@ -365,6 +370,8 @@ def test_pick_run_fills_paths_and_types(ui_run, tmp_path):
 
 def test_refresh_lists_runs_newest_first(ui_run, tmp_path):
     runs = tmp_path / "runs"
-    make_run(runs / "a")
+    for name, saved_at in [("a", 1000), ("b", 3000), ("c", 2000)]:
+        make_run(runs / name)
+        os.utime(runs / name / BEST_MODEL_FILE, (saved_at, saved_at))
     update = app.refresh_runs(str(runs), None)
-    assert update["choices"] == [str(runs / "a")]
+    assert update["choices"] == [str(runs / "b"), str(runs / "c"), str(runs / "a")]
