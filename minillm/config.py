@@ -168,8 +168,8 @@ class TrainConfig(_JSONConfig):
     source_fraction: float = option(0.5, "encoder-decoder on plain text: share of each window given as the source")
     # Optimisation
     batch_size: int = option(32, "sequences per optimizer step (per accumulation step)", 1, 10**6)
-    learning_rate: float = option(1e-3, "peak learning rate (after warmup)", 1e-12, 10)
-    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", 0, 10)
+    learning_rate: float = option(1e-3, "peak learning rate (after warmup)", 1e-12, 1e9)
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", 0, 1e9)
     warmup_steps: int = option(100, "steps of linear learning-rate warmup", 0, MAX_STEPS)
     max_steps: int = option(2000, "optimizer steps to train for", 1, MAX_STEPS)
     epochs: float | None = option(None, "train for this many passes over the training tokens instead of "
@@ -187,7 +187,7 @@ class TrainConfig(_JSONConfig):
     log_interval: int = option(10, "log the training loss every N steps", 1, MAX_STEPS)
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)", 1, 10**9)
     max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
-                                           "('none': no budget)", 0.001, 1e9)
+                                           "('none': no budget)", 1e-6, 1e9)
     # Runtime
     seed: int = option(1337, "random seed (same seed, same run on CPU)", 0, 2**63 - 1)
     device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: the best available)")

@@ -56,7 +56,7 @@ def test_nonsense_model_settings_are_refused_with_the_reason(values, message):
     (dict(learning_rate=-1.0), "learning_rate must be between"),
     (dict(min_lr=1.0, learning_rate=1e-3), "min_lr"),
     (dict(val_fraction=0.7), "val_fraction"),
-    (dict(max_time=0.0), "max_time must be between 0.001 and"),
+    (dict(max_time=0.0), "max_time must be between 1e-06 and"),
     (dict(dtype="int8"), "dtype"),
 ])
 def test_nonsense_train_settings_are_refused_with_the_reason(values, message):

@@ -20,8 +20,8 @@ from minillm.data import prepare
 from minillm.errors import MiniLLMError
 from minillm.training import Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
+from minillm.training.evaluation import is_overfitting
 from minillm.training.metrics import read_metrics
-from minillm.training.trainer import is_overfitting
 
 RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.pt", "metrics.jsonl",
              "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",

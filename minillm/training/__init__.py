@@ -6,7 +6,8 @@ needs around it (precision, RNG state, the rank of this process, metrics). The d
 
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import evaluate_run
+from minillm.training.optimizer import lr_at
 from minillm.training.runs import resume, train
-from minillm.training.trainer import Trainer, TrainResult, lr_at
+from minillm.training.trainer import Trainer, TrainResult
 
 __all__ = ["TrainResult", "Trainer", "evaluate_run", "is_main_process", "lr_at", "resume", "train"]

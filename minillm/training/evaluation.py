@@ -18,11 +18,21 @@ from minillm.models import is_encoder_decoder
 from minillm.training.precision import autocast, autocast_dtype
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
+OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss falling) = overfitting
 
 
 def perplexity(loss: float) -> float:
     """exp(loss), capped so a diverged loss reads as a huge number rather than an overflow."""
     return math.exp(min(loss, MAX_LOG_PERPLEXITY))
+
+
+def is_overfitting(history: list[dict[str, float]], evals: int = OVERFIT_EVALS) -> bool:
+    """Val loss rose at each of the last `evals` evaluations while train loss fell over them."""
+    recent = history[-(evals + 1):]
+    if len(recent) < evals + 1:
+        return False
+    val_rising = all(b["val_loss"] > a["val_loss"] for a, b in zip(recent, recent[1:], strict=False))
+    return val_rising and recent[-1]["train_loss"] < recent[0]["train_loss"]
 
 
 @torch.no_grad()

@@ -30,22 +30,21 @@ from minillm.data.batches import open_split
 from minillm.data.corpus import PAIRS
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
-from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
+from minillm.models import build_model, count_parameters, is_encoder_decoder, pick_device
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
-from minillm.training.evaluation import mean_loss, score
+from minillm.training.evaluation import OVERFIT_EVALS, is_overfitting, mean_loss, score
 from minillm.training.memory import check_memory
 from minillm.training.metrics import MetricsLog, plot_loss_curve
+from minillm.training.optimizer import lr_at, make_optimizer
+from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.rng import restore_rng_state, rng_state
 from minillm.version import __version__
 
 EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generator, seeded seed + this
-OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss falling) = overfitting
-MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model will likely memorise it
-FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
 CHECKPOINT_FORMAT = 1
 BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
 SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
@@ -60,35 +59,6 @@ def default_log(message: str) -> None:
     """Print above the progress bar; warnings go to stderr."""
     if is_main_process():
         tqdm.write(message, file=sys.stderr if message.startswith("warning:") else sys.stdout)
-
-
-def lr_at(step: int, config: TrainConfig, max_steps: int) -> float:
-    """Learning rate for `step` (0-based): linear warmup to learning_rate, then cosine decay to min_lr."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / (config.warmup_steps + 1)
-    decay_steps = max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
-
-
-def is_overfitting(history: list[dict[str, float]], evals: int = OVERFIT_EVALS) -> bool:
-    """Val loss rose at each of the last `evals` evaluations while train loss fell over them."""
-    recent = history[-(evals + 1):]
-    if len(recent) < evals + 1:
-        return False
-    val_rising = all(b["val_loss"] > a["val_loss"] for a, b in zip(recent, recent[1:], strict=False))
-    return val_rising and recent[-1]["train_loss"] < recent[0]["train_loss"]
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms or biases); fused kernels on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), **extra)
 
 
 @dataclass
@@ -157,7 +127,7 @@ class Trainer:
             self.eval_batches.append((batch, int((batch["targets"] != model_config.pad_id).sum())))
 
         self.tokens_per_step = self._tokens_per_step()
-        self.max_steps = self._planned_steps()
+        self.max_steps = planned_steps(config, split_record["tokens"]["train"], self.tokens_per_step)
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step = 0
@@ -189,38 +159,14 @@ class Trainer:
             return rows * self.split_record["tokens"]["train"] / pairs
         return rows * self.train_data.seq_len
 
-    def _planned_steps(self) -> int:
-        if self.config.epochs is None:
-            return self.config.max_steps
-        epoch_steps = self.split_record["tokens"]["train"] / max(1.0, self.tokens_per_step)
-        return max(1, math.ceil(self.config.epochs * epoch_steps))
+    def plan(self) -> RunPlan:
+        return RunPlan(self.model_config, self.config, self.n_params, self.split_record["tokens"],
+                       self.tokens_per_step, self.max_steps, str(self.device), self.world_size)
 
     def describe(self) -> None:
         """Say what the run is about to do: model size, data size, and how many passes over the data."""
-        mc, tokens = self.model_config, self.split_record["tokens"]
-        layers = model_class(mc.model_type).layers_description(mc)
-        shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
-        self.log(f"model: {mc.model_type}, {self.n_params / 1e6:.2f}M parameters ({shape}), "
-                 f"vocab {mc.vocab_size}, device {self.device}")
-        self.log(f"data: {tokens['train']:,} training tokens "
-                 f"({tokens['val']:,} validation, {tokens['test']:,} test)")
-        total = self.max_steps * self.tokens_per_step
-        epochs = total / max(1, tokens["train"])
-        budget = f", or {self.config.max_time:g} s, whichever comes first" if self.config.max_time else ""
-        self.log(f"plan: {self.max_steps:,} steps x {self.tokens_per_step:,.0f} tokens = {total:,.0f} tokens "
-                 f"= {epochs:.2f} epochs{budget}")
-        if self.world_size > 1:
-            c = self.config
-            self.log(f"distributed: {self.world_size} processes ({self.device.type}); global batch "
-                     f"{self.global_batch} sequences = {self.world_size} x batch {c.batch_size} x "
-                     f"{c.grad_accum_steps} accumulation step(s), {self.tokens_per_step:,.0f} tokens per step")
-        if epochs > MANY_EPOCHS:
-            self.log(f"note: {epochs:.0f} passes over {tokens['train']:,} tokens is many epochs: a "
-                     f"{self.n_params / 1e6:.2f}M-parameter model will likely memorise the data "
-                     "(val loss rises); early stopping keeps the best model, and more data helps most")
-        elif epochs < FEW_EPOCHS:
-            self.log(f"note: the run sees only {epochs:.1%} of one epoch of the data; "
-                     "more --max-steps (or --max-time) would use more of it")
+        for line in self.plan().lines():
+            self.log(line)
 
     # -- the loop ------------------------------------------------------------------------------------
 

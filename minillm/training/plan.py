@@ -1,0 +1,67 @@
+"""What a run is about to do, said before it starts: the model, the data, and how many passes the run
+makes over it. The CLI prints it and the web UI shows it, from the same `RunPlan`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from minillm.config import ModelConfig, TrainConfig
+from minillm.models import model_class
+
+MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model will likely memorise it
+FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
+
+
+def planned_steps(config: TrainConfig, train_tokens: int, tokens_per_step: float) -> int:
+    """max_steps, or with `epochs` the steps that many passes over the training tokens take."""
+    if config.epochs is None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * train_tokens / max(1.0, tokens_per_step)))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    model_config: ModelConfig
+    config: TrainConfig
+    parameters: int
+    tokens: dict[str, int]  # per split: train, val, test
+    tokens_per_step: float
+    max_steps: int
+    device: str
+    world_size: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.grad_accum_steps * self.world_size
+
+    @property
+    def epochs(self) -> float:
+        return self.max_steps * self.tokens_per_step / max(1, self.tokens["train"])
+
+    def lines(self) -> list[str]:
+        """The plan as the lines the CLI prints (model, data, plan, and notes when something stands out)."""
+        mc, c, tokens = self.model_config, self.config, self.tokens
+        layers = model_class(mc.model_type).layers_description(mc)
+        shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
+        total, epochs = self.max_steps * self.tokens_per_step, self.epochs
+        budget = f", or {c.max_time:g} s, whichever comes first" if c.max_time else ""
+        lines = [
+            f"model: {mc.model_type}, {self.parameters / 1e6:.2f}M parameters ({shape}), vocab {mc.vocab_size}, "
+            f"device {self.device}",
+            f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)",
+            f"plan: {self.max_steps:,} steps x {self.tokens_per_step:,.0f} tokens = {total:,.0f} tokens "
+            f"= {epochs:.2f} epochs{budget}",
+        ]
+        if self.world_size > 1:
+            lines.append(f"distributed: {self.world_size} processes ({self.device.split(':')[0]}); global batch "
+                         f"{self.global_batch} sequences = {self.world_size} x batch {c.batch_size} x "
+                         f"{c.grad_accum_steps} accumulation step(s), {self.tokens_per_step:,.0f} tokens per step")
+        if epochs > MANY_EPOCHS:
+            lines.append(f"note: {epochs:.0f} passes over {tokens['train']:,} tokens is many epochs: a "
+                         f"{self.parameters / 1e6:.2f}M-parameter model will likely memorise the data "
+                         "(val loss rises); early stopping keeps the best model, and more data helps most")
+        elif epochs < FEW_EPOCHS:
+            lines.append(f"note: the run sees only {epochs:.1%} of one epoch of the data; "
+                         "more --max-steps (or --max-time) would use more of it")
+        return lines
