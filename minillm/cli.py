@@ -244,18 +244,21 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
 
 
 def stream(run: Any, prompt: str, source: str | None, **settings: Any) -> None:
-    """Write the generated chunks to stdout as they come, then a newline."""
-    from minillm.generation import stream_text
+    """Write the generated chunks to stdout as they come, then a newline; on stderr, a note when the model
+    ended the text itself (EOS) before --max-new-tokens."""
+    from minillm.generation import stream_tokens
 
-    chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
+    tokens = stream_tokens(run.model, run.tokenizer, prompt, source=source, **settings)
     try:
-        for chunk in chunks:
+        for _, chunk in tokens:
             sys.stdout.write(chunk)
             sys.stdout.flush()
     finally:
-        chunks.close()
+        tokens.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if tokens.end_note():
+        print(f"({tokens.end_note()})", file=sys.stderr)
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import minillm.generation
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import main
-from minillm.generation import stream_text
+from minillm.generation import STOP_EOS, stream_text
 from minillm.tokenizers import CharacterTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,19 @@ def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, c
     run = load_run(tiny_run)
     expected = "the cat" + "".join(stream_text(run.model, run.tokenizer, "the cat", **settings)) + "\n"
     assert out == expected
+
+
+def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypatch):
+    def three_tokens_then_eos(*args):
+        for letter in "abc":
+            yield 5, letter
+        return STOP_EOS
+
+    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
+    assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "the catabc\n"  # stdout stays the text alone
+    assert captured.err == "(stopped at end of text after 3 tokens)\n"
 
 
 def test_generate_warns_about_characters_the_tokenizer_never_saw(tiny_run, capsys):
