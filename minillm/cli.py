@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import (
+    DATA_FORMATS,
     DEFAULT_PRESET,
     DTYPES,
     PRESETS,
@@ -49,8 +50,8 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
-OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"]}
-CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES}
+OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
+CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
 
 class _Parser(argparse.ArgumentParser):

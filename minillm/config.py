@@ -15,6 +15,7 @@ from minillm.errors import MiniLLMError
 TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "text", "tsv", "jsonl")  # minillm.data.corpus reads them
 
 
 def _check(condition: bool, message: str) -> None:
@@ -129,6 +130,11 @@ class TrainConfig(_JSONConfig):
     tokenizer: str = option("char", "byte-level BPE or characters")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)")
+    data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
+                                      "its content), text, tsv or jsonl")
+    source_column: int | None = option(None, "TSV: the column (1 = first) that holds the sources (default: 1)")
+    target_column: int | None = option(None, "TSV: the column that holds the targets (default: 2; with more "
+                                             "than two columns the rest are left out, with a warning)")
     split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
                                           "separator string")
     separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
@@ -166,6 +172,12 @@ class TrainConfig(_JSONConfig):
         _check(self.split_mode in SPLIT_MODES,
                f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
         _check(bool(self.separator), "separator must not be empty")
+        _check(self.data_format in DATA_FORMATS,
+               f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
+        for name in ("source_column", "target_column"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value > 0),
+                   f"{name} must be a column number from 1, got {value!r}")
         for name in ("batch_size", "max_steps", "grad_accum_steps", "eval_interval", "eval_batches",
                      "log_interval"):
             value = getattr(self, name)

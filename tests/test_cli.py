@@ -85,6 +85,35 @@ def test_bad_data_files(tmp_path, capsys, content, needle):
     assert not (tmp_path / "run" / "best_model.pt").exists()
 
 
+def test_train_says_how_it_read_a_pair_file_and_takes_its_first_two_columns(tmp_path, capsys):
+    data = tmp_path / "fra.txt"  # Tatoeba-style: source, target, attribution; no .tsv extension
+    data.write_text("".join(f"w{i}\tm{i}\tCC-BY #{i}\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--model", "transformer", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--eval-interval", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert ("data: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
+            "--format text|tsv|jsonl overrides): 40 pairs") in captured.out
+    assert "warning: " in captured.err and "has 3 tab-separated columns; using column 1 as the source" in captured.err
+
+
+def test_format_option_reads_a_pair_file_as_text(tmp_path, capsys):
+    data = tmp_path / "p.tsv"
+    data.write_text("".join(f"w{i}\tm{i}\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--eval-interval", "2", "--format", "text", "--split-mode", "line"])
+    assert code == 0
+    assert "read as plain text (as --format says" in capsys.readouterr().out
+
+
+def test_pair_file_whose_targets_are_all_empty_is_refused(tmp_path, capsys):
+    data = tmp_path / "p.tsv"
+    data.write_text("".join(f"w{i}\t\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--model", "transformer", "--out", str(tmp_path / "run")])
+    assert_one_line_error(capsys, code, "every target (column 2)", str(data), "--target-column")
+    assert not (tmp_path / "run" / "best_model.pt").exists()
+
+
 @pytest.mark.parametrize("options, needle", [
     (["--n-heads", "3", "--d-model", "32"], "divisible"),
     (["--batch-size", "abc"], "--batch-size"),

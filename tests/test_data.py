@@ -10,12 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minillm.config import TrainConfig
 from minillm.data import prepare
 from minillm.data.batches import LMBatches, PairBatches
 from minillm.data.corpus import (
+    JSONL_FILE,
     PAIRS,
     TEXT,
+    TEXT_FILE,
+    TSV_FILE,
     contiguous_split,
+    describe_samples,
     detect_format,
     load_samples,
     parse_pairs,
@@ -110,30 +115,87 @@ def test_contiguous_split_of_too_little_text_is_an_error():
 
 
 def test_detect_format_by_extension_and_content(tmp_path):
-    assert detect_format(tmp_path / "x.tsv", "anything") == PAIRS
-    assert detect_format(tmp_path / "x.jsonl", "anything") == PAIRS
+    assert detect_format(tmp_path / "x.tsv", "anything")[0] == TSV_FILE
+    assert detect_format(tmp_path / "x.jsonl", "anything") == (JSONL_FILE, "by its .jsonl extension")
     jsonl = "\n".join(json.dumps({"input": str(i), "output": str(-i)}) for i in range(5))
-    assert detect_format(tmp_path / "x.txt", jsonl) == PAIRS
-    assert detect_format(tmp_path / "x.txt", "abc\tcba\nxy\tyx\n") == PAIRS
-    assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n") == TEXT
+    assert detect_format(tmp_path / "x.txt", jsonl)[0] == JSONL_FILE
+    assert detect_format(tmp_path / "x.txt", "abc\tcba\nxy\tyx\n")[0] == TSV_FILE
+    three = detect_format(tmp_path / "x.txt", "Hi.\tSalut.\tCC-BY\nRun!\tCours !\tCC-BY\n")
+    assert three == (TSV_FILE, "by its content: every line has 3 tab-separated columns")
+    assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n")[0] == TEXT_FILE
 
 
 def test_parse_pairs_tsv_and_jsonl(tmp_path):
-    assert parse_pairs("p.tsv", "ab\tba\n\ncd\tdc\nef\tfe\n") == [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
+    pairs = parse_pairs("p.tsv", "ab\tba\n\ncd\tdc\nef\tfe\n", TSV_FILE)
+    assert pairs == [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
     jsonl = "\n".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(3))
-    assert parse_pairs("p.jsonl", jsonl)[2] == ("q2", "a2")
-    with pytest.raises(MiniLLMError, match="line 2"):
-        parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n")
+    assert parse_pairs("p.jsonl", jsonl, JSONL_FILE)[2] == ("q2", "a2")
+    with pytest.raises(MiniLLMError, match="line 2 has 1 tab-separated columns, line 1 has 2"):
+        parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n", TSV_FILE)
+    with pytest.raises(MiniLLMError, match="line 1 has no tab.*--format text"):
+        parse_pairs("p.tsv", "no tab\nat all\nhere\n", TSV_FILE)
     with pytest.raises(MiniLLMError, match="line 1"):
-        parse_pairs("p.jsonl", '{"input": 1}\n')
+        parse_pairs("p.jsonl", '{"input": 1}\n', JSONL_FILE)
+
+
+TATOEBA = "Hi.\tSalut.\tCC-BY 2.0 (France) Attribution: tatoeba.org #538123\n" * 3 + "Run!\tCours !\tCC-BY\n"
+
+
+def test_extra_tsv_columns_are_left_out_with_a_warning_or_chosen():
+    notes = []
+    pairs = parse_pairs("fra.tsv", TATOEBA, TSV_FILE, notes=notes)
+    assert pairs[-1] == ("Run!", "Cours !")
+    [warning] = notes
+    assert warning.startswith("warning: fra.tsv has 3 tab-separated columns") and "--target-column" in warning
+    notes = []
+    assert parse_pairs("fra.tsv", TATOEBA, TSV_FILE, 2, 1, notes)[-1] == ("Cours !", "Run!")
+    assert notes == []  # columns chosen: nothing to warn about
+    with pytest.raises(MiniLLMError, match="--target-column 4 is not a column of fra.tsv.*3 tab-separated"):
+        parse_pairs("fra.tsv", TATOEBA, TSV_FILE, target_column=4)
+    with pytest.raises(MiniLLMError, match="both 1"):
+        parse_pairs("fra.tsv", TATOEBA, TSV_FILE, 1, 1)
+
+
+def test_every_target_empty_is_refused():
+    with pytest.raises(MiniLLMError, match=r"every target \(column 2\) in p.tsv is empty.*--target-column"):
+        parse_pairs("p.tsv", "a\t\nb\t \nc\t\n", TSV_FILE)
+    jsonl = "\n".join(json.dumps({"input": f"q{i}", "output": ""}) for i in range(3))
+    with pytest.raises(MiniLLMError, match="every target"):
+        parse_pairs("p.jsonl", jsonl, JSONL_FILE)
+
+
+def test_a_training_split_of_empty_targets_is_refused(tmp_path):
+    config = TrainConfig(data=str(tmp_path / "p.tsv"), val_fraction=0.2, test_fraction=0.2)
+    held_out = {i for name in ("val", "test") for i in shuffled_split(10, 0.2, 0.2, config.seed)[name]}
+    (tmp_path / "p.tsv").write_text("".join(f"s{i}\t{'t' if i in held_out else ''}\n" for i in range(10)))
+    with pytest.raises(MiniLLMError, match="every target of the 6 training pairs .* is empty"):
+        prepare.read_data(config, keep_pairs=True, log=print)
+
+
+def test_the_format_is_said_and_can_be_overridden(tmp_path):
+    path = tmp_path / "pairs.txt"  # a pair file without the .tsv extension
+    path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
+    loaded = load_samples(path, True, "paragraph", "")
+    assert (loaded.format, loaded.file_format) == (PAIRS, TSV_FILE)
+    said = describe_samples(path, loaded, "paragraph")
+    assert said == ("data: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
+                    "columns; --format text|tsv|jsonl overrides): 3 pairs, 12 characters")
+    as_text = load_samples(path, True, "line", "", file_format=TEXT_FILE)
+    assert (as_text.format, as_text.samples, as_text.how) == (TEXT, ["ab\tba", "cd\tdc", "ef\tfe"], "as --format says")
+    tsv = tmp_path / "prose.tsv"
+    tsv.write_text("no tabs\n\nin here\n", encoding="utf-8")
+    assert load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE).samples == ["no tabs", "in here"]
+    with pytest.raises(MiniLLMError, match="for TSV pair files"):
+        load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE, target_column=2)
 
 
 def test_pairs_for_the_decoder_only_model_become_text_samples(tmp_path):
     path = tmp_path / "p.tsv"
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
-    assert load_samples(path, True, "paragraph", "")[0] == PAIRS
-    fmt, samples = load_samples(path, False, "paragraph", "")
-    assert fmt == TEXT and samples[0] == "ab\nba"
+    assert load_samples(path, True, "paragraph", "").format == PAIRS
+    loaded = load_samples(path, False, "paragraph", "")
+    assert loaded.format == TEXT and loaded.samples[0] == "ab\nba"
+    assert "3 pairs, as text samples" in describe_samples(path, loaded, "paragraph")
 
 
 # -- token streams -----------------------------------------------------------------------------------------

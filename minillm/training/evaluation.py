@@ -12,7 +12,7 @@ import torch
 
 from minillm.checkpoint import load_run, read_train_config
 from minillm.data.batches import Batch, open_prepared, open_split
-from minillm.data.corpus import load_samples
+from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
 from minillm.data.prepare import write_splits
 from minillm.models import is_encoder_decoder
 from minillm.training.precision import autocast, autocast_dtype
@@ -59,10 +59,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
     if data is None:
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
         return {**score(run.model, batches, config.batch_size, run.device, dtype), "data": f"{run_dir} test split"}
-    fmt, samples = load_samples(data, encoder_decoder, config.split_mode, config.separator)
+    loaded = load_samples(data, encoder_decoder, config.split_mode, config.separator, config.data_format,
+                          config.source_column, config.target_column)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
-        spec = write_splits(tmp, fmt, {"test": samples}, run.tokenizer, contiguous=False)
-        batches = open_prepared(tmp, "test", fmt, spec.dtype, run.config, encoder_decoder, config.source_fraction)
+        spec = write_splits(tmp, loaded.format, {"test": loaded.samples}, run.tokenizer, contiguous=False)
+        batches = open_prepared(tmp, "test", loaded.format, spec.dtype, run.config, encoder_decoder,
+                                config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype)
         del batches  # release the memmaps before the folder goes
-    return {**metrics, "data": str(data)}
+    return {**metrics, "data": f"{data} (read as {FILE_FORMAT_NAMES[loaded.file_format]}, {loaded.how})"}

@@ -51,8 +51,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
     pick_device(config.device)
     folder.check_new_run(overwrite)
-    data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
-                     config.val_fraction, config.test_fraction, config.seed, log)
+    data = read_data(config, is_encoder_decoder(model_config), log)
     with folder.lock():
         folder.check_new_run(overwrite)  # again, now that no other training can start here
         with folder.staging() as staged:
