@@ -140,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None)
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = commands.add_parser("evaluate", help="loss and perplexity on the test split or a file")
+    evaluate = commands.add_parser("evaluate", help="loss, perplexity and bits per byte on the test split or a file")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    evaluate.add_argument("--data", type=Path, help="score all of this file instead of the test split")
+    evaluate.add_argument("--data", type=Path, help="score this file instead of the test split")
+    evaluate.add_argument("--test-tokens", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
+                          help="score at most about this many tokens (a larger set gives an estimate from a "
+                               "random sample, with its 95%% confidence); 'none': all (default: the run's setting)")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -209,8 +212,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress,
                            should_stop=stop.is_set)
+    test = result.test_metrics
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
-          f"val loss {result.best_val_loss:.4f}; test perplexity {result.test_metrics['perplexity']:.2f})")
+          f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
+          f"{test['bits_per_byte']:.3f} bits per byte)")
     if result.stop_reason == "stopped":
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -283,10 +288,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from minillm.training import evaluate_run
+    from minillm.training.evaluation import describe_score
 
-    metrics = evaluate_run(args.run_dir, args.data, args.device)
-    print(f"{metrics['data']}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
-          f"over {metrics['tokens']:,} tokens")
+    max_tokens = getattr(args, "test_tokens", "run")  # "run": the run's own --test-tokens
+    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True)
+    print(f"{metrics['data']}: {describe_score(metrics)}")
     return 0
 
 

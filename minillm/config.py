@@ -158,6 +158,9 @@ class TrainConfig(_JSONConfig):
     eval_interval: int = option(250, "evaluate on the validation set (and save checkpoints) every N steps")
     eval_batches: int = option(20, "validation batches per evaluation")
     log_interval: int = option(10, "log the training loss every N steps")
+    test_tokens: int | None = option(200_000, "score at most about this many test tokens at the end: a larger "
+                                              "test split gives an estimate from a random sample of it, with "
+                                              "its 95% confidence ('none': all)")
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)")
     max_time: float | None = option(None, "wall-clock budget in seconds ('none': no budget)")
     # Runtime
@@ -198,6 +201,8 @@ class TrainConfig(_JSONConfig):
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.test_tokens is None or (isinstance(self.test_tokens, int) and self.test_tokens > 0),
+               f"test_tokens must be a positive number of tokens (or none), got {self.test_tokens!r}")
         _check(self.patience is None or self.patience > 0, f"patience must be positive, got {self.patience}")
         _check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

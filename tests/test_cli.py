@@ -92,7 +92,7 @@ def test_train_says_how_it_read_a_pair_file_and_takes_its_first_two_columns(tmp_
                  "--max-steps", "2", "--eval-interval", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert ("data: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
+    assert ("data file: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
             "--format text|tsv|jsonl overrides): 40 pairs") in captured.out
     assert "warning: " in captured.err and "has 3 tab-separated columns; using column 1 as the source" in captured.err
 
@@ -171,10 +171,13 @@ def test_generate_source_on_a_decoder_only_run(tiny_run, capsys):
     assert_one_line_error(capsys, main(["generate", str(tiny_run), "--source", "x"]), "decoder-only")
 
 
-def test_evaluate_prints_loss_and_perplexity(tiny_run, capsys):
+def test_evaluate_prints_loss_perplexity_and_bits_per_byte(tiny_run, corpus_file, capsys):
     assert main(["evaluate", str(tiny_run)]) == 0
     out = capsys.readouterr().out
-    assert "test split: loss" in out and "perplexity" in out
+    assert "test split: loss" in out and "perplexity" in out and "bits per byte" in out and "per character" in out
+    assert main(["evaluate", str(tiny_run), "--data", str(corpus_file), "--test-tokens", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "(read as plain text, by its content" in out and " \u00b1 " in out and "random sample of" in out
 
 
 def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -178,7 +178,7 @@ def test_the_format_is_said_and_can_be_overridden(tmp_path):
     loaded = load_samples(path, True, "paragraph", "")
     assert (loaded.format, loaded.file_format) == (PAIRS, TSV_FILE)
     said = describe_samples(path, loaded, "paragraph")
-    assert said == ("data: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
+    assert said == ("data file: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
                     "columns; --format text|tsv|jsonl overrides): 3 pairs, 12 characters")
     as_text = load_samples(path, True, "line", "", file_format=TEXT_FILE)
     assert (as_text.format, as_text.samples, as_text.how) == (TEXT, ["ab\tba", "cd\tdc", "ef\tfe"], "as --format says")
@@ -283,3 +283,38 @@ def test_pair_batches_pad_and_shift(tmp_path, char_tokenizer):
     assert batch["targets"][1].tolist() == tok.encode("hgfe") + [tok.eos_id]
     assert batch["targets"][2].tolist() == [tok.eos_id] + [tok.pad_id] * 4  # empty target: just EOS
     assert batch["tgt_mask"][2].tolist() == [True, False, False, False, False]
+
+
+def test_pairs_longer_than_the_context_are_cut_and_counted(tmp_path, char_tokenizer):
+    pairs = [("abc", "cba"), ("abcdefgh" * 2, "hgfedcba" * 3), ("de", "")]  # 16 and 24 tokens
+    write_pair_streams(tmp_path, "train", char_tokenizer, pairs, np.dtype(np.uint16))
+    tok = char_tokenizer
+    batches = PairBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
+                          read_stream(tmp_path / "train.tgt.bin", "uint16"), np.load(tmp_path / "train.offsets.npy"),
+                          max_seq_len=10, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    batch = batches.batch_of([1], CPU)
+    target = tok.encode("hgfedcba" * 3)
+    assert batch["src_ids"][0].tolist() == tok.encode("abcdefgh" * 2)[:10]
+    assert batch["targets"][0].tolist() == target[:10]  # cut: no EOS, the text does not end there
+    assert batch["tgt_ids"][0].tolist() == [tok.bos_id, *target[:9]]
+    fit = batches.fit()
+    assert (fit.sources_cut, fit.source_tokens_cut, fit.targets_cut, fit.target_tokens_cut) == (1, 6, 1, 15)
+    assert fit.kept_target_tokens == 4 + 10 + 1  # what a pass trains on: target + EOS within the context
+    assert batches.sequential_tokens == sum(n for _, n in batches.sequential(2, CPU)) == 15
+    assert fit.fit_all == 32  # 25 (24 + EOS) rounded up to a multiple of 8
+    warning = fit.warning("training", 10)
+    assert warning.startswith("warning: 1 of 3 training pairs are longer than the context of 10 tokens")
+    assert "1 source(s) lose 6 tokens" in warning and "lose 15 of 30 target tokens (50%" in warning
+    assert "--max-seq-len 32" in warning
+
+
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_sequential_rows_choose_windows_and_count_their_tokens(encoder_decoder):
+    batches = LMBatches(np.arange(1, 54, dtype=np.uint16), max_seq_len=8, encoder_decoder=encoder_decoder, pad_id=0)
+    every = list(batches.sequential(3, CPU))
+    assert batches.sequential_tokens == sum(n for _, n in every)
+    assert sum(len(batch["targets"]) for batch, _ in every) == batches.n_sequential
+    some = list(batches.sequential(2, CPU, rows=[0, batches.n_sequential - 1]))
+    assert len(some) == 1
+    assert torch.equal(some[0][0]["targets"][0], every[0][0]["targets"][0])
+    assert torch.equal(some[0][0]["targets"][1], every[-1][0]["targets"][-1])  # the tail window, as in full

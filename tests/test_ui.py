@@ -381,4 +381,9 @@ def test_the_stats_say_when_the_model_ended_the_text(ui_run, monkeypatch):
     session = app.Session()
     load(session, ui_run)
     final_text, final_stats, *_ = generate(session, prompt="Speak")[-1]
-    assert final_text == "Speakabc" and "stopped at end of text after 3 tokens" in final_stats
+    assert final_text == "Speakabc" and final_stats.startswith("Stopped at end of text after 3 tokens. Generated 3")
+
+
+def test_model_info_shows_bits_per_byte_beside_the_loss(tiny_run):
+    info = loading.model_info_markdown(load_run(tiny_run))
+    assert "bits per byte" in next(line for line in info.splitlines() if "Best validation loss" in line)

@@ -285,7 +285,7 @@ def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
         unit = "pairs" if loaded.format == PAIRS else 'pairs, as text samples "source\\ntarget"'
         chars = sum(len(s) + len(t) for s, t in loaded.samples) if loaded.format == PAIRS else sum(
             len(sample) - 1 for sample in loaded.samples)
-    return (f"data: {Path(path).name} read as {FILE_FORMAT_NAMES[loaded.file_format]} ({loaded.how}; "
+    return (f"data file: {Path(path).name} read as {FILE_FORMAT_NAMES[loaded.file_format]} ({loaded.how}; "
             f"{FORMAT_HINT}): {n:,} {unit}, {chars:,} characters")
 
 

@@ -71,7 +71,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
-                    "compile", "dtype")
+                    "compile", "dtype", "test_tokens")
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,

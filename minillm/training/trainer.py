@@ -30,8 +30,16 @@ from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.run_folder import RunFolder
+from minillm.tokenizers import Tokenizer, load_tokenizer
 from minillm.training.distributed import is_main_process
-from minillm.training.evaluation import mean_loss, score
+from minillm.training.evaluation import (
+    bits_per_unit,
+    describe_score,
+    mean_loss,
+    note_cut_pairs,
+    score,
+    text_sizes,
+)
 from minillm.training.metrics import MetricsLog, plot_loss_curve
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.rng import restore_rng_state, rng_state
@@ -104,6 +112,9 @@ class TrainResult:
 class Trainer:
     """Owns the model, optimizer, data and state of one run; `fit()` runs the loop."""
 
+    _run_tokenizer: Tokenizer | None = None  # loaded when first needed (bits per byte)
+    _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
+
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None):
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
@@ -156,14 +167,20 @@ class Trainer:
     def _tokens_per_step(self) -> float:
         rows = self.config.batch_size * self.config.grad_accum_steps
         if self.split_record["format"] == PAIRS:
-            pairs = max(1, self.split_record["samples"]["train"])
-            return rows * self.split_record["tokens"]["train"] / pairs
+            return rows * self._epoch_tokens() / max(1, self.train_data.n_pairs)
         return rows * self.train_data.seq_len
+
+    def _epoch_tokens(self) -> int:
+        """The tokens one pass over the training data trains on: for pairs, target + EOS within the context
+        (what a cut pair loses beyond it is never seen)."""
+        if self.split_record["format"] == PAIRS:
+            return self.train_data.fit().kept_target_tokens
+        return self.split_record["tokens"]["train"]
 
     def _planned_steps(self) -> int:
         if self.config.epochs is None:
             return self.config.max_steps
-        epoch_steps = self.split_record["tokens"]["train"] / max(1.0, self.tokens_per_step)
+        epoch_steps = self._epoch_tokens() / max(1.0, self.tokens_per_step)
         return max(1, math.ceil(self.config.epochs * epoch_steps))
 
     def describe(self) -> None:
@@ -173,15 +190,30 @@ class Trainer:
         shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
         self.log(f"model: {mc.model_type}, {self.n_params / 1e6:.2f}M parameters ({shape}), "
                  f"vocab {mc.vocab_size}, device {self.device}")
-        self.log(f"data: {tokens['train']:,} training tokens "
-                 f"({tokens['val']:,} validation, {tokens['test']:,} test)")
+        epoch_tokens = self._epoch_tokens()
+        if self.split_record["format"] == PAIRS:
+            samples = self.split_record["samples"]
+            self.log(f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
+                     f"{epoch_tokens:,} within the context with their EOS "
+                     f"({samples['val']:,} validation, {samples['test']:,} test pairs)")
+            for split, data in (("training", self.train_data), ("test", self.open_split("test"))):
+                warning = data.fit().warning(split, mc.max_seq_len)
+                if warning:
+                    self.log(warning)
+        else:
+            self.log(f"data: {tokens['train']:,} training tokens "
+                     f"({tokens['val']:,} validation, {tokens['test']:,} test)")
+        test_tokens = self.open_split("test").sequential_tokens
+        if self.config.test_tokens is not None and test_tokens > self.config.test_tokens:
+            self.log(f"note: the final test scores a random sample of about {self.config.test_tokens:,} of the "
+                     f"{test_tokens:,} test tokens, with its 95% confidence (--test-tokens none scores all)")
         total = self.max_steps * self.tokens_per_step
-        epochs = total / max(1, tokens["train"])
+        epochs = total / max(1, epoch_tokens)
         budget = f", or {self.config.max_time:g} s, whichever comes first" if self.config.max_time else ""
         self.log(f"plan: {self.max_steps:,} steps x {self.tokens_per_step:,.0f} tokens = {total:,.0f} tokens "
                  f"= {epochs:.2f} epochs{budget}")
         if epochs > MANY_EPOCHS:
-            self.log(f"note: {epochs:.0f} passes over {tokens['train']:,} tokens is many epochs: a "
+            self.log(f"note: {epochs:.0f} passes over {epoch_tokens:,} tokens is many epochs: a "
                      f"{self.n_params / 1e6:.2f}M-parameter model will likely memorise the data "
                      "(val loss rises); early stopping keeps the best model, and more data helps most")
         elif epochs < FEW_EPOCHS:
@@ -235,6 +267,7 @@ class Trainer:
                                "tok/s": f"{tokens_per_s:,.0f}"}
                     if self.best_val_loss < math.inf:
                         postfix["val"] = f"{self.best_val_loss:.3f}"
+                        postfix["val bpb"] = f"{self._best_val_bpb():.3f}"
                     if self.overfitting:
                         postfix["warn"] = "overfitting"
                     bar.set_postfix(postfix, refresh=False)
@@ -298,7 +331,8 @@ class Trainer:
     # -- evaluation and checkpoints ------------------------------------------------------------------
 
     def _evaluate_and_save(self, train_loss: float) -> None:
-        val_loss, _ = mean_loss(self.forward_model, self.eval_batches, self.device, self.amp_dtype)
+        val_loss, val_tokens = mean_loss(self.forward_model, self.eval_batches, self.device, self.amp_dtype)
+        val_bpb = self._val_bits_per_byte(val_loss, val_tokens)
         if not math.isfinite(val_loss):
             raise MiniLLMError(
                 f"training diverged at step {self.step} (validation loss is {val_loss}); "
@@ -309,15 +343,17 @@ class Trainer:
             self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
             if self.main:
                 save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, {
-                    "step": self.step, "val_loss": val_loss, "train_loss": train_loss,
+                    "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb, "train_loss": train_loss,
                     "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "parameters": self.n_params,
                     "data": self.split_record.get("source"),
                 })
         else:
             self.evals_since_best += 1
-        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss})
+        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
+                             "val_bits_per_byte": val_bpb})
         self._check_overfitting()
-        self._record({"kind": "eval", "step": self.step, "val_loss": val_loss, "train_loss": train_loss,
+        self._record({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
+                      "train_loss": train_loss,
                       "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                       "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                       "overfitting": self.overfitting})
@@ -326,6 +362,18 @@ class Trainer:
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
                                   f"{self.n_params / 1e6:.2f}M parameters")
+
+    def _best_val_bpb(self) -> float:
+        """The validation bits per byte of the best model so far (nan if not recorded)."""
+        best = [row for row in self.history if row["step"] == self.best_step]
+        return best[-1].get("val_bits_per_byte", math.nan) if best else math.nan
+
+    def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
+        """Bits per byte of a validation loss over the fixed validation batches (their bytes counted once)."""
+        if self._eval_bytes is None:
+            n_bytes, _ = text_sizes(self._tokenizer(), self.device)
+            self._eval_bytes = sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in self.eval_batches)
+        return bits_per_unit(val_loss, tokens, self._eval_bytes)
 
     def _check_overfitting(self) -> None:
         """Warn once when val loss has risen OVERFIT_EVALS evaluations in a row while train loss fell."""
@@ -380,17 +428,25 @@ class Trainer:
     # -- the end -------------------------------------------------------------------------------------
 
     def test(self) -> dict[str, Any]:
-        """Loss and perplexity of the best model on the test split; written to test_metrics.json."""
+        """Loss, perplexity and bits per byte of the best model on the test split (at most about
+        --test-tokens of it, with a progress bar); written to test_metrics.json."""
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
-        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype)
+        batches = self.open_split("test")
+        metrics = score(self.model, batches, self.config.batch_size, self.device, self.amp_dtype, self._tokenizer(),
+                        max_tokens=self.config.test_tokens, seed=self.config.seed, progress=self.progress and self.main)
+        metrics = note_cut_pairs(metrics, batches)
         metrics.update(best_step=self.best_step, best_val_loss=self.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
-        self.log(f"test: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} over "
-                 f"{metrics['tokens']:,} tokens "
+        self.log(f"test: {describe_score(metrics)} "
                  f"(best model: step {self.best_step}, val loss {self.best_val_loss:.4f})")
         return metrics
+
+    def _tokenizer(self) -> Tokenizer:
+        if self._run_tokenizer is None:
+            self._run_tokenizer = load_tokenizer(self.files.tokenizer)
+        return self._run_tokenizer
 
     def result(self, stop_reason: str, test_metrics: dict[str, Any]) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, steps=self.step, best_step=self.best_step,
