@@ -172,6 +172,14 @@ def test_a_training_split_of_empty_targets_is_refused(tmp_path):
         prepare.read_data(config, keep_pairs=True, log=print)
 
 
+def test_a_training_split_of_0_tokens_is_refused_before_the_run_is_written(tmp_path):
+    pairs = {"train": [("a", ""), ("b", "")], "val": [("c", "d")], "test": [("e", "f")]}
+    data = prepare.SplitData(path=tmp_path / "p.tsv", format=PAIRS, splits=pairs, record={"contiguous": False})
+    with pytest.raises(MiniLLMError, match="training split of .*p.tsv has 0 tokens"):
+        prepare.write_data(tmp_path / "run", data, "char", 300)
+    assert not (tmp_path / "run" / "split.json").exists()
+
+
 def test_the_format_is_said_and_can_be_overridden(tmp_path):
     path = tmp_path / "pairs.txt"  # a pair file without the .tsv extension
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
