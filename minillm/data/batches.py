@@ -147,6 +147,24 @@ class PairFit:
                 f"{max_seq_len} tokens and are cut: {'; '.join(cuts)}; {fix}")
 
 
+def data_notes(split_record: dict[str, Any], train: LMBatches | PairBatches, test: LMBatches | PairBatches,
+               test_tokens: int | None) -> list[str]:
+    """What a training says about its data before it starts: the tokens of each split (for pairs, those that
+    fit the context, and what is cut), and whether the final test will score a sample (over test_tokens)."""
+    samples, tokens = split_record["samples"], split_record["tokens"]
+    if isinstance(train, PairBatches):
+        notes = [f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
+                 f"{train.fit().kept_target_tokens:,} within the context with their EOS "
+                 f"({samples['val']:,} validation, {samples['test']:,} test pairs)",
+                 train.fit().warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
+    else:
+        notes = [f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)"]
+    if test_tokens is not None and test.sequential_tokens > test_tokens:
+        notes.append(f"note: the final test scores a random sample of about {test_tokens:,} of the "
+                     f"{test.sequential_tokens:,} test tokens, with its 95% confidence (--test-tokens none: all)")
+    return [note for note in notes if note]
+
+
 def _round_up(n: float, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 

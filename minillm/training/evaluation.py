@@ -60,6 +60,12 @@ def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torc
             torch.tensor(n_chars, dtype=torch.long, device=device))
 
 
+def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Any, device: torch.device) -> int:
+    """The UTF-8 bytes of the text that the targets of (batch, tokens) pairs stand for."""
+    n_bytes, _ = text_sizes(tokenizer, device)
+    return sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in batches)
+
+
 def bits_per_unit(loss: float, tokens: int, units: int) -> float:
     """Bits per byte (or character) of a mean loss in nats per token over `tokens` tokens."""
     return loss * tokens / math.log(2) / units if units else float("nan")
@@ -126,10 +132,10 @@ def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.d
     if rows is not None:
         metrics["loss_ci95"] = _ratio_ci95(nats, tokens, n_rows)
         metrics["bits_per_byte_ci95"] = _ratio_ci95(nats / math.log(2), n_bytes, n_rows)
-    return metrics
+    return _with_cut_pairs(metrics, batches)
 
 
-def note_cut_pairs(metrics: dict[str, Any], batches: Any) -> dict[str, Any]:
+def _with_cut_pairs(metrics: dict[str, Any], batches: Any) -> dict[str, Any]:
     """The metrics, with how many pairs (if these are pairs) the context cut, and the targets it left out."""
     if isinstance(batches, PairBatches):
         fit = batches.fit()
@@ -169,14 +175,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
     if data is None:
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
-        return {**note_cut_pairs(metrics, batches), "data": f"{run_dir} test split"}
+        return {**metrics, "data": f"{run_dir} test split"}
     loaded = load_samples(data, encoder_decoder, config.split_mode, config.separator, config.data_format,
                           config.source_column, config.target_column)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
         spec = write_splits(tmp, loaded.format, {"test": loaded.samples}, run.tokenizer, contiguous=False)
         batches = open_prepared(tmp, "test", loaded.format, spec.dtype, run.config, encoder_decoder,
                                 config.source_fraction)
-        metrics = note_cut_pairs(score(run.model, batches, config.batch_size, run.device, dtype, **settings),
-                                 batches)
+        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         del batches  # release the memmaps before the folder goes
     return {**metrics, "data": f"{data} (read as {FILE_FORMAT_NAMES[loaded.file_format]}, {loaded.how})"}

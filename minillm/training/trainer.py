@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import clean_state_dict, save_best
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.batches import open_split
+from minillm.data.batches import data_notes, open_split
 from minillm.data.corpus import PAIRS
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
@@ -32,14 +32,7 @@ from minillm.models import build_model, count_parameters, is_encoder_decoder, mo
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import Tokenizer, load_tokenizer
 from minillm.training.distributed import is_main_process
-from minillm.training.evaluation import (
-    bits_per_unit,
-    describe_score,
-    mean_loss,
-    note_cut_pairs,
-    score,
-    text_sizes,
-)
+from minillm.training.evaluation import bits_per_unit, describe_score, mean_loss, score, target_bytes
 from minillm.training.metrics import MetricsLog, plot_loss_curve
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.rng import restore_rng_state, rng_state
@@ -185,28 +178,14 @@ class Trainer:
 
     def describe(self) -> None:
         """Say what the run is about to do: model size, data size, and how many passes over the data."""
-        mc, tokens = self.model_config, self.split_record["tokens"]
+        mc = self.model_config
         layers = model_class(mc.model_type).layers_description(mc)
         shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
         self.log(f"model: {mc.model_type}, {self.n_params / 1e6:.2f}M parameters ({shape}), "
                  f"vocab {mc.vocab_size}, device {self.device}")
+        for line in data_notes(self.split_record, self.train_data, self.open_split("test"), self.config.test_tokens):
+            self.log(line)
         epoch_tokens = self._epoch_tokens()
-        if self.split_record["format"] == PAIRS:
-            samples = self.split_record["samples"]
-            self.log(f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
-                     f"{epoch_tokens:,} within the context with their EOS "
-                     f"({samples['val']:,} validation, {samples['test']:,} test pairs)")
-            for split, data in (("training", self.train_data), ("test", self.open_split("test"))):
-                warning = data.fit().warning(split, mc.max_seq_len)
-                if warning:
-                    self.log(warning)
-        else:
-            self.log(f"data: {tokens['train']:,} training tokens "
-                     f"({tokens['val']:,} validation, {tokens['test']:,} test)")
-        test_tokens = self.open_split("test").sequential_tokens
-        if self.config.test_tokens is not None and test_tokens > self.config.test_tokens:
-            self.log(f"note: the final test scores a random sample of about {self.config.test_tokens:,} of the "
-                     f"{test_tokens:,} test tokens, with its 95% confidence (--test-tokens none scores all)")
         total = self.max_steps * self.tokens_per_step
         epochs = total / max(1, epoch_tokens)
         budget = f", or {self.config.max_time:g} s, whichever comes first" if self.config.max_time else ""
@@ -267,7 +246,7 @@ class Trainer:
                                "tok/s": f"{tokens_per_s:,.0f}"}
                     if self.best_val_loss < math.inf:
                         postfix["val"] = f"{self.best_val_loss:.3f}"
-                        postfix["val bpb"] = f"{self._best_val_bpb():.3f}"
+                        postfix["val bpb"] = f"{self.best_val_bpb:.3f}"
                     if self.overfitting:
                         postfix["warn"] = "overfitting"
                     bar.set_postfix(postfix, refresh=False)
@@ -363,16 +342,15 @@ class Trainer:
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
                                   f"{self.n_params / 1e6:.2f}M parameters")
 
-    def _best_val_bpb(self) -> float:
-        """The validation bits per byte of the best model so far (nan if not recorded)."""
-        best = [row for row in self.history if row["step"] == self.best_step]
-        return best[-1].get("val_bits_per_byte", math.nan) if best else math.nan
+    @property
+    def best_val_bpb(self) -> float:
+        """Validation bits per byte of the best model so far (nan before the first evaluation)."""
+        return next((row.get("val_bits_per_byte", math.nan) for row in reversed(self.history)
+                     if row["step"] == self.best_step), math.nan)
 
     def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
-        """Bits per byte of a validation loss over the fixed validation batches (their bytes counted once)."""
-        if self._eval_bytes is None:
-            n_bytes, _ = text_sizes(self._tokenizer(), self.device)
-            self._eval_bytes = sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in self.eval_batches)
+        if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
+            self._eval_bytes = target_bytes(self.eval_batches, self._tokenizer(), self.device)
         return bits_per_unit(val_loss, tokens, self._eval_bytes)
 
     def _check_overfitting(self) -> None:
@@ -432,10 +410,8 @@ class Trainer:
         --test-tokens of it, with a progress bar); written to test_metrics.json."""
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
-        batches = self.open_split("test")
-        metrics = score(self.model, batches, self.config.batch_size, self.device, self.amp_dtype, self._tokenizer(),
-                        max_tokens=self.config.test_tokens, seed=self.config.seed, progress=self.progress and self.main)
-        metrics = note_cut_pairs(metrics, batches)
+        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
+                        self._tokenizer(), self.config.test_tokens, self.config.seed, self.progress and self.main)
         metrics.update(best_step=self.best_step, best_val_loss=self.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
@@ -444,8 +420,7 @@ class Trainer:
         return metrics
 
     def _tokenizer(self) -> Tokenizer:
-        if self._run_tokenizer is None:
-            self._run_tokenizer = load_tokenizer(self.files.tokenizer)
+        self._run_tokenizer = self._run_tokenizer or load_tokenizer(self.files.tokenizer)
         return self._run_tokenizer
 
     def result(self, stop_reason: str, test_metrics: dict[str, Any]) -> TrainResult:
