@@ -123,6 +123,7 @@ def test_detect_format_by_extension_and_content(tmp_path):
     three = detect_format(tmp_path / "x.txt", "Hi.\tSalut.\tCC-BY\nRun!\tCours !\tCC-BY\n")
     assert three == (TSV_FILE, "by its content: every line has 3 tab-separated columns")
     assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n")[0] == TEXT_FILE
+    assert detect_format(tmp_path / "x.txt", "\tindented\n\tverse\n")[0] == TEXT_FILE
 
 
 def test_parse_pairs_tsv_and_jsonl(tmp_path):

@@ -80,7 +80,7 @@ def split_samples(text: str, mode: str = "paragraph", separator: str = "<|endoft
 
 def detect_format(path: str | Path, text: str) -> tuple[str, str]:
     """(file format, how it was decided): by extension (.tsv, .jsonl), else by content (every sniffed line
-    a JSON pair, or every one with the same number of tabs), else plain text."""
+    a JSON pair, or every one with the same number of tabs and text before the first), else plain text."""
     suffix = Path(path).suffix.lower()
     by_extension = {".tsv": TSV_FILE, ".jsonl": JSONL_FILE}
     if suffix in by_extension:
@@ -91,7 +91,8 @@ def detect_format(path: str | Path, text: str) -> tuple[str, str]:
         if all(_json_pair(line) is not None for line in lines):
             return JSONL_FILE, "by its content: every line is a JSON pair"
         tabs = {line.count("\t") for line in lines}
-        if len(tabs) == 1 and min(tabs) >= 1:
+        indented = any(not line.split("\t", 1)[0].strip() for line in lines)  # tabs as indentation: text
+        if len(tabs) == 1 and min(tabs) >= 1 and not indented:
             return TSV_FILE, f"by its content: every line has {min(tabs) + 1} tab-separated columns"
     return TEXT_FILE, "by its content: not every line is a pair"
 
