@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import (
+    DATA_FORMATS,
     DEFAULT_PRESET,
     DTYPES,
     PRESETS,
@@ -50,8 +51,8 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
-OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"]}
-CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES}
+OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
+CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +79,7 @@ def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, 
             continue
         names = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, [])]
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS,
-                                  "help": field_help(cls, f.name)}
+                                  "help": field_help(cls, f.name).replace("%", "%%")}
         annotation = str(f.type)
         base_name = annotation.replace(" | None", "").strip()
         if base_name == "bool":
@@ -140,9 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None)
     generate.set_defaults(func=cmd_generate)
 
-    evaluate = commands.add_parser("evaluate", help="loss and perplexity on the test split or a file")
+    evaluate = commands.add_parser("evaluate", help="loss, perplexity and bits per byte on the test split or a file")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    evaluate.add_argument("--data", type=Path, help="score all of this file instead of the test split")
+    evaluate.add_argument("--data", type=Path, help="score this file instead of the test split")
+    evaluate.add_argument("--test-tokens", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
+                          help="score at most about this many tokens (a larger set gives an estimate from a "
+                               "random sample, with its 95%% confidence); 'none': all (default: the run's setting)")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -214,8 +218,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.teardown()
     if not distributed.is_main_process():  # under torchrun, rank 0 reports
         return EXIT_INTERRUPTED if result.stop_reason == "stopped" else 0
+    test = result.test_metrics
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
-          f"val loss {result.best_val_loss:.4f}; test perplexity {result.test_metrics['perplexity']:.2f})")
+          f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
+          f"{test['bits_per_byte']:.3f} bits per byte)")
     if result.stop_reason == "stopped":
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -250,18 +256,21 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
 
 
 def stream(run: Any, prompt: str, source: str | None, **settings: Any) -> None:
-    """Write the generated chunks to stdout as they come, then a newline."""
-    from minillm.generation import stream_text
+    """Write the generated chunks to stdout as they come, then a newline; on stderr, a note when the model
+    ended the text itself (EOS) before --max-new-tokens."""
+    from minillm.generation import stream_tokens
 
-    chunks = stream_text(run.model, run.tokenizer, prompt, source=source, **settings)
+    tokens = stream_tokens(run.model, run.tokenizer, prompt, source=source, **settings)
     try:
-        for chunk in chunks:
+        for _, chunk in tokens:
             sys.stdout.write(chunk)
             sys.stdout.flush()
     finally:
-        chunks.close()
+        tokens.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if tokens.end_note():
+        print(f"({tokens.end_note()})", file=sys.stderr)
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
@@ -285,10 +294,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from minillm.training import evaluate_run
+    from minillm.training.evaluation import describe_score
 
-    metrics = evaluate_run(args.run_dir, args.data, args.device)
-    print(f"{metrics['data']}: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
-          f"over {metrics['tokens']:,} tokens")
+    max_tokens = getattr(args, "test_tokens", "run")  # "run": the run's own --test-tokens
+    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True)
+    print(f"{metrics['data']}: {describe_score(metrics)}")
     return 0
 
 

@@ -19,6 +19,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_THREADS = 1024
 MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
 MAX_STEPS = 10**12
+DATA_FORMATS = ("auto", "text", "tsv", "jsonl")  # minillm.data.corpus reads them
 
 
 def _check(condition: bool, message: str) -> None:
@@ -160,6 +161,11 @@ class TrainConfig(_JSONConfig):
     tokenizer: str = option("char", "byte-level BPE or characters")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
+    data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
+                                      "its content), text, tsv or jsonl")
+    source_column: int | None = option(None, "TSV: the column (1 = first) that holds the sources (default: 1)")
+    target_column: int | None = option(None, "TSV: the column that holds the targets (default: 2; with more "
+                                             "than two columns the rest are left out, with a warning)")
     split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
                                           "separator string")
     separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
@@ -185,6 +191,9 @@ class TrainConfig(_JSONConfig):
                                 MAX_STEPS)
     eval_batches: int = option(20, "validation batches per evaluation", 1, 10**6)
     log_interval: int = option(10, "log the training loss every N steps", 1, MAX_STEPS)
+    test_tokens: int | None = option(200_000, "score at most about this many test tokens at the end: a larger "
+                                              "test split gives an estimate from a random sample of it, with "
+                                              "its 95% confidence ('none': all)", 1, MAX_STEPS)
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)", 1, 10**9)
     max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
                                            "('none': no budget)", 1e-6, 1e9)
@@ -203,6 +212,12 @@ class TrainConfig(_JSONConfig):
         _check(self.split_mode in SPLIT_MODES,
                f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
         _check(bool(self.separator), "separator must not be empty")
+        _check(self.data_format in DATA_FORMATS,
+               f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
+        for name in ("source_column", "target_column"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value > 0),
+                   f"{name} must be a column number from 1, got {value!r}")
         for name in ("batch_size", "max_steps", "grad_accum_steps", "eval_interval", "eval_batches",
                      "log_interval"):
             value = getattr(self, name)
@@ -223,6 +238,8 @@ class TrainConfig(_JSONConfig):
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.test_tokens is None or (isinstance(self.test_tokens, int) and self.test_tokens > 0),
+               f"test_tokens must be a positive number of tokens (or none), got {self.test_tokens!r}")
         _check(self.patience is None or self.patience > 0, f"patience must be positive, got {self.patience}")
         _check(self.max_time is None or self.max_time > 0, f"max_time must be positive, got {self.max_time}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -22,14 +22,41 @@ from typing import Any
 from minillm.errors import MiniLLMError
 
 MIN_FREE_BYTES = 1 << 20  # a failed write with less than this free on the disk: the disk is full
+NEW_FILE_MODE = 0o666  # what open() asks for; the user's umask takes bits away
+
+
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Setting the umask to read it would race with threads creating files, so it is read that way only once,
+# at import; Linux shows the current one in /proc, read without changing it.
+_UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def current_umask() -> int:
+    """The process's umask (on Linux the current one; elsewhere the one at import)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call `write(file)` on a temporary file beside `path`, then move it into place."""
+    """Call `write(file)` on a temporary file beside `path`, then move it into place.
+
+    The file gets the permissions open() would give it (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, NEW_FILE_MODE & ~current_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()

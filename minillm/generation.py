@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import torch
@@ -73,17 +73,61 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
         tokens.close()
 
 
+STOP_EOS, STOP_LENGTH = "end_of_text", "max_new_tokens"  # why a generation ended (None: closed early)
+
+
+class TokenStream:
+    """An iterator of (token_id, text), as stream_tokens describes; once it is used up, `stop_reason` says
+    why it ended (STOP_EOS or STOP_LENGTH) and `n_tokens` how many tokens it gave."""
+
+    def __init__(self, steps: Generator[tuple[int | None, str], None, str]):
+        self._steps = steps
+        self.n_tokens = 0
+        self.stop_reason: str | None = None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> tuple[int | None, str]:
+        try:
+            token_id, text = next(self._steps)
+        except StopIteration as end:
+            self.stop_reason = end.value
+            raise StopIteration from None
+        self.n_tokens += token_id is not None
+        return token_id, text
+
+    def close(self) -> None:
+        """Stop the model's token loop now (also when the caller stopped early)."""
+        self._steps.close()
+
+    def end_note(self) -> str:
+        """"stopped at end of text after 3 tokens" when the model ended the text itself, else ""."""
+        if self.stop_reason != STOP_EOS:
+            return ""
+        return f"stopped at end of text after {self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"
+
+
 def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
                   top_k: int | None = DEFAULT_TOP_K,
                   top_p: float | None = None, repetition_penalty: float = 1.0,
-                  seed: int | None = None) -> Iterator[tuple[int | None, str]]:
+                  seed: int | None = None) -> TokenStream:
     """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.
 
     The same stream as stream_text (which joins the texts), one item per token, for callers that count
     tokens or stop between any two tokens (the UI). A last item (None, text) carries a character still
-    incomplete at the end, so the texts always add up to tokenizer.decode(new token ids).
+    incomplete at the end, so the texts always add up to tokenizer.decode(new token ids). After the last
+    item, the stream's `stop_reason` and `end_note()` say whether the model ended the text (EOS).
     """
+    return TokenStream(_token_steps(model, tokenizer, prompt, source, max_new_tokens, temperature, top_k, top_p,
+                                    repetition_penalty, seed))
+
+
+def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, source: str | None, max_new_tokens: int,
+                 temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
+                 seed: int | None) -> Generator[tuple[int | None, str], None, str]:
+    """stream_tokens' items; returns why it ended."""
     if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
     config = model.config
@@ -107,10 +151,12 @@ def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | N
     decoder = tokenizer.decode_stream(skip_special_tokens=True)
     new_ids: list[int] = []
     emitted: list[str] = []
+    reason = STOP_LENGTH
     try:
         for token in tokens:
             token_id = int(token[0])
             if token_id == tokenizer.eos_id:
+                reason = STOP_EOS
                 break
             new_ids.append(token_id)
             chunk = decoder.step(token_id) or ""
@@ -123,6 +169,7 @@ def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | N
     text, done = tokenizer.decode(new_ids), "".join(emitted)
     if len(text) > len(done) and text.startswith(done):
         yield None, text[len(done):]
+    return reason
 
 
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,

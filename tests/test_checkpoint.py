@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 
 import pytest
 import torch
 
 from minillm.checkpoint import clean_state_dict, load_run
 from minillm.errors import MiniLLMError
-from minillm.files import atomic_write, load_torch, read_json, save_torch
+from minillm.files import atomic_write, current_umask, load_torch, read_json, save_torch, write_json
 from minillm.run_folder import find_runs
 from minillm.tokenizers import CharacterTokenizer
 
@@ -157,3 +158,17 @@ def test_the_fingerprint_depends_on_the_mapping_not_the_file(tmp_path):
     reloaded = load_tokenizer(tmp_path / "a.json")
     assert reloaded.fingerprint() == bpe.fingerprint()
     assert BPETokenizer.train(texts[:2], vocab_size=262).fingerprint() != bpe.fingerprint()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the current umask on Linux only")
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_are_written_with_the_users_umask(tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        save_torch(tmp_path / "b.pt", {"w": torch.ones(1)})
+    finally:
+        os.umask(previous)
+    assert current_umask() == previous
+    for name in ("a.json", "b.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import make_corpus, single_thread, tiny_configs
 
+import minillm.generation
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import (
@@ -25,7 +26,7 @@ from minillm.cli import (
     main,
 )
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import stream_text
+from minillm.generation import STOP_EOS, stream_text
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
@@ -177,6 +178,35 @@ def test_bad_data_files(tmp_path, capsys, content, needle):
     assert not (tmp_path / "run" / "best_model.pt").exists()
 
 
+def test_train_says_how_it_read_a_pair_file_and_takes_its_first_two_columns(tmp_path, capsys):
+    data = tmp_path / "fra.txt"  # Tatoeba-style: source, target, attribution; no .tsv extension
+    data.write_text("".join(f"w{i}\tm{i}\tCC-BY #{i}\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--model", "transformer", "--out", str(tmp_path / "run"),
+                 "--max-steps", "2", "--eval-interval", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert ("data file: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
+            "--format text|tsv|jsonl overrides): 40 pairs") in captured.out
+    assert "warning: " in captured.err and "has 3 tab-separated columns; using column 1 as the source" in captured.err
+
+
+def test_format_option_reads_a_pair_file_as_text(tmp_path, capsys):
+    data = tmp_path / "p.tsv"
+    data.write_text("".join(f"w{i}\tm{i}\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--eval-interval", "2", "--format", "text", "--split-mode", "line"])
+    assert code == 0
+    assert "read as plain text (as --format says" in capsys.readouterr().out
+
+
+def test_pair_file_whose_targets_are_all_empty_is_refused(tmp_path, capsys):
+    data = tmp_path / "p.tsv"
+    data.write_text("".join(f"w{i}\t\n" for i in range(40)), encoding="utf-8")
+    code = main(["train", str(data), *TINY, "--model", "transformer", "--out", str(tmp_path / "run")])
+    assert_one_line_error(capsys, code, "every target (column 2)", str(data), "--target-column")
+    assert not (tmp_path / "run" / "best_model.pt").exists()
+
+
 @pytest.mark.parametrize("options, needle", [
     (["--n-heads", "3", "--d-model", "32"], "divisible"),
     (["--batch-size", "abc"], "--batch-size"),
@@ -224,6 +254,19 @@ def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, 
     assert other_source != target, "the source must matter, or this test could not tell"
 
 
+def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypatch):
+    def three_tokens_then_eos(*args):
+        for letter in "abc":
+            yield 5, letter
+        return STOP_EOS
+
+    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
+    assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "the catabc\n"  # stdout stays the text alone
+    assert captured.err == "(stopped at end of text after 3 tokens)\n"
+
+
 def test_generate_warns_about_characters_the_tokenizer_never_saw(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "the \u03a9 cat", "--max-new-tokens", "5"]) == 0
     err = capsys.readouterr().err
@@ -250,7 +293,9 @@ def test_evaluate_prints_the_test_loss_and_perplexity_training_saved(tiny_run, c
     assert main(["evaluate", str(tiny_run)]) == 0
     saved = json.loads((tiny_run / "test_metrics.json").read_text(encoding="utf-8"))
     assert capsys.readouterr().out == (f"{tiny_run} test split: loss {saved['loss']:.4f}, perplexity "
-                                       f"{saved['perplexity']:.2f} over {saved['tokens']:,} tokens\n")
+                                       f"{saved['perplexity']:.2f}, {saved['bits_per_byte']:.3f} bits per byte "
+                                       f"({saved['bits_per_char']:.3f} per character) over {saved['tokens']:,} "
+                                       "tokens\n")
 
 
 def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, capsys):
@@ -261,8 +306,20 @@ def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, caps
     # The stream BOS sample EOS BOS sample EOS (one token per character): every token but the first is scored.
     tokens = sum(len(line) + 2 for line in ["the fox sees the moon.", "a dog runs to the hill."]) - 1
     assert expected["tokens"] == tokens
-    assert capsys.readouterr().out == (f"{data}: loss {expected['loss']:.4f}, perplexity "
-                                       f"{expected['perplexity']:.2f} over {tokens:,} tokens\n")
+    assert capsys.readouterr().out == (f"{expected['data']}: loss {expected['loss']:.4f}, perplexity "
+                                       f"{expected['perplexity']:.2f}, {expected['bits_per_byte']:.3f} bits per "
+                                       f"byte ({expected['bits_per_char']:.3f} per character) over {tokens:,} "
+                                       "tokens\n")
+    assert expected["data"].startswith(f"{data} (read as plain text")
+
+
+def test_evaluate_prints_loss_perplexity_and_bits_per_byte(tiny_run, corpus_file, capsys):
+    assert main(["evaluate", str(tiny_run)]) == 0
+    out = capsys.readouterr().out
+    assert "test split: loss" in out and "perplexity" in out and "bits per byte" in out and "per character" in out
+    assert main(["evaluate", str(tiny_run), "--data", str(corpus_file), "--test-tokens", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "(read as plain text, by its content" in out and " \u00b1 " in out and "random sample of" in out
 
 
 def test_ui_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -10,12 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minillm.config import TrainConfig
 from minillm.data import prepare
 from minillm.data.batches import LMBatches, PairBatches
 from minillm.data.corpus import (
+    JSONL_FILE,
     PAIRS,
     TEXT,
+    TEXT_FILE,
+    TSV_FILE,
     contiguous_split,
+    describe_samples,
     detect_format,
     load_samples,
     parse_pairs,
@@ -110,30 +115,96 @@ def test_contiguous_split_of_too_little_text_is_an_error():
 
 
 def test_detect_format_by_extension_and_content(tmp_path):
-    assert detect_format(tmp_path / "x.tsv", "anything") == PAIRS
-    assert detect_format(tmp_path / "x.jsonl", "anything") == PAIRS
+    assert detect_format(tmp_path / "x.tsv", "anything")[0] == TSV_FILE
+    assert detect_format(tmp_path / "x.jsonl", "anything") == (JSONL_FILE, "by its .jsonl extension")
     jsonl = "\n".join(json.dumps({"input": str(i), "output": str(-i)}) for i in range(5))
-    assert detect_format(tmp_path / "x.txt", jsonl) == PAIRS
-    assert detect_format(tmp_path / "x.txt", "abc\tcba\nxy\tyx\n") == PAIRS
-    assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n") == TEXT
+    assert detect_format(tmp_path / "x.txt", jsonl)[0] == JSONL_FILE
+    assert detect_format(tmp_path / "x.txt", "abc\tcba\nxy\tyx\n")[0] == TSV_FILE
+    three = detect_format(tmp_path / "x.txt", "Hi.\tSalut.\tCC-BY\nRun!\tCours !\tCC-BY\n")
+    assert three == (TSV_FILE, "by its content: every line has 3 tab-separated columns")
+    assert detect_format(tmp_path / "x.txt", "Just some prose.\nWith\ttabs\there.\n")[0] == TEXT_FILE
+    assert detect_format(tmp_path / "x.txt", "\tindented\n\tverse\n")[0] == TEXT_FILE
 
 
 def test_parse_pairs_tsv_and_jsonl(tmp_path):
-    assert parse_pairs("p.tsv", "ab\tba\n\ncd\tdc\nef\tfe\n") == [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
+    pairs = parse_pairs("p.tsv", "ab\tba\n\ncd\tdc\nef\tfe\n", TSV_FILE)
+    assert pairs == [("ab", "ba"), ("cd", "dc"), ("ef", "fe")]
     jsonl = "\n".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) for i in range(3))
-    assert parse_pairs("p.jsonl", jsonl)[2] == ("q2", "a2")
-    with pytest.raises(MiniLLMError, match="line 2"):
-        parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n")
+    assert parse_pairs("p.jsonl", jsonl, JSONL_FILE)[2] == ("q2", "a2")
+    with pytest.raises(MiniLLMError, match="line 2 has 1 tab-separated columns, line 1 has 2"):
+        parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n", TSV_FILE)
+    with pytest.raises(MiniLLMError, match="line 1 has no tab.*--format text"):
+        parse_pairs("p.tsv", "no tab\nat all\nhere\n", TSV_FILE)
     with pytest.raises(MiniLLMError, match="line 1"):
-        parse_pairs("p.jsonl", '{"input": 1}\n')
+        parse_pairs("p.jsonl", '{"input": 1}\n', JSONL_FILE)
+
+
+TATOEBA = "Hi.\tSalut.\tCC-BY 2.0 (France) Attribution: tatoeba.org #538123\n" * 3 + "Run!\tCours !\tCC-BY\n"
+
+
+def test_extra_tsv_columns_are_left_out_with_a_warning_or_chosen():
+    notes = []
+    pairs = parse_pairs("fra.tsv", TATOEBA, TSV_FILE, notes=notes)
+    assert pairs[-1] == ("Run!", "Cours !")
+    [warning] = notes
+    assert warning.startswith("warning: fra.tsv has 3 tab-separated columns") and "--target-column" in warning
+    notes = []
+    assert parse_pairs("fra.tsv", TATOEBA, TSV_FILE, 2, 1, notes)[-1] == ("Cours !", "Run!")
+    assert notes == []  # columns chosen: nothing to warn about
+    with pytest.raises(MiniLLMError, match="--target-column 4 is not a column of fra.tsv.*3 tab-separated"):
+        parse_pairs("fra.tsv", TATOEBA, TSV_FILE, target_column=4)
+    with pytest.raises(MiniLLMError, match="both 1"):
+        parse_pairs("fra.tsv", TATOEBA, TSV_FILE, 1, 1)
+
+
+def test_every_target_empty_is_refused():
+    with pytest.raises(MiniLLMError, match=r"every target \(column 2\) in p.tsv is empty.*--target-column"):
+        parse_pairs("p.tsv", "a\t\nb\t \nc\t\n", TSV_FILE)
+    jsonl = "\n".join(json.dumps({"input": f"q{i}", "output": ""}) for i in range(3))
+    with pytest.raises(MiniLLMError, match="every target"):
+        parse_pairs("p.jsonl", jsonl, JSONL_FILE)
+
+
+def test_a_training_split_of_empty_targets_is_refused(tmp_path):
+    config = TrainConfig(data=str(tmp_path / "p.tsv"), val_fraction=0.2, test_fraction=0.2)
+    held_out = {i for name in ("val", "test") for i in shuffled_split(10, 0.2, 0.2, config.seed)[name]}
+    (tmp_path / "p.tsv").write_text("".join(f"s{i}\t{'t' if i in held_out else ''}\n" for i in range(10)))
+    with pytest.raises(MiniLLMError, match="every target of the 6 training pairs .* is empty"):
+        prepare.read_data(config, keep_pairs=True, log=print)
+
+
+def test_a_training_split_of_0_tokens_is_refused_before_the_run_is_written(tmp_path):
+    pairs = {"train": [("a", ""), ("b", "")], "val": [("c", "d")], "test": [("e", "f")]}
+    data = prepare.SplitData(path=tmp_path / "p.tsv", format=PAIRS, splits=pairs, record={"contiguous": False})
+    with pytest.raises(MiniLLMError, match="training split of .*p.tsv has 0 tokens"):
+        prepare.write_data(tmp_path / "run", data, "char", 300)
+    assert not (tmp_path / "run" / "split.json").exists()
+
+
+def test_the_format_is_said_and_can_be_overridden(tmp_path):
+    path = tmp_path / "pairs.txt"  # a pair file without the .tsv extension
+    path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
+    loaded = load_samples(path, True, "paragraph", "")
+    assert (loaded.format, loaded.file_format) == (PAIRS, TSV_FILE)
+    said = describe_samples(path, loaded, "paragraph")
+    assert said == ("data file: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
+                    "columns; --format text|tsv|jsonl overrides): 3 pairs, 12 characters")
+    as_text = load_samples(path, True, "line", "", file_format=TEXT_FILE)
+    assert (as_text.format, as_text.samples, as_text.how) == (TEXT, ["ab\tba", "cd\tdc", "ef\tfe"], "as --format says")
+    tsv = tmp_path / "prose.tsv"
+    tsv.write_text("no tabs\n\nin here\n", encoding="utf-8")
+    assert load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE).samples == ["no tabs", "in here"]
+    with pytest.raises(MiniLLMError, match="for TSV pair files"):
+        load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE, target_column=2)
 
 
 def test_pairs_for_the_decoder_only_model_become_text_samples(tmp_path):
     path = tmp_path / "p.tsv"
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
-    assert load_samples(path, True, "paragraph", "")[0] == PAIRS
-    fmt, samples = load_samples(path, False, "paragraph", "")
-    assert fmt == TEXT and samples[0] == "ab\nba"
+    assert load_samples(path, True, "paragraph", "").format == PAIRS
+    loaded = load_samples(path, False, "paragraph", "")
+    assert loaded.format == TEXT and loaded.samples[0] == "ab\nba"
+    assert "3 pairs, as text samples" in describe_samples(path, loaded, "paragraph")
 
 
 # -- token streams -----------------------------------------------------------------------------------------
@@ -278,7 +349,8 @@ def test_the_tokenizer_learns_from_the_training_split_only(tmp_path, kind, pairs
     path = tmp_path / ("data.tsv" if pairs else "data.txt")
     path.write_text("".join(f"{a}\t{b}\n" for a, b in samples) if pairs else
                     "".join(f"{a}\n{b}\n\n" for a, b in samples), encoding="utf-8")
-    data = prepare.read_data(path, pairs, "paragraph", "", 0.1, 0.1, seed=0, log=lambda message: None)
+    config = TrainConfig(data=str(path), split_mode="paragraph", val_fraction=0.1, test_fraction=0.1, seed=0)
+    data = prepare.read_data(config, pairs, log=lambda message: None)
     tokenizer, _ = prepare.write_data(tmp_path / "run", data, kind, 300)
 
     def texts(split: str) -> list[str]:
@@ -293,3 +365,38 @@ def test_the_tokenizer_learns_from_the_training_split_only(tmp_path, kind, pairs
         from_all = train_tokenizer(kind, texts("train") + texts("val") + texts("test"), 300)
         assert tokenizer.encode(held_out) == from_train.encode(held_out)
         assert from_all.encode(held_out) != from_train.encode(held_out), "the held-out words would be merges"
+
+
+def test_pairs_longer_than_the_context_are_cut_and_counted(tmp_path, char_tokenizer):
+    pairs = [("abc", "cba"), ("abcdefgh" * 2, "hgfedcba" * 3), ("de", "")]  # 16 and 24 tokens
+    write_pair_streams(tmp_path, "train", char_tokenizer, pairs, np.dtype(np.uint16))
+    tok = char_tokenizer
+    batches = PairBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
+                          read_stream(tmp_path / "train.tgt.bin", "uint16"), np.load(tmp_path / "train.offsets.npy"),
+                          max_seq_len=10, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    batch = batches.batch_of([1], CPU)
+    target = tok.encode("hgfedcba" * 3)
+    assert batch["src_ids"][0].tolist() == tok.encode("abcdefgh" * 2)[:10]
+    assert batch["targets"][0].tolist() == target[:10]  # cut: no EOS, the text does not end there
+    assert batch["tgt_ids"][0].tolist() == [tok.bos_id, *target[:9]]
+    fit = batches.fit()
+    assert (fit.sources_cut, fit.source_tokens_cut, fit.targets_cut, fit.target_tokens_cut) == (1, 6, 1, 15)
+    assert fit.kept_target_tokens == 4 + 10 + 1  # what a pass trains on: target + EOS within the context
+    assert batches.sequential_tokens == sum(n for _, n in batches.sequential(2, CPU)) == 15
+    assert fit.fit_all == 32  # 25 (24 + EOS) rounded up to a multiple of 8
+    warning = fit.warning("training", 10)
+    assert warning.startswith("warning: 1 of 3 training pairs are longer than the context of 10 tokens")
+    assert "1 source(s) lose 6 tokens" in warning and "lose 15 of 30 target tokens (50%" in warning
+    assert "--max-seq-len 32" in warning
+
+
+@pytest.mark.parametrize("encoder_decoder", [False, True])
+def test_sequential_rows_choose_windows_and_count_their_tokens(encoder_decoder):
+    batches = LMBatches(np.arange(1, 54, dtype=np.uint16), max_seq_len=8, encoder_decoder=encoder_decoder, pad_id=0)
+    every = list(batches.sequential(3, CPU))
+    assert batches.sequential_tokens == sum(n for _, n in every)
+    assert sum(len(batch["targets"]) for batch, _ in every) == batches.n_sequential
+    some = list(batches.sequential(2, CPU, rows=[0, batches.n_sequential - 1]))
+    assert len(some) == 1
+    assert torch.equal(some[0][0]["targets"][0], every[0][0]["targets"][0])
+    assert torch.equal(some[0][0]["targets"][1], every[-1][0]["targets"][-1])  # the tail window, as in full

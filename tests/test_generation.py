@@ -9,6 +9,8 @@ from torch import nn
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
 from minillm.generation import (
+    STOP_EOS,
+    STOP_LENGTH,
     generate_text,
     generation_inputs,
     stream_text,
@@ -116,6 +118,18 @@ def test_generation_stops_at_eos(char_tokenizer):
     model = ScriptedModel(ids, vocab_size=char_tokenizer.vocab_size)
     assert generate_text(model, char_tokenizer, "a") == "the"
     assert model.closed and model.pulled == 4
+
+
+def test_the_stream_says_whether_the_model_ended_the_text(char_tokenizer):
+    ids = char_tokenizer.encode("the") + [char_tokenizer.eos_id] + char_tokenizer.encode("moon")
+    model = ScriptedModel(ids, vocab_size=char_tokenizer.vocab_size)
+    tokens = stream_tokens(model, char_tokenizer, "a")
+    assert tokens.end_note() == "" and tokens.stop_reason is None  # not ended yet
+    assert "".join(text for _, text in tokens) == "the"
+    assert (tokens.stop_reason, tokens.n_tokens) == (STOP_EOS, 3)
+    assert tokens.end_note() == "stopped at end of text after 3 tokens"
+    cut = stream_tokens(model, char_tokenizer, "a", max_new_tokens=2)
+    assert len(list(cut)) == 2 and cut.stop_reason == STOP_LENGTH and cut.end_note() == ""
 
 
 def test_closing_the_stream_stops_the_model(char_tokenizer):

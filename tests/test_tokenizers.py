@@ -113,6 +113,23 @@ def test_bpe_keeps_text_unnormalised(bpe, text):
 
 
 @FAST
+@given(text=st.text())
+def test_bpe_token_bytes_add_up_to_the_texts_utf8(bpe, text):
+    table = bpe.token_bytes()
+    assert b"".join(table[i] for i in bpe.encode(text)) == text.encode("utf-8")
+    assert table[:3] == [b"", b"", b""] and len(table) == bpe.vocab_size
+
+
+@FAST
+@given(data=st.data())
+def test_char_token_bytes_add_up_to_the_texts_utf8(char, data):
+    text = data.draw(st.text(alphabet=st.sampled_from(char.alphabet)))
+    table = char.token_bytes()
+    assert b"".join(table[i] for i in char.encode(text, add_special_tokens=True)) == text.encode("utf-8")
+    assert table[char.unk_id] == "\N{REPLACEMENT CHARACTER}".encode()
+
+
+@FAST
 @given(data=st.data())
 def test_char_round_trips_text_over_its_alphabet(char, data):
     text = data.draw(st.text(alphabet=st.sampled_from(char.alphabet)))

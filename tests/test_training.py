@@ -65,6 +65,15 @@ def test_tiny_run_learns_and_writes_the_run_folder(tmp_path, corpus_file, tiny_r
     test_metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert test_metrics["tokens"] > 0
     assert test_metrics["perplexity"] == pytest.approx(math.exp(test_metrics["loss"]))
+    # Bits per byte: the nats of every scored token over the UTF-8 bytes of the text they decode to.
+    bits = test_metrics["loss"] * test_metrics["tokens"] / math.log(2)
+    assert test_metrics["bits_per_byte"] == pytest.approx(bits / test_metrics["bytes"])
+    assert test_metrics["bits_per_char"] == pytest.approx(bits / test_metrics["chars"])
+    if model_type == "decoder_only":  # every token of the test stream but the first (BOS) is scored
+        stream = prepare.read_stream(run_dir / "test.bin", prepare.read_split_record(run_dir)["dtype"])
+        text = run.tokenizer.decode(stream.tolist())
+        assert (test_metrics["bytes"], test_metrics["chars"]) == (len(text.encode()), len(text))
+    assert all(math.isfinite(row["val_bits_per_byte"]) for row in evals)
     best = json.loads((run_dir / "best_model_config.json").read_text())["training"]
     assert best["val_loss"] == min(row["val_loss"] for row in evals)
 
@@ -166,6 +175,41 @@ def test_evaluate_run_reproduces_the_test_metrics(tiny_run, corpus_file):
     assert metrics["tokens"] == saved["tokens"]
     on_file = evaluate_run(tiny_run, corpus_file)
     assert on_file["tokens"] > metrics["tokens"] and math.isfinite(on_file["loss"])
+
+
+def test_a_large_test_set_is_scored_on_a_sample_with_its_confidence(tiny_run, corpus_file, capsys):
+    exact = evaluate_run(tiny_run, corpus_file, max_tokens=None)
+    assert not exact["sampled"] and exact["tokens"] == exact["tokens_in_split"]
+    estimate = evaluate_run(tiny_run, corpus_file, max_tokens=exact["tokens"] // 5, progress=True)
+    assert estimate["sampled"] and exact["tokens"] // 5 <= estimate["tokens"] < exact["tokens"] // 4
+    assert estimate["tokens_in_split"] == exact["tokens"]
+    assert 0 < estimate["loss_ci95"] < 0.2 and 0 < estimate["bits_per_byte_ci95"]
+    assert abs(estimate["loss"] - exact["loss"]) < 2 * estimate["loss_ci95"]
+    assert "testing" in capsys.readouterr().err  # the progress bar
+    assert estimate == evaluate_run(tiny_run, corpus_file, max_tokens=exact["tokens"] // 5)  # a seeded sample
+
+
+def test_pairs_longer_than_the_context_are_said_and_counted_honestly(tmp_path, one_thread):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 40))) for _ in range(400)]
+    data = tmp_path / "long.tsv"
+    data.write_text("".join(f"{w}\t{w[::-1]}\n" for w in words), encoding="utf-8")
+    messages = []
+    model_config, train_config = tiny_configs("transformer", "char", data, epochs=0.5, eval_interval=1000,
+                                              test_tokens=200, val_fraction=0.1, test_fraction=0.1)
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    n_train = 320
+    assert result.steps == math.ceil(0.5 * n_train / train_config.batch_size)  # an epoch: one pass over the pairs
+    warning = next(m for m in messages if m.startswith("warning: ") and "training pairs" in m)
+    long_ones = sum(len(w) + 1 > model_config.max_seq_len for w in words)
+    assert f"of {n_train} training pairs are longer than the context of 32 tokens" in warning
+    assert "--max-seq-len 48 would fit them all whole" in warning and 0 < long_ones
+    assert any(m.startswith("note: the final test scores a random sample of about 200") for m in messages)
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert test["sampled"] and test["pairs"] == 40 and 0 < test["pairs_cut"] < 40
+    assert test["tokens_in_split"] < prepare.read_split_record(tmp_path / "run")["tokens"]["test"] + 40
+    said = next(m for m in messages if m.startswith("test: "))
+    assert "random sample" in said and "target tokens beyond it are not scored" in said
 
 
 def test_encoder_decoder_learns_to_reverse_strings(tmp_path):

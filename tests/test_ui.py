@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import minillm.generation
 from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
-from minillm.generation import stream_text
+from minillm.generation import STOP_EOS, stream_text
 from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.tokenizers import CharacterTokenizer
@@ -375,3 +376,21 @@ def test_refresh_lists_runs_newest_first(ui_run, tmp_path):
         os.utime(runs / name / BEST_MODEL_FILE, (saved_at, saved_at))
     update = app.refresh_runs(str(runs), None)
     assert update["choices"] == [str(runs / "b"), str(runs / "c"), str(runs / "a")]
+
+
+def test_the_stats_say_when_the_model_ended_the_text(ui_run, monkeypatch):
+    def three_tokens_then_eos(*args):
+        for letter in "abc":
+            yield 5, letter
+        return STOP_EOS
+
+    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
+    session = app.Session()
+    load(session, ui_run)
+    final_text, final_stats, *_ = generate(session, prompt="Speak")[-1]
+    assert final_text == "Speakabc" and final_stats.startswith("Stopped at end of text after 3 tokens. Generated 3")
+
+
+def test_model_info_shows_bits_per_byte_beside_the_loss(tiny_run):
+    info = loading.model_info_markdown(load_run(tiny_run))
+    assert "bits per byte" in next(line for line in info.splitlines() if "Best validation loss" in line)

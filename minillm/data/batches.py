@@ -5,7 +5,9 @@ A batch is a dict of tensors passed to the model as keyword arguments: model(**b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,29 +66,116 @@ class LMBatches:
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
         return self.batch_at(self.sample_starts(batch_size, generator), device)
 
-    def sequential(self, batch_size: int, device: torch.device) -> Iterator[tuple[Batch, int]]:
-        """Every token once, in non-overlapping windows: (batch, predicted tokens) for exact evaluation."""
+    def _sequential_starts(self) -> tuple[list[int], int]:
+        """The starts of non-overlapping windows that cover every token once, and how many targets of the
+        last one were already scored by the one before."""
         step = self.seq_len + 1 - self.n_source if self.encoder_decoder else self.seq_len
         starts = list(range(0, self.n_windows, step))
         last = self.n_windows - 1  # the window that ends with the last token
-        overlap = 0
         if not self.encoder_decoder and starts[-1] != last:
             # The tail no full step reaches: one more window flush with the end, whose first `overlap`
             # targets were already scored and are set to pad (ignored by the loss).
-            overlap = starts[-1] + self.seq_len - last
-            starts.append(last)
-        for i in range(0, len(starts), batch_size):
-            batch = self.batch_at(torch.tensor(starts[i:i + batch_size], dtype=torch.long), device)
-            if overlap and i + batch_size >= len(starts):
+            return [*starts, last], starts[-1] + self.seq_len - last
+        return starts, 0
+
+    @property
+    def n_sequential(self) -> int:
+        """How many rows `sequential` gives (windows)."""
+        return len(self._sequential_starts()[0])
+
+    @property
+    def sequential_tokens(self) -> int:
+        """How many targets `sequential` scores in all."""
+        starts, overlap = self._sequential_starts()
+        per_window = self.seq_len + 1 - self.n_source if self.encoder_decoder else self.seq_len
+        return len(starts) * per_window - overlap
+
+    def sequential(self, batch_size: int, device: torch.device,
+                   rows: list[int] | None = None) -> Iterator[tuple[Batch, int]]:
+        """Every token once, in non-overlapping windows: (batch, predicted tokens) for exact evaluation.
+        `rows` (ascending indices below n_sequential): only those windows, for a sampled estimate."""
+        starts, overlap = self._sequential_starts()
+        last_row = len(starts) - 1
+        rows = list(range(len(starts))) if rows is None else rows
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            batch = self.batch_at(torch.tensor([starts[r] for r in chunk], dtype=torch.long), device)
+            if overlap and chunk[-1] == last_row:
                 batch["targets"][-1, :overlap] = self.pad_id
             yield batch, int((batch["targets"] != self.pad_id).sum())
+
+
+CONTEXT_SUGGESTION_MULTIPLE = 8  # a suggested context length is rounded up to this
+CONTEXT_SUGGESTION_SHARE = 0.99  # ... and fits this share of the pairs (and one that fits all is named too)
+
+
+@dataclass
+class PairFit:
+    """How the pairs of a split fit the context: what is cut, and what would fit."""
+
+    n_pairs: int
+    sources_cut: int  # pairs whose source is longer than the context
+    targets_cut: int  # pairs whose target + EOS is longer than the context
+    source_tokens_cut: int
+    target_tokens_cut: int  # target tokens (EOS counted) beyond the context: never trained on, never scored
+    kept_target_tokens: int  # target tokens + EOS within the context: what one pass over the pairs trains on
+    fit_most: int  # a context length that fits CONTEXT_SUGGESTION_SHARE of the pairs whole
+    fit_all: int  # ... and one that fits all of them
+
+    @property
+    def pairs_cut(self) -> int:
+        return max(self.sources_cut, self.targets_cut)
+
+    def warning(self, split: str, max_seq_len: int) -> str:
+        """What is cut, by how much, and a context length that fits ("" when nothing is cut)."""
+        if not self.sources_cut and not self.targets_cut:
+            return ""
+        cuts = []
+        if self.sources_cut:
+            cuts.append(f"{self.sources_cut:,} source(s) lose {self.source_tokens_cut:,} tokens")
+        if self.targets_cut:
+            total = self.kept_target_tokens + self.target_tokens_cut
+            lost = "never learned" if split == "training" else "not scored"
+            cuts.append(f"{self.targets_cut:,} target(s) lose {self.target_tokens_cut:,} of {total:,} target "
+                        f"tokens ({self.target_tokens_cut / total:.0%}; EOS counted), which are {lost}")
+        if self.fit_most < self.fit_all:
+            fix = (f"--max-seq-len {self.fit_most} would fit {CONTEXT_SUGGESTION_SHARE:.0%} of them whole, "
+                   f"{self.fit_all} all")
+        else:
+            fix = f"--max-seq-len {self.fit_all} would fit them all whole"
+        return (f"warning: {self.pairs_cut:,} of {self.n_pairs:,} {split} pairs are longer than the context of "
+                f"{max_seq_len} tokens and are cut: {'; '.join(cuts)}; {fix}")
+
+
+def data_notes(split_record: dict[str, Any], train: LMBatches | PairBatches, test: LMBatches | PairBatches,
+               test_tokens: int | None) -> list[str]:
+    """What a training says about its data before it starts: the tokens of each split (for pairs, those that
+    fit the context, and what is cut), and whether the final test will score a sample (over test_tokens)."""
+    samples, tokens = split_record["samples"], split_record["tokens"]
+    if isinstance(train, PairBatches):
+        notes = [f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
+                 f"{train.fit().kept_target_tokens:,} within the context with their EOS "
+                 f"({samples['val']:,} validation, {samples['test']:,} test pairs)",
+                 train.fit().warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
+    else:
+        notes = [f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)"]
+    if test_tokens is not None and test.sequential_tokens > test_tokens:
+        notes.append(f"note: the final test scores a random sample of about {test_tokens:,} of the "
+                     f"{test.sequential_tokens:,} test tokens, with its 95% confidence (--test-tokens none: all)")
+    return [note for note in notes if note]
+
+
+def _round_up(n: float, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
 
 
 class PairBatches:
     """Padded batches of (source, target) pairs for the encoder-decoder.
 
     Decoder input = BOS + target, targets = target + EOS; padded positions have target pad_id (ignored
-    by the loss) and mask False.
+    by the loss) and mask False. A pair longer than the context is cut: the source to max_seq_len tokens,
+    target + EOS to max_seq_len (a cut target has no EOS: its text does not end there); `fit()` says how
+    much is cut.
     """
 
     def __init__(self, src: np.ndarray, tgt: np.ndarray, offsets: np.ndarray, max_seq_len: int,
@@ -99,26 +188,45 @@ class PairBatches:
     def n_pairs(self) -> int:
         return self.offsets.shape[1] - 1
 
+    def fit(self) -> PairFit:
+        """What the context cuts from these pairs, and what context length would fit them."""
+        src_len, tgt_len = np.diff(self.offsets.astype(np.int64), axis=1)  # (N,) each
+        predicted = tgt_len + 1  # the target and its EOS
+        length = self.max_seq_len
+        needed = np.maximum(src_len, predicted)
+        return PairFit(
+            n_pairs=self.n_pairs,
+            sources_cut=int((src_len > length).sum()),
+            targets_cut=int((predicted > length).sum()),
+            source_tokens_cut=int(np.clip(src_len - length, 0, None).sum()),
+            target_tokens_cut=int(np.clip(predicted - length, 0, None).sum()),
+            kept_target_tokens=int(np.minimum(predicted, length).sum()),
+            fit_most=_round_up(np.quantile(needed, CONTEXT_SUGGESTION_SHARE) if len(needed) else 1,
+                               CONTEXT_SUGGESTION_MULTIPLE),
+            fit_all=_round_up(needed.max() if len(needed) else 1, CONTEXT_SUGGESTION_MULTIPLE),
+        )
+
     def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, target + EOS), each cut to the context."""
         (s0, t0), (s1, t1) = self.offsets[:, i], self.offsets[:, i + 1]
-        return self.src[s0:s1][:self.max_seq_len], self.tgt[t0:t1][:self.max_seq_len - 1]
+        predicted = np.append(self.tgt[t0:t1].astype(np.int64), self.eos_id)
+        return self.src[s0:s1][:self.max_seq_len], predicted[:self.max_seq_len]
 
     def batch_of(self, indices: list[int], device: torch.device) -> Batch:
         pairs = [self._pair(i) for i in indices]
         src_len = max(1, max(len(s) for s, _ in pairs))
-        tgt_len = max(len(t) for _, t in pairs) + 1
+        tgt_len = max(len(t) for _, t in pairs)
         src_ids = torch.full((len(pairs), src_len), self.pad_id, dtype=torch.long)
         tgt_ids = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
         targets = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
         src_mask = torch.zeros_like(src_ids, dtype=torch.bool)
-        for row, (source, target) in enumerate(pairs):
-            target = torch.from_numpy(target.astype(np.int64))
+        for row, (source, predicted) in enumerate(pairs):
+            predicted = torch.from_numpy(predicted)
             src_ids[row, :len(source)] = torch.from_numpy(source.astype(np.int64))
             src_mask[row, :max(1, len(source))] = True  # an empty source still shows one (pad) position
             tgt_ids[row, 0] = self.bos_id
-            tgt_ids[row, 1:len(target) + 1] = target
-            targets[row, :len(target)] = target
-            targets[row, len(target)] = self.eos_id
+            tgt_ids[row, 1:len(predicted)] = predicted[:-1]  # teacher forcing: each input is the last target
+            targets[row, :len(predicted)] = predicted
         tgt_mask = targets != self.pad_id
         batch = {"src_ids": src_ids, "tgt_ids": tgt_ids, "src_mask": src_mask, "tgt_mask": tgt_mask,
                  "targets": targets}
@@ -133,9 +241,22 @@ class PairBatches:
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
         return self.batch_at(self.sample_starts(batch_size, generator), device)
 
-    def sequential(self, batch_size: int, device: torch.device) -> Iterator[tuple[Batch, int]]:
-        for i in range(0, self.n_pairs, batch_size):
-            batch = self.batch_of(list(range(i, min(i + batch_size, self.n_pairs))), device)
+    @property
+    def n_sequential(self) -> int:
+        """How many rows `sequential` gives (pairs)."""
+        return self.n_pairs
+
+    @property
+    def sequential_tokens(self) -> int:
+        """How many targets `sequential` scores in all (target + EOS within the context)."""
+        return self.fit().kept_target_tokens
+
+    def sequential(self, batch_size: int, device: torch.device,
+                   rows: list[int] | None = None) -> Iterator[tuple[Batch, int]]:
+        """Every pair once, in order (or only the pairs `rows`): (batch, predicted tokens)."""
+        rows = list(range(self.n_pairs)) if rows is None else rows
+        for i in range(0, len(rows), batch_size):
+            batch = self.batch_of(rows[i:i + batch_size], device)
             yield batch, int((batch["targets"] != self.pad_id).sum())
 
 

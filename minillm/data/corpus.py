@@ -1,8 +1,10 @@
 """From the user's file to samples: read it, cut it into samples, split them into train/val/test.
 
 Plain text is cut into samples (paragraphs, lines, or by a separator). A file of (source, target) pairs
-(TSV `source<TAB>target` or JSONL `{"input": ..., "output": ...}`) gives pairs. A file with few samples is
-cut into contiguous train/val/test stretches instead of being shuffled by sample.
+(TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs.
+The file format is taken from --format, else from the extension (.tsv, .jsonl), else from the content, and
+always said (`describe_samples`). A file with few samples is cut into contiguous train/val/test stretches
+instead of being shuffled by sample.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minillm.config import DATA_FORMATS
 from minillm.errors import MiniLLMError
 from minillm.run_folder import SPLITS
 
-TEXT, PAIRS = "text", "pairs"
+TEXT, PAIRS = "text", "pairs"  # what a run's samples are
+AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE = DATA_FORMATS  # how a data file is read (--format)
+FILE_FORMATS = DATA_FORMATS[1:]
+FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON-lines pairs"}
+FORMAT_HINT = "--format text|tsv|jsonl overrides"
+DEFAULT_COLUMNS = (1, 2)  # the source and target columns of a TSV file (1-based, as `cut -f` counts)
 # Fewer samples than this and a shuffled split by sample is too coarse (a single paragraph could be the whole
 # validation set), so the file is split into contiguous chunks instead, like nanoGPT's 90/10 cut.
 MIN_SAMPLES_FOR_SAMPLE_SPLIT = 20
@@ -69,20 +78,23 @@ def split_samples(text: str, mode: str = "paragraph", separator: str = "<|endoft
     return [p.strip("\n") for p in pieces if p.strip()]
 
 
-def detect_format(path: str | Path, text: str) -> str:
-    """TEXT or PAIRS: by extension (.tsv, .jsonl), else by content (every sniffed line a pair)."""
+def detect_format(path: str | Path, text: str) -> tuple[str, str]:
+    """(file format, how it was decided): by extension (.tsv, .jsonl), else by content (every sniffed line
+    a JSON pair, or every one with the same number of tabs and text before the first), else plain text."""
     suffix = Path(path).suffix.lower()
-    if suffix in (".tsv", ".jsonl"):
-        return PAIRS
+    by_extension = {".tsv": TSV_FILE, ".jsonl": JSONL_FILE}
+    if suffix in by_extension:
+        return by_extension[suffix], f"by its {suffix} extension"
     lines = [line for line in text[:200_000].split("\n")[:PAIR_DETECT_LINES * 4] if line.strip()]
     lines = lines[:PAIR_DETECT_LINES]
-    if len(lines) < 2:
-        return TEXT
-    if all(_json_pair(line) is not None for line in lines):
-        return PAIRS
-    if all(line.count("\t") == 1 and all(part.strip() for part in line.split("\t")) for line in lines):
-        return PAIRS
-    return TEXT
+    if len(lines) >= 2:
+        if all(_json_pair(line) is not None for line in lines):
+            return JSONL_FILE, "by its content: every line is a JSON pair"
+        tabs = {line.count("\t") for line in lines}
+        indented = any(not line.split("\t", 1)[0].strip() for line in lines)  # tabs as indentation: text
+        if len(tabs) == 1 and min(tabs) >= 1 and not indented:
+            return TSV_FILE, f"by its content: every line has {min(tabs) + 1} tab-separated columns"
+    return TEXT_FILE, "by its content: not every line is a pair"
 
 
 def _json_pair(line: str) -> tuple[str, str] | None:
@@ -95,33 +107,76 @@ def _json_pair(line: str) -> tuple[str, str] | None:
     return None
 
 
-def parse_pairs(path: str | Path, text: str) -> list[tuple[str, str]]:
-    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number."""
-    pairs = []
-    is_jsonl = Path(path).suffix.lower() == ".jsonl" or text.lstrip().startswith("{")
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        if is_jsonl:
-            pair = _json_pair(line)
-            if pair is None:
-                raise MiniLLMError(
-                    f"{path} line {number} is not a JSON object with string \"input\" and \"output\"; "
-                    "fix or remove that line"
-                )
-        else:
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise MiniLLMError(
-                    f"{path} line {number} has {len(parts) - 1} tabs; a TSV pair file needs "
-                    "`source<TAB>target` on every line"
-                )
-            pair = (parts[0], parts[1])
-        pairs.append(pair)
+def parse_pairs(path: str | Path, text: str, file_format: str, source_column: int | None = None,
+                target_column: int | None = None, notes: list[str] | None = None) -> list[tuple[str, str]]:
+    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number.
+
+    TSV: every line has the same columns; the source and target are columns `source_column` and
+    `target_column` (1-based; default 1 and 2; other columns are left out, with a warning added to `notes`).
+    """
+    if file_format == JSONL_FILE:
+        if source_column is not None or target_column is not None:
+            raise MiniLLMError(f"{path} is read as JSON lines (\"input\", \"output\"): --source-column and "
+                               "--target-column are for TSV files; leave them out")
+        pairs = _jsonl_pairs(path, text)
+    else:
+        pairs = _tsv_pairs(path, text, source_column, target_column, notes if notes is not None else [])
     if len(pairs) < MIN_PAIRS:
         raise MiniLLMError(
             f"{path} has {len(pairs)} pair(s); at least {MIN_PAIRS} are needed (train, val, test)"
         )
+    if not any(target.strip() for _, target in pairs):
+        which = "\"output\"" if file_format == JSONL_FILE else f"column {target_column or DEFAULT_COLUMNS[1]}"
+        raise MiniLLMError(
+            f"every target ({which}) in {path} is empty: there is nothing to learn to produce; "
+            "pick the target with --target-column, or read the file as plain text with --format text"
+        )
+    return pairs
+
+
+def _jsonl_pairs(path: str | Path, text: str) -> list[tuple[str, str]]:
+    pairs = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        pair = _json_pair(line)
+        if pair is None:
+            raise MiniLLMError(
+                f"{path} line {number} is not a JSON object with string \"input\" and \"output\"; "
+                "fix or remove that line (or read the file as plain text with --format text)"
+            )
+        pairs.append(pair)
+    return pairs
+
+
+def _tsv_pairs(path: str | Path, text: str, source_column: int | None, target_column: int | None,
+               notes: list[str]) -> list[tuple[str, str]]:
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    first_number, first = lines[0]
+    n_columns = first.count("\t") + 1
+    if n_columns < 2:
+        raise MiniLLMError(f"{path} line {first_number} has no tab; a TSV pair file needs `source<TAB>target` "
+                           "on every line (or read the file as plain text with --format text)")
+    columns = (source_column or DEFAULT_COLUMNS[0], target_column or DEFAULT_COLUMNS[1])
+    for name, column in zip(("--source-column", "--target-column"), columns, strict=True):
+        if not 1 <= column <= n_columns:
+            raise MiniLLMError(f"{name} {column} is not a column of {path}: its lines have {n_columns} "
+                               f"tab-separated columns (1 to {n_columns})")
+    if columns[0] == columns[1]:
+        raise MiniLLMError(f"--source-column and --target-column are both {columns[0]}; pick two columns")
+    if n_columns > 2 and source_column is None and target_column is None:
+        notes.append(f"warning: {path} has {n_columns} tab-separated columns; using column {columns[0]} as the "
+                     f"source and column {columns[1]} as the target and leaving out the others (choose with "
+                     "--source-column and --target-column)")
+    pairs = []
+    for number, line in lines:
+        parts = line.split("\t")
+        if len(parts) != n_columns:
+            raise MiniLLMError(
+                f"{path} line {number} has {len(parts)} tab-separated columns, line {first_number} has "
+                f"{n_columns}; every line of a TSV pair file needs the same columns (a tab inside a text?)"
+            )
+        pairs.append((parts[columns[0] - 1], parts[columns[1] - 1]))
     return pairs
 
 
@@ -178,24 +233,61 @@ def chunk_text(text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> list[str]:
     return pieces
 
 
-def load_samples(path: str | Path, keep_pairs: bool, split_mode: str, separator: str) -> tuple[str, list]:
-    """(format, samples) of a data file: text samples, or (source, target) pairs if `keep_pairs` (for a
-    model with an encoder).
+@dataclass
+class Samples:
+    """The samples of a data file and how it was read."""
+
+    format: str  # TEXT or PAIRS: what the samples are
+    samples: list  # texts, or (source, target) pairs
+    file_format: str  # TEXT_FILE, TSV_FILE or JSONL_FILE: how the file was read
+    how: str  # why it was read so ("by its .tsv extension", "as --format says", ...)
+    notes: list[str] = field(default_factory=list)  # warnings about the reading ("warning: ...")
+
+
+def load_samples(path: str | Path, keep_pairs: bool, split_mode: str, separator: str,
+                 file_format: str = AUTO_FORMAT, source_column: int | None = None,
+                 target_column: int | None = None) -> Samples:
+    """The samples of a data file: text samples, or (source, target) pairs if `keep_pairs` (for a model
+    with an encoder). `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read it.
 
     A pair file read without `keep_pairs` (for a decoder-only model) becomes text samples "source\\ntarget".
     """
     text = read_text_file(path)
-    if detect_format(path, text) == PAIRS:
-        pairs = parse_pairs(path, text)
+    if file_format == AUTO_FORMAT:
+        file_format, how = detect_format(path, text)
+    elif file_format in FILE_FORMATS:
+        how = "as --format says"
+    else:
+        raise MiniLLMError(f"--format must be {AUTO_FORMAT} or one of {FILE_FORMATS}, got {file_format!r}")
+    if file_format != TEXT_FILE:
+        notes: list[str] = []
+        pairs = parse_pairs(path, text, file_format, source_column, target_column, notes)
         if keep_pairs:
-            return PAIRS, pairs
-        return TEXT, [f"{source}\n{target}" for source, target in pairs]
+            return Samples(PAIRS, pairs, file_format, how, notes)
+        return Samples(TEXT, [f"{source}\n{target}" for source, target in pairs], file_format, how, notes)
+    if source_column is not None or target_column is not None:
+        raise MiniLLMError(f"{path} is read as plain text ({how}): --source-column and --target-column are "
+                           "for TSV pair files; leave them out, or read it as pairs with --format tsv")
     samples = split_samples(text, split_mode, separator)
     if not samples:
         raise MiniLLMError(
             f"data file {path} has no samples after splitting by {split_mode}; try --split-mode line"
         )
-    return TEXT, samples
+    return Samples(TEXT, samples, file_format, how)
+
+
+def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
+    """One line for the user: how the file was read and how many samples it gave."""
+    n = len(loaded.samples)
+    if loaded.file_format == TEXT_FILE:
+        unit = {"paragraph": "paragraphs", "line": "lines", "separator": "samples"}[split_mode]
+        chars = sum(len(sample) for sample in loaded.samples)
+    else:
+        unit = "pairs" if loaded.format == PAIRS else 'pairs, as text samples "source\\ntarget"'
+        chars = sum(len(s) + len(t) for s, t in loaded.samples) if loaded.format == PAIRS else sum(
+            len(sample) - 1 for sample in loaded.samples)
+    return (f"data file: {Path(path).name} read as {FILE_FORMAT_NAMES[loaded.file_format]} ({loaded.how}; "
+            f"{FORMAT_HINT}): {n:,} {unit}, {chars:,} characters")
 
 
 def split_data(fmt: str, samples: list, path: str | Path, val_fraction: float, test_fraction: float,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from minillm.data.corpus import ENCODE_CHUNK_CHARS, PAIRS, load_samples, split_data
+from minillm.data.corpus import ENCODE_CHUNK_CHARS, PAIRS, describe_samples, load_samples, split_data
 from minillm.errors import MiniLLMError
 from minillm.files import atomic_write, read_json, write_json
 from minillm.run_folder import PAIR_SIDES, RunFolder
@@ -206,16 +206,26 @@ class SplitData:
     record: dict[str, Any]  # what split.json records about the split itself
 
 
-def read_data(data: str | Path | None, keep_pairs: bool, split_mode: str, separator: str, val_fraction: float,
-              test_fraction: float, seed: int, log: LogFn) -> SplitData:
-    """Read the data file (the bundled corpus when None) and split it; a bad file is a MiniLLMError here."""
-    path = Path(data) if data else bundled_data_path()
-    fmt, samples = load_samples(path, keep_pairs, split_mode, separator)
-    splits, record = split_data(fmt, samples, path, val_fraction, test_fraction, seed)
+def read_data(config: Any, keep_pairs: bool, log: LogFn) -> SplitData:
+    """Read the data file of a TrainConfig (the bundled corpus when None), say how it was read, and split
+    it; a bad file is a MiniLLMError here, before anything is written."""
+    path = Path(config.data) if config.data else bundled_data_path()
+    loaded = load_samples(path, keep_pairs, config.split_mode, config.separator, config.data_format,
+                          config.source_column, config.target_column)
+    splits, record = split_data(loaded.format, loaded.samples, path, config.val_fraction, config.test_fraction,
+                                config.seed)
+    log(describe_samples(path, loaded, config.split_mode))
+    for note in loaded.notes:
+        log(note)
     if record["contiguous"]:
         log(f"only {record['n_samples']} sample(s) in {path}: splitting the text into contiguous "
             f"train/val/test stretches instead of by sample")
-    return SplitData(path=path, format=fmt, splits=splits, record=record)
+    if loaded.format == PAIRS and not any(target.strip() for _, target in splits["train"]):
+        raise MiniLLMError(
+            f"every target of the {len(splits['train']):,} training pairs of {path} is empty (0 training "
+            "tokens): there is nothing to learn; add pairs with targets, or check --target-column"
+        )
+    return SplitData(path=path, format=loaded.format, splits=splits, record=record)
 
 
 def training_texts(data: SplitData) -> Iterator[str]:
@@ -234,6 +244,9 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
     tokenizer = train_tokenizer(tokenizer_kind, training_texts(data), bpe_vocab_size)
     tokenizer.save(RunFolder(folder).tokenizer)
     spec = write_splits(folder, data.format, data.splits, tokenizer, data.record["contiguous"], progress_factory)
+    if spec.tokens["train"] == 0:
+        raise MiniLLMError(f"the training split of {data.path} has 0 tokens: there is nothing to train on; "
+                           "add data")
     return tokenizer, save_split_record(folder, spec, data.record, str(data.path.resolve()))
 
 

@@ -71,6 +71,14 @@ class Tokenizer(ABC):
     def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
         """A fresh incremental decoder (see DecodeStream) for streaming generation."""
 
+    @abstractmethod
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes that each id stands for (b"" for pad/bos/eos), indexed by id.
+
+        Decoding whole texts, the bytes of their tokens add up to the text's UTF-8 bytes: this is what
+        bits per byte are counted against (a BPE token may hold part of a character).
+        """
+
     def count_unknown(self, text: str) -> int:
         """How many characters of `text` this tokenizer cannot represent (they encode as unk_id)."""
         return 0

@@ -133,6 +133,16 @@ class BPETokenizer(Tokenizer):
         """The text for `ids`; pad/bos/eos are left out if `skip_special_tokens`."""
         return self._hf.decode(checked_ids(ids, self._vocab_size), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of each id (specials: b""), read back through the byte-level alphabet."""
+        byte_of = _byte_level_alphabet()
+        table = [b""] * self._vocab_size
+        special = {token.content for token in self._hf.get_added_tokens_decoder().values()}
+        for token, token_id in self._hf.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                table[token_id] = bytes(byte_of[char] for char in token)
+        return table
+
     def decode_stream(self, skip_special_tokens: bool = True) -> _BPEDecodeStream:
         """An incremental decoder that never returns part of a UTF-8 character."""
         return _BPEDecodeStream(self, skip_special_tokens)
@@ -174,6 +184,16 @@ class _BPEDecodeStream:
         """The new text completed by `token_id`, or None while a character is still partial."""
         [token_id] = checked_ids([token_id], self._tokenizer.vocab_size)
         return self._stream.step(self._tokenizer._hf, token_id)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of the ByteLevel pre-tokenizer, which spells each byte as one printable character
+    (GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest are moved to 256+)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(BYTE_ALPHABET_SIZE) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(BYTE_ALPHABET_SIZE + n): b for n, b in enumerate(moved)})
+    return table
 
 
 def _not_encodable(text: Any) -> bool:

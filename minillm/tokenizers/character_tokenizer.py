@@ -93,6 +93,10 @@ class CharacterTokenizer(Tokenizer):
         table = self._decode_tables[bool(skip_special_tokens)]
         return "".join(map(table.__getitem__, checked_ids(ids, self.vocab_size)))
 
+    def token_bytes(self) -> list[bytes]:
+        """UTF-8 of each id's character (unk_id: of U+FFFD, what it decodes to; specials: b"")."""
+        return [text.encode("utf-8") for text in self._decode_tables[True]]
+
     def decode_stream(self, skip_special_tokens: bool = True) -> _CharDecodeStream:
         """An incremental decoder; every id is a whole character, so only skipped specials give None."""
         return _CharDecodeStream(self, skip_special_tokens)

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from minillm.checkpoint import load_run, read_train_config
-from minillm.data.batches import Batch, open_prepared, open_split
-from minillm.data.corpus import load_samples
+from minillm.data.batches import Batch, PairBatches, open_prepared, open_split
+from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
 from minillm.data.prepare import write_splits
 from minillm.models import is_encoder_decoder
 from minillm.training.precision import autocast, autocast_dtype
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
 OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss falling) = overfitting
+UTF8_CONTINUATION_MASK, UTF8_CONTINUATION = 0xC0, 0x80  # a byte 10xxxxxx continues a character
+Z_95 = 1.96  # a 95% confidence interval is +- this many standard errors
+MIN_SAMPLE_ROWS = 30  # a sampled estimate uses at least this many rows (windows or pairs)
 
 
 def perplexity(loss: float) -> float:
@@ -52,27 +58,140 @@ def mean_loss(model: torch.nn.Module, batches: list[tuple[Batch, int]], device: 
     return (total.item() / tokens if tokens else float("nan")), tokens
 
 
-def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.device,
-          dtype: torch.dtype | None) -> dict[str, Any]:
-    """Loss, perplexity and tokens scored over every token of `batches` (LMBatches or PairBatches)."""
-    loss, tokens = mean_loss(model, batches.sequential(batch_size, device), device, dtype)
-    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bytes, characters) that each token id stands for, as (vocab_size,) int64 tensors on `device`.
+
+    Characters are counted as UTF-8 lead bytes, so that they add up over BPE tokens holding part of one.
+    """
+    table = tokenizer.token_bytes()
+    n_bytes = [len(piece) for piece in table]
+    n_chars = [sum((byte & UTF8_CONTINUATION_MASK) != UTF8_CONTINUATION for byte in piece) for piece in table]
+    return (torch.tensor(n_bytes, dtype=torch.long, device=device),
+            torch.tensor(n_chars, dtype=torch.long, device=device))
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
-                 device: str | None = None) -> dict[str, Any]:
-    """Loss and perplexity of a run's best model on its test split, or on every sample of another file."""
+def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Any, device: torch.device) -> int:
+    """The UTF-8 bytes of the text that the targets of (batch, tokens) pairs stand for."""
+    n_bytes, _ = text_sizes(tokenizer, device)
+    return sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in batches)
+
+
+def bits_per_unit(loss: float, tokens: int, units: int) -> float:
+    """Bits per byte (or character) of a mean loss in nats per token over `tokens` tokens."""
+    return loss * tokens / math.log(2) / units if units else float("nan")
+
+
+@torch.no_grad()
+def _row_scores(model: torch.nn.Module, batches: Iterable[tuple[Batch, int]], sizes: tuple[torch.Tensor, ...],
+                pad_id: int, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """(rows, 4) float64: nats, tokens, bytes and characters of the targets of each row of the batches."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch, _ in batches:
+        targets = batch["targets"]  # (B, T)
+        with autocast(device, dtype):
+            logits, _ = model(**{k: v for k, v in batch.items() if k != "targets"})  # (B, T, V)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=pad_id, reduction="none")
+        scored = targets != pad_id
+        rows.append(torch.stack([nats.double().sum(1), scored.sum(1).double(),
+                                 *(table[targets].sum(1).double() for table in sizes)], dim=1))
+    model.train(was_training)
+    return torch.cat(rows).cpu() if rows else torch.zeros((0, 4), dtype=torch.float64)
+
+
+def _ratio_ci95(numerator: torch.Tensor, denominator: torch.Tensor, population: int) -> float:
+    """Half-width of the 95% confidence interval of sum(numerator) / sum(denominator) over a simple random
+    sample of `population` rows (the ratio estimator, with the finite-population correction)."""
+    n = len(numerator)
+    if n < 2 or n >= population or float(denominator.sum()) == 0:
+        return 0.0
+    ratio = numerator.sum() / denominator.sum()
+    residual_var = ((numerator - ratio * denominator) ** 2).sum() / (n - 1)
+    variance = (1 - n / population) * residual_var / (n * denominator.mean() ** 2)
+    return Z_95 * math.sqrt(float(variance))
+
+
+def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.device, dtype: torch.dtype | None,
+          tokenizer: Any, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte and per character over the targets of `batches` (LMBatches or
+    PairBatches): all of them, or, when there are more than `max_tokens`, an estimate from a seeded random
+    sample of rows (windows or pairs) of about that many tokens, with 95% confidence half-widths."""
+    n_rows, all_tokens = batches.n_sequential, batches.sequential_tokens
+    rows = None
+    if max_tokens is not None and all_tokens > max_tokens:
+        k = max(MIN_SAMPLE_ROWS, math.ceil(n_rows * max_tokens / all_tokens))
+        if k < n_rows:
+            order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+            rows = sorted(order[:k].tolist())
+    n_batches = math.ceil((n_rows if rows is None else len(rows)) / batch_size)
+    bar = tqdm(batches.sequential(batch_size, device, rows), total=n_batches, unit="batch", leave=False,
+               dynamic_ncols=True, desc="testing", disable=not progress)
+    try:
+        scores = _row_scores(model, bar, text_sizes(tokenizer, device), tokenizer.pad_id, device, dtype)
+    finally:
+        bar.close()
+    nats, tokens, n_bytes, chars = scores.T
+    total_tokens, total_bytes, total_chars = (int(column.sum()) for column in (tokens, n_bytes, chars))
+    loss = float(nats.sum()) / total_tokens if total_tokens else float("nan")
+    metrics = {"loss": loss, "perplexity": perplexity(loss),
+               "bits_per_byte": bits_per_unit(loss, total_tokens, total_bytes),
+               "bits_per_char": bits_per_unit(loss, total_tokens, total_chars),
+               "tokens": total_tokens, "bytes": total_bytes, "chars": total_chars,
+               "sampled": rows is not None, "tokens_in_split": all_tokens}
+    if rows is not None:
+        metrics["loss_ci95"] = _ratio_ci95(nats, tokens, n_rows)
+        metrics["bits_per_byte_ci95"] = _ratio_ci95(nats / math.log(2), n_bytes, n_rows)
+    return _with_cut_pairs(metrics, batches)
+
+
+def _with_cut_pairs(metrics: dict[str, Any], batches: Any) -> dict[str, Any]:
+    """The metrics, with how many pairs (if these are pairs) the context cut, and the targets it left out."""
+    if isinstance(batches, PairBatches):
+        fit = batches.fit()
+        metrics.update(pairs=fit.n_pairs, pairs_cut=fit.pairs_cut, target_tokens_cut=fit.target_tokens_cut)
+    return metrics
+
+
+def describe_score(metrics: dict[str, Any]) -> str:
+    """"loss 1.3550, perplexity 3.88, 1.955 bits per byte (1.955 per character) over 55,000 tokens"."""
+    def ci(key: str) -> str:
+        return f" \u00b1 {metrics[key]:.4f}" if key in metrics else ""
+
+    text = (f"loss {metrics['loss']:.4f}{ci('loss_ci95')}, perplexity {metrics['perplexity']:.2f}, "
+            f"{metrics['bits_per_byte']:.3f}{ci('bits_per_byte_ci95')} bits per byte "
+            f"({metrics['bits_per_char']:.3f} per character) over ")
+    if metrics.get("sampled"):
+        text += (f"a random sample of {metrics['tokens']:,} of the {metrics['tokens_in_split']:,} tokens "
+                 "(\u00b1: 95% confidence; --test-tokens sets the sample size)")
+    else:
+        text += f"{metrics['tokens']:,} tokens"
+    if metrics.get("pairs_cut"):
+        text += (f"; {metrics['pairs_cut']:,} of {metrics['pairs']:,} pairs are longer than the context, and "
+                 f"{metrics['target_tokens_cut']:,} target tokens beyond it are not scored")
+    return text
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: str | None = None,
+                 max_tokens: int | None | str = "run", progress: bool = False) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte of a run's best model on its test split, or on every sample of
+    another file. `max_tokens`: see score (default "run": the run's --test-tokens)."""
     run = load_run(run_dir, device)
     config = read_train_config(run_dir)
     dtype = autocast_dtype(config.dtype, run.device)
     encoder_decoder = is_encoder_decoder(run.config)
+    settings = dict(tokenizer=run.tokenizer, seed=config.seed, progress=progress,
+                    max_tokens=config.test_tokens if max_tokens == "run" else max_tokens)
     if data is None:
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
-        return {**score(run.model, batches, config.batch_size, run.device, dtype), "data": f"{run_dir} test split"}
-    fmt, samples = load_samples(data, encoder_decoder, config.split_mode, config.separator)
+        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
+        return {**metrics, "data": f"{run_dir} test split"}
+    loaded = load_samples(data, encoder_decoder, config.split_mode, config.separator, config.data_format,
+                          config.source_column, config.target_column)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
-        spec = write_splits(tmp, fmt, {"test": samples}, run.tokenizer, contiguous=False)
-        batches = open_prepared(tmp, "test", fmt, spec.dtype, run.config, encoder_decoder, config.source_fraction)
-        metrics = score(run.model, batches, config.batch_size, run.device, dtype)
+        spec = write_splits(tmp, loaded.format, {"test": loaded.samples}, run.tokenizer, contiguous=False)
+        batches = open_prepared(tmp, "test", loaded.format, spec.dtype, run.config, encoder_decoder,
+                                config.source_fraction)
+        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         del batches  # release the memmaps before the folder goes
-    return {**metrics, "data": str(data)}
+    return {**metrics, "data": f"{data} (read as {FILE_FORMAT_NAMES[loaded.file_format]}, {loaded.how})"}

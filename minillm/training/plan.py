@@ -13,11 +13,11 @@ MANY_EPOCHS = 20.0  # above this many passes over the data, say that the model w
 FEW_EPOCHS = 0.05  # below this fraction of one pass, say that the run sees little of the data
 
 
-def planned_steps(config: TrainConfig, train_tokens: int, tokens_per_step: float) -> int:
+def planned_steps(config: TrainConfig, epoch_tokens: int, tokens_per_step: float) -> int:
     """max_steps, or with `epochs` the steps that many passes over the training tokens take."""
     if config.epochs is None:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * train_tokens / max(1.0, tokens_per_step)))
+    return max(1, math.ceil(config.epochs * epoch_tokens / max(1.0, tokens_per_step)))
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,12 @@ class RunPlan:
     model_config: ModelConfig
     config: TrainConfig
     parameters: int
-    tokens: dict[str, int]  # per split: train, val, test
+    epoch_tokens: int  # the tokens one pass over the training data trains on
     tokens_per_step: float
     max_steps: int
     device: str
     world_size: int = 1
+    data_lines: tuple[str, ...] = ()  # what the data is: tokens per split, format, cut pairs (data.batches)
 
     @property
     def global_batch(self) -> int:
@@ -37,11 +38,11 @@ class RunPlan:
 
     @property
     def epochs(self) -> float:
-        return self.max_steps * self.tokens_per_step / max(1, self.tokens["train"])
+        return self.max_steps * self.tokens_per_step / max(1, self.epoch_tokens)
 
     def lines(self) -> list[str]:
         """The plan as the lines the CLI prints (model, data, plan, and notes when something stands out)."""
-        mc, c, tokens = self.model_config, self.config, self.tokens
+        mc, c = self.model_config, self.config
         layers = model_class(mc.model_type).layers_description(mc)
         shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
         total, epochs = self.max_steps * self.tokens_per_step, self.epochs
@@ -49,7 +50,7 @@ class RunPlan:
         lines = [
             f"model: {mc.model_type}, {self.parameters / 1e6:.2f}M parameters ({shape}), vocab {mc.vocab_size}, "
             f"device {self.device}",
-            f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)",
+            *self.data_lines,
             f"plan: {self.max_steps:,} steps x {self.tokens_per_step:,.0f} tokens = {total:,.0f} tokens "
             f"= {epochs:.2f} epochs{budget}",
         ]
@@ -58,7 +59,7 @@ class RunPlan:
                          f"{self.global_batch} sequences = {self.world_size} x batch {c.batch_size} x "
                          f"{c.grad_accum_steps} accumulation step(s), {self.tokens_per_step:,.0f} tokens per step")
         if epochs > MANY_EPOCHS:
-            lines.append(f"note: {epochs:.0f} passes over {tokens['train']:,} tokens is many epochs: a "
+            lines.append(f"note: {epochs:.0f} passes over {self.epoch_tokens:,} tokens is many epochs: a "
                          f"{self.parameters / 1e6:.2f}M-parameter model will likely memorise the data "
                          "(val loss rises); early stopping keeps the best model, and more data helps most")
         elif epochs < FEW_EPOCHS:

@@ -24,8 +24,8 @@ from minillm.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.memory import check_memory
+from minillm.training.state import CHECKPOINT_FORMAT
 from minillm.training.trainer import (
-    CHECKPOINT_FORMAT,
     LogFn,
     MetricsCallback,
     StopHook,
@@ -58,8 +58,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     with contextlib.ExitStack() as held:
         def prepare() -> tuple[dict[str, Any], dict[str, Any]]:
             folder.check_new_run(overwrite)
-            data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
-                             config.val_fraction, config.test_fraction, config.seed, log)
+            data = read_data(config, is_encoder_decoder(model_config), log)
             vocab = TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size)
             check_memory(model_config, config, device, vocab)  # before anything is written or allocated
             held.enter_context(folder.lock())
@@ -88,7 +87,7 @@ def finish(trainer: Trainer, stop_reason: str) -> TrainResult:
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
-                    "compile", "dtype", "threads")
+                    "compile", "dtype", "threads", "test_tokens")
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,

@@ -26,26 +26,32 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import clean_state_dict, save_best
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.batches import open_split
+from minillm.data.batches import data_notes, open_split
 from minillm.data.corpus import PAIRS
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, pick_device
 from minillm.run_folder import RunFolder
-from minillm.tokenizers import load_tokenizer
+from minillm.tokenizers import Tokenizer, load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
-from minillm.training.evaluation import OVERFIT_EVALS, is_overfitting, mean_loss, score
+from minillm.training.evaluation import (
+    OVERFIT_EVALS,
+    bits_per_unit,
+    describe_score,
+    is_overfitting,
+    mean_loss,
+    score,
+    target_bytes,
+)
 from minillm.training.memory import check_memory
 from minillm.training.metrics import MetricsLog, plot_loss_curve
 from minillm.training.optimizer import lr_at, make_optimizer
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
-from minillm.training.rng import restore_rng_state, rng_state
-from minillm.version import __version__
+from minillm.training.state import restore_trainer_state, trainer_state
 
 EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generator, seeded seed + this
-CHECKPOINT_FORMAT = 1
 BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
 SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
 WARMUP_LOGS = 2  # log intervals skipped before the reference throughput is taken (first steps are slow)
@@ -81,6 +87,9 @@ class TrainResult:
 
 class Trainer:
     """Owns the model, optimizer, data and state of one run; `fit()` runs the loop."""
+
+    _run_tokenizer: Tokenizer | None = None  # loaded when first needed (bits per byte)
+    _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
 
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None):
@@ -127,7 +136,7 @@ class Trainer:
             self.eval_batches.append((batch, int((batch["targets"] != model_config.pad_id).sum())))
 
         self.tokens_per_step = self._tokens_per_step()
-        self.max_steps = planned_steps(config, split_record["tokens"]["train"], self.tokens_per_step)
+        self.max_steps = planned_steps(config, self._epoch_tokens(), self.tokens_per_step)
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step = 0
@@ -155,13 +164,20 @@ class Trainer:
     def _tokens_per_step(self) -> float:
         rows = self.global_batch
         if self.split_record["format"] == PAIRS:
-            pairs = max(1, self.split_record["samples"]["train"])
-            return rows * self.split_record["tokens"]["train"] / pairs
+            return rows * self._epoch_tokens() / max(1, self.train_data.n_pairs)
         return rows * self.train_data.seq_len
 
+    def _epoch_tokens(self) -> int:
+        """The tokens one pass over the training data trains on: for pairs, target + EOS within the context
+        (what a cut pair loses beyond it is never seen)."""
+        if self.split_record["format"] == PAIRS:
+            return self.train_data.fit().kept_target_tokens
+        return self.split_record["tokens"]["train"]
+
     def plan(self) -> RunPlan:
-        return RunPlan(self.model_config, self.config, self.n_params, self.split_record["tokens"],
-                       self.tokens_per_step, self.max_steps, str(self.device), self.world_size)
+        data = data_notes(self.split_record, self.train_data, self.open_split("test"), self.config.test_tokens)
+        return RunPlan(self.model_config, self.config, self.n_params, self._epoch_tokens(), self.tokens_per_step,
+                       self.max_steps, str(self.device), self.world_size, tuple(data))
 
     def describe(self) -> None:
         """Say what the run is about to do: model size, data size, and how many passes over the data."""
@@ -284,6 +300,7 @@ class Trainer:
         postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tokens_per_s:,.0f}"}
         if self.best_val_loss < math.inf:
             postfix["val"] = f"{self.best_val_loss:.3f}"
+            postfix["val bpb"] = f"{self.best_val_bpb:.3f}"
         if self.config.max_time is not None:
             step_seconds = seconds / self.config.log_interval
             left = min((self.max_steps - self.step) * step_seconds, self.config.max_time - self.elapsed)
@@ -330,8 +347,9 @@ class Trainer:
     # -- evaluation and checkpoints ------------------------------------------------------------------
 
     def _evaluate_and_save(self, train_loss: float) -> None:
-        val_loss, _ = mean_loss(self.eval_model, self.eval_batches, self.device, self.amp_dtype)
+        val_loss, val_tokens = mean_loss(self.eval_model, self.eval_batches, self.device, self.amp_dtype)
         val_loss = distributed.mean_over_ranks(torch.tensor(val_loss, device=self.device)).item()
+        val_bpb = self._val_bits_per_byte(val_loss, val_tokens)
         rank_rng = distributed.gather_to_all(torch.get_rng_state()) if self.ddp else None
         if not math.isfinite(val_loss):
             raise MiniLLMError(
@@ -342,16 +360,18 @@ class Trainer:
         if improved:
             self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
             if self.main:
-                summary = {"step": self.step, "val_loss": val_loss, "train_loss": train_loss,
-                           "tokens_seen": self.tokens_seen, "elapsed": self.elapsed, "parameters": self.n_params,
-                           "data": self.split_record.get("source")}
+                summary = {"step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
+                           "train_loss": train_loss, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                           "parameters": self.n_params, "data": self.split_record.get("source")}
                 save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, summary,
                           tokenizer_fingerprint=self.tokenizer_fingerprint)
         else:
             self.evals_since_best += 1
-        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss})
+        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
+                             "val_bits_per_byte": val_bpb})
         self._check_overfitting()
-        self._record({"kind": "eval", "step": self.step, "val_loss": val_loss, "train_loss": train_loss,
+        self._record({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
+                      "train_loss": train_loss,
                       "best_val_loss": self.best_val_loss, "best_step": self.best_step,
                       "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                       "overfitting": self.overfitting})
@@ -361,6 +381,17 @@ class Trainer:
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
                                   f"{self.n_params / 1e6:.2f}M parameters")
+
+    @property
+    def best_val_bpb(self) -> float:
+        """Validation bits per byte of the best model so far (nan before the first evaluation)."""
+        return next((row.get("val_bits_per_byte", math.nan) for row in reversed(self.history)
+                     if row["step"] == self.best_step), math.nan)
+
+    def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
+        if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
+            self._eval_bytes = target_bytes(self.eval_batches, self._tokenizer(), self.device)
+        return bits_per_unit(val_loss, tokens, self._eval_bytes)
 
     def _check_overfitting(self) -> None:
         """Warn once when val loss has risen OVERFIT_EVALS evaluations in a row while train loss fell."""
@@ -374,69 +405,36 @@ class Trainer:
                 f"keeps the best model (step {self.best_step}, val loss {self.best_val_loss:.4f})."
             )
 
-    def checkpoint_state(self, rank_rng: list[torch.Tensor] | None = None) -> dict[str, Any]:
-        """Everything needed to continue exactly: tensors and plain Python types only.
-
-        `rank_rng`: each rank's torch generator state (its dropout) in a distributed run. The batch
-        generator is the same on every rank, so rank 0's "rng" serves them all.
-        """
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "minillm_version": __version__,
-            "model": clean_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best_val_loss": self.best_val_loss,
-            "best_step": self.best_step,
-            "evals_since_best": self.evals_since_best,
-            "history": self.history,
-            "elapsed": self.elapsed,
-            "tokens_seen": self.tokens_seen,
-            "overfitting": self.overfitting,
-            "rng": rng_state(self.batch_generator),
-            "rank_rng": rank_rng or [],
-            "world_size": self.world_size,
-            "model_config": self.model_config.to_dict(),
-            "train_config": self.config.to_dict(),
-        }
-
     def save_last(self, rank_rng: list[torch.Tensor] | None = None) -> None:
-        save_torch(self.files.last_checkpoint, self.checkpoint_state(rank_rng))
+        save_torch(self.files.last_checkpoint, trainer_state(self, rank_rng))
         self.last_saved_step = self.step
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Continue from a last.pt written by checkpoint_state()."""
-        self.model.load_state_dict(clean_state_dict(state["model"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        for name in ("step", "best_val_loss", "best_step", "evals_since_best", "elapsed", "tokens_seen",
-                     "overfitting"):
-            setattr(self, name, state[name])
-        self.history = list(state["history"])
+        """Continue from a last.pt written by save_last()."""
+        restore_trainer_state(self, state)
         self.last_saved_step = self.step
         if self.config.max_time is not None:  # the budget evaluations already made count as made
             self.budget_evals = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
-        restore_rng_state(state["rng"], self.batch_generator)
-        rank_rng = state.get("rank_rng") or []
-        if self.ddp is not None and len(rank_rng) == self.world_size:  # same world size: exactly as it was
-            torch.set_rng_state(rank_rng[self.rank])
 
     # -- the end -------------------------------------------------------------------------------------
 
     def test(self) -> dict[str, Any]:
-        """Loss and perplexity of the best model on the test split; written to test_metrics.json."""
+        """Loss, perplexity and bits per byte of the best model on the test split (at most about
+        --test-tokens of it, with a progress bar); written to test_metrics.json."""
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
-        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype)
+        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
+                        self._tokenizer(), self.config.test_tokens, self.config.seed, self.progress and self.main)
         metrics.update(best_step=self.best_step, best_val_loss=self.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
-        self.log(f"test: loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f} over "
-                 f"{metrics['tokens']:,} tokens "
+        self.log(f"test: {describe_score(metrics)} "
                  f"(best model: step {self.best_step}, val loss {self.best_val_loss:.4f})")
         return metrics
+
+    def _tokenizer(self) -> Tokenizer:
+        self._run_tokenizer = self._run_tokenizer or load_tokenizer(self.files.tokenizer)
+        return self._run_tokenizer
 
     def result(self, stop_reason: str, test_metrics: dict[str, Any]) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, steps=self.step, best_step=self.best_step,

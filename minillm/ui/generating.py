@@ -147,7 +147,8 @@ def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens
         if tokens is not None:
             tokens.close()  # ends the model's token loop at once when we left early
     elapsed = time.perf_counter() - start
-    yield text, _stats(n_tokens, elapsed, settings["seed"], stopped), gr.update(), gr.update()
+    end_note = tokens.end_note().capitalize() + ". " if tokens.end_note() else ""  # the model ended the text
+    yield text, end_note + _stats(n_tokens, elapsed, settings["seed"], stopped), gr.update(), gr.update()
 
 
 def stop(session: Session) -> None:

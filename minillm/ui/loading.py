@@ -94,6 +94,8 @@ def model_info_markdown(run: Run) -> str:
     training = run.info.get("training") or {}
     val_loss, step = training.get("val_loss"), training.get("step")
     best = f"{val_loss:.4f}" if isinstance(val_loss, (int, float)) else "unknown"
+    if isinstance(training.get("val_bits_per_byte"), (int, float)):  # comparable across tokenizers
+        best += f", {training['val_bits_per_byte']:.3f} bits per byte"
     if step is not None:
         best += f" (step {step})"
     rows = [
