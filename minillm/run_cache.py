@@ -9,6 +9,7 @@ loaded again from the same files when it next needs it, unless the files changed
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -53,6 +54,23 @@ def _stamps(*paths: Path) -> tuple[tuple[int, int], ...]:
         else:
             stamps.append((stat.st_mtime_ns, stat.st_size))
     return tuple(stamps)
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc (Linux)
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give the memory of unloaded models back to the operating system. glibc keeps freed blocks in per-thread
+    arenas (a server loads in many threads): without this the process only grows, whatever it frees."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _load_read_only(files: RunFiles) -> Run:
@@ -109,15 +127,17 @@ class RunCache:
         """The user `old` is known as `new` from now on (its claim moves along)."""
         with self._lock:
             files = self._claims.pop(old, None)
-            if files is not None:
-                self._set_claim(new, files)
+            dropped = files is not None and self._set_claim(new, files)
+        if dropped:
+            return_freed_memory()
 
     def release(self, user: str) -> None:
         """`user` is gone: forget its claim; a run nobody claims any more is unloaded."""
         with self._lock:
             files = self._claims.pop(user, None)
-            if files is not None:
-                self._drop_if_unclaimed(files)
+            dropped = files is not None and self._drop_if_unclaimed(files)
+        if dropped:
+            return_freed_memory()
 
     def _get(self, files: RunFiles, user: str) -> Run:
         while True:
@@ -125,13 +145,22 @@ class RunCache:
                 run = self._runs.get(files)
                 if run is not None:
                     self._runs.move_to_end(files)
-                    self._set_claim(user, files)
-                    return run
+                    dropped = self._set_claim(user, files)
+                    break
                 loading = self._loading.get(files)
                 if loading is None:
                     loading = self._loading[files] = threading.Event()
                     break
             loading.wait()  # another user is loading the same files: share its copy (or fail on our own)
+        if run is None:
+            run = self._load_new(files, user, loading)
+            dropped = True  # and the loading's own buffers (the weights as read) are free now
+        if dropped:
+            return_freed_memory()
+        return run
+
+    def _load_new(self, files: RunFiles, user: str, loading: threading.Event) -> Run:
+        """Load a run that is not loaded yet, unloading the least recently used beyond max_runs."""
         try:
             run = self._load(files)
             with self._lock:
@@ -145,12 +174,13 @@ class RunCache:
                 del self._loading[files]
             loading.set()
 
-    def _set_claim(self, user: str, files: RunFiles) -> None:
+    def _set_claim(self, user: str, files: RunFiles) -> bool:
+        """Record `user`'s claim; whether the run it held before was unloaded."""
         previous = self._claims.get(user)
         self._claims[user] = files
-        if previous is not None and previous != files:
-            self._drop_if_unclaimed(previous)
+        return previous is not None and previous != files and self._drop_if_unclaimed(previous)
 
-    def _drop_if_unclaimed(self, files: RunFiles) -> None:
-        if files not in self._claims.values():
-            self._runs.pop(files, None)
+    def _drop_if_unclaimed(self, files: RunFiles) -> bool:
+        if files in self._claims.values():
+            return False
+        return self._runs.pop(files, None) is not None
