@@ -10,10 +10,11 @@ MAX_LOADED_RUNS of them, and released when the tabs that use them close.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from minillm.errors import MiniLLMError
-from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, check_can_serve, network_warning
 
 try:
     import gradio as gr
@@ -192,10 +193,19 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
     """Serve the UI until interrupted: on 127.0.0.1 only, unless `host` or `share` says otherwise."""
     if run_dir and not Path(run_dir).is_dir():
         raise MiniLLMError(f"run folder not found: {run_dir}; train one with `minillm train --out {run_dir}`")
+    check_can_serve(host, port)  # before anything is printed: a busy or bad port is one error line
+    warning = network_warning(host)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_demo(run_dir, runs_dir)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
-    else:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, quiet=not share, show_error=False, css=CSS,
+                    footer_links=["api", "settings"], prevent_thread_lock=True)
+    except OSError as e:  # taken between the check and the start
+        reason = str(e).split(". ")[0].rstrip(".")
+        raise MiniLLMError(f"cannot serve on {host}:{port} ({reason}); choose another port with --port") from None
+    if not share:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
         print(f"Mini LLM UI on http://{host}:{port} (Ctrl+C to stop)", flush=True)
-    demo.launch(server_name=host, server_port=port, share=share, quiet=not share, show_error=False, css=CSS,
-                footer_links=["api", "settings"])
+    demo.block_thread()
