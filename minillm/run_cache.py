@@ -105,9 +105,8 @@ class RunCache:
         """The run `user` claimed (loaded again if it was pushed out), or None when it claimed none."""
         with self._lock:
             files = self._claims.get(user)
-        if files is None:
-            return None
-        with self._lock:
+            if files is None:
+                return None
             run = self._runs.get(files)
             if run is not None:
                 self._runs.move_to_end(files)

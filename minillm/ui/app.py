@@ -23,7 +23,7 @@ except ImportError:  # gradio is the optional "ui" extra
 
 from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models import model_class
-from minillm.run_cache import RunCache
+from minillm.run_cache import DEFAULT_MAX_RUNS, RunCache
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.ui.generating import (
     DEFAULT_REPETITION_PENALTY,
@@ -63,7 +63,7 @@ __all__ = ["LOADING_LABEL", "MAX_NEW_TOKENS", "Session", "build_demo", "finish_l
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
 CONCURRENCY_LIMIT = 2
 # Distinct models the server keeps loaded (tabs that load the same files share one); least recently used out.
-MAX_LOADED_RUNS = 4
+MAX_LOADED_RUNS = DEFAULT_MAX_RUNS
 TITLE = "Mini LLM"
 CSS = """
 #error { border: 1px solid var(--error-border-color, #ef4444); border-radius: 8px; padding: 4px 12px;
