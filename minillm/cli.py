@@ -19,6 +19,7 @@ import errno
 import importlib.util
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from minillm.config import (
 )
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder, model_kinds
-from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, MAX_PORT, MIN_PORT, check_port_number
 from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -54,12 +55,45 @@ TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
 CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
+PRESET_HELP_WIDTH = 100
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line, like every other error of the command."""
 
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _as_option(name: str, value: Any) -> str:
+    """A config value as the train option that sets it: --d-model 32, --compile, --no-compile."""
+    option = f"--{name.replace('_', '-')}"
+    if isinstance(value, bool):
+        return option if value else f"--no-{option[2:]}"
+    return f"{option}\xa0{value:g}" if isinstance(value, float) else f"{option}\xa0{value}"
+
+
+def presets_help(width: int = PRESET_HELP_WIDTH) -> str:
+    """The end of `minillm train --help`: each preset's description and the options it sets."""
+    lines = ["presets (explicit options override their values):"]
+    for name, preset in PRESETS.items():
+        lines.append(f"  {name}: {preset.description}")
+        for part, values in (("model", preset.model), ("training", preset.train)):
+            # A no-break space inside each "--option value" keeps the pair on one line.
+            options = " ".join(_as_option(key, value) for key, value in values.items())
+            lines += textwrap.wrap(f"{part}: {options}", width, initial_indent="    ", subsequent_indent="      ",
+                                   break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines).replace("\xa0", " ")
+
+
+def _port(text: str) -> int:
+    """--port: a whole number in the range of TCP ports (argparse names the option in the error)."""
+    try:
+        return check_port_number(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {MIN_PORT} to {MAX_PORT}, "
+                                         f"got {text!r}") from None
+    except MiniLLMError:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_PORT} to {MAX_PORT}, got {text}") from None
 
 
 def _converter(base: type, optional: bool) -> Callable[[str], Any]:
@@ -100,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model on a text file (default: Tiny Shakespeare)",
-                                description="Train a tokenizer and a model on DATA into a run folder.")
+                                description="Train a tokenizer and a model on DATA into a run folder.",
+                                epilog=presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("data", nargs="?", metavar="DATA",
                        help="UTF-8 text file, or TSV/JSONL pairs for the encoder-decoder "
                             "(default: the bundled Tiny Shakespeare)")
@@ -112,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path,
                        help=f"run folder (default: {DEFAULT_RUNS_DIR}/<data>-<model>-<tokenizer>)")
     train.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                       help="starting settings, overridden by explicit options: "
-                            + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+                       help=f"starting settings, overridden by explicit options (default {DEFAULT_PRESET}; "
+                            "each preset's values are listed at the end)")
     existing = train.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="continue an interrupted run from its last.pt")
@@ -152,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = commands.add_parser("ui", help="open the web UI (needs the 'ui' extra: gradio)")
     ui.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run to load at start")
-    ui.add_argument("--host", default=DEFAULT_HOST, help=f"{DEFAULT_HOST} keeps it local")
-    ui.add_argument("--port", type=int, default=DEFAULT_PORT)
+    ui.add_argument("--host", default=DEFAULT_HOST,
+                    help=f"address to serve on (default {DEFAULT_HOST}: this machine only; any other address lets "
+                         "anyone on the network load any model file the server can read)")
+    ui.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                    help=f"port to serve on, {MIN_PORT}-{MAX_PORT} (default {DEFAULT_PORT})")
     ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)

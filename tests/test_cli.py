@@ -405,3 +405,72 @@ def test_a_disk_that_fills_up_during_training_is_one_clear_line(small_disk, caps
     assert err.startswith("error:") and "no space left" in err.lower() and "another disk" in err
     assert full_at in err.split(";")[0]
     assert not list(run_dir.rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_train_help_lists_each_presets_values(capsys):
+    from minillm.config import PRESETS
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    presets = out[out.index("presets ("):]
+    for name, preset in PRESETS.items():
+        assert f"{name}: {preset.description}" in presets
+        for key, value in {**preset.model, **preset.train}.items():
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            assert f"--{key.replace('_', '-')} {shown}" in presets, (name, key)
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1", "abc", "80.5"])
+def test_ui_with_an_invalid_port_is_one_line_naming_port(port, capsys):
+    line = assert_one_line_error(capsys, main(["ui", "--port", port]), "--port")
+    assert "65535" in line
+
+
+def busy_port():
+    """A socket listening on a free local port, as another server would."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+def test_ui_on_a_port_in_use_is_one_line_naming_port_and_nothing_before_it(capsys):
+    with busy_port() as listener:
+        port = listener.getsockname()[1]
+        code = main(["ui", "--port", str(port)])
+    out = capsys.readouterr()
+    assert out.out == ""  # no "Mini LLM UI on http://..." first
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert f"port {port} is already in use" in lines[0] and "--port" in lines[0]
+
+
+@pytest.fixture
+def launch_without_serving(monkeypatch):
+    """Gradio's launch and its wait for Ctrl-C do nothing: what `minillm ui` prints around them is seen."""
+    import gradio
+
+    launched = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.append(kwargs))
+    monkeypatch.setattr(gradio.Blocks, "block_thread", lambda self: None)
+    return launched
+
+
+def free_port() -> int:
+    with busy_port() as listener:
+        return listener.getsockname()[1]
+
+
+def test_ui_on_a_network_address_warns_who_can_load_models(launch_without_serving, tmp_path, capsys):
+    port = free_port()
+    assert main(["ui", "--host", "0.0.0.0", "--port", str(port), "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith("warning: --host 0.0.0.0 is not local")
+    assert "anyone on the network" in out.err and "any model file the server can read" in out.err
+    assert out.out == f"Mini LLM UI on http://0.0.0.0:{port} (Ctrl+C to stop)\n"
+    assert launch_without_serving[0]["server_name"] == "0.0.0.0"
+    # The default stays on this machine: no warning.
+    assert main(["ui", "--port", str(port), "--runs-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == ""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import minillm.generation
+from minillm import run_cache
 from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
 from minillm.generation import STOP_EOS, stream_text
@@ -48,12 +49,11 @@ def ui_run(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
-def load(session, run_dir, model_type="decoder_only", tokenizer_type="char", model_path=None,
-         tokenizer_path=None):
+def load(session, run_dir, model_path=None, tokenizer_path=None):
     """Press Load model; returns the outputs by name."""
     model_path = str(run_dir / BEST_MODEL_FILE) if model_path is None else model_path
     tokenizer_path = str(run_dir / TOKENIZER_FILE) if tokenizer_path is None else tokenizer_path
-    out = app.load_model(session, model_type, tokenizer_type, model_path, tokenizer_path)
+    out = app.load_model(session, model_path, tokenizer_path)
     names = ["model_info", "model_type", "tokenizer_type", "prompt", "source", "error", "warning"]
     return dict(zip(names, out, strict=True))
 
@@ -144,14 +144,14 @@ def test_run_folder_as_model_path_and_blank_tokenizer_path(ui_run):
     assert not shown(out["error"]) and session.run is not None
 
 
-def test_chosen_types_that_disagree_with_the_files_are_corrected_with_a_warning(ui_run):
-    session = app.Session()
-    out = load(session, ui_run, model_type="transformer", tokenizer_type="bpe")
-    assert shown(out["warning"])
-    assert "'transformer'" in out["warning"]["value"] and "'bpe'" in out["warning"]["value"]
-    # What was loaded is what the files are, and the dropdowns now say so.
-    assert out["model_type"] == "decoder_only" and out["tokenizer_type"] == "char"
-    assert session.run.config.model_type == "decoder_only"
+def test_model_and_tokenizer_types_are_shown_from_the_files_not_chosen(ui_run):
+    by_id = {c["props"].get("elem_id"): c["props"] for c in
+             app.build_demo(ui_run, runs_dir=ui_run.parent).get_config_file()["components"]}
+    for elem_id, value in (("model_type", "decoder_only"), ("tokenizer_type", "char")):
+        assert by_id[elem_id]["interactive"] is False and by_id[elem_id]["value"] == value
+    out = load(app.Session(), ui_run)
+    assert (out["model_type"], out["tokenizer_type"]) == ("decoder_only", "char")
+    assert not shown(out["warning"])
 
 
 @pytest.mark.parametrize("model_path, tokenizer_path, expected", [
@@ -201,7 +201,7 @@ def test_unexpected_exception_is_one_short_line(ui_run, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("something deep broke\n  File 'x.py', line 1\nmore traceback")
 
-    monkeypatch.setattr(loading, "load_model_files", explode)
+    monkeypatch.setattr(run_cache, "load_model_files", explode)
     out = load(app.Session(), ui_run)
     message = out["error"]["value"]
     assert "RuntimeError" in message and "something deep broke" in message
@@ -349,7 +349,7 @@ def test_unknown_characters_get_a_warning(ui_run):
 def test_encoder_decoder_run(tmp_path):
     run_dir = make_run(tmp_path / "seq2seq", model_type="transformer")
     session = app.Session()
-    out = load(session, run_dir, model_type="transformer")
+    out = load(session, run_dir)
     assert "transformer" in out["model_info"] and "2 encoder + 2 decoder" in out["model_info"]
     assert out["source"]["visible"] is True  # only an encoder-decoder reads a source
     run = session.run
@@ -394,3 +394,75 @@ def test_the_stats_say_when_the_model_ended_the_text(ui_run, monkeypatch):
 def test_model_info_shows_bits_per_byte_beside_the_loss(tiny_run):
     info = loading.model_info_markdown(load_run(tiny_run))
     assert "bits per byte" in next(line for line in info.splitlines() if "Best validation loss" in line)
+
+
+class FakeRequest:
+    """What Gradio passes a handler that asks for a gr.Request: the tab's session hash."""
+
+    def __init__(self, session_hash):
+        self.session_hash = session_hash
+
+
+def test_tabs_share_one_copy_of_a_run_and_closing_them_releases_it(ui_run, tmp_path):
+    template = app.Session()  # the page's gr.State value; Gradio deep-copies it for every tab
+    runs = [ui_run, *(make_run(tmp_path / f"run{i}", seed=i) for i in range(1, app.MAX_LOADED_RUNS + 2))]
+    tabs = [copy.deepcopy(template) for _ in range(3 * len(runs))]
+    for i, tab in enumerate(tabs):
+        load(tab, runs[i % len(runs)])
+        assert len(template.runs) <= app.MAX_LOADED_RUNS
+    # Tabs that loaded the same files use the same model object.
+    assert tabs[0].run is tabs[len(runs)].run is tabs[2 * len(runs)].run
+    # A tab whose run was pushed out still generates: it is loaded again from the same files.
+    assert "Generated" in generate(tabs[1], max_new_tokens=5)[-1][1]
+    for tab in tabs:
+        tab.close()
+    assert len(template.runs) == 0
+
+
+def test_closing_a_tab_releases_its_model_through_the_unload_event(ui_run):
+    demo = app.build_demo(runs_dir=ui_run.parent)
+    session = demo.blocks[next(i for i, b in demo.blocks.items() if isinstance(b, app.gr.State)
+                               and isinstance(b.value, app.Session))].value
+    tab = copy.deepcopy(session)
+    out = app.load_model(tab, str(ui_run / BEST_MODEL_FILE), str(ui_run / TOKENIZER_FILE), FakeRequest("tab-1"))
+    assert not shown(out[5]) and tab.id == "tab-1" and len(session.runs) == 1
+    unload = next(fn for fn in demo.fns.values() if any(target[1] == "unload" for target in fn.targets))
+    unload.fn(FakeRequest("tab-1"))
+    assert len(session.runs) == 0 and tab.run is None
+
+
+def test_a_second_generation_of_one_session_is_refused_while_another_session_generates(ui_run, every_token):
+    template = app.Session()
+    busy, other = copy.deepcopy(template), copy.deepcopy(template)
+    load(busy, ui_run)
+    load(other, ui_run)
+    running = app.generate(busy, "Speak", "", 200, 1.0, 0, 1.0, 1.0, 3)
+    next(running)
+    refused = generate(busy)
+    assert len(refused) == 1 and "already generating" in refused[0][2]["value"]
+    assert "Generated" in generate(other, max_new_tokens=5)[-1][1]  # other sessions are not held up
+    app.stop(busy)  # the refused request changed nothing: Stop still ends the running one
+    assert "Stopped after" in list(running)[-1][1]
+    assert "Generated" in generate(busy, max_new_tokens=5)[-1][1]  # and the session may generate again
+
+
+def test_an_error_before_generating_clears_the_output_of_the_run_before(ui_run):
+    session = app.Session()
+    load(session, ui_run)
+    assert generate(session)[-1][0]
+    steps = generate(session, temperature=-1)
+    output, stats, error, _ = steps[-1]
+    assert shown(error) and output == "" and stats == ""
+
+
+def test_encoder_decoder_page_shows_the_source_first_and_the_prefix_as_optional(tmp_path):
+    run_dir = make_run(tmp_path / "seq2seq", model_type="transformer")
+    components = app.build_demo(run_dir, runs_dir=tmp_path).get_config_file()["components"]
+    order = [c["props"].get("elem_id") for c in components]
+    by_id = {c["props"].get("elem_id"): c["props"] for c in components}
+    assert order.index("source") < order.index("prompt")
+    assert by_id["source"]["visible"] is not False and "input" in by_id["source"]["label"]
+    assert by_id["prompt"]["label"].startswith("Target prefix (optional")
+    # Loading a decoder-only run turns the box back into the prompt and hides the source.
+    out = load(app.Session(), make_run(tmp_path / "plain"))
+    assert out["prompt"]["label"] == "Prompt" and out["source"]["visible"] is False

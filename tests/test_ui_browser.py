@@ -109,8 +109,13 @@ def endless_run(run_dir):
 
 
 @pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
-    """`minillm ui RUN_DIR --port P` in a subprocess; always stopped at the end."""
+def server(server_process):
+    return server_process[0]
+
+
+@pytest.fixture(scope="module")
+def server_process(run_dir, tmp_path_factory):
+    """`minillm ui RUN_DIR --port P` in a subprocess: (its URL, the process); always stopped at the end."""
     require_browser()
     port = free_port()
     log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
@@ -124,7 +129,7 @@ def server(run_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log_path)
-        yield url
+        yield url, process
     finally:
         process.terminate()
         try:
@@ -302,8 +307,106 @@ def test_api_is_driven_by_gradio_client(server, run_dir):
     from gradio_client import Client
 
     client = Client(server, analytics_enabled=False, verbose=False, download_files=False)
-    info, *_ = client.predict("decoder_only", "char", str(run_dir / BEST_MODEL_FILE),
-                              str(run_dir / TOKENIZER_FILE), api_name="/load_model")
+    info, *_ = client.predict(str(run_dir / BEST_MODEL_FILE), str(run_dir / TOKENIZER_FILE),
+                              api_name="/load_model")
     assert f"{count_parameters(load_run(run_dir).model):,}" in info
     output, stats, *_ = client.predict(PROMPT, "", *SETTINGS.values(), api_name="/generate")
     assert output == cli_generate(run_dir, PROMPT, SETTINGS) and "tokens/s" in stats
+
+
+def client_for(url: str):
+    from gradio_client import Client
+
+    return Client(url, analytics_enabled=False, verbose=False, download_files=False)
+
+
+def resident_mb(process: subprocess.Popen) -> float:
+    """The server's resident memory (Linux /proc), in MB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+@pytest.fixture(scope="module")
+def big_runs(run_dir):
+    """Six runs of a model of about 50 MB: one trained-size model saved once, its weights hard-linked into
+    six run folders (six different files as far as the server can tell)."""
+    from minillm.checkpoint import read_run_config, save_best
+    from minillm.models import build_model
+
+    config, meta = read_run_config(run_dir / BEST_CONFIG_FILE)
+    config = config.replace(d_model=512, n_layers=4, n_heads=8, d_ff=None)
+    model = build_model(config)
+    first = run_dir.parent / "big0"
+    save_best(first, model, config, meta["tokenizer_type"], {"step": 0, "val_loss": None})
+    shutil.copy(run_dir / TOKENIZER_FILE, first / TOKENIZER_FILE)
+    runs = [first]
+    for i in range(1, 6):
+        folder = run_dir.parent / f"big{i}"
+        folder.mkdir()
+        os.link(first / BEST_MODEL_FILE, folder / BEST_MODEL_FILE)
+        for name in (BEST_CONFIG_FILE, TOKENIZER_FILE):
+            shutil.copy(first / name, folder / name)
+        runs.append(folder)
+    return runs, (first / BEST_MODEL_FILE).stat().st_size / 2**20
+
+
+MAX_LOADED_RUNS = 4  # minillm.ui.app.MAX_LOADED_RUNS (not imported: that would import gradio here)
+RELEASE_TIMEOUT_S = 60
+
+
+def test_many_api_sessions_keep_memory_bounded_and_closed_ones_release_it(server_process, big_runs):
+    url, process = server_process
+    runs, model_mb = big_runs
+    baseline = resident_mb(process)
+    clients, peak = [], 0.0
+    for i in range(3 * len(runs)):  # 18 sessions over 6 runs: each session kept its own copy before
+        client = client_for(url)
+        run = runs[i % len(runs)]
+        info, *_ = client.predict(str(run / BEST_MODEL_FILE), str(run / TOKENIZER_FILE), api_name="/load_model")
+        assert "Parameters" in info
+        clients.append(client)
+        peak = max(peak, resident_mb(process) - baseline)
+    # At most MAX_LOADED_RUNS models (plus the one loading and the allocator's slack), not one per session.
+    assert peak < (MAX_LOADED_RUNS + 4) * model_mb, (peak, model_mb)
+    # A session whose model was pushed out still generates (it is loaded again from the same files).
+    output, stats, *_ = clients[0].predict(PROMPT, "", 5, 1.0, 0, 1.0, 1.0, 1, api_name="/generate")
+    assert "Generated" in stats
+    loaded = resident_mb(process)
+    for client in clients:
+        client.close()
+    # Once the sessions are gone (Gradio's unload event), their models are released: the memory of at
+    # least all but one of them goes back to the system.
+    released = (MAX_LOADED_RUNS - 1) * model_mb
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while loaded - resident_mb(process) < released and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert loaded - resident_mb(process) >= released, (loaded, resident_mb(process), model_mb)
+
+
+def shown_text(value) -> str:
+    """A Markdown output as gradio_client returns it: its text, or an update (a dict) carrying one."""
+    if isinstance(value, dict):
+        return value.get("value") or "" if value.get("visible", True) else ""
+    return value or ""
+
+
+def test_one_session_queuing_many_generations_does_not_hold_up_another(server, endless_run):
+    greedy, polite = client_for(server), client_for(server)
+    for client in (greedy, polite):
+        client.predict(str(endless_run / BEST_MODEL_FILE), str(endless_run / TOKENIZER_FILE),
+                       api_name="/load_model")
+    long_settings = (1000, 1.0, 5, 1.0, 1.0, 5)  # never ends by itself before 1000 tokens
+    jobs = [greedy.submit(PROMPT, "", *long_settings, api_name="/generate") for _ in range(4)]
+    # The polite client's short request, queued after the greedy one's four long ones.
+    short = polite.predict(PROMPT, "", 5, 1.0, 5, 1.0, 1.0, 6, api_name="/generate")
+    assert "Generated 5 tokens" in short[1]
+    # It ran while the greedy client's first generation was still going: stopping that one now stops it
+    # (it did not have to end first), and the other three were refused at once.
+    greedy.predict(api_name="/stop")
+    results = [job.result() for job in jobs]
+    refused = [r for r in results if "already generating" in shown_text(r[2])]
+    ran = [r for r in results if "already generating" not in shown_text(r[2])]
+    assert len(refused) == 3 and len(ran) == 1, results
+    assert "Stopped after" in ran[0][1], ran[0][1]

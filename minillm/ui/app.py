@@ -3,24 +3,27 @@
 The handlers (loading.py, generating.py) only call the library (minillm.checkpoint to find and load runs,
 minillm.generation to generate), the same functions the CLI uses, so the page and `minillm generate` give
 the same text for the same settings and seed. Every failure becomes a readable message in the page's
-`error` box and the app keeps working. Each browser tab has its own `Session` (session.py).
+`error` box and the app keeps working. Each browser tab (or API client) has its own `Session` (session.py);
+the models live in one RunCache per page, shared read-only by the tabs that load the same files, at most
+MAX_LOADED_RUNS of them, and released when the tabs that use them close.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from minillm.errors import MiniLLMError
-from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
+from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, check_can_serve, network_warning
 
 try:
     import gradio as gr
 except ImportError:  # gradio is the optional "ui" extra
     raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'") from None
 
-from minillm.config import TOKENIZER_TYPES
 from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
-from minillm.models import model_class, model_kinds
+from minillm.models import model_class
+from minillm.run_cache import DEFAULT_MAX_RUNS, RunCache
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.ui.generating import (
     DEFAULT_REPETITION_PENALTY,
@@ -38,6 +41,12 @@ from minillm.ui.generating import (
 from minillm.ui.loading import (
     LOAD_LABEL,
     LOADING_LABEL,
+    PROMPT_LABEL,
+    PROMPT_PLACEHOLDER,
+    SOURCE_LABEL,
+    SOURCE_PLACEHOLDER,
+    TARGET_PREFIX_LABEL,
+    TARGET_PREFIX_PLACEHOLDER,
     finish_loading,
     load_model,
     pick_run,
@@ -53,6 +62,8 @@ __all__ = ["LOADING_LABEL", "MAX_NEW_TOKENS", "Session", "build_demo", "finish_l
 
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
 CONCURRENCY_LIMIT = 2
+# Distinct models the server keeps loaded (tabs that load the same files share one); least recently used out.
+MAX_LOADED_RUNS = DEFAULT_MAX_RUNS
 TITLE = "Mini LLM"
 CSS = """
 #error { border: 1px solid var(--error-border-color, #ef4444); border-radius: 8px; padding: 4px 12px;
@@ -66,8 +77,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
     """The page. With `run_dir` the paths are pre-filled and that run loads when the page opens."""
     runs_dir = str(runs_dir)
     run_dir = str(run_dir) if run_dir else None
-    model_path = tokenizer_path = ""
-    model_type, tokenizer_type = model_kinds()[0], TOKENIZER_TYPES[0]
+    model_path = tokenizer_path = model_type = tokenizer_type = ""
     if run_dir:
         model_path, tokenizer_path = str(RunFolder(run_dir).best_model), str(RunFolder(run_dir).tokenizer)
         try:
@@ -76,7 +86,8 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
             pass  # the load on page open shows what is wrong with it
 
     with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(Session())
+        runs = RunCache(MAX_LOADED_RUNS)  # the models, shared by the tabs that load the same files
+        session = gr.State(Session(runs))
         runs_folder = gr.State(runs_dir)
         gr.Markdown(f"# {TITLE}\nLoad a trained run, then generate text from it.")
         error = gr.Markdown(visible=False, elem_id="error")
@@ -92,11 +103,11 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                     )
                     refresh_button = gr.Button("↻ Refresh", elem_id="refresh_runs", size="sm", scale=0,
                                                min_width=90)
-                with gr.Row():
-                    model_type_box = gr.Dropdown(list(model_kinds()), value=model_type, label="Model type",
-                                                 elem_id="model_type")
-                    tokenizer_type_box = gr.Dropdown(list(TOKENIZER_TYPES), value=tokenizer_type,
-                                                     label="Tokenizer type", elem_id="tokenizer_type")
+                with gr.Row():  # read from the run's files, which decide what is loaded: shown, not chosen
+                    model_type_box = gr.Textbox(model_type, label="Model type (from the run)", interactive=False,
+                                                elem_id="model_type", max_lines=1)
+                    tokenizer_type_box = gr.Textbox(tokenizer_type, label="Tokenizer type (from the run)",
+                                                    interactive=False, elem_id="tokenizer_type", max_lines=1)
                 model_path_box = gr.Textbox(model_path, label=f"Model path ({BEST_MODEL_FILE})",
                                             elem_id="model_path", max_lines=1)
                 tokenizer_path_box = gr.Textbox(tokenizer_path, label=f"Tokenizer path ({TOKENIZER_FILE})",
@@ -105,10 +116,13 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                 model_info = gr.Markdown("No model loaded yet.", elem_id="model_info")
             with gr.Column(scale=3, min_width=400):
                 gr.Markdown("## Generate")
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
-                                    placeholder="The text to continue")
-                source = gr.Textbox(label="Source (encoder-decoder models)", lines=3, elem_id="source",
-                                    visible=model_class(model_type).is_encoder_decoder)
+                # An encoder-decoder's input (the source) comes first, then the optional start of its output.
+                encoder_decoder = bool(model_type) and model_class(model_type).is_encoder_decoder
+                source = gr.Textbox(label=SOURCE_LABEL, lines=3, elem_id="source", placeholder=SOURCE_PLACEHOLDER,
+                                    visible=encoder_decoder)
+                prompt = gr.Textbox(label=TARGET_PREFIX_LABEL if encoder_decoder else PROMPT_LABEL, lines=3,
+                                    elem_id="prompt",
+                                    placeholder=TARGET_PREFIX_PLACEHOLDER if encoder_decoder else PROMPT_PLACEHOLDER)
                 with gr.Accordion("Sampling settings", open=True):
                     with gr.Row():
                         max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1,
@@ -138,7 +152,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
 
         # Events. The short UI-state steps skip the concurrency limit so they never wait behind a generation.
         quick = dict(concurrency_limit=None, show_progress="hidden", queue=True)
-        load_inputs = [session, model_type_box, tokenizer_type_box, model_path_box, tokenizer_path_box]
+        load_inputs = [session, model_path_box, tokenizer_path_box]
         load_outputs = [model_info, model_type_box, tokenizer_type_box, prompt, source, error, warning]
         load_button.click(start_loading, None, load_button, api_name=False, **quick).then(
             load_model, load_inputs, load_outputs, api_name="load_model",
@@ -158,6 +172,12 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
         ).then(finish_generating, None, generate_button, api_name=False, **quick)
         stop_button.click(stop, session, None, api_name="stop", **quick)
 
+        def close_session(request: gr.Request) -> None:
+            """The tab was closed or reloaded (or an API client went away): its model is released."""
+            runs.release(request.session_hash)
+
+        demo.unload(close_session)
+
         if run_dir:  # `minillm ui RUN_DIR`: load that run as soon as the page opens
             demo.load(start_loading, None, load_button, api_name=False, **quick).then(
                 load_model, load_inputs, load_outputs, api_name=False,
@@ -173,10 +193,19 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
     """Serve the UI until interrupted: on 127.0.0.1 only, unless `host` or `share` says otherwise."""
     if run_dir and not Path(run_dir).is_dir():
         raise MiniLLMError(f"run folder not found: {run_dir}; train one with `minillm train --out {run_dir}`")
+    check_can_serve(host, port)  # before anything is printed: a busy or bad port is one error line
+    warning = network_warning(host)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     demo = build_demo(run_dir, runs_dir)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
-    else:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
+    try:
+        demo.launch(server_name=host, server_port=port, share=share, quiet=not share, show_error=False, css=CSS,
+                    footer_links=["api", "settings"], prevent_thread_lock=True)
+    except OSError as e:  # taken between the check and the start
+        reason = str(e).split(". ")[0].rstrip(".")
+        raise MiniLLMError(f"cannot serve on {host}:{port} ({reason}); choose another port with --port") from None
+    if not share:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
         print(f"Mini LLM UI on http://{host}:{port} (Ctrl+C to stop)", flush=True)
-    demo.launch(server_name=host, server_port=port, share=share, quiet=not share, show_error=False, css=CSS,
-                footer_links=["api", "settings"])
+    demo.block_thread()

@@ -25,11 +25,17 @@ DEFAULT_REPETITION_PENALTY = 1.0
 # The page is updated at most this often while tokens stream in: an update per token would cost more
 # than a small model takes to make the token. Stop is still checked after every token.
 STREAM_INTERVAL_S = 0.05
+# Generations one session (a tab, an API client) may run at once; beyond it a request is refused at once.
+# One, below the server's CONCURRENCY_LIMIT: a client that queues many long generations holds one worker
+# and leaves the other to everyone else.
+MAX_GENERATIONS_PER_SESSION = 1
 MAX_SEED = 2**31 - 1  # a blank seed draws one in [0, MAX_SEED] and reports it: any output can be redone
 
 GENERATE_LABEL = "Generate"
 GENERATING_LABEL = "Generating…"
 NO_MODEL_MESSAGE = "no model loaded yet: pick a run or enter its paths, then press Load model"
+BUSY_MESSAGE = ("this session is already generating: wait for that generation to end, or press Stop "
+                f"(a session runs at most {MAX_GENERATIONS_PER_SESSION} at a time)")
 
 
 def _check_settings(prompt: str, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
@@ -88,29 +94,34 @@ def finish_generating():
 
 
 def generate(session: Session, prompt: str, source: str, max_new_tokens: Any, temperature: Any, top_k: Any,
-             top_p: Any, repetition_penalty: Any, seed: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
+             top_p: Any, repetition_penalty: Any, seed: Any,
+             request: gr.Request | None = None) -> Iterator[tuple[Any, Any, Any, Any]]:
     """Stream the output into the page as the tokens arrive; Stop ends it between two tokens.
 
     Yields (output, stats, error, warning). A decoder-only model's output is the prompt followed by
     the continuation (as `minillm generate` prints it); an encoder-decoder's is the generated target.
+    A session runs at most MAX_GENERATIONS_PER_SESSION at once: one more is refused at once, so a client
+    that queues many cannot hold the server's few workers while other sessions wait.
     """
-    session.generating = True
+    session.bind(request)
+    if not session.begin_generation(MAX_GENERATIONS_PER_SESSION):
+        yield gr.update(), gr.update(), error_box(BUSY_MESSAGE), gr.update()
+        return
     try:
         yield from _generation_steps(session, prompt, source, max_new_tokens, temperature, top_k, top_p,
                                      repetition_penalty, seed)
     finally:
-        session.generating = False
-        session.stop.clear()  # a Stop that came after the end does not carry over to the next generation
+        session.end_generation()
 
 
 def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens: Any, temperature: Any,
                       top_k: Any, top_p: Any, repetition_penalty: Any,
                       seed: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
-    run = session.run  # a load during this generation does not change the model under it
-    if run is None:
-        yield gr.update(), "", error_box(NO_MODEL_MESSAGE), gr.update()
-        return
+    # An error before the first token clears the output: what it showed came from other inputs.
     try:
+        run = session.run  # a load during this generation does not change the model under it
+        if run is None:
+            raise MiniLLMError(NO_MODEL_MESSAGE)
         settings = _check_settings(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                    seed)
         # The source box is hidden for a decoder-only model: what it still holds is not an input.
@@ -119,7 +130,7 @@ def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens
         prompt, source = generation_inputs(encoder_decoder, prompt, visible_source)
         note = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     except Exception as e:
-        yield gr.update(), "", error_box(e), gr.update()
+        yield "", "", error_box(e), warning_box("")
         return
 
     text = prompt if source is None else ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from minillm.checkpoint import Run, load_model_files, read_run_config
+from minillm.checkpoint import Run, read_run_config
 from minillm.config import TOKENIZER_TYPES
 from minillm.errors import MiniLLMError
 from minillm.models import count_parameters, is_encoder_decoder, model_class
@@ -16,6 +16,14 @@ from minillm.ui.session import Session, describe_error, error_box, no_error, war
 
 LOAD_LABEL = "Load model"
 LOADING_LABEL = "Loading…"
+# The text boxes of the Generate column: a decoder-only model continues a prompt; an encoder-decoder reads a
+# source (its input, shown first) and may be given the start of its output.
+PROMPT_LABEL = "Prompt"
+PROMPT_PLACEHOLDER = "The text to continue"
+SOURCE_LABEL = "Source (the input: the text the model transforms)"
+SOURCE_PLACEHOLDER = "The text to generate from"
+TARGET_PREFIX_LABEL = "Target prefix (optional: the start of the output)"
+TARGET_PREFIX_PLACEHOLDER = "Leave blank to let the model write the whole output"
 
 
 def run_choices(runs_dir: str | Path, extra: str | None = None) -> list[str]:
@@ -72,20 +80,6 @@ def _resolve_paths(model_path: str, tokenizer_path: str) -> tuple[Path, Path]:
     return model, tokenizer
 
 
-def _type_mismatches(run: Run, model_type: str, tokenizer_type: str) -> str:
-    """What the user chose that the files contradict (the files win), as one line; '' when they agree."""
-    notes = []
-    if model_type and model_type != run.config.model_type:
-        notes.append(f"you chose model type {model_type!r} but {run.info['config_path']} describes a "
-                     f"{run.config.model_type!r} model")
-    if tokenizer_type and tokenizer_type != run.tokenizer.kind:
-        notes.append(f"you chose tokenizer type {tokenizer_type!r} but {run.info['tokenizer_path']} is a "
-                     f"{run.tokenizer.kind!r} tokenizer")
-    if not notes:
-        return ""
-    return "; ".join(notes) + f"; loaded what the files are ({run.config.model_type}, {run.tokenizer.kind})"
-
-
 def model_info_markdown(run: Run) -> str:
     """The loaded model, in a small table: size, shape, tokenizer, device and how well it trained."""
     c = run.config
@@ -117,11 +111,11 @@ def model_info_markdown(run: Run) -> str:
 
 
 def _generation_fields(encoder_decoder: bool):
-    """Prompt and source boxes for a model kind: only an encoder-decoder reads a source."""
+    """Prompt and source boxes for a model kind: only an encoder-decoder reads a source (shown above)."""
     if encoder_decoder:
-        return (gr.update(label="Target prefix (optional: the start of the output)"),
+        return (gr.update(label=TARGET_PREFIX_LABEL, placeholder=TARGET_PREFIX_PLACEHOLDER),
                 gr.update(visible=True))
-    return gr.update(label="Prompt"), gr.update(visible=False)
+    return gr.update(label=PROMPT_LABEL, placeholder=PROMPT_PLACEHOLDER), gr.update(visible=False)
 
 
 def start_loading():
@@ -133,19 +127,20 @@ def finish_loading():
     return gr.update(value=LOAD_LABEL, interactive=True)
 
 
-def load_model(session: Session, model_type: str, tokenizer_type: str, model_path: str, tokenizer_path: str):
-    """Load a model into this tab's session. The session switches to it only once it is fully loaded.
+def load_model(session: Session, model_path: str, tokenizer_path: str, request: gr.Request | None = None):
+    """Load a run into this tab's session (shared with the tabs that loaded the same files). The session
+    switches to it only once it is fully loaded; what kind of model and tokenizer it is comes from the files.
 
     Outputs: model_info, model_type, tokenizer_type, prompt, source, error, warning.
     """
+    session.bind(request)
     keep = (gr.update(),) * 5
     try:
         model_file, tokenizer_file = _resolve_paths(model_path, tokenizer_path)
-        run = load_model_files(model_file, tokenizer_file)
+        run = session.load(model_file, tokenizer_file)
         info = model_info_markdown(run)
     except Exception as e:
-        still = " (the model loaded before is still in use)" if session.run is not None else ""
+        still = " (the model loaded before is still in use)" if session.has_run else ""
         return (*keep, error_box(describe_error(e) + still), warning_box(""))
-    session.run = run  # one assignment: a generation already running keeps the model it started with
     return (info, run.config.model_type, run.tokenizer.kind, *_generation_fields(is_encoder_decoder(run.config)),
-            no_error(), warning_box(_type_mismatches(run, model_type, tokenizer_type)))
+            no_error(), warning_box(""))
