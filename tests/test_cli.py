@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import save_gpt2_style_tokenizer
+from tokenizers import Tokenizer as HFTokenizer
 
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
@@ -190,3 +193,50 @@ def test_a_first_ctrl_c_stops_training_gracefully_and_saves(tmp_path, corpus_fil
     step = load_torch(run_dir / "last.pt")["step"]  # evaluated and saved where it stopped
     assert step >= 1 and f"stopped at step {step}" in out
     assert (run_dir / "test_metrics.json").is_file()
+
+
+# ---- an existing tokenizer ----------------------------------------------------------------------------
+
+def test_train_with_a_gpt2_style_tokenizer_file_then_generate_and_evaluate(tmp_path, corpus_file, capsys):
+    path = save_gpt2_style_tokenizer(tmp_path / "gpt2" / "tokenizer.json", [corpus_file.read_text()], 400)
+    original = HFTokenizer.from_file(str(path))
+    endoftext = original.token_to_id("<|endoftext|>")
+    out = tmp_path / "run"
+    args = ["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "20", "--eval-interval", "10",
+            "--tokenizer-file", str(path)]
+    assert main(args) == 0
+    assert f"eos <|endoftext|> = {endoftext}" in capsys.readouterr().out
+    run = load_run(out)
+    assert run.tokenizer.kind == "bpe" and run.config.vocab_size == endoftext + 2  # + the added <|pad|>
+    assert (run.config.bos_id, run.config.eos_id, run.config.pad_id) == (endoftext, endoftext, endoftext + 1)
+    record = json.loads((out / "special_tokens.json").read_text(encoding="utf-8"))
+    assert record["added"] == ["<|pad|>"] and record["source"] == str(path.resolve())
+    assert record["eos"] == {"token": "<|endoftext|>", "id": endoftext}
+    assert run.tokenizer.encode("the cat sees the moon") == original.encode("the cat sees the moon").ids
+    assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["evaluate", str(out)]) == 0
+
+
+def test_train_with_another_runs_tokenizer(tmp_path, tiny_run, corpus_file):
+    out = tmp_path / "run"
+    args = ["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "2", "--eval-interval", "2",
+            "--tokenizer", "bpe", "--tokenizer-file", str(tiny_run / "tokenizer.json")]
+    assert main(args) == 0
+    run = load_run(out)  # the tokenizer file's kind (char), not --tokenizer's
+    assert run.tokenizer.kind == "char" and run.tokenizer.fingerprint() == load_run(tiny_run).tokenizer.fingerprint()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"model_type": "llama", "hidden_size": 64}', "is of unknown kind"),
+    ("not json", "is not valid JSON"),
+    (None, "tokenizer not found"),
+])
+def test_a_tokenizer_file_that_is_not_a_tokenizer_is_one_clear_error(tmp_path, corpus_file, capsys, content,
+                                                                      needle):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    code = main(["train", str(corpus_file), *TINY, "--out", str(tmp_path / "run"), "--tokenizer-file", str(path)])
+    assert_one_line_error(capsys, code, needle, str(path))
+    assert not (tmp_path / "run").exists()

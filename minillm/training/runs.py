@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import check_compatible, write_train_config
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.prepare import read_data, read_split_record, write_data
+from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
@@ -40,7 +40,8 @@ def with_tokenizer(model_config: ModelConfig, tokenizer: Tokenizer) -> ModelConf
 def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *, overwrite: bool = False,
           progress: bool = True, log: LogFn = default_log, on_metrics: MetricsCallback | None = None,
           should_stop: StopHook | None = None) -> TrainResult:
-    """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here).
+    """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here, or from
+    config.tokenizer_file).
 
     Everything that can be checked is checked before the folder is touched (model kind, device, data).
     The new run is prepared beside the old one (in a staging folder) and swapped in only once its data
@@ -51,13 +52,20 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
     pick_device(config.device)
     folder.check_new_run(overwrite)
+    imported = None
+    if config.tokenizer_file:  # its kind, not --tokenizer's, is the run's
+        imported = ImportedTokenizer.read(config.tokenizer_file)
+        config = config.replace(tokenizer=imported.tokenizer.kind)
+        log(f"tokenizer: {imported.source} ({imported.tokenizer.kind}, {imported.tokenizer.vocab_size:,} ids; "
+            + ", ".join(f"{role} {token} = {i}" for role, (token, i) in imported.tokenizer.role_tokens().items())
+            + (f"; added {', '.join(imported.added)}" if imported.added else "") + ")")
     data = read_data(config.data, is_encoder_decoder(model_config), config.split_mode, config.separator,
                      config.val_fraction, config.test_fraction, config.seed, log)
     with folder.lock():
         folder.check_new_run(overwrite)  # again, now that no other training can start here
         with folder.staging() as staged:
             bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress and is_main_process() else None
-            tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar)
+            tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar, imported)
             model_config = with_tokenizer(model_config, tokenizer)
             write_train_config(staged, model_config, config)
             replaced = folder.replace_with(staged)
