@@ -267,5 +267,9 @@ def test_an_existing_output_is_replaced_only_when_asked_and_only_if_it_is_an_exp
     assert (out / "notes.txt").read_text() == "mine"
     assert main(["export", str(runs["bpe"]), "--format", "gguf", "--out", str(out)]) == 2
     assert "is a folder, but the gguf format writes one file" in capsys.readouterr().err
+    gguf_args = ["export", str(runs["bpe"]), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--overwrite"]
+    assert main(gguf_args) == 0 and main(gguf_args) == 0  # an earlier GGUF file is replaced
+    (tmp_path / "m.gguf").write_text("not a model")
+    assert main(gguf_args) == 2 and "is not a gguf file" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "run folder not found" in capsys.readouterr().err

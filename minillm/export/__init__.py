@@ -76,7 +76,13 @@ def _check_target(fmt: ExportFormat, out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise MiniLLMError(f"{out} already exists; pass --overwrite to replace it or pick another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in fmt.file_names) if out.is_dir() else []
+    if out.is_file():
+        with out.open("rb") as f:
+            if f.read(len(fmt.file_magic)) != fmt.file_magic:
+                raise MiniLLMError(f"{out} is not a {fmt.name} file, so --overwrite will not replace it; "
+                                   "pick another --out")
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in fmt.file_names)
     if foreign:
         raise MiniLLMError(f"{out} holds files that a {fmt.name} export does not write ({', '.join(foreign[:3])}), "
                            "so --overwrite will not delete it; pick another --out")

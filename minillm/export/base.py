@@ -28,6 +28,7 @@ class ExportFormat:
     refusal: Callable[[Run], str | None]  # why this run cannot be exported so (None: it can)
     folder: bool  # True: `out` is a folder of files; False: one file
     file_names: tuple[str, ...] = ()  # the files a folder format writes (an --overwrite replaces only these)
+    file_magic: bytes = b""  # how a one-file format's file begins (an --overwrite replaces only such a file)
 
 
 def require(*modules: str) -> list[ModuleType]:

@@ -155,4 +155,4 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
 
 GGUF_FORMAT = ExportFormat(
     name="gguf", description="one GGUF file for llama.cpp, Ollama, LM Studio (Llama architecture)",
-    write=write_gguf, refusal=gguf_refusal, folder=False)
+    write=write_gguf, refusal=gguf_refusal, folder=False, file_magic=b"GGUF")

@@ -62,7 +62,7 @@ class BPETokenizer(Tokenizer):
         self._hf_special = HFTokenizer.from_str(json_str)
         self._hf_special.encode_special_tokens = False
         # Ids need not be dense in a foreign file: the model needs a row for the largest one.
-        self._vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values()) + 1
+        self._vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         roles = roles or {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
         self.pad_id, self.bos_id, self.eos_id = (int(roles[role]) for role in ROLES)
 
