@@ -29,6 +29,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (HF_FORMAT, GGUF_F
 
 
 def export_format(name: str) -> ExportFormat:
+    """The format called `name`; an unknown name is refused with the known ones."""
     if name not in EXPORT_FORMATS:
         raise MiniLLMError(f"unknown export format {name!r}; choose one of {sorted(EXPORT_FORMATS)}")
     return EXPORT_FORMATS[name]

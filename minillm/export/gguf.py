@@ -95,6 +95,7 @@ def byte_level_refusal(tokenizer_json: dict[str, Any]) -> str | None:
 
 
 def gguf_refusal(run: Run) -> str | None:
+    """Why llama.cpp could not run this run as the same model (None: it can)."""
     return not_decoder_only(run) or byte_level_refusal(run.tokenizer.hugging_face_json())
 
 
@@ -116,6 +117,7 @@ def vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[st
 
 
 def write_gguf(run: Run, out: Path, dtype: str) -> None:
+    """Write the GGUF file `out`: metadata, tokenizer, sampling defaults, then the tensors."""
     (gguf,) = require("gguf")
     c = run.config
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ def write_tokenizer(run: Run, out: Path) -> None:
 
 
 def write_hf(run: Run, out: Path, dtype: str) -> None:
+    """Write the Hugging Face folder `out` (see the module docstring for its files)."""
     (safetensors_torch,) = require("safetensors.torch")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", llama_config(run, dtype))

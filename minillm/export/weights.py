@@ -46,6 +46,7 @@ the model), hence `strict=False`.
 
 
 def write_safetensors(run: Run, out: Path, dtype: str) -> None:
+    """Write the folder `out`: weights under Mini LLM's names, its config, the run's tokenizer, a model card."""
     (safetensors_torch,) = require("safetensors.torch")
     out.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().to("cpu", torch_dtype(dtype)).contiguous()
