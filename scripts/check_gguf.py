@@ -24,6 +24,7 @@ from minillm.export import export_run
 from minillm.training import train
 
 PROMPT = "ROMEO:\nWhat shall I say"
+MIXED_TEXT = "Café naïve — Ærøskøbing, 東京の中文字符 😀👩‍👩‍👧\tTab\r\nCRLF line\n\n  two spaces"
 MIN_MATCHING = 30
 CHECK_RUN = dict(model={"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
                  train={"tokenizer": "bpe", "bpe_vocab_size": 512, "max_steps": 300, "eval_interval": 100})
@@ -33,9 +34,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?", type=Path, help="a decoder-only BPE run (default: train one)")
     parser.add_argument("--tokens", type=int, default=40, help="greedy tokens to compare")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the export's weights")
     args = parser.parse_args()
     try:
-        from llama_cpp import Llama
+        from llama_cpp import GGML_TYPE_F32, Llama
     except ImportError:
         print("llama-cpp-python is not installed: pip install llama-cpp-python (or make check-gguf)")
         return 2
@@ -46,15 +48,20 @@ def main() -> int:
         model_config, train_config = preset_configs("tiny", CHECK_RUN["model"], CHECK_RUN["train"])
         print(f"training a small BPE run into {run_dir} ...", flush=True)
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
-    path = export_run(run_dir, "gguf", work / "model.gguf")
+    path = export_run(run_dir, "gguf", work / "model.gguf", dtype=args.dtype)
     run = load_run(run_dir, "cpu")
-    print(f"exported {run_dir} to {path} ({path.stat().st_size:,} bytes)")
+    print(f"exported {run_dir} to {path} ({args.dtype}, {path.stat().st_size:,} bytes)")
 
+    # A float32 KV cache (llama.cpp's default is float16) so that the logits compare the model itself.
     llm = Llama(model_path=str(path), n_ctx=run.config.max_seq_len, logits_all=True, verbose=False, seed=0,
-                n_threads=2)
+                n_threads=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     ours_ids = [run.tokenizer.bos_id, *run.tokenizer.encode(PROMPT)]
     their_ids = llm.tokenize(PROMPT.encode("utf-8"), add_bos=True, special=False)
     print(f"prompt {PROMPT!r}: {len(ours_ids)} ids; llama.cpp's tokenizer gives the same ids: {their_ids == ours_ids}")
+    mixed = run.tokenizer.encode(MIXED_TEXT)
+    same_mixed = llm.tokenize(MIXED_TEXT.encode("utf-8"), add_bos=False, special=False) == mixed
+    round_trip = llm.detokenize(mixed).decode("utf-8") == MIXED_TEXT
+    print(f"mixed Unicode text ({len(mixed)} ids): same ids {same_mixed}, llama.cpp decodes it back {round_trip}")
 
     llm.reset()
     llm.eval(ours_ids)
@@ -75,7 +82,7 @@ def main() -> int:
     print(f"greedy continuation, {n} tokens: {matching} identical before the first difference")
     print(f"  Mini LLM : {run.tokenizer.decode(ours)!r}")
     print(f"  llama.cpp: {llm.detokenize(theirs).decode('utf-8', errors='replace')!r}")
-    ok = their_ids == ours_ids and matching >= min(MIN_MATCHING, n)
+    ok = their_ids == ours_ids and same_mixed and round_trip and matching >= min(MIN_MATCHING, n)
     print("check-gguf:", "OK" if ok else f"FAILED (needs at least {MIN_MATCHING} identical tokens and the same ids)")
     return 0 if ok else 1
 
