@@ -225,6 +225,9 @@ def test_train_with_another_runs_tokenizer(tmp_path, tiny_run, corpus_file):
     assert main(args) == 0
     run = load_run(out)  # the tokenizer file's kind (char), not --tokenizer's
     assert run.tokenizer.kind == "char" and run.tokenizer.fingerprint() == load_run(tiny_run).tokenizer.fingerprint()
+    assert json.loads((tiny_run / "special_tokens.json").read_text(encoding="utf-8"))["source"] == "trained"
+    assert json.loads((out / "special_tokens.json").read_text(encoding="utf-8"))["source"] == str(
+        (tiny_run / "tokenizer.json").resolve())
 
 
 @pytest.mark.parametrize("content, needle", [
