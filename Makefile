@@ -1,7 +1,7 @@
 # Two commands on a fresh clone: `make demo` (train the default model and print a sample), `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench ui screenshot clean
+.PHONY: setup demo test lint bench ui screenshot check-gguf clean
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,10 @@ bench: setup
 screenshot: setup  # refresh the README's picture of the web UI (docs/ui.png) from the browser test
 	bash scripts/install_browser.sh
 	MINILLM_SCREENSHOT=docs/ui.png $(PY) -m pytest -q tests/test_ui_browser.py -k screenshot
+
+check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds llama-cpp-python: many minutes)
+	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"
+	$(PY) scripts/check_gguf.py
 
 ui: setup
 	$(PY) -m minillm ui runs/demo

@@ -3,6 +3,7 @@
     minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm generate RUN_DIR --prompt "ROMEO:"
     minillm evaluate RUN_DIR [--data FILE]
+    minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
 
 `train` has an option for every ModelConfig and TrainConfig field (generated from the dataclasses,
@@ -38,6 +39,7 @@ from minillm.config import (
     preset_configs,
 )
 from minillm.errors import MiniLLMError
+from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
 from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, MAX_PORT, MIN_PORT, check_port_number
 from minillm.version import __version__
@@ -184,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "random sample, with its 95%% confidence); 'none': all (default: the run's setting)")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    export = commands.add_parser(
+        "export", help="write a run's best model for transformers (hf), llama.cpp (gguf) or as safetensors",
+        description="Export the best model of RUN_DIR (needs the 'export' extra: pip install 'mini-llm[export]').")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS),
+                        help="; ".join(f"{f.name}: {f.description}" for f in EXPORT_FORMATS.values()))
+    export.add_argument("--out", type=Path, required=True, help="the folder (hf, safetensors) or file (gguf) to write")
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0], help="weights' precision")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    export.set_defaults(func=cmd_export)
 
     ui = commands.add_parser("ui", help="open the web UI (needs the 'ui' extra: gradio)")
     ui.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run to load at start")
@@ -337,6 +350,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     max_tokens = getattr(args, "test_tokens", "run")  # "run": the run's own --test-tokens
     metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True)
     print(f"{metrics['data']}: {describe_score(metrics)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_run(args.run_dir, args.format, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} as {args.format} ({args.dtype}) to {out}")
     return 0
 
 

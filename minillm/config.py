@@ -159,6 +159,9 @@ class TrainConfig(_JSONConfig):
     # Data
     data: str | None = option(None, "text file (or TSV/JSONL pairs); none trains on the bundled Tiny Shakespeare")
     tokenizer: str = option("char", "byte-level BPE or characters")
+    tokenizer_file: str | None = option(None, "an existing tokenizer.json to use instead of training one: a Hugging "
+                                              "Face BPE tokenizer (GPT-2's, Llama's) or another run's; the "
+                                              "vocabulary comes from it")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
     data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
@@ -218,6 +221,8 @@ class TrainConfig(_JSONConfig):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and value > 0),
                    f"{name} must be a column number from 1, got {value!r}")
+        _check(self.tokenizer_file is None or (isinstance(self.tokenizer_file, str) and bool(self.tokenizer_file)),
+               f"tokenizer_file must be the path of a tokenizer.json, got {self.tokenizer_file!r}")
         for name in ("batch_size", "max_steps", "grad_accum_steps", "eval_interval", "eval_batches",
                      "log_interval"):
             value = getattr(self, name)

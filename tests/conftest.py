@@ -35,6 +35,25 @@ def make_corpus(n_paragraphs: int = CORPUS_PARAGRAPHS, seed: int = 0) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
+def save_gpt2_style_tokenizer(path: Path, texts: list[str], vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer.json laid out like GPT-2's: no special token but <|endoftext|>, which comes
+    after every merge (GPT-2's id 50256 is its last), and GPT-2's byte-level post-processor."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(texts, trainer=trainer)
+    hf.add_special_tokens(["<|endoftext|>"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path))
+    return path
+
+
 def tiny_configs(model_type: str = "decoder_only", tokenizer: str = "char", data: str | Path | None = None,
                  **train_overrides):
     """The tiny preset's configs, for a data file."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_corpus, single_thread, tiny_configs
+from conftest import make_corpus, save_gpt2_style_tokenizer, single_thread, tiny_configs
+from tokenizers import Tokenizer as HFTokenizer
 
 import minillm.generation
 import minillm.training
@@ -474,3 +475,53 @@ def test_ui_on_a_network_address_warns_who_can_load_models(launch_without_servin
     # The default stays on this machine: no warning.
     assert main(["ui", "--port", str(port), "--runs-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ---- an existing tokenizer ----------------------------------------------------------------------------
+
+def test_train_with_a_gpt2_style_tokenizer_file_then_generate_and_evaluate(tmp_path, corpus_file, capsys):
+    path = save_gpt2_style_tokenizer(tmp_path / "gpt2" / "tokenizer.json", [corpus_file.read_text()], 400)
+    original = HFTokenizer.from_file(str(path))
+    endoftext = original.token_to_id("<|endoftext|>")
+    out = tmp_path / "run"
+    args = ["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "20", "--eval-interval", "10",
+            "--tokenizer-file", str(path)]
+    assert main(args) == 0
+    assert f"eos <|endoftext|> = {endoftext}" in capsys.readouterr().out
+    run = load_run(out)
+    assert run.tokenizer.kind == "bpe" and run.config.vocab_size == endoftext + 2  # + the added <|pad|>
+    assert (run.config.bos_id, run.config.eos_id, run.config.pad_id) == (endoftext, endoftext, endoftext + 1)
+    record = json.loads((out / "special_tokens.json").read_text(encoding="utf-8"))
+    assert record["added"] == ["<|pad|>"] and record["source"] == str(path.resolve())
+    assert record["eos"] == {"token": "<|endoftext|>", "id": endoftext}
+    assert run.tokenizer.encode("the cat sees the moon") == original.encode("the cat sees the moon").ids
+    assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
+    assert main(["evaluate", str(out)]) == 0
+
+
+def test_train_with_another_runs_tokenizer(tmp_path, tiny_run, corpus_file):
+    out = tmp_path / "run"
+    args = ["train", str(corpus_file), *TINY, "--out", str(out), "--max-steps", "2", "--eval-interval", "2",
+            "--tokenizer", "bpe", "--tokenizer-file", str(tiny_run / "tokenizer.json")]
+    assert main(args) == 0
+    run = load_run(out)  # the tokenizer file's kind (char), not --tokenizer's
+    assert run.tokenizer.kind == "char" and run.tokenizer.fingerprint() == load_run(tiny_run).tokenizer.fingerprint()
+    assert json.loads((tiny_run / "special_tokens.json").read_text(encoding="utf-8"))["source"] == "trained"
+    assert json.loads((out / "special_tokens.json").read_text(encoding="utf-8"))["source"] == str(
+        (tiny_run / "tokenizer.json").resolve())
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"model_type": "llama", "hidden_size": 64}', "is of unknown kind"),
+    ("not json", "is not valid JSON"),
+    (None, "tokenizer not found"),
+])
+def test_a_tokenizer_file_that_is_not_a_tokenizer_is_one_clear_error(tmp_path, corpus_file, capsys, content,
+                                                                      needle):
+    path = tmp_path / "config.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    code = main(["train", str(corpus_file), *TINY, "--out", str(tmp_path / "run"), "--tokenizer-file", str(path)])
+    assert_one_line_error(capsys, code, needle, str(path))
+    assert not (tmp_path / "run").exists()

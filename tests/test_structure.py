@@ -87,6 +87,29 @@ def test_model_kinds_are_never_compared_as_strings_outside_the_registry():
     assert offenders == []
 
 
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level names of the packages `path` imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_export_extra_is_imported_by_the_exporter_only_and_hf_tokenizers_by_the_bpe_module_only():
+    export_extra = {"transformers", "safetensors", "gguf"}
+    users = {name: third_party_imports(path) for name, path in package_modules().items()}
+    assert {name for name, found in users.items() if found & export_extra and not name.startswith(
+        "minillm.export")} == set()
+    # `require` imports the extra by name (importlib), so importing the exporter needs none of it:
+    code = f"import sys, minillm.export; print(sorted(m for m in {sorted(export_extra)} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert {name for name, found in users.items() if "tokenizers" in found} == {"minillm.tokenizers.bpe_tokenizer"}
+
+
 def test_tokenizer_kinds_match_the_config_choices():
     from minillm.config import TOKENIZER_TYPES
 

@@ -8,12 +8,19 @@ import pickle
 import unicodedata
 
 import pytest
-from conftest import import_dev_dependency
+from conftest import import_dev_dependency, save_gpt2_style_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.errors import MiniLLMError
-from minillm.tokenizers import BPETokenizer, CharacterTokenizer, Tokenizer, load_tokenizer
+from minillm.tokenizers import (
+    BPETokenizer,
+    CharacterTokenizer,
+    Tokenizer,
+    import_tokenizer,
+    load_tokenizer,
+    save_special_tokens,
+)
 
 # Small multilingual text: enough for a few hundred merges, and multi-byte characters of every UTF-8 length.
 TRAIN_TEXTS = [
@@ -353,15 +360,84 @@ def test_damaged_tokenizer_files_are_refused(bpe, char, tmp_path):
         load_tokenizer(path)
 
 
-def test_a_foreign_bpe_file_without_our_special_tokens_is_refused(tmp_path):
+def test_a_foreign_bpe_file_without_special_tokens_is_refused_by_load_and_completed_by_import(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models, trainers
 
     foreign = HFTokenizer(models.BPE())
     foreign.train_from_iterator(TRAIN_TEXTS, trainers.BpeTrainer(vocab_size=100, show_progress=False))
     foreign.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(MiniLLMError, match="lacks the Mini LLM special tokens"):
+    with pytest.raises(MiniLLMError, match="has no pad/bos/eos token .* --tokenizer-file"):
         load_tokenizer(tmp_path / "tokenizer.json")
+    tok, added = import_tokenizer(tmp_path / "tokenizer.json")
+    size = foreign.get_vocab_size()
+    assert added == ["<|pad|>", "<|bos|>", "<|eos|>"]
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (size, size + 1, size + 2) and tok.vocab_size == size + 3
+
+
+def test_a_gpt2_style_tokenizer_keeps_its_ids_and_gets_a_padding_token(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = save_gpt2_style_tokenizer(tmp_path / "tokenizer.json", TRAIN_TEXTS)
+    original = HFTokenizer.from_file(str(path))
+    endoftext = original.token_to_id("<|endoftext|>")
+    assert endoftext == original.get_vocab_size() - 1  # last, as in GPT-2
+    tok, added = import_tokenizer(path)
+    assert added == ["<|pad|>"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (endoftext, endoftext, endoftext + 1)
+    assert tok.encode(MULTIBYTE_TEXT) == original.encode(MULTIBYTE_TEXT).ids  # no id changed
+    assert tok.decode(tok.encode(MULTIBYTE_TEXT)) == MULTIBYTE_TEXT
+    assert tok.encode("hi", add_special_tokens=True) == [endoftext, *tok.encode("hi"), endoftext]
+    assert tok.decode([endoftext, *tok.encode("hi"), tok.pad_id]) == "hi"  # the roles are special: skipped
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    save_special_tokens(tok, run / "special_tokens.json", added, str(path))
+    loaded = load_tokenizer(run)
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id) == (tok.pad_id, tok.bos_id, tok.eos_id)
+    assert loaded.fingerprint() == tok.fingerprint() and import_tokenizer(run / "tokenizer.json")[1] == []
+    assert pickle.loads(pickle.dumps(loaded)).role_tokens() == loaded.role_tokens()
+
+
+def test_a_llama_style_tokenizer_fills_the_roles_from_its_own_tokens(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, trainers
+
+    llama = HFTokenizer(models.BPE(unk_token="<unk>"))
+    llama.train_from_iterator(TRAIN_TEXTS, trainers.BpeTrainer(vocab_size=120, show_progress=False,
+                                                               special_tokens=["<unk>", "<s>", "</s>"]))
+    llama.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(MiniLLMError, match="has no pad token"):  # Llama has none
+        load_tokenizer(tmp_path / "tokenizer.json")
+    tok, added = import_tokenizer(tmp_path / "tokenizer.json")
+    size = llama.get_vocab_size()
+    assert added == ["<|pad|>"]
+    assert tok.role_tokens() == {"pad": ("<|pad|>", size), "bos": ("<s>", 1), "eos": ("</s>", 2)}
+
+
+def test_special_tokens_recorded_beside_a_tokenizer_must_match_it(bpe, tmp_path):
+    bpe.save(tmp_path / "tokenizer.json")
+    save_special_tokens(bpe, tmp_path / "special_tokens.json", [], "trained")
+    assert load_tokenizer(tmp_path).role_tokens() == bpe.role_tokens()
+    record = json.loads((tmp_path / "special_tokens.json").read_text(encoding="utf-8"))
+    (tmp_path / "special_tokens.json").write_text(json.dumps({**record, "eos": {"token": "<|eos|>", "id": 7}}))
+    with pytest.raises(MiniLLMError, match="not in it at the recorded ids"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "special_tokens.json").write_text(json.dumps({"pad": 0}))
+    with pytest.raises(MiniLLMError, match="special_tokens.json is damaged"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"model": {"type": "WordPiece", "vocab": {"a": 0}}}, "is a Hugging Face WordPiece tokenizer"),
+    ({"model_type": "llama", "hidden_size": 4096}, "unknown kind"),
+    ([1, 2, 3], "unknown kind"),
+])
+def test_importing_a_file_that_is_not_a_bpe_tokenizer_is_one_clear_error(tmp_path, content, message):
+    (tmp_path / "config.json").write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(MiniLLMError, match=message):
+        import_tokenizer(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("bad_id", [-1, "vocab_size", "vocab_size+5"])

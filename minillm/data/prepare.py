@@ -20,7 +20,7 @@ from minillm.data.corpus import ENCODE_CHUNK_CHARS, PAIRS, describe_samples, loa
 from minillm.errors import MiniLLMError
 from minillm.files import atomic_write, read_json, write_json
 from minillm.run_folder import PAIR_SIDES, RunFolder
-from minillm.tokenizers import Tokenizer, train_tokenizer
+from minillm.tokenizers import Tokenizer, import_tokenizer, save_special_tokens, train_tokenizer
 
 INCOMPLETE_FIX = "train it again with --overwrite"
 LogFn = Callable[[str], None]
@@ -237,12 +237,33 @@ def training_texts(data: SplitData) -> Iterator[str]:
             yield sample
 
 
+@dataclass
+class ImportedTokenizer:
+    """An existing tokenizer a run uses instead of training one (TrainConfig.tokenizer_file)."""
+
+    tokenizer: Tokenizer
+    added: list[str]  # the special tokens it lacked, added after its last id
+    source: Path
+
+    @classmethod
+    def read(cls, path: str | Path) -> ImportedTokenizer:
+        tokenizer, added = import_tokenizer(path)
+        return cls(tokenizer, added, Path(path).resolve())
+
+
 def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_vocab_size: int,
-               progress_factory: Any = None) -> tuple[Tokenizer, dict[str, Any]]:
-    """Train the tokenizer on the training split, save it and the tokenized splits and split.json into
-    `folder`; returns (tokenizer, split record)."""
-    tokenizer = train_tokenizer(tokenizer_kind, training_texts(data), bpe_vocab_size)
-    tokenizer.save(RunFolder(folder).tokenizer)
+               progress_factory: Any = None,
+               imported: ImportedTokenizer | None = None) -> tuple[Tokenizer, dict[str, Any]]:
+    """Train the tokenizer on the training split (or use the `imported` one), save it, which of its tokens
+    are special, the tokenized splits and split.json into `folder`; returns (tokenizer, split record)."""
+    files = RunFolder(folder)
+    if imported is not None:
+        tokenizer, added, source = imported.tokenizer, imported.added, str(imported.source)
+    else:
+        tokenizer, added = train_tokenizer(tokenizer_kind, training_texts(data), bpe_vocab_size), []
+        source = "trained"
+    tokenizer.save(files.tokenizer)
+    save_special_tokens(tokenizer, files.special_tokens, added, source)
     spec = write_splits(folder, data.format, data.splits, tokenizer, data.record["contiguous"], progress_factory)
     if spec.tokens["train"] == 0:
         raise MiniLLMError(f"the training split of {data.path} has 0 tokens: there is nothing to train on; "

@@ -1,7 +1,10 @@
 """What every Mini LLM tokenizer offers, and the checks both kinds share.
 
-Both kinds reserve the same special tokens at the same ids, so a model config (pad_id, bos_id, eos_id)
-fits either: "<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2; the character tokenizer adds "<|unk|>"=3.
+A tokenizer trained by Mini LLM reserves the same special tokens at the same ids in both kinds, so a model
+config (pad_id, bos_id, eos_id) fits either: "<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2; the character
+tokenizer adds "<|unk|>"=3. A BPE tokenizer imported from a Hugging Face tokenizer.json (GPT-2's, Llama's)
+keeps its own ids: its special tokens fill the three roles (pad, bos, eos) by their usual spellings
+(ROLE_SPELLINGS), and the ids are read from the tokenizer, never assumed.
 Encoding ordinary text never produces a special id, even when the text spells one ("<|eos|>" is seven
 ordinary characters) unless the caller passes `allow_special=True`.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +23,16 @@ from minillm.run_folder import TOKENIZER_FILE
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in both kinds
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+ROLES = ("pad", "bos", "eos")
+# How common tokenizers spell each role, ours first; the first spelling a tokenizer has fills the role.
+# GPT-2 has one special token, <|endoftext|>, that both begins and ends a document (its own convention).
+# Padding is never the end token: the loss ignores padding targets, and the model must learn to end.
+ROLE_SPELLINGS = {
+    "pad": (PAD_TOKEN, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>"),
+    "bos": (BOS_TOKEN, "<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]", "<|endoftext|>"),
+    "eos": (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "[SEP]"),
+}
+OWN_SPELLING = {"pad": PAD_TOKEN, "bos": BOS_TOKEN, "eos": EOS_TOKEN}  # what a missing role is added as
 FINGERPRINT_CHARS = 16  # hex digits of sha256 kept: 64 bits tell a run's tokenizer from any other
 
 
@@ -96,6 +109,20 @@ class Tokenizer(ABC):
     def save(self, path: str | Path) -> None:
         """Write one JSON file (`path/tokenizer.json` if `path` is a folder), atomically."""
 
+    @abstractmethod
+    def token_text(self, token_id: int) -> str:
+        """The spelling of one token id in the vocabulary (a special token's name, e.g. "<|eos|>")."""
+
+    def role_tokens(self) -> dict[str, tuple[str, int]]:
+        """Each role ("pad", "bos", "eos") -> (the token's spelling, its id)."""
+        return {role: (self.token_text(getattr(self, f"{role}_id")), getattr(self, f"{role}_id"))
+                for role in ROLES}
+
+    @abstractmethod
+    def hugging_face_json(self) -> dict:
+        """An equivalent Hugging Face tokenizer.json (parsed), for export: same ids for every text, the
+        special tokens declared, and a post-processor that adds BOS in front as the model was trained."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -104,6 +131,26 @@ def tokenizer_file(path: str | Path) -> Path:
     """`path` itself, or `path/tokenizer.json` when `path` is a folder."""
     path = Path(path)
     return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def find_roles(token_id: Callable[[str], int | None]) -> dict[str, int | None]:
+    """Which id fills each role, by ROLE_SPELLINGS (`token_id(spelling)` is None when absent); None when
+    the tokenizer has no token for a role. Padding never shares an id with BOS or EOS."""
+    roles: dict[str, int | None] = {}
+    for role in ("bos", "eos", "pad"):
+        taken = {roles.get("bos"), roles.get("eos")} if role == "pad" else set()
+        found = (token_id(spelling) for spelling in ROLE_SPELLINGS[role])
+        roles[role] = next((i for i in found if i is not None and i not in taken), None)
+    return {role: roles[role] for role in ROLES}
+
+
+def bos_template(bos_token: str, bos_id: int) -> dict:
+    """A Hugging Face TemplateProcessing post-processor that puts BOS before the text (as training does)."""
+    bos = {"SpecialToken": {"id": bos_token, "type_id": 0}}
+    return {"type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos_token: {"id": bos_token, "ids": [bos_id], "tokens": [bos_token]}}}
 
 
 def checked_texts(texts: Iterable[str] | str, seen_text: list[bool]) -> Iterator[str]:

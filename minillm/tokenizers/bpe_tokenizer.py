@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from minillm.errors import MiniLLMError
 from minillm.files import atomic_write
@@ -27,10 +27,15 @@ from minillm.tokenizers.base import (
     BOS_TOKEN,
     EOS_ID,
     EOS_TOKEN,
+    OWN_SPELLING,
+    PAD_ID,
+    ROLES,
     SPECIAL_TOKENS,
     Tokenizer,
+    bos_template,
     checked_ids,
     checked_texts,
+    find_roles,
     require_text,
     tokenizer_file,
 )
@@ -40,11 +45,15 @@ MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE tokenizer; wraps a `tokenizers.Tokenizer`."""
+    """BPE tokenizer (byte-level when trained here); wraps a `tokenizers.Tokenizer`.
+
+    `roles` ({"pad": id, "bos": id, "eos": id}) says which ids are the special tokens; trained tokenizers
+    have ours at 0, 1, 2, imported ones keep their own ids (see `imported`).
+    """
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer: HFTokenizer):
+    def __init__(self, hf_tokenizer: HFTokenizer, roles: dict[str, int] | None = None):
         # Two copies of the same tokenizer: one reads special-token spellings as plain text (the default),
         # one as special tokens (allow_special=True). A flag flipped per call would not be thread-safe.
         json_str = hf_tokenizer.to_str()
@@ -52,14 +61,18 @@ class BPETokenizer(Tokenizer):
         self._hf.encode_special_tokens = True
         self._hf_special = HFTokenizer.from_str(json_str)
         self._hf_special.encode_special_tokens = False
-        self._vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        # Ids need not be dense in a foreign file: the model needs a row for the largest one.
+        self._vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        roles = roles or {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
+        self.pad_id, self.bos_id, self.eos_id = (int(roles[role]) for role in ROLES)
 
-    def __getstate__(self) -> dict[str, str]:
+    def __getstate__(self) -> dict[str, Any]:
         # Pickled (DataLoader workers, deepcopy) as the JSON: HF's own pickling drops encode_special_tokens.
-        return {"json": self._hf.to_str()}
+        return {"json": self._hf.to_str(), "roles": {role: token_id for role, (_, token_id) in
+                                                     self.role_tokens().items()}}
 
-    def __setstate__(self, state: dict[str, str]) -> None:
-        self.__init__(HFTokenizer.from_str(state["json"]))
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(HFTokenizer.from_str(state["json"]), state.get("roles"))
 
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
@@ -114,7 +127,7 @@ class BPETokenizer(Tokenizer):
             ids = self._backend(allow_special).encode(text, add_special_tokens=False).ids
         except TypeError:
             raise _bad_text(text) from None
-        return [BOS_ID, *ids, EOS_ID] if add_special_tokens else ids
+        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False,
                      allow_special: bool = False) -> list[list[int]]:
@@ -126,7 +139,7 @@ class BPETokenizer(Tokenizer):
         except TypeError:
             raise _bad_text(next((t for t in texts if _not_encodable(t)), texts)) from None
         if add_special_tokens:
-            return [[BOS_ID, *e.ids, EOS_ID] for e in encodings]
+            return [[self.bos_id, *e.ids, self.eos_id] for e in encodings]
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
@@ -147,6 +160,16 @@ class BPETokenizer(Tokenizer):
         """An incremental decoder that never returns part of a UTF-8 character."""
         return _BPEDecodeStream(self, skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        [token_id] = checked_ids([token_id], self._vocab_size)
+        return self._hf.id_to_token(token_id)
+
+    def hugging_face_json(self) -> dict:
+        """The tokenizer.json itself (its special tokens are declared), with BOS added in front."""
+        raw = json.loads(self._hf.to_str())
+        raw["post_processor"] = bos_template(self.token_text(self.bos_id), self.bos_id)
+        return raw
+
     def canonical_form(self) -> str:
         """The Hugging Face JSON of the tokenizer (deterministic: written by the Rust library)."""
         return self._hf.to_str(pretty=False)
@@ -157,20 +180,59 @@ class BPETokenizer(Tokenizer):
         atomic_write(tokenizer_file(path), lambda f: f.write(json_str + "\n"), mode="w")
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], path: Path) -> BPETokenizer:
-        """Build from a parsed Hugging Face tokenizer.json, checking it has our special tokens."""
-        try:
-            hf = HFTokenizer.from_str(json.dumps(raw))
-        except Exception as e:  # the Rust library raises a bare Exception for malformed files
-            message = f"tokenizer {path} is a broken BPE tokenizer.json ({str(e)[:200]}); retrain it"
-            raise MiniLLMError(message) from None
-        wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if hf.token_to_id(t) != i]
-        if wrong:
+    def from_json(cls, raw: dict[str, Any], path: Path,
+                  recorded: dict[str, tuple[str, int]] | None = None) -> BPETokenizer:
+        """Build from a parsed Hugging Face tokenizer.json, as it is (no token added, no id changed).
+
+        `recorded` (role -> (spelling, id), from the run's special_tokens.json) says which tokens are
+        pad/bos/eos; without it they are found by their usual spellings, and a tokenizer lacking one is refused.
+        """
+        hf = _parse(raw, path)
+        if recorded is not None:
+            wrong = [role for role, (token, token_id) in recorded.items() if hf.token_to_id(token) != token_id]
+            if wrong:
+                raise MiniLLMError(f"the special tokens recorded beside {path} ({', '.join(wrong)}) are not in it at "
+                                   "the recorded ids; keep the run's tokenizer.json and special_tokens.json together")
+            return cls(hf, {role: token_id for role, (_, token_id) in recorded.items()})
+        roles = find_roles(hf.token_to_id)
+        missing = [role for role, token_id in roles.items() if token_id is None]
+        if missing:
             raise MiniLLMError(
-                f"tokenizer {path} lacks the Mini LLM special tokens {wrong} at ids 0-2; "
-                "use a tokenizer.json trained by minillm"
+                f"tokenizer {path} has no {'/'.join(missing)} token that Mini LLM recognises; train with "
+                f"`minillm train DATA --tokenizer-file {path}`, which adds the missing ones to the run's copy"
             )
-        return cls(hf)
+        return cls(hf, roles)
+
+    @classmethod
+    def imported(cls, raw: dict[str, Any], path: Path) -> tuple[BPETokenizer, list[str]]:
+        """A foreign Hugging Face tokenizer.json for a new run: its special tokens fill the roles, and a
+        role it has no token for gets ours, added after its last id (no existing id changes).
+
+        Returns (tokenizer, the spellings that were added).
+        """
+        hf = _parse(raw, path)
+        roles = find_roles(hf.token_to_id)
+        added = []
+        for role in ROLES:
+            if roles[role] is None:
+                token = OWN_SPELLING[role]
+                if hf.token_to_id(token) is not None:  # (ours, but already taken by another role)
+                    raise MiniLLMError(f"tokenizer {path} uses {token} for another role; pick another tokenizer")
+                added.append(token)
+            else:
+                token = hf.id_to_token(roles[role])
+            # Declared special (an existing token keeps its id): decoding skips it, as our own do.
+            hf.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+            roles[role] = hf.token_to_id(token)
+        return cls(hf, roles), added
+
+
+def _parse(raw: dict[str, Any], path: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_str(json.dumps(raw))
+    except Exception as e:  # the Rust library raises a bare Exception for malformed files
+        message = f"tokenizer {path} is a broken BPE tokenizer.json ({str(e)[:200]}); retrain it"
+        raise MiniLLMError(message) from None
 
 
 class _BPEDecodeStream:

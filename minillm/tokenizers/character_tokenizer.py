@@ -17,9 +17,11 @@ from minillm.files import write_json
 from minillm.tokenizers.base import (
     BOS_ID,
     EOS_ID,
+    ROLES,
     SPECIAL_TOKENS,
     UNK_TOKEN,
     Tokenizer,
+    bos_template,
     checked_ids,
     checked_texts,
     require_text,
@@ -101,6 +103,30 @@ class CharacterTokenizer(Tokenizer):
         """An incremental decoder; every id is a whole character, so only skipped specials give None."""
         return _CharDecodeStream(self, skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        [token_id] = checked_ids([token_id], self.vocab_size)
+        specials = len(CHAR_SPECIAL_TOKENS)
+        return CHAR_SPECIAL_TOKENS[token_id] if token_id < specials else self.alphabet[token_id - specials]
+
+    def hugging_face_json(self) -> dict:
+        """The same mapping as a Hugging Face tokenizer.json: every character its own token (a Split
+        pre-tokenizer on any one code point), a WordLevel vocabulary whose unknown token decodes as U+FFFD."""
+        vocab = {token: i for i, token in enumerate(CHAR_SPECIAL_TOKENS)}
+        vocab.update({c: i + len(CHAR_SPECIAL_TOKENS) for i, c in enumerate(self.alphabet)})
+        # pad/bos/eos are special (skipped by decode(skip_special_tokens=True)); <|unk|> stays an ordinary
+        # entry so that decoding never drops it: the Replace decoder turns it into U+FFFD, as ours does.
+        added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)]
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
+                              "invert": False},
+            "post_processor": bos_template(SPECIAL_TOKENS[BOS_ID], BOS_ID),
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": UNK_TOKEN}, "content": UNKNOWN_TEXT}, {"type": "Fuse"}]},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK_TOKEN},
+        }
+
     def canonical_form(self) -> str:
         return "\n".join([*CHAR_SPECIAL_TOKENS, self.alphabet])
 
@@ -115,8 +141,13 @@ class CharacterTokenizer(Tokenizer):
         })
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any], path: Path) -> CharacterTokenizer:
-        """Build from a parsed tokenizer.json written by `save`, checking it is consistent."""
+    def from_json(cls, raw: dict[str, Any], path: Path,
+                  recorded: dict[str, tuple[str, int]] | None = None) -> CharacterTokenizer:
+        """Build from a parsed tokenizer.json written by `save`, checking it is consistent (and that the
+        special tokens `recorded` beside it, if any, are its own: their ids are fixed in this kind)."""
+        if recorded is not None and recorded != {role: (SPECIAL_TOKENS[i], i) for i, role in enumerate(ROLES)}:
+            raise MiniLLMError(f"the special tokens recorded beside {path} do not match it; keep the run's "
+                               "tokenizer.json and special_tokens.json together")
         if raw.get("version") != FILE_VERSION:
             raise MiniLLMError(
                 f"tokenizer {path} has version {raw.get('version')!r}, "

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import check_compatible, write_train_config
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.prepare import read_data, read_split_record, write_data
+from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
@@ -44,7 +44,8 @@ def with_tokenizer(model_config: ModelConfig, tokenizer: Tokenizer) -> ModelConf
 def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *, overwrite: bool = False,
           progress: bool = True, log: LogFn = default_log, on_metrics: MetricsCallback | None = None,
           should_stop: StopHook | None = None) -> TrainResult:
-    """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here).
+    """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here, or from
+    config.tokenizer_file).
 
     Everything that can be checked is checked before the folder is touched (model kind, device, data).
     The new run is prepared beside the old one (in a staging folder) and swapped in only once its data
@@ -55,17 +56,26 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     folder = RunFolder(run_dir)
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
     device = distributed.setup(pick_device(config.device))
+    imported = None
+    if config.tokenizer_file:  # its kind, not --tokenizer's, is the run's
+        imported = ImportedTokenizer.read(config.tokenizer_file)
+        config = config.replace(tokenizer=imported.tokenizer.kind)
+        log(f"tokenizer: {imported.source} ({imported.tokenizer.kind}, {imported.tokenizer.vocab_size:,} ids; "
+            + ", ".join(f"{role} {token} = {i}" for role, (token, i) in imported.tokenizer.role_tokens().items())
+            + (f"; added {', '.join(imported.added)}" if imported.added else "") + ")")
     with contextlib.ExitStack() as held:
         def prepare() -> tuple[dict[str, Any], dict[str, Any]]:
             folder.check_new_run(overwrite)
             data = read_data(config, is_encoder_decoder(model_config), log)
-            vocab = TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size)
+            vocab = (imported.tokenizer.vocab_size if imported else
+                     TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size))
             check_memory(model_config, config, device, vocab)  # before anything is written or allocated
             held.enter_context(folder.lock())
             folder.check_new_run(overwrite)  # again, now that no other training can start here
             with folder.staging() as staged:
                 bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress else None
-                tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar)
+                tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar,
+                                                     imported)
                 trained_config = with_tokenizer(model_config, tokenizer)
                 write_train_config(staged, trained_config, config)
                 replaced = folder.replace_with(staged)

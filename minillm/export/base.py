@@ -1,0 +1,59 @@
+"""What every export format is: the ExportFormat record, and the import of the optional `export` extra."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from minillm.checkpoint import Run
+from minillm.errors import MiniLLMError
+from minillm.models import is_encoder_decoder
+
+EXPORT_DTYPES = ("float32", "float16")
+EXTRA_HINT = "pip install 'mini-llm[export]'"
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format: how it writes a run, and what it refuses."""
+
+    name: str
+    description: str
+    write: Callable[[Run, Path, str], None]  # (run, out, dtype): writes `out` (a folder or a file)
+    refusal: Callable[[Run], str | None]  # why this run cannot be exported so (None: it can)
+    folder: bool  # True: `out` is a folder of files; False: one file
+    file_names: tuple[str, ...] = ()  # the files a folder format writes (an --overwrite replaces only these)
+    file_magic: bytes = b""  # how a one-file format's file begins (an --overwrite replaces only such a file)
+
+
+def require(*modules: str) -> list[ModuleType]:
+    """Import the export extra's modules, or say in one line what to install."""
+    found, missing = [], []
+    for name in modules:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MiniLLMError(f"exporting needs {' and '.join(missing)}, which are not installed: {EXTRA_HINT}")
+    return found
+
+
+
+
+def not_decoder_only(run: Run) -> str | None:
+    """The refusal of formats that only describe a decoder-only (Llama) model."""
+    if is_encoder_decoder(run.config):
+        return ("it is an encoder-decoder, and neither transformers nor llama.cpp has a standard architecture "
+                "that computes the same model (ours: Llama blocks with rotary self-attention and cross-attention; "
+                "T5 and BART differ in positions, norms and feed-forward); export it with --format safetensors")
+    return None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16}[name]

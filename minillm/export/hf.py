@@ -1,0 +1,103 @@
+"""Export a decoder-only run as a Hugging Face Llama model folder: `AutoModelForCausalLM.from_pretrained(DIR)`
+and `AutoTokenizer.from_pretrained(DIR)` load it with no custom code.
+
+    DIR/config.json             LlamaConfig (sizes, RoPE theta, RMSNorm eps, vocabulary, tying, special ids)
+    DIR/model.safetensors       the weights, named as in LlamaForCausalLM
+    DIR/generation_config.json  Mini LLM's sampling defaults
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds)
+    DIR/README.md               the model card
+
+Our layers already have Llama's names, shapes and RoPE layout (rotate-half), so the weights are copied as
+they are: `model.` in front of every name but the LM head, which is left out when it is the embedding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minillm.checkpoint import Run
+from minillm.export.base import ExportFormat, not_decoder_only, require, torch_dtype
+from minillm.export.card import model_card
+from minillm.files import atomic_write, write_json
+from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
+from minillm.models.llama import split_fused
+
+HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "README.md")
+
+USAGE = """
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForCausalLM.from_pretrained("{out}")
+inputs = tokenizer("ROMEO:", return_tensors="pt")  # BOS first, as in training
+output = model.generate(**inputs, max_new_tokens=100)  # sampling settings from generation_config.json
+print(tokenizer.decode(output[0], skip_special_tokens=True))
+```
+"""
+
+
+def llama_state_dict(run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights under LlamaForCausalLM's names, as contiguous `dtype` tensors on the CPU."""
+    state = {}
+    for name, tensor in split_fused(run.model.state_dict()).items():  # Llama's separate q, k, v, gate, up
+        if name == "lm_head.weight" and run.config.tie_embeddings:
+            continue  # it is model.embed_tokens.weight; transformers ties it again (tie_word_embeddings)
+        hf_name = name if name == "lm_head.weight" else f"model.{name}"
+        state[hf_name] = tensor.detach().to("cpu", dtype).contiguous()
+    return state
+
+
+def llama_config(run: Run, dtype: str) -> dict:
+    """config.json for LlamaForCausalLM, readable by transformers 4.x (rope_theta, torch_dtype) and 5.x."""
+    (transformers,) = require("transformers")
+    c = run.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id,
+        architectures=["LlamaForCausalLM"]).to_dict()
+    return {**config, "rope_theta": c.rope_theta, "torch_dtype": dtype, "dtype": dtype}
+
+
+def generation_config(run: Run) -> dict:
+    """generation_config.json: the sampling defaults of `minillm generate` and the UI."""
+    c = run.config
+    return {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
+            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+            "pad_token_id": c.pad_id}
+
+
+def write_tokenizer(run: Run, out: Path) -> None:
+    """tokenizer.json (the tokenizer's Hugging Face form), tokenizer_config.json and special_tokens_map.json."""
+    tokenizer = run.tokenizer
+    special = {f"{role}_token": token for role, (token, _) in tokenizer.role_tokens().items()}
+    write_json(out / "tokenizer.json", tokenizer.hugging_face_json())
+    write_json(out / "special_tokens_map.json", special)
+    # clean_up_tokenization_spaces would delete the space before punctuation: decoding must give the text.
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False,
+        "model_max_length": run.config.max_seq_len})
+
+
+def write_hf(run: Run, out: Path, dtype: str) -> None:
+    """Write the Hugging Face folder `out` (see the module docstring for its files)."""
+    (safetensors_torch,) = require("safetensors.torch")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", llama_config(run, dtype))
+    weights = llama_state_dict(run, torch_dtype(dtype))
+    safetensors_torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_json(out / "generation_config.json", generation_config(run))
+    write_tokenizer(run, out)
+    card = model_card(run, USAGE.format(out=out.name))
+    atomic_write(out / "README.md", lambda f: f.write(card), mode="w")
+
+
+HF_FORMAT = ExportFormat(
+    name="hf", description="a Hugging Face transformers folder (Llama architecture, safetensors)",
+    write=write_hf, refusal=not_decoder_only, folder=True, file_names=HF_FILES)
