@@ -20,6 +20,7 @@ from minillm.models import (
     pick_device,
 )
 from minillm.models.decoding import CONTEXT_KEEP_FRACTION
+from minillm.models.layers import RMSNorm
 from minillm.models.llama import fuse_split, split_fused
 from minillm.sampling import MAX_NEW_TOKENS
 
@@ -447,3 +448,20 @@ def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
     ids = random_ids(2, 12)
     with torch.no_grad():
         torch.testing.assert_close(hf_model(ids).logits, model(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_the_cpu_training_rms_norm_matches_torch_forward_and_backward():
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    norm(x).backward(grad)  # the hand-written backward
+    ours_x, ours_w = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    F.rms_norm(x, (48,), norm.weight, 1e-5).backward(grad)
+    torch.testing.assert_close(ours_x, x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_w, norm.weight.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), F.rms_norm(x, (48,), norm.weight, 1e-5))
