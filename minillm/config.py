@@ -281,8 +281,10 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         "a larger model for one GPU (nanoGPT's Shakespeare configuration, Llama-style)",
         model=dict(d_model=384, n_layers=6, n_heads=6, max_seq_len=256, dropout=0.2),
+        # On Tiny Shakespeare 5,000 steps are about 81 epochs and the best model came at step 1,500 (measured
+        # on an H200): early stopping ends such a run about 1,000 steps after its best instead of 3,500.
         train=dict(batch_size=64, max_steps=5000, warmup_steps=100, eval_interval=250, eval_batches=50,
-                   learning_rate=1e-3, min_lr=1e-4),
+                   learning_rate=1e-3, min_lr=1e-4, patience=4),
     ),
 }
 DEFAULT_PRESET = "cpu"

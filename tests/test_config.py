@@ -115,3 +115,12 @@ def test_the_ranges_are_in_the_help():
 
     assert field_help(TrainConfig, "batch_size").endswith("[1..1,000,000]")
     assert field_help(ModelConfig, "dropout").endswith("[0..0.99]")
+
+
+def test_the_gpu_preset_stops_early_and_the_plan_says_so():
+    from minillm.training.plan import RunPlan
+
+    model, config = preset_configs("gpu")
+    assert config.patience is not None
+    plan = RunPlan(model.replace(vocab_size=65), config, 10_000_000, 1_000_000, 64 * 256, config.max_steps, "cuda")
+    assert any("early stopping after 4 evaluations (1,000 steps)" in line for line in plan.lines())

@@ -47,6 +47,9 @@ class RunPlan:
         shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
         total, epochs = self.max_steps * self.tokens_per_step, self.epochs
         budget = f", or {c.max_time:g} s, whichever comes first" if c.max_time else ""
+        if c.patience is not None:
+            budget += (f"; early stopping after {c.patience} evaluations ({c.patience * c.eval_interval:,} steps) "
+                       "without a better validation loss")
         lines = [
             f"model: {mc.model_type}, {self.parameters / 1e6:.2f}M parameters ({shape}), vocab {mc.vocab_size}, "
             f"device {self.device}",
