@@ -49,18 +49,22 @@ def main() -> None:
     parser.add_argument("--threads-per-process", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu (Gloo), or cuda (NCCL, one GPU per process)")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_process)}
+    threads = args.threads_per_process
+    # (processes, threads each): the same cores used by 1 process, by 2, and by 1 process with all the threads
+    setups = [(1, threads), (2, threads), (1, 2 * threads)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="minillm-bench-ddp-") as tmp:
-        for processes in (1, 2):
-            out = Path(tmp) / f"p{processes}"
+        for processes, each in setups:
+            out = Path(tmp) / f"p{processes}t{each}"
+            env = {**os.environ, "OMP_NUM_THREADS": str(each)}
             subprocess.run(train_command(processes, args.steps, out, args.device), cwd=REPO, env=env, check=True,
                            stdout=subprocess.DEVNULL)
-            results[processes] = tokens_per_second(out)
+            results[processes, each] = tokens_per_second(out)
+    base = results[setups[0]]
     print("| processes | threads each | global batch | tokens/s (median) | vs 1 process |")
     print("| --- | --- | --- | --- | --- |")
-    for processes, rate in results.items():
-        print(f"| {processes} | {args.threads_per_process} | 32 x 128 | {rate:,.0f} | {rate / results[1]:.2f}x |")
+    for (processes, each), rate in results.items():
+        print(f"| {processes} | {each} | 32 x 128 | {rate:,.0f} | {rate / base:.2f}x |")
 
 
 if __name__ == "__main__":
