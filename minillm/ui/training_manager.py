@@ -125,16 +125,17 @@ class TrainingJob:
     def _run(self) -> None:
         try:
             result = self._work(self)
+            test = result.test_metrics or {}
+            summary = {"stop_reason": result.stop_reason, "steps": result.steps, "best_step": result.best_step,
+                       "best_val_loss": result.best_val_loss,
+                       **{k: test.get(k) for k in ("loss", "perplexity", "bits_per_byte")}}
         except BaseException as e:  # whatever it is, the page shows it and the server goes on
             with self._lock:
                 self._status.state, self._status.error = FAILED, _failure(e)
             return
-        test = result.test_metrics or {}
         with self._lock:
             self._status.state = STOPPED if result.stop_reason == "stopped" else FINISHED
-            self._status.result = {"stop_reason": result.stop_reason, "steps": result.steps,
-                                   "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                                   **{k: test.get(k) for k in ("loss", "perplexity", "bits_per_byte")}}
+            self._status.result = summary
 
 
 def _failure(error: BaseException) -> str:
