@@ -76,12 +76,14 @@ CSS = """
 #train_error { border: 1px solid var(--error-border-color, #ef4444); border-radius: 8px; padding: 4px 12px;
                background: var(--error-background-fill, #fef2f2); }
 #train_warning { border: 1px solid #f59e0b; border-radius: 8px; padding: 4px 12px; background: #fffbeb; }
-#train_plan pre { white-space: pre-wrap; font-size: 0.85em; }
+#train_plan pre, #train_plan code { white-space: pre-wrap !important; font-size: 0.85em; }
 """
 
 
-def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> gr.Blocks:
-    """The page. With `run_dir` the paths are pre-filled and that run loads when the page opens."""
+def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
+               trainings: TrainingManager | None = None) -> gr.Blocks:
+    """The page. With `run_dir` the paths are pre-filled and that run loads when the page opens.
+    `trainings`: the server's training manager (a new one by default)."""
     runs_dir = str(runs_dir)
     run_dir = str(run_dir) if run_dir else None
     model_path = tokenizer_path = model_type = tokenizer_type = ""
@@ -94,7 +96,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
 
     with gr.Blocks(title=TITLE) as demo:
         runs = RunCache(MAX_LOADED_RUNS)  # the models, shared by the tabs that load the same files
-        trainings = TrainingManager()  # one training at a time on this server, seen by every tab
+        trainings = trainings or TrainingManager()  # one training at a time on this server, seen by every tab
         session = gr.State(Session(runs))
         runs_folder = gr.State(runs_dir)
         gr.Markdown(f"# {TITLE}\nTrain a model on your text, or load a trained run, and generate text from it.")
@@ -220,7 +222,8 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
     warning = network_warning(host)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    demo = build_demo(run_dir, runs_dir)
+    trainings = TrainingManager()
+    demo = build_demo(run_dir, runs_dir, trainings)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
     try:
@@ -231,4 +234,7 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
         raise MiniLLMError(f"cannot serve on {host}:{port} ({reason}); choose another port with --port") from None
     if not share:  # Gradio's own banner would suggest share=True; say where it is and how to stop it instead
         print(f"Mini LLM UI on http://{host}:{port} (Ctrl+C to stop)", flush=True)
-    demo.block_thread()
+    demo.block_thread()  # until Ctrl+C
+    if trainings.stop():  # a training still running is saved, to be resumed, rather than cut off
+        print("stopping the training: it evaluates and saves (Ctrl+C again to quit at once)", flush=True)
+        trainings.wait()

@@ -32,7 +32,7 @@ LABELS = {"train_d_model": "Width (d_model)", "train_n_layers": "Layers", "train
           "train_context": "Context length (tokens)", "train_dropout": "Dropout",
           "train_vocab_size": "BPE vocabulary size", "train_batch_size": "Batch size",
           "train_learning_rate": "Learning rate", "train_max_steps": "Max steps",
-          "train_max_time": "Time budget (seconds; blank = none)"}
+          "train_max_time": "Time budget (s)"}
 FLOAT_FIELDS = ("train_dropout", "train_learning_rate")
 
 
@@ -63,7 +63,7 @@ def build_train_tab(manager: TrainingManager, session: gr.State, runs_folder: gr
             with gr.Row():
                 c.train_max_steps = _number("train_max_steps", values["train_max_steps"])
                 c.train_max_time = gr.Textbox(values["train_max_time"], label=LABELS["train_max_time"],
-                                              elem_id="train_max_time", max_lines=1)
+                                              elem_id="train_max_time", max_lines=1, placeholder="blank = none")
                 c.train_out = gr.Textbox("", label="Run folder name", elem_id="train_out", max_lines=1,
                                          placeholder="blank = DATA-MODEL-TOKENIZER")
             c.train_plan = gr.Markdown(elem_id="train_plan")
@@ -78,6 +78,8 @@ def build_train_tab(manager: TrainingManager, session: gr.State, runs_folder: gr
             c.train_status = gr.Markdown(status_markdown(None), elem_id="train_status")
             c.train_plot = gr.LinePlot(curve_frame(None), x="step", y="loss", color="curve", elem_id="train_plot",
                                        label="Loss curve", x_title="step", y_title="loss (nats per token)",
+                                       color_map={"train": "#1f77b4", "validation": "#ff7f0e"},
+                                       colors_in_legend=["train", "validation"],
                                        caption="no points yet", height=320)
             c.train_load = gr.Button("Load this run in the Generate tab", elem_id="train_load", visible=False)
     c.seen = gr.State(None)
