@@ -162,3 +162,24 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tmp_path):
 def test_resume_without_a_checkpoint_says_so(corpus_file, tmp_path):
     error, _ = training.resume_training(TrainingManager(), Session(), str(tmp_path), *form(corpus_file))
     assert "nothing to resume" in shown(error)
+
+
+def test_a_loaded_run_shows_its_test_metrics_and_loss_curve(tiny_run):
+    from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE
+    from minillm.ui import loading
+
+    info = loading.load_model(Session(), str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))[0]
+    assert "| Test loss |" in info and "bits per byte" in info
+    curve = loading.run_curve(str(tiny_run / BEST_MODEL_FILE))
+    assert curve["visible"] is True and curve["value"] == str(RunFolder(tiny_run).loss_curve)
+    assert loading.run_curve("/no/such/best_model.pt")["visible"] == loading.HIDDEN
+
+
+def test_the_plan_leaves_the_random_generators_alone(corpus_file):
+    """A training may be running in another thread: timing the steps must not draw from its generators."""
+    import torch
+
+    model, config = training.form_configs(*form(corpus_file, d_model=48, n_heads=4)[:-1])
+    before = torch.get_rng_state()
+    preview = preview_run(model, config)
+    assert torch.equal(before, torch.get_rng_state()) and preview.seconds_per_step > 0

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.batches import LMBatches
 from minillm.data.corpus import PAIRS
-from minillm.data.prepare import SplitData, read_data
+from minillm.data.prepare import SplitData, bundled_data_path, read_data
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.tokenizers import train_tokenizer
 from minillm.training.memory import check_memory
@@ -35,6 +36,13 @@ TIMED_STEPS = 3  # timed after one untimed warm-up step; the fastest counts (the
 MAX_TIMED_FLOPS = 2e10
 EVAL_COST = 1 / 3  # an evaluation batch (forward only) costs about a third of a training step
 
+# What a plan reads of a data file is kept for the next plan of the same file and settings (the form
+# asks for a plan at every change): at most this many files' worth.
+MAX_KEPT_READS = 2
+DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "source_column", "target_column",
+               "split_mode", "separator", "val_fraction", "test_fraction", "seed")
+_reads: dict[str, tuple] = {}
+_read_lock = threading.Lock()
 _step_times: dict[str, float] = {}  # measured seconds per step, by shape and device
 _step_times_lock = threading.Lock()
 
@@ -79,13 +87,7 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
     """The plan of a training of these configs, without writing anything (see the module's docstring)."""
     model_class(model_config.model_type)
     device = pick_device(config.device)
-    notes: list[str] = []
-    data = read_data(config, is_encoder_decoder(model_config), notes.append)
-    sample = _sample_texts(data)
-    tokenizer = train_tokenizer(config.tokenizer, sample, config.bpe_vocab_size)
-    sample_chars = sum(len(text) for text in sample)
-    per_char = sum(len(ids) for ids in tokenizer.encode_batch(sample)) / max(1, sample_chars)
-    whole = sample_chars >= _training_chars(data)
+    notes, data, tokenizer, per_char, sample_chars, whole = _read_tokens(config, is_encoder_decoder(model_config))
     model_config = with_tokenizer(model_config, tokenizer)  # (the vocabulary of the sample's tokenizer)
     check_memory(model_config, config, device)
     with torch.device("meta"):
@@ -107,6 +109,34 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
                    planned_steps(config, counts["train"], tokens_per_step), str(device), 1, data_lines)
     seconds, timed_rows = step_seconds(model_config, config, device, seq_len, parameters)
     return RunPreview(plan, seconds, timed_rows)
+
+
+def _read_tokens(config: TrainConfig, keep_pairs: bool) -> tuple:
+    """(notes, data, tokenizer, tokens per character, sample characters, whether the sample is all of it):
+    the data read and split, and a tokenizer trained on its sample; kept for the same file and settings."""
+    path = Path(config.data) if config.data else bundled_data_path()
+    try:
+        stat = path.stat()
+        key = json.dumps([str(path.resolve()), stat.st_mtime_ns, stat.st_size, keep_pairs,
+                          {k: v for k, v in config.to_dict().items() if k in DATA_FIELDS}])
+    except OSError:
+        key = None  # (read_data says what is wrong with it)
+    with _read_lock:
+        if key is not None and key in _reads:
+            return _reads[key]
+    notes: list[str] = []
+    data = read_data(config, keep_pairs, notes.append)
+    sample = _sample_texts(data)
+    tokenizer = train_tokenizer(config.tokenizer, sample, config.bpe_vocab_size)
+    sample_chars = sum(len(text) for text in sample)
+    per_char = sum(len(ids) for ids in tokenizer.encode_batch(sample)) / max(1, sample_chars)
+    found = (tuple(notes), data, tokenizer, per_char, sample_chars, sample_chars >= _training_chars(data))
+    with _read_lock:
+        if key is not None:
+            _reads[key] = found
+            while len(_reads) > MAX_KEPT_READS:
+                del _reads[next(iter(_reads))]  # the oldest
+    return found
 
 
 def _sample_texts(data: SplitData) -> list[str]:

@@ -39,6 +39,7 @@ from minillm.ui.generating import (
     stop,
 )
 from minillm.ui.loading import (
+    HIDDEN,
     LOAD_LABEL,
     LOADING_LABEL,
     PROMPT_LABEL,
@@ -125,7 +126,7 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                                                     elem_id="tokenizer_path", max_lines=1)
                     load_button = gr.Button(LOAD_LABEL, variant="primary", elem_id="load_button")
                     model_info = gr.Markdown("No model loaded yet.", elem_id="model_info")
-                    curve = gr.Image(label="Loss curve of the run", elem_id="run_curve", visible=False,
+                    curve = gr.Image(label="Loss curve of the run", elem_id="run_curve", visible=HIDDEN,
                                      interactive=False, buttons=[])
                 with gr.Column(scale=3, min_width=400):
                     gr.Markdown("## Generate")

@@ -25,6 +25,8 @@ SOURCE_LABEL = "Source (the input: the text the model transforms)"
 SOURCE_PLACEHOLDER = "The text to generate from"
 TARGET_PREFIX_LABEL = "Target prefix (optional: the start of the output)"
 TARGET_PREFIX_PLACEHOLDER = "Leave blank to let the model write the whole output"
+# Hidden but kept in the page: showing a component that was visible=False re-creates its neighbours.
+HIDDEN = "hidden"
 
 
 def run_choices(runs_dir: str | Path, extra: str | None = None) -> list[str]:
@@ -127,9 +129,9 @@ def run_curve(model_path: str):
     try:
         model, _ = _resolve_paths(model_path, "")
     except MiniLLMError:
-        return gr.update(value=None, visible=False)
+        return gr.update(value=None, visible=HIDDEN)
     curve = RunFolder(model.parent).loss_curve
-    return gr.update(value=str(curve), visible=True) if curve.is_file() else gr.update(value=None, visible=False)
+    return gr.update(value=str(curve), visible=True) if curve.is_file() else gr.update(value=None, visible=HIDDEN)
 
 
 def _generation_fields(encoder_decoder: bool):
