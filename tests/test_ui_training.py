@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from minillm.errors import MiniLLMError
-from minillm.run_folder import RunFolder
+from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.training import train
 from minillm.training.preview import preview_run
 from minillm.ui import app, training
@@ -97,6 +97,7 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     def work(job):  # a training that runs until released
         job.on_metrics({"kind": "train", "step": 5, "train_loss": 3.0, "lr": 1e-3, "tokens_per_s": 100.0,
                         "elapsed": 1.0})
+        job.log("warning: overfitting: validation loss rose for 3 evaluations")
         release.wait(WAIT_S)
         raise MiniLLMError("the data went away")
 
@@ -111,6 +112,7 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     assert "**Training**" in outputs[0] and "5 / 100" in outputs[0]
     assert outputs[1]["caption"] == "1 train and 0 validation points"
     assert outputs[5]["interactive"] and not outputs[4]["interactive"]  # Stop on, Start off
+    assert "overfitting: validation loss rose" in shown(outputs[3])  # the trainer's warning, in the page
     # Nothing changed: the next tick sends nothing.
     assert all(update == {"__type__": "update"} for update in training.poll(manager, outputs[-1], str(tmp_path),
                                                                              None)[:-1])
@@ -123,7 +125,7 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     assert finish(manager).run_dir == tmp_path / "b"
 
 
-def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tmp_path):
+def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_path):
     manager, session = TrainingManager(), Session()
     values = form(corpus_file, max_steps=5000)
     error, status = training.start_training(manager, session, str(tmp_path), *values)
@@ -134,6 +136,11 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tmp_path):
             break
         job.thread.join(0.1)
     assert manager.status().state == RUNNING
+    # Another tab generates meanwhile: the training holds no lock the generation needs.
+    other = Session()
+    app.load_model(other, str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))
+    *_, (output, stats, error, _) = list(app.generate(other, "the", "", 10, 1.0, 0, 1.0, 1.0, 1))
+    assert "Generated" in stats and not shown(error)
     assert "stopping" in training.stop_training(manager)
     status = finish(manager)
     folder = RunFolder(tmp_path / "run")
@@ -165,7 +172,6 @@ def test_resume_without_a_checkpoint_says_so(corpus_file, tmp_path):
 
 
 def test_a_loaded_run_shows_its_test_metrics_and_loss_curve(tiny_run):
-    from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE
     from minillm.ui import loading
 
     info = loading.load_model(Session(), str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))[0]
