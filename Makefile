@@ -23,9 +23,10 @@ bench: setup
 	$(PY) bench/train_shakespeare.py
 	$(PY) bench/distributed.py
 
-screenshot: setup  # refresh the README's picture of the web UI (docs/ui.png) from the browser test
+screenshot: setup  # refresh the README's pictures of the web UI (docs/ui.png, docs/ui_train.png) from the browser tests
 	bash scripts/install_browser.sh
 	MINILLM_SCREENSHOT=docs/ui.png $(PY) -m pytest -q tests/test_ui_browser.py -k screenshot
+	MINILLM_TRAIN_SCREENSHOT=docs/ui_train.png $(PY) -m pytest -q tests/test_ui_train_browser.py -k stop
 
 check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds llama-cpp-python: many minutes)
 	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"

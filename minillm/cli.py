@@ -41,6 +41,7 @@ from minillm.config import (
 from minillm.errors import MiniLLMError
 from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
+from minillm.run_folder import default_run_name
 from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, MAX_PORT, MIN_PORT, check_port_number
 from minillm.version import __version__
 
@@ -220,8 +221,7 @@ def _overrides(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
 
 
 def default_run_dir(data: str | None, model_type: str, tokenizer: str) -> Path:
-    stem = Path(data).stem if data else "tinyshakespeare"
-    return Path(DEFAULT_RUNS_DIR) / f"{stem}-{model_type}-{tokenizer}"
+    return Path(DEFAULT_RUNS_DIR) / default_run_name(data, model_type, tokenizer)
 
 
 @contextlib.contextmanager

@@ -224,6 +224,12 @@ class RunFolder:
         return replaced
 
 
+def default_run_name(data: str | Path | None, model_type: str, tokenizer: str) -> str:
+    """The folder name of a run when none is given: DATA-MODEL-TOKENIZER (the CLI's and the UI's)."""
+    stem = Path(data).stem if data else "tinyshakespeare"
+    return f"{stem}-{model_type}-{tokenizer}"
+
+
 def find_runs(runs_dir: str | Path) -> list[Path]:
     """Run folders (holding a best model) directly under `runs_dir`, newest first."""
     runs_dir = Path(runs_dir)

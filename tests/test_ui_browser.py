@@ -242,12 +242,13 @@ def test_load_generate_matches_cli_and_screenshot(page, run_dir, tmp_path):
     field(page, "tokenizer_path").fill(str(run_dir / TOKENIZER_FILE))
     record_button_states(page, "load_button")
     page.locator("#load_button").click()
-    page.wait_for_function("() => !document.querySelector('#load_button').disabled"
+    # Until the button has said it was loading and is back (the click may reach a busy server late).
+    page.wait_for_function("() => window.buttonStates.includes('Loading…|disabled')"
+                           " && !document.querySelector('#load_button').disabled"
                            " && /Load model/.test(document.querySelector('#load_button').innerText)")
     page.locator("#model_info").get_by_text(n_params).wait_for()
     assert not page.locator("#error").is_visible()
-    # While loading, the button said so and could not be pressed again.
-    assert "Loading…|disabled" in page.evaluate("window.buttonStates")
+    # While loading, the button said so and could not be pressed again (the wait above saw it).
 
     output, stats = generate_in_page(page, PROMPT, SETTINGS)
     assert re.search(r"Generated \d+ tokens in [\d.]+ s: [\d.]+ tokens/s \(seed 1234\)", stats), stats

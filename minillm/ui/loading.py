@@ -10,6 +10,7 @@ import gradio as gr
 from minillm.checkpoint import Run, read_run_config
 from minillm.config import TOKENIZER_TYPES
 from minillm.errors import MiniLLMError
+from minillm.files import read_json
 from minillm.models import count_parameters, is_encoder_decoder, model_class
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder, find_runs
 from minillm.ui.session import Session, describe_error, error_box, no_error, warning_box
@@ -24,6 +25,8 @@ SOURCE_LABEL = "Source (the input: the text the model transforms)"
 SOURCE_PLACEHOLDER = "The text to generate from"
 TARGET_PREFIX_LABEL = "Target prefix (optional: the start of the output)"
 TARGET_PREFIX_PLACEHOLDER = "Leave blank to let the model write the whole output"
+# Hidden but kept in the page: showing a component that was visible=False re-creates its neighbours.
+HIDDEN = "hidden"
 
 
 def run_choices(runs_dir: str | Path, extra: str | None = None) -> list[str]:
@@ -104,10 +107,31 @@ def model_info_markdown(run: Run) -> str:
         ("Tokenizer", run.tokenizer.kind),
         ("Device", str(run.device)),
         ("Best validation loss", best),
+        *_test_rows(Path(run.info.get("model_path", "")).parent),
     ]
     (head_key, head_value), *rows = rows
     return (f"| {head_key} | {head_value} |\n|---|---|\n"
             + "\n".join(f"| {key} | {value} |" for key, value in rows))
+
+
+def _test_rows(run_dir: Path) -> list[tuple[str, str]]:
+    """The final test of the run the model comes from (test_metrics.json), when it has one."""
+    try:
+        test = read_json(RunFolder(run_dir).test_metrics, "test metrics")
+        return [("Test loss", f"{test['loss']:.4f} (perplexity {test['perplexity']:.2f}, "
+                              f"{test['bits_per_byte']:.3f} bits per byte)")]
+    except (MiniLLMError, KeyError, TypeError, ValueError):
+        return []
+
+
+def run_curve(model_path: str):
+    """The loss curve of the run a model path is in (loss_curve.png beside it), or hidden. Output: run_curve."""
+    try:
+        model, _ = _resolve_paths(model_path, "")
+    except MiniLLMError:
+        return gr.update(value=None, visible=HIDDEN)
+    curve = RunFolder(model.parent).loss_curve
+    return gr.update(value=str(curve), visible=True) if curve.is_file() else gr.update(value=None, visible=HIDDEN)
 
 
 def _generation_fields(encoder_decoder: bool):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import logging
 import threading
 import uuid
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Any
 import gradio as gr
 
 from minillm.checkpoint import Run
-from minillm.errors import MiniLLMError
 from minillm.run_cache import RunCache
+from minillm.ui.messages import describe_error
 
-log = logging.getLogger("minillm.ui")
+__all__ = ["Session", "describe_error", "error_box", "message_box", "no_error", "warning_box"]
 
 
 class Session:
@@ -92,12 +91,3 @@ def no_error() -> dict[str, Any]:
 
 def warning_box(text: str) -> dict[str, Any]:
     return message_box("Warning", text)
-
-
-def describe_error(error: BaseException) -> str:
-    """One readable line for the page: a MiniLLMError's own message, never a traceback."""
-    if isinstance(error, MiniLLMError):
-        return str(error)
-    log.exception("unexpected error in the UI", exc_info=error)
-    first_line = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"unexpected {type(error).__name__}: {first_line} (details are in the server log)"

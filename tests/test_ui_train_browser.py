@@ -1,0 +1,190 @@
+"""End to end, the Train tab: `minillm ui` in a subprocess, driven by a real headless Chromium (Playwright).
+
+A tiny training from an uploaded file runs to its end with its loss curve filling in, and the new run loads
+in the Generate tab and generates; a longer one is stopped (saved), resumed and finishes; a bad file shows
+its error. The picture of the Train tab during a run goes to a temporary folder, or to
+$MINILLM_TRAIN_SCREENSHOT (`make screenshot` refreshes the README's docs/ui_train.png that way).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_ui_browser import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    OFFLINE_ENV,
+    REPO,
+    free_port,
+    generate_in_page,
+    require_browser,
+    set_value,
+    wait_until_serving,
+)
+
+from minillm.run_folder import RunFolder
+
+SCREENSHOT_ENV = "MINILLM_TRAIN_SCREENSHOT"
+TRAIN_WAIT_MS = 120_000  # the longest a tiny training (data, steps, final test) may take here
+WAIT_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train_ui_runs")
+
+
+@pytest.fixture(scope="module")
+def server(runs_dir, tmp_path_factory):
+    """`minillm ui --runs-dir RUNS` (no run loaded) in a subprocess; always stopped at the end."""
+    require_browser()
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("train_ui_server") / "server.log"
+    # One thread: the server's training shares the 2 cores with Chromium (see conftest.single_thread).
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "minillm", "ui", "--port", str(port), "--runs-dir",
+                                    str(runs_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh tab on the UI, showing the Train tab."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server)
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train_plan").get_by_text("estimated time").wait_for()  # the default form's plan
+    yield page
+    context.close()
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick a value in a dropdown."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def fill_form(page, out: str, preset: str = "tiny", **values) -> None:
+    choose(page, "train_preset", preset)
+    page.wait_for_function("() => document.querySelector('#train_max_steps input').value === '60'")
+    for name, value in {"train_out": out, **values}.items():
+        set_value(page, name, value)
+
+
+def upload(page, path: Path) -> None:
+    page.locator("#train_file input[type=file]").set_input_files(str(path))
+    page.wait_for_function(f"() => document.querySelector('#train_data_path textarea, #train_data_path input')"
+                           f".value.endsWith({path.name!r})")
+
+
+def status_text(page) -> str:
+    return page.locator("#train_status").inner_text()
+
+
+def wait_for_status(page, pattern: str, timeout: int = TRAIN_WAIT_MS) -> str:
+    page.wait_for_function("pattern => new RegExp(pattern).test(document.querySelector('#train_status').innerText)",
+                           arg=pattern, timeout=timeout)
+    return status_text(page)
+
+
+def curve_points(page) -> tuple[int, int]:
+    caption = page.locator("#train_plot").inner_text()
+    found = re.search(r"(\d+) train and (\d+) validation points", caption)
+    assert found, caption
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_train_to_the_end_then_load_and_generate(page, corpus_file, runs_dir):
+    upload(page, corpus_file)
+    fill_form(page, "browser-tiny")
+    page.locator("#train_plan").get_by_text("plan: 60 steps").wait_for()
+    assert "corpus.txt" in page.locator("#train_plan").inner_text()
+    page.locator("#train_start").click()
+    text = wait_for_status(page, r"Finished")
+    assert "60 / 60" in text and "test loss" in text, text
+    train_points, val_points = curve_points(page)
+    assert train_points == 12 and val_points == 3  # every 5 steps, every 20 steps
+    assert not page.locator("#train_error").is_visible()
+
+    # One click: the Generate tab with the new run loaded, its loss curve and test metrics beside it.
+    page.locator("#train_load").click()
+    info = page.locator("#model_info")
+    info.get_by_text(str(RunFolder(runs_dir / "browser-tiny").best_model)).wait_for()
+    assert "Test loss" in info.inner_text()
+    page.locator("#run_curve img").wait_for()
+    output, stats = generate_in_page(page, "the cat", {"max_new_tokens": 20, "seed": 3})
+    assert "Generated" in stats and output.startswith("the cat")
+
+
+def test_stop_saves_then_resume_finishes(page, runs_dir, tmp_path):
+    # Tiny Shakespeare (the default data), for a run that would take long: stopped once the curve has points.
+    fill_form(page, "browser-stop", train_max_steps=100_000)
+    page.locator("#train_plan").get_by_text("plan: 100,000 steps").wait_for()
+    page.locator("#train_start").click()
+    page.wait_for_function("""() => {
+        const m = /(\\d+) train and (\\d+) validation/.exec(document.querySelector('#train_plot').innerText);
+        return m && +m[1] >= 20 && +m[2] >= 2;
+    }""", timeout=TRAIN_WAIT_MS)
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "ui_train.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(1500)  # (the picture only: the plot draws the newest points)
+    page.mouse.move(0, 0)
+    page.evaluate("document.activeElement?.blur()")
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+
+    page.locator("#train_stop").click()
+    text = wait_for_status(page, r"Stopped at step")
+    stopped_at = int(re.search(r"Stopped at step ([\d,]+)", text).group(1).replace(",", ""))
+    folder = RunFolder(runs_dir / "browser-stop")
+    assert folder.last_checkpoint.is_file() and folder.has_best_model()
+    assert 0 < stopped_at < 100_000
+
+    set_value(page, "train_max_steps", stopped_at + 10)
+    page.locator("#train_resume").click()
+    text = wait_for_status(page, rf"Finished[\s\S]*{stopped_at + 10:,} / {stopped_at + 10:,}")
+    assert "max_steps" in text
+    assert not page.locator("#train_error").is_visible()
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"\x00\x01\x02", "looks binary")])
+def test_a_bad_file_shows_its_error_and_starts_nothing(page, tmp_path, runs_dir, content, message):
+    bad = tmp_path / f"bad{len(content)}.txt"
+    bad.write_bytes(content)
+    upload(page, bad)
+    error = page.locator("#train_error")
+    error.get_by_text(message).wait_for()
+    fill_form(page, "browser-bad")
+    page.locator("#train_start").click()
+    error.get_by_text(message).wait_for()
+    assert "Traceback" not in page.content()
+    assert not (runs_dir / "browser-bad").exists()
