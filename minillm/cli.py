@@ -30,7 +30,10 @@ from minillm.config import (
     DATA_FORMATS,
     DEFAULT_PRESET,
     DTYPES,
+    HOLDOUTS,
+    OPTIMIZERS,
     PRESETS,
+    SCHEDULES,
     SPLIT_MODES,
     TOKENIZER_TYPES,
     ModelConfig,
@@ -56,7 +59,8 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
-CHOICES = {"split_mode": SPLIT_MODES, "dtype": DTYPES, "data_format": DATA_FORMATS}
+CHOICES = {"split_mode": SPLIT_MODES, "holdout": HOLDOUTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+           "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
 PRESET_HELP_WIDTH = 100
 

@@ -15,6 +15,9 @@ from minillm.errors import MiniLLMError
 
 TOKENIZER_TYPES = ("bpe", "char")
 SPLIT_MODES = ("paragraph", "line", "separator")
+HOLDOUTS = ("shuffled", "tail")
+OPTIMIZERS = ("adamw", "muon")  # minillm.training.optimizer builds them
+SCHEDULES = ("cosine", "warmdown")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_THREADS = 1024
 MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
@@ -172,6 +175,8 @@ class TrainConfig(_JSONConfig):
     split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
                                           "separator string")
     separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
+    holdout: str = option("shuffled", "which samples are held out for validation and test: shuffled ones, or the "
+                                      "tail of the file (as nanoGPT: text after all the training text)")
     val_fraction: float = option(0.05, "share of samples held out for validation")
     test_fraction: float = option(0.05, "share of samples held out for the final test")
     source_fraction: float = option(0.5, "encoder-decoder on plain text: share of each window given as the source")
@@ -179,6 +184,11 @@ class TrainConfig(_JSONConfig):
     batch_size: int = option(32, "sequences per optimizer step (per accumulation step)", 1, 10**6)
     learning_rate: float = option(1e-3, "peak learning rate (after warmup)", 1e-12, 1e9)
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay", 0, 1e9)
+    optimizer: str = option("adamw", "adamw, or muon: Muon for the hidden matrices (AdamW for the embedding, head "
+                                     "and norms)")
+    schedule: str = option("cosine", "after warmup: cosine decay to --min-lr, or warmdown: constant, then linear "
+                                     "to --min-lr over the last --warmdown-fraction")
+    warmdown_fraction: float = option(0.3, "warmdown: the share of the steps after warmup spent decaying", 0.0, 1.0)
     warmup_steps: int = option(100, "steps of linear learning-rate warmup", 0, MAX_STEPS)
     max_steps: int = option(2000, "optimizer steps to train for", 1, MAX_STEPS)
     epochs: float | None = option(None, "train for this many passes over the training tokens instead of "
@@ -214,6 +224,9 @@ class TrainConfig(_JSONConfig):
                f"tokenizer must be one of {TOKENIZER_TYPES}, got {self.tokenizer!r}")
         _check(self.split_mode in SPLIT_MODES,
                f"split_mode must be one of {SPLIT_MODES}, got {self.split_mode!r}")
+        _check(self.holdout in HOLDOUTS, f"holdout must be one of {HOLDOUTS}, got {self.holdout!r}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(bool(self.separator), "separator must not be empty")
         _check(self.data_format in DATA_FORMATS,
                f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")

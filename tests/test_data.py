@@ -400,3 +400,17 @@ def test_sequential_rows_choose_windows_and_count_their_tokens(encoder_decoder):
     assert len(some) == 1
     assert torch.equal(some[0][0]["targets"][0], every[0][0]["targets"][0])
     assert torch.equal(some[0][0]["targets"][1], every[-1][0]["targets"][-1])  # the tail window, as in full
+
+
+def test_a_tail_holdout_keeps_the_end_of_the_file_in_order():
+    samples = [f"paragraph {i}" for i in range(100)]
+    splits, record = split_data(TEXT, samples, "x.txt", 0.1, 0.1, seed=0, holdout="tail")
+    assert record["holdout"] == "tail" and record["contiguous"]
+    train_text, val_text, test_text = ("".join(splits[name]) for name in ("train", "val", "test"))
+    assert "paragraph 0" in train_text and "paragraph 99" in test_text
+    assert train_text + val_text + test_text == "\n\n".join(samples)  # in order, nothing lost
+    pairs = [(f"s{i}", f"t{i}") for i in range(50)]
+    splits, record = split_data(PAIRS, pairs, "x.tsv", 0.1, 0.1, seed=0, holdout="tail")
+    assert splits["test"] == pairs[-5:] and splits["val"] == pairs[-10:-5] and splits["train"] == pairs[:40]
+    shuffled, _ = split_data(PAIRS, pairs, "x.tsv", 0.1, 0.1, seed=0)
+    assert shuffled["test"] != pairs[-5:]

@@ -372,3 +372,35 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path, corpus_file):
         run_tiny(tmp_path / "run", corpus_file, learning_rate=1e8, min_lr=0.0, warmup_steps=0, grad_clip=0.0,
                  max_steps=10, eval_interval=2)
     assert not (tmp_path / "run" / "best_model.pt").exists()
+
+
+def test_the_warmdown_schedule_is_constant_then_linear_to_the_floor():
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, schedule="warmdown",
+                         warmdown_fraction=0.5)
+    rates = [lr_at(step, config, max_steps=110) for step in range(111)]
+    assert rates[9] < rates[10] == pytest.approx(1e-3)  # warmed up
+    assert all(rate == pytest.approx(1e-3) for rate in rates[10:60])  # constant for the first half
+    assert rates[85] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down the line
+    assert rates[110] == pytest.approx(1e-4)
+
+
+def test_muon_trains_the_hidden_matrices_and_resumes_exactly(tmp_path, corpus_file):
+    settings = dict(max_steps=30, eval_interval=10, log_interval=5, optimizer="muon", schedule="warmdown")
+    straight = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "straight", progress=False, log=quiet)
+    assert straight.best_val_loss < straight.history[0]["val_loss"] + 1e-9
+    trainer = Trainer(tmp_path / "straight", load_run(tmp_path / "straight").config,
+                      tiny_configs(data=corpus_file, **settings)[1],
+                      prepare.read_split_record(tmp_path / "straight"), log=quiet, progress=False)
+    muon = trainer.optimizers[1]
+    assert type(muon).__name__ == "Muon" and all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
+    embedding = trainer.model.embed_tokens.weight
+    assert all(p is not embedding for g in muon.param_groups for p in g["params"])
+
+    steps = iter(range(1, 1000))
+    train(*tiny_configs(data=corpus_file, **settings), tmp_path / "stopped", progress=False, log=quiet,
+          should_stop=lambda: next(steps) >= 17)
+    resume(tmp_path / "stopped", progress=False, log=quiet)
+    a, b = (load_torch(tmp_path / name / "last.pt") for name in ("straight", "stopped"))
+    assert len(b["optimizers"]) == 1  # Muon's state is saved beside AdamW's
+    for name, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][name]), name

@@ -291,18 +291,30 @@ def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
 
 
 def split_data(fmt: str, samples: list, path: str | Path, val_fraction: float, test_fraction: float,
-               seed: int) -> tuple[dict[str, list], dict[str, Any]]:
-    """Samples of each split and what to record about the split (indices of val/test, or contiguous cuts)."""
-    if fmt == PAIRS or len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT:
-        indices = shuffled_split(len(samples), val_fraction, test_fraction, seed)
+               seed: int, holdout: str = "shuffled") -> tuple[dict[str, list], dict[str, Any]]:
+    """Samples of each split and what to record about the split (indices of val/test, or contiguous cuts).
+
+    holdout "shuffled": val and test are samples drawn at random (a fair split of a user's data, whose
+    held-out samples sit among the training ones). "tail": they are the end of the file, in order, as
+    nanoGPT holds out the last 10%: text the model has not seen the like of.
+    """
+    tail = holdout == "tail"
+    if fmt == PAIRS or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
+        if tail:  # the last pairs of the file
+            counts = split_counts(len(samples), val_fraction, test_fraction)
+            order = list(range(len(samples)))
+            indices = {"train": order[:counts["train"]], "val": order[counts["train"]:-counts["test"]],
+                       "test": order[-counts["test"]:]}
+        else:
+            indices = shuffled_split(len(samples), val_fraction, test_fraction, seed)
         splits = {name: [samples[i] for i in indices[name]] for name in SPLITS}
-        record = {"contiguous": False, "n_samples": len(samples),
+        record = {"contiguous": False, "holdout": holdout, "n_samples": len(samples),
                   "indices": {"val": indices["val"], "test": indices["test"]}}
         return splits, record
-    # Few (possibly huge) samples: cut the text itself into contiguous train/val/test stretches.
+    # The tail, or few (possibly huge) samples: cut the text itself into contiguous train/val/test stretches.
     joined = "\n\n".join(samples)
     parts = contiguous_split(joined, val_fraction, test_fraction)
     splits = {name: chunk_text(part) for name, part in parts.items()}
-    record = {"contiguous": True, "n_samples": len(samples),
+    record = {"contiguous": True, "holdout": "tail" if tail else "contiguous", "n_samples": len(samples),
               "chars": {name: len(part) for name, part in parts.items()}}
     return splits, record

@@ -213,11 +213,14 @@ def read_data(config: Any, keep_pairs: bool, log: LogFn) -> SplitData:
     loaded = load_samples(path, keep_pairs, config.split_mode, config.separator, config.data_format,
                           config.source_column, config.target_column)
     splits, record = split_data(loaded.format, loaded.samples, path, config.val_fraction, config.test_fraction,
-                                config.seed)
+                                config.seed, config.holdout)
     log(describe_samples(path, loaded, config.split_mode))
     for note in loaded.notes:
         log(note)
-    if record["contiguous"]:
+    if record["holdout"] == "tail":
+        log(f"held out: the last {config.val_fraction + config.test_fraction:.0%} of {path.name} (validation, "
+            "then test), as nanoGPT does: text after everything the model trains on")
+    elif record["contiguous"]:
         log(f"only {record['n_samples']} sample(s) in {path}: splitting the text into contiguous "
             f"train/val/test stretches instead of by sample")
     if loaded.format == PAIRS and not any(target.strip() for _, target in splits["train"]):

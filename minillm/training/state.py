@@ -56,6 +56,7 @@ def trainer_state(trainer: Any, rank_rng: list[torch.Tensor] | None = None) -> d
         "minillm_version": __version__,
         "model": clean_state_dict(trainer.model.state_dict()),
         "optimizer": trainer.optimizer.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers[1:]],  # Muon, when used
         "scaler": trainer.scaler.state_dict(),
         **{name: getattr(trainer, name) for name in COUNTERS},
         "history": trainer.history,
@@ -74,6 +75,8 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
     """Put a Trainer back where trainer_state() found it."""
     trainer.model.load_state_dict(clean_state_dict(state["model"]))
     trainer.optimizer.load_state_dict(state["optimizer"])
+    for optimizer, saved in zip(trainer.optimizers[1:], state.get("optimizers", []), strict=True):
+        optimizer.load_state_dict(saved)
     if state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
     for name in COUNTERS:

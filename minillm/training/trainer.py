@@ -46,7 +46,7 @@ from minillm.training.evaluation import (
 )
 from minillm.training.memory import check_memory
 from minillm.training.metrics import MetricsLog, plot_loss_curve
-from minillm.training.optimizer import lr_at, make_optimizer
+from minillm.training.optimizer import lr_at, make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.state import restore_trainer_state, trainer_state
@@ -108,7 +108,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(model_config).to(self.device)
         self.n_params = count_parameters(self.model)
-        self.optimizer = make_optimizer(self.model, config, self.device)
+        self.optimizers = make_optimizers(self.model, config, self.device)
+        self.optimizer = self.optimizers[0]  # AdamW (the only one unless --optimizer muon)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
         # Several processes: DDP averages the gradients (its first act: rank 0's weights to every rank), and
@@ -207,7 +208,7 @@ class Trainer:
         try:
             while self.step < self.max_steps:
                 lr = lr_at(self.scheduled_step(), config, self.max_steps)
-                for group in self.optimizer.param_groups:
+                for group in (g for optimizer in self.optimizers for g in optimizer.param_groups):
                     group["lr"] = lr
                 loss = self._train_step()
                 self.step += 1
@@ -332,11 +333,14 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         return total
 
     def _record(self, row: dict[str, Any]) -> None:
