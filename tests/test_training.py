@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -404,3 +407,26 @@ def test_muon_trains_the_hidden_matrices_and_resumes_exactly(tmp_path, corpus_fi
     assert len(b["optimizers"]) == 1  # Muon's state is saved beside AdamW's
     for name, weight in a["model"].items():
         assert torch.equal(weight, b["model"][name]), name
+
+
+def test_a_cpu_busy_at_the_start_leaves_its_cores_to_the_other_process(tmp_path, corpus_file):
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("one core: there is nothing to leave")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # another job holding a core
+    try:
+        time.sleep(0.5)
+        torch.set_num_threads(cores)
+        messages = []
+        train(*tiny_configs(data=corpus_file, max_steps=2, eval_interval=2), tmp_path / "run", progress=False,
+              log=messages.append)
+        note = [m for m in messages if m.startswith("note: other processes are keeping about")]
+        assert len(note) == 1 and torch.get_num_threads() < cores, messages
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(1)  # (the one_thread fixture puts back the thread count it found)
+    with_threads = tiny_configs(data=corpus_file, max_steps=2, eval_interval=2, threads=1)
+    messages = []
+    train(*with_threads, tmp_path / "chosen", progress=False, log=messages.append)
+    assert not [m for m in messages if m.startswith("note: other processes")]  # --threads is the user's choice

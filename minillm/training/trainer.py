@@ -50,11 +50,10 @@ from minillm.training.optimizer import lr_at, make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.state import restore_trainer_state, trainer_state
+from minillm.training.threads import ThroughputWatch, leave_busy_cores
 
 EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generator, seeded seed + this
 BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
-SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
-WARMUP_LOGS = 2  # log intervals skipped before the reference throughput is taken (first steps are slow)
 
 LogFn = Callable[[str], None]
 MetricsCallback = Callable[[dict[str, Any]], None]
@@ -103,6 +102,8 @@ class Trainer:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA; no effect on CPU
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        elif self.device.type == "cpu":
+            self._leave_busy_cores()
 
         check_memory(model_config, config, self.device)  # (again: now the vocabulary is known)
         torch.manual_seed(config.seed)
@@ -149,7 +150,12 @@ class Trainer:
         self.last_saved_step = 0
         self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
         self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
-        self.logs_seen, self.reference_rate, self.slow_warned = 0, None, False  # see _watch_throughput
+        self.throughput = ThroughputWatch()
+
+    def _leave_busy_cores(self) -> None:
+        """Without --threads: if other processes keep cores busy, train on the others (see threads.py)."""
+        if note := leave_busy_cores():
+            self.log(note)
 
     def open_split(self, split: str):
         return open_split(self.run_dir, split, self.model_config, is_encoder_decoder(self.model_config),
@@ -228,7 +234,8 @@ class Trainer:
                     self._record({"kind": "train", "step": self.step, "train_loss": train_loss, "lr": lr,
                                   "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
                                   "elapsed": self.elapsed})
-                    self._watch_throughput(tokens_per_s)
+                    if warning := self.throughput.check(tokens_per_s):
+                        self.log(warning)
                     bar.set_postfix(self._postfix(train_loss, lr, tokens_per_s, now - last_log), refresh=False)
                     loss_sum.zero_()
                     n_log = tokens_since_log = 0
@@ -282,19 +289,6 @@ class Trainer:
         due = passed > self.budget_evals
         self.budget_evals = max(self.budget_evals, passed)
         return due
-
-    def _watch_throughput(self, tokens_per_s: float) -> None:
-        """Warn once when training runs far slower than it did early on (another process on the cores)."""
-        self.logs_seen += 1
-        if self.logs_seen <= WARMUP_LOGS:
-            return
-        if self.reference_rate is None:
-            self.reference_rate = tokens_per_s
-        elif not self.slow_warned and tokens_per_s < self.reference_rate / SLOWDOWN_FACTOR:
-            self.slow_warned = True
-            self.log(f"warning: training slowed to {tokens_per_s:,.0f} tokens/s from {self.reference_rate:,.0f} "
-                     "early on; another process is probably using the CPU. Stop it, or train with fewer threads "
-                     f"(--threads 1; now {torch.get_num_threads()}), which suffer less from sharing")
 
     def _postfix(self, train_loss: float, lr: float, tokens_per_s: float, seconds: float) -> dict[str, str]:
         """What the progress bar shows beside the step count; with a time budget, when the run will end."""

@@ -1,0 +1,94 @@
+"""How many CPU threads a training should use: all the cores, unless other processes keep some busy.
+
+PyTorch's thread pool spins and waits for all its threads at every operation; when another job holds a
+core, each operation waits for the thread that core cannot run, and training slows many times over (we
+measured 0.13 s/step alone, 1.2-7 s beside another PyTorch job on 2 cores, 3-6 steps/s with one thread).
+So when other processes are using the CPU at the start of a run, the run leaves their cores to them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SAMPLE_SECONDS = 0.25  # how long the CPU is watched before the run starts
+BUSY_CORE = 0.5  # another process using this share of a core or more counts as holding it
+SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
+WARMUP_LOGS = 2  # log intervals skipped before the reference throughput is taken (first steps are slow)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat (Linux); None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _own_jiffies() -> int | None:
+    """CPU jiffies this process (all its threads) has used, from /proc/self/stat."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cores_busy_elsewhere(seconds: float = SAMPLE_SECONDS) -> float | None:
+    """How many cores other processes kept busy over `seconds` (None where this cannot be told)."""
+    before, own_before = _cpu_jiffies(), _own_jiffies()
+    time.sleep(seconds)
+    after, own_after = _cpu_jiffies(), _own_jiffies()
+    if None in (before, after, own_before, own_after) or after[1] == before[1]:
+        return None
+    busy = (after[0] - before[0]) - (own_after - own_before)
+    return max(0.0, busy / (after[1] - before[1]) * (os.cpu_count() or 1))
+
+
+def threads_for_a_busy_cpu(threads_now: int) -> tuple[int, float] | None:
+    """(threads, cores busy elsewhere) when other processes hold cores this run would use, else None."""
+    if threads_now <= 1:
+        return None  # nothing to leave
+    busy = cores_busy_elsewhere()
+    if busy is None or busy < BUSY_CORE:
+        return None
+    cores = os.cpu_count() or 1
+    threads = max(1, min(threads_now, cores - round(busy)))
+    return (threads, busy) if threads < threads_now else None
+
+
+def leave_busy_cores() -> str:
+    """Set torch's threads to the cores other processes leave free; the note to show ("" if unchanged)."""
+    choice = threads_for_a_busy_cpu(torch.get_num_threads())
+    if choice is None:
+        return ""
+    threads, busy = choice
+    torch.set_num_threads(threads)
+    return (f"note: other processes are keeping about {busy:.1f} of the {os.cpu_count()} cores busy: training "
+            f"with {threads} thread(s), which suffers less from sharing (--threads to choose)")
+
+
+class ThroughputWatch:
+    """Warns once when training runs far slower than it did early on (another process on the cores)."""
+
+    def __init__(self) -> None:
+        self.logs_seen, self.reference_rate, self.warned = 0, None, False
+
+    def check(self, tokens_per_s: float) -> str:
+        """The warning to show for this log interval's rate ("" when there is none)."""
+        self.logs_seen += 1
+        if self.logs_seen <= WARMUP_LOGS:
+            return ""
+        if self.reference_rate is None:
+            self.reference_rate = tokens_per_s
+        elif not self.warned and tokens_per_s < self.reference_rate / SLOWDOWN_FACTOR:
+            self.warned = True
+            return (f"warning: training slowed to {tokens_per_s:,.0f} tokens/s from {self.reference_rate:,.0f} "
+                    "early on; another process is probably using the CPU. Stop it, or train with fewer threads "
+                    f"(--threads 1; now {torch.get_num_threads()}), which suffer less from sharing")
+        return ""
