@@ -33,15 +33,30 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
-def kill_processes_naming(path: Path) -> None:
-    """SIGKILL every process whose command line names `path` (torchrun starts its workers in a session of
-    their own, so killing its process group is not enough)."""
+def processes_naming(path: Path) -> list[int]:
+    """The pids of the processes whose command line names `path`."""
+    pids = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and str(path).encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+                pids.append(int(proc.name))
+        except OSError:
             continue
+    return pids
+
+
+def kill_processes_naming(path: Path) -> None:
+    """SIGKILL every process whose command line names `path` (torchrun starts its workers in a session of
+    their own, so killing its process group is not enough), and wait until they are gone: a worker that
+    outlived the kill by a moment could still write a checkpoint."""
+    for pid in processes_naming(path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + 30
+    while processes_naming(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
