@@ -9,6 +9,7 @@ Chromium or Playwright is missing; under CI (CI=true) that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -113,19 +115,13 @@ def server(server_process):
     return server_process[0]
 
 
-@pytest.fixture(scope="module")
-def server_process(run_dir, tmp_path_factory):
-    """`minillm ui RUN_DIR --port P` in a subprocess: (its URL, the process); always stopped at the end."""
-    require_browser()
+@contextlib.contextmanager
+def ui_server(args: list[str], log_path: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`minillm ui ARGS --port P` in a subprocess while the block runs: (its URL, the process); always stopped."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
-    env = {**os.environ, **OFFLINE_ENV}
     with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "minillm", "ui", str(run_dir), "--port", str(port),
-             "--runs-dir", str(run_dir.parent)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen([sys.executable, "-m", "minillm", "ui", *args, "--port", str(port)],
+                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, log_path)
@@ -139,8 +135,9 @@ def server_process(run_dir, tmp_path_factory):
             process.wait()
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def chromium() -> Iterator:
+    """Debian's Chromium through Playwright, headless, while the block runs."""
     require_browser()
     from playwright.sync_api import sync_playwright
 
@@ -148,6 +145,21 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def server_process(run_dir, tmp_path_factory):
+    """`minillm ui RUN_DIR` in a subprocess: (its URL, the process)."""
+    require_browser()
+    log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
+    with ui_server([str(run_dir), "--runs-dir", str(run_dir.parent)], log_path, {**os.environ, **OFFLINE_ENV}) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from test_ui_browser import (
-    CHROMIUM,
-    CHROMIUM_FLAGS,
     OFFLINE_ENV,
-    REPO,
-    free_port,
+    chromium,
     generate_in_page,
     require_browser,
     set_value,
-    wait_until_serving,
+    ui_server,
 )
 
 from minillm.run_folder import RunFolder
@@ -43,35 +38,17 @@ def runs_dir(tmp_path_factory):
 def server(runs_dir, tmp_path_factory):
     """`minillm ui --runs-dir RUNS` (no run loaded) in a subprocess; always stopped at the end."""
     require_browser()
-    port = free_port()
     log_path = tmp_path_factory.mktemp("train_ui_server") / "server.log"
     # One thread: the server's training shares the 2 cores with Chromium (see conftest.single_thread).
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "minillm", "ui", "--port", str(port), "--runs-dir",
-                                    str(runs_dir)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until_serving(url, process, log_path)
+    with ui_server(["--runs-dir", str(runs_dir)], log_path, env) as (url, _):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def browser():
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
