@@ -32,7 +32,7 @@ from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, pick_device
 from minillm.run_folder import RunFolder
-from minillm.tokenizers import Tokenizer, load_tokenizer
+from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import (
@@ -87,7 +87,6 @@ class TrainResult:
 class Trainer:
     """Owns the model, optimizer, data and state of one run; `fit()` runs the loop."""
 
-    _run_tokenizer: Tokenizer | None = None  # loaded when first needed (bits per byte)
     _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
 
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
@@ -126,7 +125,8 @@ class Trainer:
         self.eval_model = self.model if self.ddp else self.forward_model  # the same windows on every rank
 
         self.split_record = split_record
-        self.tokenizer_fingerprint = load_tokenizer(self.files.tokenizer).fingerprint()  # saved with the model
+        self.tokenizer = load_tokenizer(self.files.tokenizer)  # for bits per byte
+        self.tokenizer_fingerprint = self.tokenizer.fingerprint()  # saved with the model
         self.train_data = self.open_split("train")
         val_data = self.open_split("val")
         self.batch_generator = torch.Generator().manual_seed(config.seed)
@@ -388,7 +388,7 @@ class Trainer:
 
     def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
         if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
-            self._eval_bytes = target_bytes(self.eval_batches, self._tokenizer(), self.device)
+            self._eval_bytes = target_bytes(self.eval_batches, self.tokenizer, self.device)
         return bits_per_unit(val_loss, tokens, self._eval_bytes)
 
     def _check_overfitting(self) -> None:
@@ -422,17 +422,13 @@ class Trainer:
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
         metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
-                        self._tokenizer(), self.config.test_tokens, self.config.seed, self.progress and self.main)
+                        self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main)
         metrics.update(best_step=self.best_step, best_val_loss=self.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
         self.log(f"test: {describe_score(metrics)} "
                  f"(best model: step {self.best_step}, val loss {self.best_val_loss:.4f})")
         return metrics
-
-    def _tokenizer(self) -> Tokenizer:
-        self._run_tokenizer = self._run_tokenizer or load_tokenizer(self.files.tokenizer)
-        return self._run_tokenizer
 
     def result(self, stop_reason: str, test_metrics: dict[str, Any]) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, steps=self.step, best_step=self.best_step,
