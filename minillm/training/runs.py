@@ -91,8 +91,11 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
 
 
 def finish(trainer: Trainer, stop_reason: str) -> TrainResult:
-    """The result of a run, with the best model's test metrics (scored by rank 0 alone)."""
-    return trainer.result(stop_reason, trainer.test() if is_main_process() else {})
+    """The result of a run, with the best model's test metrics (scored by rank 0 alone; the other ranks wait
+    for it, so that no rank leaves the process group while another still uses it)."""
+    result = trainer.result(stop_reason, trainer.test() if is_main_process() else {})
+    distributed.barrier()
+    return result
 
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
