@@ -3,7 +3,8 @@
 Code that must treat the kinds differently asks the class what it can do (`is_encoder_decoder`,
 `layers_description`), never compares kind names, so a third kind is a new file plus one
 `register_model_kind` line. A model class takes a ModelConfig and implements the interface of
-DecoderOnlyTransformer (forward returning (logits, loss), iter_generate, generate).
+DecoderOnlyTransformer: forward returning (logits, loss), and the decoding steps minillm.engine.Engine drives
+(decoder_context, new_cache, forward_cached, decode_step, window_logits).
 """
 
 from __future__ import annotations
