@@ -1,4 +1,5 @@
-"""Our weight names <-> Hugging Face Llama's: the fused projections split into Llama's, and back.
+"""Our weight names <-> Hugging Face Llama's: the fused projections split into Llama's, and back; and the
+ModelConfig options a Llama does not have.
 
 Only formats need Llama's own names (the Hugging Face export, the equivalence test, checkpoints saved
 before the projections were fused); the models themselves always run fused.
@@ -7,6 +8,8 @@ before the projections were fused); the models themselves always run fused.
 from __future__ import annotations
 
 import torch
+
+from minillm.config import ModelConfig
 
 # our fused weight (name suffix) -> the Llama weights it stacks, in row order
 FUSED = {
@@ -39,3 +42,15 @@ def fuse_split(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if all(prefix + part in state_dict for part in parts):
                 out[prefix + fused] = torch.cat([out.pop(prefix + part) for part in parts], dim=0)
     return out
+
+
+def options_beyond_llama(config: ModelConfig) -> list[str]:
+    """The train options of `config` that change the computation away from Llama's (none: it is a Llama)."""
+    options = []
+    if config.qk_norm:
+        options.append("--qk-norm")
+    if config.mlp != "swiglu":
+        options.append(f"--mlp {config.mlp}")
+    if config.logit_softcap:
+        options.append(f"--logit-softcap {config.logit_softcap:g}")
+    return options  # zero_init_head is not here: it changes the initialisation, not the model
