@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from minillm.checkpoint import Run
-from minillm.export.base import ExportFormat, not_decoder_only, require, torch_dtype
+from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models.llama import split_fused
 
@@ -97,7 +97,7 @@ def byte_level_refusal(tokenizer_json: dict[str, Any]) -> str | None:
 
 def gguf_refusal(run: Run) -> str | None:
     """Why llama.cpp could not run this run as the same model (None: it can)."""
-    return not_decoder_only(run) or byte_level_refusal(run.tokenizer.hugging_face_json())
+    return not_llama(run) or byte_level_refusal(run.tokenizer.hugging_face_json())
 
 
 def vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int], list[str]]:

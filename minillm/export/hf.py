@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import Run
-from minillm.export.base import ExportFormat, not_decoder_only, require, torch_dtype
+from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.export.card import model_card
 from minillm.files import atomic_write, write_json
 from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
@@ -100,4 +100,4 @@ def write_hf(run: Run, out: Path, dtype: str) -> None:
 
 HF_FORMAT = ExportFormat(
     name="hf", description="a Hugging Face transformers folder (Llama architecture, safetensors)",
-    write=write_hf, refusal=not_decoder_only, folder=True, file_names=HF_FILES)
+    write=write_hf, refusal=not_llama, folder=True, file_names=HF_FILES)
