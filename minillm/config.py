@@ -119,7 +119,7 @@ class ModelConfig(_JSONConfig):
     norm_eps: float = option(1e-5, "epsilon of the RMS norms", 1e-12, 1)
     # Architecture options beyond Llama (off by default: the default model is a Llama and exports as one).
     qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before RoPE (QK-norm, as in the "
-                                  "nanoGPT speedrun and nanochat); export --format safetensors only")
+                                  "nanoGPT speedrun, nanochat and Qwen3); --format hf and gguf export it as Qwen3")
     mlp: str = option("swiglu", "feed-forward: swiglu (Llama's gated down(silu(x W_g) * x W_u)) or relu2 (the "
                                 "speedrun's down(relu(x W_u)^2), not gated); relu2 exports --format safetensors only")
     logit_softcap: float = option(0.0, "soft-cap the output logits at +-this, cap * tanh(logits / cap), in training "

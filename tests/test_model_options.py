@@ -143,7 +143,7 @@ def test_a_zero_initialised_head_starts_with_every_token_equally_likely(kind):
     m = model(kind, tie_embeddings=False, zero_init_head=True)
     assert torch.count_nonzero(m.lm_head.weight) == 0 and torch.count_nonzero(m.embed_tokens.weight) > 0
     assert torch.count_nonzero(logits(m, kind, ids(2, 8))) == 0
-    assert options_beyond_llama(m.config) == []  # only the initialisation differs: still a Llama
+    assert not options_beyond_llama(m.config)  # only the initialisation differs: still a Llama
 
 
 def test_bad_option_values_are_clear_errors_and_old_configs_load_as_llama():
@@ -158,7 +158,7 @@ def test_bad_option_values_are_clear_errors_and_old_configs_load_as_llama():
         del saved[name]  # a config written before the options existed
     old = ModelConfig.from_dict(saved)
     assert (old.qk_norm, old.mlp, old.logit_softcap, old.zero_init_head) == (False, "swiglu", 0.0, False)
-    assert options_beyond_llama(old) == []
+    assert not options_beyond_llama(old)
 
 
 # ---- learning and decoding ------------------------------------------------------------------------------
@@ -248,8 +248,8 @@ def test_a_stopped_run_with_the_options_resumes_exactly(tmp_path, corpus_file):
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
 def test_llama_exports_refuse_an_option_a_llama_does_not_have_and_say_what_to_do(option_runs, fmt, tmp_path):
     import_dev_dependency("transformers")
-    with pytest.raises(MiniLLMError, match=r"--qk-norm, --mlp relu2 and --logit-softcap 3, which a Llama does "
-                                           r"not have.*retrain without them.*--format safetensors"):
+    with pytest.raises(MiniLLMError, match=r"trained with --mlp relu2 and --logit-softcap 3, which neither Llama "
+                                           r"nor Qwen3 has.*retrain without them.*--format safetensors"):
         export_run(option_runs / "decoder_only", fmt, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
