@@ -6,7 +6,8 @@ The task is one a model must read its input for: reverse a random word of 3 to 8
 character-level and about the same size (the decoder-only one gets the encoder-decoder's two stacks as one
 deeper stack). Scored on the test split's pairs by greedy generation: the share of exact answers and of
 right characters. Loss is not compared: the decoder-only loss also counts the source's characters.
-Rows (ROWS): the two kinds with AdamW + cosine, and the encoder-decoder with the cpu preset's Muon + warm-down.
+Rows (ROWS): the two kinds with AdamW + cosine, and the encoder-decoder with the cpu preset's changes (Muon +
+warm-down, QK-norm).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from minillm.training import train  # noqa: E402
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SHAPE = dict(d_model=96, n_heads=4, max_seq_len=32)
 RECIPE = dict(tokenizer="char", batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50, eval_batches=5)
-# Each row: (model kind, its layers, training overrides on top of RECIPE).
+MUON = dict(optimizer="muon", schedule="warmdown")
+# Each row: (model kind, its layers and other model options, training overrides on top of RECIPE).
 ROWS = {
     "decoder_only": ("decoder_only", dict(n_layers=4), {}),
     "transformer": ("transformer", dict(n_layers=2), {}),
-    "transformer muon + warmdown": ("transformer", dict(n_layers=2), dict(optimizer="muon", schedule="warmdown")),
+    "transformer muon + warmdown": ("transformer", dict(n_layers=2), MUON),
+    "transformer qk-norm": ("transformer", dict(n_layers=2, qk_norm=True), {}),
+    "transformer muon + warmdown + qk-norm": ("transformer", dict(n_layers=2, qk_norm=True), MUON),
 }
 
 

@@ -7,9 +7,10 @@ shapes are Hugging Face Llama's (`o_proj`, `down_proj`, `input_layernorm`, `post
 `nn.Linear` stores (out_features, in_features)); models/llama.py splits the fused weights where a format
 needs Llama's own names (the Hugging Face export).
 
-Options beyond Llama (ModelConfig, off by default): QK-norm (`Attention.rotated_qk`, `Attention.memory_keys_values`,
-`Attention.cross`), the relu2 feed-forward (`MLPS`), logit soft-capping (`cap_logits`, called by the models
-wherever they make logits). A decoding path that computes q/k or logits itself must call these.
+Options beyond Llama (ModelConfig fields, off by default; the cpu preset turns QK-norm on): QK-norm
+(`Attention.rotated_qk`, `Attention.memory_keys_values`, `Attention.cross`), the relu2 feed-forward (`MLPS`),
+logit soft-capping (`cap_logits`, called by the models wherever they make logits). A decoding path that
+computes q/k or logits itself must call these.
 
 Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
 """
