@@ -1,12 +1,15 @@
-"""Generation speed: Mini LLM with its KV cache, Mini LLM recomputing the window, and a nanoGPT-style
-reference's full-recompute `generate`, measured in the same run.
+"""Generation speed: the decoding engine's compiled fast path, its eager path, Mini LLM recomputing the
+window, and a nanoGPT-style reference's full-recompute `generate`, measured in the same run.
 
-Run: .venv/bin/python bench/generation.py [--new-tokens 200] [--repeats 3]
-Randomly initialised decoder-only models of nanoGPT's CPU shape (4 layers, 4 heads, 128 wide; the weights
-do not change the speed), contexts 64 and 256, batch 1 and 8, top-k 50 sampling. Context 64 is the honest
-test of per-token overhead (recomputing a short window is cheap); at 256 recomputation grows with the
-window. Also the time to the first new token after a 200-token prompt. Modes alternate repeat by repeat,
-so background load hits them alike. Prints markdown tables.
+Run: .venv/bin/python bench/generation.py [--new-tokens 200] [--repeats 3] [--device cuda]
+Randomly initialised decoder-only models (the weights do not change the speed): on the CPU nanoGPT's CPU
+shape (4 layers, 4 heads, 128 wide, fp32), on a GPU its Shakespeare GPU shape (6 layers, 6 heads, 384 wide,
+bf16). Contexts 64 and 256, batch 1 and 8, top-k 50 sampling. Context 64 is the honest test of per-token
+overhead (recomputing a short window is cheap); at 256 recomputation grows with the window. Also the time
+to the first new token after a 200-token prompt, and how long compiling took (once per shape; torch keeps
+it on disk, so a second run of this script compiles faster), and whether the fast path gave the eager
+path's tokens for the same seed. Modes alternate repeat by repeat, so background load hits them alike.
+Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ if sys.path and Path(sys.path[0]).resolve() == BENCH:
 import torch  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
+from minillm.engine import Engine  # noqa: E402
 from minillm.models import DecoderOnlyTransformer, count_parameters  # noqa: E402
+from minillm.sampling import SamplingConfig  # noqa: E402
 
-VOCAB, D, LAYERS, HEADS = 65, 128, 4, 4
-SAMPLING = dict(temperature=0.8, top_k=50)  # the defaults of minillm.generation.stream_text
+VOCAB = 65
+SHAPES = {"cpu": dict(d_model=128, n_layers=4, n_heads=4), "cuda": dict(d_model=384, n_layers=6, n_heads=6)}
+SAMPLING = dict(temperature=0.8, top_k=50)  # the defaults of SamplingConfig
 PROMPT_TOKENS = 200  # for the time to first token
 WARMUP_TOKENS = 10
+FAST, EAGER, RECOMPUTE, REFERENCE = ("engine, compiled fast path", "engine, eager", "Mini LLM, full recompute",
+                                     "reference, full recompute (nanoGPT's generate)")
 
 
 def load_reference():
@@ -42,41 +50,59 @@ def load_reference():
     return module.ReferenceGPT
 
 
-def rate(generate, batch: int, new_tokens: int, seed: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rate(generate, batch: int, new_tokens: int, seed: int, device: torch.device) -> float:
     """Tokens per second (new tokens of all rows) after a one-token prompt."""
-    prompt = torch.ones((batch, 1), dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.ones((batch, 1), dtype=torch.long, device=device)
+    synchronize(device)
     start = time.perf_counter()
-    out = generate(prompt, new_tokens, generator)
+    out = generate(prompt, new_tokens, seed)
+    synchronize(device)
     elapsed = time.perf_counter() - start
-    assert out.shape == (batch, 1 + new_tokens)
+    assert out.size(0) == batch and out.size(1) >= new_tokens
     return batch * new_tokens / elapsed
 
 
-def modes(context: int):
+def models(context: int, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
-    ours = DecoderOnlyTransformer(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS,
-                                              max_seq_len=context)).eval()
-    reference = load_reference()(VOCAB, D, LAYERS, HEADS, context).eval()
-    return ours, reference, {
-        "Mini LLM, KV cache": lambda p, n, g: ours.generate(p, n, generator=g, use_cache=True, **SAMPLING),
-        "Mini LLM, full recompute": lambda p, n, g: ours.generate(p, n, generator=g, use_cache=False, **SAMPLING),
-        "reference, full recompute (nanoGPT's generate)": lambda p, n, g: reference.generate(
-            p, n, generator=g, **SAMPLING),
+    shape = SHAPES[device.type]
+    ours = DecoderOnlyTransformer(ModelConfig(vocab_size=VOCAB, max_seq_len=context, **shape))
+    reference = load_reference()(VOCAB, shape["d_model"], shape["n_layers"], shape["n_heads"], context)
+    return ours.to(device, dtype).eval(), reference.to(device, dtype).eval()
+
+
+def modes(ours, reference, device: torch.device):
+    fast, eager = Engine(ours, compile=True), Engine(ours)
+
+    def sampling(n: int, seed: int) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING)
+
+    def reference_generate(p, n, seed):
+        return reference.generate(p, n, generator=torch.Generator(device).manual_seed(seed), **SAMPLING)
+
+    return {
+        FAST: lambda p, n, seed: fast.generate(p, sampling(n, seed)),
+        EAGER: lambda p, n, seed: eager.generate(p, sampling(n, seed)),
+        RECOMPUTE: lambda p, n, seed: eager.generate(p, sampling(n, seed), use_cache=False),
+        REFERENCE: reference_generate,
     }
 
 
-def first_token_seconds(ours: DecoderOnlyTransformer, reference, repeats: int) -> dict[str, float]:
-    prompt = torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+def first_token_seconds(ours, reference, repeats: int, device: torch.device) -> dict[str, float]:
+    prompt = torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
+    engine = Engine(ours)
     times: dict[str, list[float]] = {"Mini LLM (prefill into the cache)": [], "reference (one forward)": []}
     for _ in range(repeats + 1):
+        synchronize(device)
         start = time.perf_counter()
-        steps = ours.iter_generate(prompt, 1, **SAMPLING)
-        next(steps)
-        steps.close()
+        int(next(iter(engine.stream(prompt, SamplingConfig(max_new_tokens=1, **SAMPLING))))[0])
         times["Mini LLM (prefill into the cache)"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        reference.generate(prompt, 1, **SAMPLING)
+        int(reference.generate(prompt, 1, **SAMPLING)[0, -1])
         times["reference (one forward)"].append(time.perf_counter() - start)
     return {name: statistics.median(values[1:]) for name, values in times.items()}  # the first run warms up
 
@@ -85,31 +111,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode; the median is reported")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    print(f"Generation on the CPU ({torch.get_num_threads()} threads), {args.new_tokens} new tokens, sampling "
-          f"{SAMPLING}, median of {args.repeats} runs\n")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    where = f"{torch.cuda.get_device_name()} ({dtype})" if device.type == "cuda" else (
+        f"the CPU ({torch.get_num_threads()} threads, {dtype})")
+    print(f"Generation on {where}, {args.new_tokens} new tokens, sampling {SAMPLING}, median of "
+          f"{args.repeats} runs\n")
     print("| context | batch | mode | tokens/s | vs reference |")
     print("| --- | --- | --- | --- | --- |")
-    with torch.inference_mode():
-        for context in (64, 256):
-            ours, reference, generators = modes(context)
-            for batch in (1, 8):
-                for generate in generators.values():
-                    rate(generate, batch, WARMUP_TOKENS, seed=0)
-                rates: dict[str, list[float]] = {name: [] for name in generators}
-                for repeat in range(args.repeats):
-                    for name, generate in generators.items():
-                        rates[name].append(rate(generate, batch, args.new_tokens, seed=repeat))
-                baseline = statistics.median(rates["reference, full recompute (nanoGPT's generate)"])
-                for name, values in rates.items():
-                    median = statistics.median(values)
-                    print(f"| {context} | {batch} | {name} | {median:,.0f} | {median / baseline:.1f}x |")
-        print(f"\nTime to the first new token after a {PROMPT_TOKENS}-token prompt (context 256, "
-              f"{count_parameters(ours) / 1e6:.2f}M parameters):\n")
-        print("| model | ms |")
-        print("| --- | --- |")
-        for name, seconds in first_token_seconds(ours, reference, args.repeats).items():
-            print(f"| {name} | {seconds * 1000:.1f} |")
+    compile_seconds, mismatches = [], 0
+    for context in (64, 256):
+        ours, reference = models(context, device, dtype)
+        generators = modes(ours, reference, device)
+        for batch in (1, 8):
+            start = time.perf_counter()
+            rate(generators[FAST], batch, WARMUP_TOKENS, 0, device)  # compiles this shape
+            compile_seconds.append(time.perf_counter() - start)
+            for name, generate in generators.items():
+                rate(generate, batch, WARMUP_TOKENS, 0, device)
+            prompt = torch.ones((batch, 1), dtype=torch.long, device=device)
+            mismatches += not torch.equal(generators[FAST](prompt, 50, 1), generators[EAGER](prompt, 50, 1))
+            rates: dict[str, list[float]] = {name: [] for name in generators}
+            for repeat in range(args.repeats):
+                for name, generate in generators.items():
+                    rates[name].append(rate(generate, batch, args.new_tokens, repeat, device))
+            baseline = statistics.median(rates[REFERENCE])
+            for name, values in rates.items():
+                median = statistics.median(values)
+                print(f"| {context} | {batch} | {name} | {median:,.0f} | {median / baseline:.1f}x |")
+    print(f"\nCompiling the fast path (first call per context and batch): "
+          f"{', '.join(f'{s:.1f}' for s in compile_seconds)} s. Fast path and eager path gave "
+          f"{'the same' if not mismatches else f'DIFFERENT tokens in {mismatches} of 4 cases, not the same'} "
+          f"tokens for a seed (50 tokens per case).")
+    print(f"\nTime to the first new token after a {PROMPT_TOKENS}-token prompt (context 256, "
+          f"{count_parameters(ours) / 1e6:.2f}M parameters):\n")
+    print("| model | ms |")
+    print("| --- | --- |")
+    for name, seconds in first_token_seconds(ours, reference, args.repeats, device).items():
+        print(f"| {name} | {seconds * 1000:.1f} |")
 
 
 if __name__ == "__main__":

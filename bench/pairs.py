@@ -29,9 +29,11 @@ from minillm.config import preset_configs  # noqa: E402
 from minillm.generation import generate_text  # noqa: E402
 from minillm.models import count_parameters, is_encoder_decoder  # noqa: E402
 from minillm.run_folder import RunFolder  # noqa: E402
+from minillm.sampling import SamplingConfig  # noqa: E402
 from minillm.training import train  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 SHAPE = dict(d_model=96, n_heads=4, max_seq_len=32)
 RECIPE = dict(tokenizer="char", batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50, eval_batches=5)
 MUON = dict(optimizer="muon", schedule="warmdown")
@@ -62,9 +64,9 @@ def score(run_dir: Path, pairs: list[tuple[str, str]], encoder_decoder: bool) ->
     exact = right = total = 0
     for source, target in pairs:
         if encoder_decoder:
-            out = generate_text(run.model, run.tokenizer, "", source=source, temperature=0, max_new_tokens=12)
+            out = generate_text(run.model, run.tokenizer, "", GREEDY, source=source)
         else:
-            out = generate_text(run.model, run.tokenizer, source + "\n", temperature=0, max_new_tokens=12)
+            out = generate_text(run.model, run.tokenizer, source + "\n", GREEDY)
         out = out.split("\n")[0]
         exact += out == target
         right += sum(a == b for a, b in zip(out, target, strict=False))

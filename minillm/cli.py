@@ -45,13 +45,13 @@ from minillm.errors import MiniLLMError
 from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
 from minillm.run_folder import default_run_name
+from minillm.sampling import SamplingConfig
 from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, MAX_PORT, MIN_PORT, check_port_number
 from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 FINAL_SAMPLE_TOKENS = 200  # the sample printed at the end of `minillm train`
-FINAL_SAMPLE_TEMPERATURE = 0.8
 FINAL_SAMPLE_SEED = 0
 SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 
@@ -174,12 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
     generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
-    generate.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS)
-    generate.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help="0 = greedy")
-    generate.add_argument("--top-k", type=int, default=argparse.SUPPRESS, help="keep the k likeliest tokens")
-    generate.add_argument("--top-p", type=float, default=argparse.SUPPRESS, help="nucleus sampling mass")
-    generate.add_argument("--repetition-penalty", type=float, default=argparse.SUPPRESS)
+    defaults = SamplingConfig()
+    generate.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS,
+                          help=f"default {defaults.max_new_tokens}")
+    generate.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
+                          help=f"0 = greedy (default {defaults.temperature:g})")
+    generate.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
+                          help=f"keep the k likeliest tokens, 0 = off (default {defaults.top_k})")
+    generate.add_argument("--top-p", type=float, default=argparse.SUPPRESS,
+                          help="nucleus sampling mass, 1 = off (default off)")
+    generate.add_argument("--repetition-penalty", type=float, default=argparse.SUPPRESS,
+                          help="> 1 discourages repeats, 1 = off (default off)")
     generate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="same seed, same text")
+    generate.add_argument("--compile", action="store_true",
+                          help="compile the decode step first (seconds to a minute; faster per token "
+                               "afterwards, the same tokens)")
     generate.add_argument("--device", default=None)
     generate.set_defaults(func=cmd_generate)
 
@@ -301,21 +310,21 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
     run = load_run(run_dir, device)
     prompt = sample_prompt(run_dir, run.tokenizer, min(SAMPLE_PROMPT_TOKENS, run.config.max_seq_len // 2))
     print(f"\nsample from the best model (prompt {prompt!r}):\n")
-    kwargs = dict(max_new_tokens=FINAL_SAMPLE_TOKENS, temperature=FINAL_SAMPLE_TEMPERATURE,
-                  seed=FINAL_SAMPLE_SEED)
+    sampling = SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=FINAL_SAMPLE_SEED)
     if is_encoder_decoder(run.config):
-        stream(run, prompt="", source=prompt, **kwargs)
+        stream(run, "", sampling, source=prompt)
     else:
         sys.stdout.write(prompt)
-        stream(run, prompt=prompt, source=None, **kwargs)
+        stream(run, prompt, sampling)
 
 
-def stream(run: Any, prompt: str, source: str | None, **settings: Any) -> None:
+def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None = None, compile: bool = False) -> None:
     """Write the generated chunks to stdout as they come, then a newline; on stderr, a note when the model
     ended the text itself (EOS) before --max-new-tokens."""
+    from minillm.engine import Engine
     from minillm.generation import stream_tokens
 
-    tokens = stream_tokens(run.model, run.tokenizer, prompt, source=source, **settings)
+    tokens = stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile))
     try:
         for _, chunk in tokens:
             sys.stdout.write(chunk)
@@ -336,14 +345,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minillm.generation import generation_inputs, unknown_characters_warning
 
     run = load_run(args.run_dir, args.device)
-    settings = {name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)}
+    sampling = SamplingConfig(**{name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)})
     prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
     warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if not is_encoder_decoder(run.config):
         sys.stdout.write(prompt)  # stdout = prompt + continuation
-    stream(run, prompt=prompt, source=source, **settings)
+    stream(run, prompt, sampling, source, compile=args.compile)
     return 0
 
 

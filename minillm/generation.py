@@ -1,7 +1,10 @@
 """Text in, text out: the one generation entry point that the CLI and the UI both call.
 
-    for chunk in stream_text(run.model, run.tokenizer, "ROMEO:", max_new_tokens=200, seed=1):
+    for chunk in stream_text(run.model, run.tokenizer, "ROMEO:", SamplingConfig(max_new_tokens=200, seed=1)):
         print(chunk, end="", flush=True)
+
+Token ids in, token ids out is `minillm.engine.Engine`; the sampling settings and their defaults are
+`minillm.sampling.SamplingConfig`.
 """
 
 from __future__ import annotations
@@ -12,13 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
-
-# Sampling defaults of the CLI and the UI alike (top_p None and repetition_penalty 1.0 mean off).
-DEFAULT_MAX_NEW_TOKENS = 200
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 50
+from minillm.sampling import SamplingConfig
 
 
 def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | None) -> tuple[str, str | None]:
@@ -49,11 +49,8 @@ def unknown_characters_warning(tokenizer: Any, text: str) -> str:
             "<|unk|> and the model has never seen them")
 
 
-def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
-                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
-                top_k: int | None = DEFAULT_TOP_K,
-                top_p: float | None = None, repetition_penalty: float = 1.0,
-                seed: int | None = None) -> Iterator[str]:
+def stream_text(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+                source: str | None = None, engine: Engine | None = None) -> Iterator[str]:
     """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
 
     Decoder-only: continues `prompt` (which is not yielded again); an empty prompt starts from the BOS
@@ -61,10 +58,10 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | Non
     Encoder-decoder: `source` is the encoder input, encoded as plain tokens like the training sources
     (no special tokens); `prompt`, if any, is a prefix of the target that the model continues.
     The concatenated chunks equal tokenizer.decode(new token ids). Same seed -> same text (on one device).
-    Closing the iterator stops the model's token loop.
+    Closing the iterator stops the model's token loop. `engine`: one made for `model` with options
+    (Engine(model, compile=True)); by default a plain one.
     """
-    tokens = stream_tokens(model, tokenizer, prompt, source, max_new_tokens, temperature, top_k, top_p,
-                           repetition_penalty, seed)
+    tokens = stream_tokens(model, tokenizer, prompt, sampling, source, engine)
     try:
         for _, chunk in tokens:
             if chunk:
@@ -108,11 +105,8 @@ class TokenStream:
         return f"stopped at end of text after {self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"
 
 
-def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
-                  top_k: int | None = DEFAULT_TOP_K,
-                  top_p: float | None = None, repetition_penalty: float = 1.0,
-                  seed: int | None = None) -> TokenStream:
+def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+                  source: str | None = None, engine: Engine | None = None) -> TokenStream:
     """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.
 
     The same stream as stream_text (which joins the texts), one item per token, for callers that count
@@ -120,33 +114,27 @@ def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, source: str | N
     incomplete at the end, so the texts always add up to tokenizer.decode(new token ids). After the last
     item, the stream's `stop_reason` and `end_note()` say whether the model ended the text (EOS).
     """
-    return TokenStream(_token_steps(model, tokenizer, prompt, source, max_new_tokens, temperature, top_k, top_p,
-                                    repetition_penalty, seed))
+    return TokenStream(_token_steps(model, tokenizer, prompt, sampling or SamplingConfig(), source,
+                                    engine or Engine(model)))
 
 
-def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, source: str | None, max_new_tokens: int,
-                 temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
-                 seed: int | None) -> Generator[tuple[int | None, str], None, str]:
+def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig, source: str | None,
+                 engine: Engine) -> Generator[tuple[int | None, str], None, str]:
     """stream_tokens' items; returns why it ended."""
     if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
-    config = model.config
-    device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id, generator=generator)
-    if is_encoder_decoder(config):
+    if engine.model is not model:
+        raise MiniLLMError("the engine was made for another model")
+    if is_encoder_decoder(model.config):
         if source is None or not source.strip():
             raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
-        source_ids = tokenizer.encode(source)  # longer than max_seq_len: the model's own clear error
-        prefix = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-        source_tensor = torch.tensor([source_ids], dtype=torch.long)
-        tokens = model.iter_generate(source_tensor, tgt_prefix=prefix, **settings)
+        # A source longer than max_seq_len: the model's own clear error.
+        tokens = engine.stream(torch.tensor([tokenizer.encode(prompt)], dtype=torch.long), sampling,
+                               source_ids=torch.tensor([tokenizer.encode(source)], dtype=torch.long),
+                               eos_id=tokenizer.eos_id)
     else:
         prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
-        tokens = model.iter_generate(torch.tensor([prompt_ids], dtype=torch.long), **settings)
+        tokens = engine.stream(torch.tensor([prompt_ids], dtype=torch.long), sampling, eos_id=tokenizer.eos_id)
 
     decoder = tokenizer.decode_stream(skip_special_tokens=True)
     new_ids: list[int] = []
@@ -172,7 +160,7 @@ def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, source: str | No
     return reason
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, source: str | None = None,
-                  **settings: Any) -> str:
-    """The whole continuation as one string (stream_text, joined); settings as for stream_text."""
-    return "".join(stream_text(model, tokenizer, prompt, source=source, **settings))
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+                  source: str | None = None, engine: Engine | None = None) -> str:
+    """The whole continuation as one string (stream_text, joined)."""
+    return "".join(stream_text(model, tokenizer, prompt, sampling, source, engine))

@@ -1,12 +1,20 @@
-"""The one sampler: next-token choice from logits, shared by the CLI, the UI, generation and the tests.
+"""The one sampler: its settings (`SamplingConfig`, the defaults of the CLI, the UI and the exports) and the
+next-token choice from logits, shared by the decoding engine, its compiled fast path and the tests.
 
-Order of operations (each optional): temperature, repetition penalty, top-k, top-p (nucleus), sample.
+Order of operations (each optional): repetition penalty, temperature, top-k, top-p (nucleus), sample.
 `temperature == 0` means greedy decoding (argmax after the repetition penalty).
+
+The draw itself is the exponential-race form of sampling from a categorical distribution: with
+e_i ~ Exp(1) independent, argmax_i p_i / e_i is distributed exactly as p (what torch.multinomial does for
+one sample). Drawing the noise apart from the choice lets the engine draw it outside a compiled decode
+step and hand it in, so the compiled step and the eager one choose the same token for the same seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -19,69 +27,122 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
 MAX_NEW_TOKENS = 10**9
 MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63 - 1
+# Exponential noise is clamped away from 0: a 0 would turn a zero probability into 0/0 = NaN, which argmax
+# would pick.
+_MIN_NOISE = 1e-30
 
 
-def check_sampling_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                            repetition_penalty: float) -> None:
-    """Raise MiniLLMError for a setting that cannot work, naming the value and the valid range.
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to choose each new token, and how many to make; checks itself when made.
 
-    top_k: None or 0 disables it (the Hugging Face convention); a negative top_k is an error; a top_k
-    larger than the vocabulary is clamped to the vocabulary size by `sample_next_token`.
+    top_k: None or 0 = off (the Hugging Face convention; stored as None); larger than the vocabulary keeps
+    every token. top_p: None or 1 = off (stored as None). repetition_penalty 1 = off. seed: None draws from
+    torch's global generator; a number makes the text reproducible.
     """
-    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-            or not 0 < max_new_tokens <= MAX_NEW_TOKENS):
-        raise MiniLLMError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
-                           f"got {max_new_tokens!r}")
-    if not _is_number(temperature) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        raise MiniLLMError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}, "
-                           f"got {temperature!r}")
-    if top_k is not None and (not _is_number(top_k) or not math.isfinite(top_k) or top_k != int(top_k)
-                              or not 0 <= top_k <= MAX_TOP_K):
-        raise MiniLLMError(f"top_k must be a whole number >= 0 (0 or None = off), got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise MiniLLMError(f"top_p must be in (0, 1] (1 or None = off), got {top_p!r}")
-    if not _is_number(repetition_penalty) or not (
-            MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY):
-        raise MiniLLMError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
-                           f"{MAX_REPETITION_PENALTY:g} (1 = off), got {repetition_penalty!r}")
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
+                or not 0 < self.max_new_tokens <= MAX_NEW_TOKENS):
+            raise MiniLLMError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
+                               f"got {self.max_new_tokens!r}")
+        t = self.temperature
+        if not _is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise MiniLLMError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                               f"{MAX_TEMPERATURE:g}, got {t!r}")
+        k = self.top_k
+        if k is not None and (not _is_number(k) or not math.isfinite(k) or k != int(k) or not 0 <= k <= MAX_TOP_K):
+            raise MiniLLMError(f"top_k must be a whole number >= 0 (0 or None = off), got {k!r}")
+        p = self.top_p
+        if p is not None and (not _is_number(p) or not 0 < p <= 1):
+            raise MiniLLMError(f"top_p must be in (0, 1] (1 or None = off), got {p!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise MiniLLMError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
+                               f"{MAX_REPETITION_PENALTY:g} (1 = off), got {r!r}")
+        s = self.seed
+        if s is not None and (not _is_number(s) or s != int(s) or not 0 <= s <= MAX_SEED):
+            raise MiniLLMError(f"seed must be a whole number from 0 to {MAX_SEED}, got {s!r}")
+        # One spelling per meaning, so equal settings compare (and cache a compiled step) equal.
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", int(k) if k else None)
+        object.__setattr__(self, "top_p", float(p) if p is not None and p < 1 else None)
+        object.__setattr__(self, "repetition_penalty", float(r))
+        object.__setattr__(self, "seed", None if s is None else int(s))
+
+    def replace(self, **changes: object) -> SamplingConfig:
+        """A copy with some settings changed (and checked)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def candidates(self, vocab_size: int) -> int:
+        """How many tokens the draw chooses among: the noise that `sample_next_token` needs per row."""
+        return min(self.top_k, vocab_size) if self.top_k else vocab_size
+
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        """A generator seeded with `seed` on `device`, or None (torch's global one) without a seed."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, repetition_penalty: float = 1.0,
-                      previous_ids: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def seen_tokens(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A (B, V) boolean mask of the tokens each row of the (B, T) ids holds: what the penalty looks at."""
+    seen = torch.zeros(ids.size(0), vocab_size, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)
+
+
+def draw_noise(rows: int, candidates: int, generator: torch.Generator | None,
+               device: torch.device | str) -> torch.Tensor:
+    """(rows, candidates) Exp(1) noise for one draw of `sample_next_token`."""
+    return torch.empty(rows, candidates, device=device).exponential_(generator=generator)
+
+
+def sample_next_token(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Choose one token per row from (B, V) logits; returns (B,) int64 ids.
 
-    repetition_penalty (CTRL): the logits of tokens in `previous_ids` (B, T) are divided by it when
-    positive and multiplied by it when negative, so > 1 discourages repeats. top_k keeps exactly k tokens
-    (torch.topk's indices: ties at the k-th value are broken, not all kept, unlike a threshold compare);
-    top_p then keeps the smallest set of the most likely tokens whose probability reaches top_p.
-    Settings are assumed checked by `check_sampling_settings`. A `generator` makes the draw reproducible.
+    repetition penalty (CTRL): the logits of the tokens marked in `seen` (B, V) are divided by it when
+    positive and multiplied by it when negative, so > 1 discourages repeats (each token once, however often
+    it occurred). top_k keeps exactly k tokens (torch.topk's indices: ties at the k-th value are broken,
+    not all kept, unlike a threshold compare); top_p then keeps the smallest set of the most likely tokens
+    whose probability reaches top_p. `noise`: (B, sampling.candidates(V)) from `draw_noise`, or drawn
+    here from `generator`. Traceable by torch.compile (no data-dependent Python branches).
     """
     logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    if repetition_penalty != 1.0 and previous_ids is not None and previous_ids.numel() > 0:
-        seen = logits.gather(1, previous_ids)
-        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
-        logits = logits.scatter(1, previous_ids, seen)
-    if temperature == 0:
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty,
+                                logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if sampling.greedy:
         return logits.argmax(dim=-1)
+    if sampling.temperature != 1.0:
+        logits = logits / sampling.temperature
     # Work on the candidate set only: `values` (B, C) sorted from most to least likely, `indices` their ids.
-    if top_k:
-        k = min(int(top_k), logits.size(-1))  # a k beyond the vocabulary keeps everything
-        values, indices = torch.topk(logits, k, dim=-1)  # exactly k: ties at the k-th value are cut
-    elif top_p is not None and top_p < 1.0:
+    if sampling.top_k:
+        values, indices = torch.topk(logits, sampling.candidates(logits.size(-1)), dim=-1)  # ties are cut
+    elif sampling.top_p is not None:
         values, indices = torch.sort(logits, dim=-1, descending=True)
     else:
         values, indices = logits, None
-    if top_p is not None and top_p < 1.0:
-        probs = values.softmax(dim=-1)
+    probs = values.softmax(dim=-1)
+    if sampling.top_p is not None:
         # Drop a token when the tokens before it already reach top_p; the most likely one always stays.
-        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, -math.inf)
-    choice = torch.multinomial(values.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= sampling.top_p, 0.0)
+    if noise is None:
+        noise = draw_noise(probs.size(0), probs.size(1), generator, probs.device)
+    choice = (probs / noise.clamp_min(_MIN_NOISE)).argmax(dim=-1, keepdim=True)  # (B, 1)
     return (choice if indices is None else indices.gather(1, choice)).squeeze(1)

@@ -21,7 +21,9 @@ import torch
 
 from minillm.checkpoint import load_run
 from minillm.config import preset_configs
+from minillm.engine import Engine
 from minillm.export import export_run
+from minillm.sampling import SamplingConfig
 from minillm.training import train
 
 PROMPT = "ROMEO:\nWhat shall I say"
@@ -75,7 +77,8 @@ def main() -> int:
           f"{np.abs(their_logits - our_logits).max():.2e}")
 
     n = min(args.tokens, run.config.max_seq_len - len(ours_ids))
-    ours = run.model.generate(torch.tensor([ours_ids]), n, temperature=0.0)[0, len(ours_ids):].tolist()
+    ours = Engine(run.model).generate(torch.tensor([ours_ids]), SamplingConfig(max_new_tokens=n, temperature=0.0))
+    ours = ours[0].tolist()
     theirs = []
     for token in llm.generate(ours_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
         theirs.append(int(token))

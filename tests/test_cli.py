@@ -21,13 +21,13 @@ import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import (
     FINAL_SAMPLE_SEED,
-    FINAL_SAMPLE_TEMPERATURE,
     FINAL_SAMPLE_TOKENS,
     SAMPLE_PROMPT_TOKENS,
     main,
 )
 from minillm.data.prepare import bundled_data_path, sample_prompt
 from minillm.generation import STOP_EOS, stream_text
+from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
@@ -116,8 +116,8 @@ def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkey
     # The sample: the start of the test split, then what the best model makes of it.
     prompt = sample_prompt(run_dir, run.tokenizer, SAMPLE_PROMPT_TOKENS)
     assert prompt.strip()
-    generated = "".join(stream_text(run.model, run.tokenizer, prompt, max_new_tokens=FINAL_SAMPLE_TOKENS,
-                                    temperature=FINAL_SAMPLE_TEMPERATURE, seed=FINAL_SAMPLE_SEED))
+    generated = "".join(stream_text(run.model, run.tokenizer, prompt,
+                                    SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=FINAL_SAMPLE_SEED)))
     assert f"sample from the best model (prompt {prompt!r}):\n\n{prompt}{generated}\n" in out
     assert f"next: minillm generate {run_dir} --prompt" in out
 
@@ -221,12 +221,12 @@ def test_nonsense_settings(tmp_path, corpus_file, capsys, options, needle):
 
 
 def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, capsys):
-    settings = dict(max_new_tokens=40, temperature=0.9, top_k=10, seed=7)
+    settings = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=10, seed=7)
     assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "40",
                  "--temperature", "0.9", "--top-k", "10", "--seed", "7"]) == 0
     out = capsys.readouterr().out
     run = load_run(tiny_run)
-    expected = "the cat" + "".join(stream_text(run.model, run.tokenizer, "the cat", **settings)) + "\n"
+    expected = "the cat" + "".join(stream_text(run.model, run.tokenizer, "the cat", settings)) + "\n"
     assert out == expected
 
 
@@ -245,13 +245,13 @@ def seq2seq_run(tmp_path_factory, corpus_file) -> Path:
     (["--prompt", "a dog runs"], "", "a dog runs"),  # without --source the prompt is the source
 ])
 def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, capsys, options, prompt, source):
-    settings = dict(max_new_tokens=30, temperature=0.9, seed=3)
+    settings = SamplingConfig(max_new_tokens=30, temperature=0.9, seed=3)
     assert main(["generate", str(seq2seq_run), *options, "--max-new-tokens", "30", "--temperature", "0.9",
                  "--seed", "3"]) == 0
     run = load_run(seq2seq_run)
-    target = "".join(stream_text(run.model, run.tokenizer, prompt, source=source, **settings))
+    target = "".join(stream_text(run.model, run.tokenizer, prompt, settings, source=source))
     assert capsys.readouterr().out == target + "\n"  # no prompt, no source: the generated target
-    other_source = "".join(stream_text(run.model, run.tokenizer, prompt, source="the old king", **settings))
+    other_source = "".join(stream_text(run.model, run.tokenizer, prompt, settings, source="the old king"))
     assert other_source != target, "the source must matter, or this test could not tell"
 
 

@@ -15,12 +15,13 @@ from conftest import save_gpt2_style_tokenizer, tiny_configs
 from minillm.checkpoint import load_run
 from minillm.cli import main
 from minillm.config import ModelConfig
+from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.export import EXPORT_FORMATS, export_run
 from minillm.export.gguf import TENSOR_NAMES, gguf_name, unpermute_for_rope
-from minillm.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models import build_model
 from minillm.models.llama import split_fused
+from minillm.sampling import SamplingConfig
 from minillm.training import train
 
 transformers = pytest.importorskip("transformers")
@@ -81,7 +82,8 @@ def test_hf_export_is_the_same_model_in_transformers(runs, kind, tmp_path, one_t
     assert difference <= LOGITS_TOLERANCE
 
     ids = prompt_ids(run)
-    ours = run.model.generate(ids, GREEDY_TOKENS, temperature=0.0)
+    ours = torch.cat([ids, Engine(run.model).generate(ids, SamplingConfig(max_new_tokens=GREEDY_TOKENS,
+                                                                          temperature=0.0))], dim=1)
     model.generation_config.eos_token_id = None  # 50 tokens, also past an end of sample, as ours above
     theirs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=GREEDY_TOKENS)
     assert theirs.shape[1] == ids.shape[1] + GREEDY_TOKENS and theirs.tolist() == ours.tolist()
@@ -115,8 +117,8 @@ def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_p
     assert (config["vocab_size"], config["tie_word_embeddings"]) == (c.vocab_size, True)
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (c.bos_id, c.eos_id, c.pad_id)
     generation = transformers.GenerationConfig.from_pretrained(out)
-    assert (generation.temperature, generation.top_k, generation.do_sample) == (DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
-                                                                                True)
+    assert (generation.temperature, generation.top_k, generation.do_sample) == (
+        SamplingConfig().temperature, SamplingConfig().top_k, True)
     weights = safetensors_torch.load_file(out / "model.safetensors")
     assert "lm_head.weight" not in weights and weights["model.embed_tokens.weight"].dtype == torch.float16
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -233,7 +235,8 @@ def test_a_qk_norm_run_exports_as_qwen3_to_transformers_and_llama_cpp(qk_norm_ru
     model.generation_config.eos_token_id = None
     theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                             max_new_tokens=GREEDY_TOKENS)
-    assert theirs.tolist() == run.model.generate(prompt, GREEDY_TOKENS, temperature=0.0).tolist()
+    greedy = Engine(run.model).generate(prompt, SamplingConfig(max_new_tokens=GREEDY_TOKENS, temperature=0.0))
+    assert theirs.tolist() == torch.cat([prompt, greedy], dim=1).tolist()
 
     reader = gguf.GGUFReader(export_run(qk_norm_run, "gguf", tmp_path / "model.gguf"))
     assert gguf_field(reader, "general.architecture") == "qwen3"

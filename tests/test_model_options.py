@@ -130,10 +130,7 @@ def test_softcap_bounds_the_logits_smoothly_in_the_forward_pass_and_when_decodin
     torch.testing.assert_close(soft, 3.0 * torch.tanh(raw / 3.0))
     # Generation reads the cached path's logits: capped there too.
     with torch.no_grad():
-        if kind == "transformer":
-            cache = capped.new_cache(ids(2, 6, seed=7))
-        else:
-            cache = capped.new_cache(2)
+        cache = capped.new_cache(2, ids(2, 6, seed=7) if kind == "transformer" else None)
         torch.testing.assert_close(capped.forward_cached(tokens, cache, all_positions=True), soft,
                                    atol=1e-5, rtol=1e-5)
 
@@ -182,15 +179,20 @@ def test_each_option_trains(kind, option):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_equals_the_full_forward_with_every_option(kind):
+def test_cached_and_static_decoding_equal_the_full_forward_with_every_option(kind):
     m = model(kind, **ALL_OPTIONS)
     tokens = ids(2, 10)
     full = logits(m, kind, tokens)
     with torch.no_grad():
-        cache = m.new_cache(ids(2, 6, seed=7)) if kind == "transformer" else m.new_cache(2)
+        source = ids(2, 6, seed=7) if kind == "transformer" else None
+        cache, static = m.new_cache(2, source), m.new_cache(2, source)
         steps = [m.forward_cached(tokens[:, :4], cache, all_positions=True)]
         steps += [m.forward_cached(tokens[:, t:t + 1], cache)[:, None] for t in range(4, 10)]
+        m.forward_cached(tokens[:, :4], static)
+        static.sync_position()
+        fast = [m.decode_step(tokens[:, t:t + 1], static)[:, None] for t in range(4, 10)]  # the static step
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(fast, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
 
 
 # ---- runs: save, load, resume, export -------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The models: shapes, loss, masks, init, learning, KV-cache equivalence, sliding window, generate."""
+"""The models: shapes, loss, masks, init, learning, KV-cache and static decode-step equivalence.
+
+Generation (the loop, sliding window, sampling, stopping) is tested in test_engine.py."""
 
 from __future__ import annotations
 
@@ -16,13 +18,10 @@ from minillm.models import (
     TransformerModel,
     build_model,
     count_parameters,
-    decoding,
     pick_device,
 )
-from minillm.models.decoding import CONTEXT_KEEP_FRACTION
 from minillm.models.layers import RMSNorm
 from minillm.models.llama import fuse_split, split_fused
-from minillm.sampling import MAX_NEW_TOKENS
 
 VOCAB = 40
 PAD, BOS, EOS = 0, 1, 2
@@ -250,7 +249,7 @@ def test_transformer_cached_decoding_equals_full_forward(prompt_len):
     src_mask[1, 6:] = False
     full = model(src, tgt, src_mask=src_mask)[0]
     with torch.no_grad():
-        cache = model.new_cache(src, src_mask)
+        cache = model.new_cache(2, src, src_mask)
         prefill = model.forward_cached(tgt[:, :prompt_len], cache, all_positions=True)
         steps = [model.forward_cached(tgt[:, t:t + 1], cache) for t in range(prompt_len, 16)]
     incremental = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
@@ -267,165 +266,23 @@ def test_cached_chunks_after_a_prefix_use_the_right_causal_mask():
     torch.testing.assert_close(torch.cat([first, second], dim=1), model(ids)[0], atol=1e-5, rtol=0)
 
 
-def expected_windows(prompt_len: int, n_new: int, max_seq_len: int) -> list[tuple[int, int]]:
-    """(start, end) of the context window before each new token, by the documented sliding rule."""
-    keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
-    start, end, windows = max(0, prompt_len - max_seq_len), prompt_len, []
-    for _ in range(n_new):
-        windows.append((start, end))
-        end += 1
-        if end - start > max_seq_len:
-            start = end - keep
-    return windows
-
-
-@pytest.fixture
-def sampled_logits(monkeypatch) -> list[torch.Tensor]:
-    """The (B, V) logits the generation loop hands to the sampler, one per new token (a spy: sampling is real).
-
-    Generation tests compare these logits, not greedy tokens: an untrained tiny model's greedy token is
-    nearly always the same whatever the context, so a test of tokens cannot see a context bug.
-    """
-    seen = []
-    real = decoding.sample_next_token
-
-    def spy(logits, *args, **kwargs):
-        seen.append(logits.clone())
-        return real(logits, *args, **kwargs)
-
-    monkeypatch.setattr(decoding, "sample_next_token", spy)
-    return seen
-
-
-def full_recompute_logits(model: torch.nn.Module, window: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
-    """(B, V) logits after `window`, from a plain forward pass over it alone."""
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_static_decode_steps_equal_the_cached_forward(model_type):
+    """decode_step (a tensor position, attention over the whole preallocated cache under a mask) gives the
+    logits of forward_cached, which attends over the filled part only."""
+    model = tiny_model(model_type, max_seq_len=16)
+    src = random_ids(2, 9, seed=3) if model_type == "transformer" else None
+    ids = random_ids(2, 16)
     with torch.no_grad():
-        logits = model(window)[0] if src is None else model(src, window)[0]
-    return logits[:, -1]
-
-
-@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_past_the_context_slides_and_matches_a_full_recompute(model_type, use_cache,
-                                                                         sampled_logits):
-    max_seq_len, n_new = 8, 20
-    model = tiny_model(model_type, max_seq_len=max_seq_len)
-    src = random_ids(1, 5, seed=7)
-    # Sampled, not greedy: greedy decoding of an untrained model soon repeats one token, and over a run of
-    # identical tokens every window length gives the same logits.
-    settings = dict(temperature=1.0, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
-    if model_type == "decoder_only":
-        src = None
-        context = random_ids(1, 3)
-        out = model.generate(context, n_new, **settings)
-        full_sequence = out
-        new = out[:, 3:]
-    else:
-        new = model.generate(src, n_new, **settings)
-        full_sequence = torch.cat([torch.full((1, 1), BOS), new], dim=1)
-    assert new.shape == (1, n_new) and len(sampled_logits) == n_new
-    windows = expected_windows(full_sequence.size(1) - n_new, n_new, max_seq_len)
-    assert windows[-1][0] > 0, "the test must cover at least one slide"
-    for i, (start, end) in enumerate(windows):
-        expected = full_recompute_logits(model, full_sequence[:, start:end], src)
-        torch.testing.assert_close(sampled_logits[i], expected, atol=1e-5, rtol=0,
-                                   msg=f"token {i}: the logits differ from a full recompute of tokens "
-                                       f"[{start}, {end})")
-        if end - start > 1:  # the logits depend on the whole window, so a window one token short would show
-            shorter = full_recompute_logits(model, full_sequence[:, start + 1:end], src)
-            assert (shorter - expected).abs().max() > 1e-3
-
-
-def test_a_prompt_longer_than_the_context_keeps_its_last_window(sampled_logits):
-    model = tiny_model(max_seq_len=8)
-    prompt = random_ids(1, 20)
-    model.generate(prompt, 1, temperature=0)
-    torch.testing.assert_close(sampled_logits[0], full_recompute_logits(model, prompt[:, -8:], None),
-                               atol=1e-5, rtol=0)
-
-
-# ---- generate -------------------------------------------------------------------------------------------
-
-def test_decoder_only_generate_returns_prompt_then_new_tokens_and_iter_generate_streams():
-    model = tiny_model()
-    prompt = random_ids(2, 4)
-    out = model.generate(prompt, 6, temperature=0)
-    assert out.shape == (2, 10) and out.dtype == torch.long
-    assert torch.equal(out[:, :4], prompt)
-    steps = list(model.iter_generate(prompt, 6, temperature=0))
-    assert len(steps) == 6 and all(s.shape == (2,) for s in steps)
-    assert torch.equal(torch.stack(steps, dim=1), out[:, 4:])
-    assert torch.equal(model.generate(prompt, 6, temperature=0, use_cache=False), out)
-
-
-def test_transformer_generate_returns_only_new_tokens_and_continues_a_prefix():
-    model = tiny_model("transformer")
-    src = random_ids(1, 6)
-    out = model.generate(src, 8, temperature=0)
-    assert out.shape == (1, 8)
-    continued = model.generate(src, 5, temperature=0, tgt_prefix=out[:, :3])
-    assert torch.equal(continued, out[:, 3:])
-
-
-@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
-def test_same_generator_seed_gives_the_same_sample(model_type):
-    model = tiny_model(model_type)
-    prompt = random_ids(1, 3)
-
-    def sample(seed: int) -> torch.Tensor:
-        return model.generate(prompt, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
-
-    assert torch.equal(sample(5), sample(5))
-    assert not torch.equal(sample(5), sample(6))
-
-
-def test_generation_stops_when_every_row_reached_eos_and_pads_finished_rows():
-    model = tiny_model()
-    prompt = random_ids(2, 3)
-    free = model.generate(prompt, 12, temperature=0)[:, 3:]
-    eos = int(free[0, 2])  # make row 0's third token the end of sequence
-
-    def first_eos(row: torch.Tensor) -> int:
-        hits = (row == eos).nonzero()
-        return int(hits[0]) if len(hits) else len(row)
-
-    stops = [first_eos(free[0]), first_eos(free[1])]
-    out = model.generate(prompt, 12, temperature=0, eos_id=eos)[:, 3:]
-    assert out.size(1) == min(12, max(stops) + 1)
-    for row, stop in enumerate(stops):
-        assert torch.equal(out[row, :stop + 1], free[row, :stop + 1])
-        assert (out[row, stop + 1:] == PAD).all()
-
-
-def test_closing_iter_generate_stops_the_work_and_restores_training_mode():
-    model = tiny_model().train()
-    steps = model.iter_generate(random_ids(1, 2), MAX_NEW_TOKENS, temperature=0)  # nothing is sized by this
-    next(steps)
-    assert not model.training, "generation runs in eval mode (no dropout)"
-    steps.close()
-    assert model.training
-
-
-@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
-def test_bad_input_ids_are_clear_errors(model_type):
-    model = tiny_model(model_type)
-    with pytest.raises(MiniLLMError, match="outside the model's vocabulary"):
-        model.generate(torch.tensor([[3, VOCAB]]), 2)
-    with pytest.raises(MiniLLMError, match="outside the model's vocabulary"):
-        model.generate(torch.tensor([[-1, 3]]), 2)
-    with pytest.raises(MiniLLMError, match="shape"):
-        model.generate(torch.tensor([3, 4]), 2)
-    with pytest.raises(MiniLLMError, match="empty"):
-        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
-    with pytest.raises(MiniLLMError, match="integer"):
-        model.generate(torch.tensor([[3.0, 4.0]]), 2)
-    with pytest.raises(MiniLLMError, match="max_new_tokens"):
-        model.generate(random_ids(1, 2), 0)
-
-
-def test_transformer_source_longer_than_the_context_is_a_clear_error():
-    with pytest.raises(MiniLLMError, match="max_seq_len"):
-        tiny_model("transformer").generate(random_ids(1, 17), 2)
+        eager, static = model.new_cache(2, src), model.new_cache(2, src)
+        prefill = model.forward_cached(ids[:, :5], eager)
+        model.forward_cached(ids[:, :5], static)
+        static.sync_position()
+        steps = [model.forward_cached(ids[:, t:t + 1], eager) for t in range(5, 16)]
+        fast = [model.decode_step(ids[:, t:t + 1], static) for t in range(5, 16)]
+    assert prefill.shape == (2, VOCAB) and int(static.position) == 16
+    torch.testing.assert_close(torch.stack(fast), torch.stack(steps), atol=1e-5, rtol=0)
+    torch.testing.assert_close(static.keys, eager.keys, atol=1e-6, rtol=0)
 
 
 # ---- Hugging Face compatibility -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from minillm.generation import stream_text
 from minillm.models import build_model
 from minillm.run_cache import RunCache, RunFiles
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE
+from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 
 TEXT = "the cat sees the moon.\na dog runs to the river.\n"
@@ -64,7 +65,7 @@ def test_users_of_the_same_files_share_one_read_only_model(runs):
     # Read-only: eval mode, no gradients; generating leaves every weight as it was.
     before = {k: v.clone() for k, v in first.model.state_dict().items()}
     assert not first.model.training and not any(p.requires_grad for p in first.model.parameters())
-    "".join(stream_text(first.model, first.tokenizer, "the", max_new_tokens=10, seed=0))
+    "".join(stream_text(first.model, first.tokenizer, "the", SamplingConfig(max_new_tokens=10, seed=0)))
     assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
 
 

@@ -10,25 +10,35 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.config import ModelConfig
+from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import build_model
-from minillm.sampling import check_sampling_settings, sample_next_token
+from minillm.sampling import SamplingConfig, draw_noise, sample_next_token, seen_tokens
 
 DRAWS = 2000  # rows sampled at once when a test looks at the distribution
+
+
+def choose(logits: torch.Tensor, generator: torch.Generator | None = None, previous: torch.Tensor | None = None,
+           **settings) -> torch.Tensor:
+    """sample_next_token with plain sampling (temperature 1, no top-k) unless `settings` say otherwise;
+    `previous`: (B, T) ids the repetition penalty looks at."""
+    sampling = SamplingConfig(**{"temperature": 1.0, "top_k": None, **settings})
+    seen = None if previous is None else seen_tokens(previous, logits.size(-1))
+    return sample_next_token(logits, sampling, seen, generator=generator)
 
 
 def draws(logits: list[float], seed: int = 0, **kwargs) -> set[int]:
     """The distinct tokens chosen when the same (V,) logits are sampled DRAWS times."""
     batch = torch.tensor(logits).repeat(DRAWS, 1)
-    tokens = sample_next_token(batch, generator=torch.Generator().manual_seed(seed), **kwargs)
+    tokens = choose(batch, torch.Generator().manual_seed(seed), **kwargs)
     assert tokens.shape == (DRAWS,) and tokens.dtype == torch.long
     return set(tokens.tolist())
 
 
 def test_temperature_zero_is_greedy():
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
-    assert sample_next_token(logits, temperature=0).tolist() == [1, 0]
-    assert sample_next_token(logits, temperature=0, top_k=2, top_p=0.1).tolist() == [1, 0]
+    assert choose(logits, temperature=0).tolist() == [1, 0]
+    assert choose(logits, temperature=0, top_k=2, top_p=0.1).tolist() == [1, 0]
 
 
 def test_plain_sampling_can_reach_every_token():
@@ -77,7 +87,7 @@ def test_temperature_sharpens_and_flattens():
 
     def share_of_1(temperature: float) -> float:
         generator = torch.Generator().manual_seed(0)
-        tokens = sample_next_token(logits, temperature=temperature, generator=generator)
+        tokens = choose(logits, generator, temperature=temperature)
         return tokens.float().mean().item()
 
     assert share_of_1(0.1) > 0.99
@@ -88,25 +98,22 @@ def test_temperature_sharpens_and_flattens():
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     previous = torch.tensor([[0]])
     # positive: 2.0 / 2 = 1.0 falls below token 1's 1.5
-    assert sample_next_token(torch.tensor([[2.0, 1.5]]), 0, repetition_penalty=2.0,
-                             previous_ids=previous).item() == 1
+    assert choose(torch.tensor([[2.0, 1.5]]), previous=previous, temperature=0, repetition_penalty=2.0).item() == 1
     # negative: -1.0 * 2 = -2.0 falls below token 1's -1.5 (dividing would have raised it)
-    assert sample_next_token(torch.tensor([[-1.0, -1.5]]), 0, repetition_penalty=2.0,
-                             previous_ids=previous).item() == 1
+    assert choose(torch.tensor([[-1.0, -1.5]]), previous=previous, temperature=0, repetition_penalty=2.0).item() == 1
     # a penalty below 1 favours repeats
-    assert sample_next_token(torch.tensor([[1.0, 1.5]]), 0, repetition_penalty=0.5,
-                             previous_ids=previous).item() == 0
+    assert choose(torch.tensor([[1.0, 1.5]]), previous=previous, temperature=0, repetition_penalty=0.5).item() == 0
     # repeated ids in the history are penalised once, not once per occurrence
-    assert sample_next_token(torch.tensor([[3.0, 1.4]]), 0, repetition_penalty=2.0,
-                             previous_ids=torch.tensor([[0, 0, 0]])).item() == 0
+    assert choose(torch.tensor([[3.0, 1.4]]), previous=torch.tensor([[0, 0, 0]]), temperature=0,
+                  repetition_penalty=2.0).item() == 0
 
 
 def test_a_generator_makes_sampling_reproducible():
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
 
     def sample(seed: int) -> torch.Tensor:
-        return sample_next_token(logits, 0.9, 20, 0.9, 1.1, torch.arange(10).repeat(64, 1),
-                                 torch.Generator().manual_seed(seed))
+        return choose(logits, torch.Generator().manual_seed(seed), torch.arange(10).repeat(64, 1),
+                      temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.1)
 
     assert torch.equal(sample(1), sample(1))
     assert not torch.equal(sample(1), sample(2))
@@ -118,7 +125,7 @@ def test_a_generator_makes_sampling_reproducible():
 def test_sampled_tokens_are_always_among_the_top_k(seed, vocab, top_k, top_p, temperature):
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(4, vocab, generator=generator)
-    tokens = sample_next_token(logits, temperature, top_k, top_p, generator=generator)
+    tokens = choose(logits, generator, temperature=temperature, top_k=top_k, top_p=top_p)
     allowed = torch.topk(logits, min(top_k, vocab), dim=-1).indices
     assert ((tokens[:, None] == allowed).any(dim=-1)).all()
 
@@ -147,13 +154,10 @@ def test_sampled_tokens_are_always_among_the_top_k(seed, vocab, top_k, top_p, te
     (dict(max_new_tokens=10**30), "max_new_tokens"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
-    values = dict(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
     with pytest.raises(MiniLLMError, match=message):
-        check_sampling_settings(**{**values, **kwargs})
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
+        SamplingConfig(**kwargs)
     with pytest.raises(MiniLLMError, match=message):
-        model.generate(torch.tensor([[3, 4]]), **{**values, **kwargs})
+        SamplingConfig().replace(**kwargs)
 
 
 @pytest.mark.parametrize("settings", [
@@ -162,13 +166,11 @@ def test_bad_settings_are_clear_errors(kwargs, message):
     (3, 1, 5.0, 1, 2),  # integral floats and ints where floats are expected
 ])
 def test_good_edge_settings_are_accepted_and_generate(settings):
-    check_sampling_settings(*settings)  # no error
+    sampling = SamplingConfig(*settings, seed=0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, max_seq_len=8))
-    max_new_tokens, temperature, top_k, top_p, repetition_penalty = settings
-    out = model.generate(torch.tensor([[3, 4]]), max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                         generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 5) and out.dtype == torch.long
+    out = Engine(model).generate(torch.tensor([[3, 4]]), sampling)
+    assert out.shape == (1, 3) and out.dtype == torch.long
     assert 0 <= int(out.min()) and int(out.max()) < 20
 
 
@@ -177,5 +179,29 @@ def test_settings_at_the_edges_of_their_ranges_sample_real_tokens(temperature, p
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=generator) * 30  # large logits: the worst case for overflow
     previous = torch.randint(50, (3, 10), generator=generator)
-    tokens = sample_next_token(logits, temperature, None, None, penalty, previous, generator)
+    tokens = choose(logits, generator, previous, temperature=temperature, repetition_penalty=penalty)
     assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 50)).all()
+
+
+def test_the_draw_follows_the_probabilities():
+    """The exponential race (argmax p / noise) samples each token with its probability."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    tokens = choose(probs.log().repeat(20_000, 1), torch.Generator().manual_seed(0))
+    shares = torch.bincount(tokens, minlength=4).float() / 20_000
+    torch.testing.assert_close(shares, probs, atol=0.015, rtol=0)
+
+
+def test_noise_drawn_apart_gives_the_same_token_as_noise_drawn_inside():
+    """What the compiled decode step relies on: the engine draws the noise and hands it in."""
+    logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(1))
+    sampling = SamplingConfig(temperature=0.7, top_k=12, top_p=0.9)
+    inside = sample_next_token(logits, sampling, generator=torch.Generator().manual_seed(4))
+    noise = draw_noise(8, sampling.candidates(30), torch.Generator().manual_seed(4), "cpu")
+    assert torch.equal(sample_next_token(logits, sampling, noise=noise), inside)
+
+
+def test_settings_are_normalised_so_equal_meanings_compare_equal():
+    assert SamplingConfig(top_k=0, top_p=1.0) == SamplingConfig(top_k=None, top_p=None)
+    assert SamplingConfig(temperature=1, repetition_penalty=2).temperature == 1.0
+    assert SamplingConfig(seed=3.0).seed == 3 and SamplingConfig().candidates(20) == 20
+    assert SamplingConfig(top_k=5).candidates(20) == 5

@@ -20,7 +20,9 @@ from conftest import tiny_configs
 from minillm.checkpoint import load_run, load_torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data import prepare
+from minillm.engine import Engine
 from minillm.errors import MiniLLMError
+from minillm.sampling import SamplingConfig
 from minillm.training import Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.evaluation import is_overfitting
@@ -237,7 +239,8 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
     n_test = offsets.shape[1] - 1
     for i in range(n_test):  # held-out pairs, greedy decoding
         source = torch.tensor(sources[offsets[0, i]:offsets[0, i + 1]].astype(np.int64))[None]
-        out = run.model.generate(source, max_new_tokens=7, temperature=0, eos_id=run.tokenizer.eos_id)
+        out = Engine(run.model).generate(None, SamplingConfig(max_new_tokens=7, temperature=0), source_ids=source,
+                                         eos_id=run.tokenizer.eos_id)
         out = out[0].tolist()
         out = out[:out.index(run.tokenizer.eos_id)] if run.tokenizer.eos_id in out else out
         correct += out == targets[offsets[1, i]:offsets[1, i + 1]].tolist()

@@ -18,6 +18,7 @@ from minillm.config import ModelConfig
 from minillm.generation import STOP_EOS, stream_text
 from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
+from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.ui import app, generating, loading
 
@@ -225,7 +226,7 @@ def test_generate_streams_what_the_library_generates(ui_run, every_token):
     steps = generate(session, prompt="Speak")
     outputs = [s[0] for s in steps if isinstance(s[0], str)]
     run = session.run
-    chunks = list(stream_text(run.model, run.tokenizer, "Speak", **SETTINGS))
+    chunks = list(stream_text(run.model, run.tokenizer, "Speak", SamplingConfig(**SETTINGS)))
     expected = "Speak" + "".join(chunks)
     assert outputs[-1] == expected
     # It streamed: the prompt, a step per chunk of text (each extending the one before), the end.
@@ -248,14 +249,14 @@ def test_blank_seed_draws_one_and_reports_it(ui_run):
 
 
 @pytest.mark.parametrize("setting, value, expected", [
-    ("max_new_tokens", 0, "max new tokens"),
-    ("max_new_tokens", app.MAX_NEW_TOKENS + 1, "max new tokens"),
-    ("temperature", -1, "temperature"),
+    ("max_new_tokens", 0, "max_new_tokens must be a whole number from 1"),
+    ("max_new_tokens", app.MAX_NEW_TOKENS + 1, f"max_new_tokens is at most {app.MAX_NEW_TOKENS} on this server"),
+    ("temperature", -1, "temperature must be 0 (greedy) or between"),
     ("temperature", "hot", "temperature must be a number"),
-    ("top_k", 2.5, "whole number"),
-    ("top_p", 0, "top-p"),
-    ("repetition_penalty", 0.5, "repetition penalty"),
-    ("seed", -3, "seed"),
+    ("top_k", 2.5, "top_k must be a whole number"),
+    ("top_p", 0, "top_p must be in (0, 1]"),
+    ("repetition_penalty", 0, "repetition_penalty must be between"),
+    ("seed", -3, "seed must be a whole number"),
 ])
 def test_bad_settings_are_errors_and_the_app_keeps_working(ui_run, setting, value, expected):
     session = app.Session()
@@ -353,7 +354,7 @@ def test_encoder_decoder_run(tmp_path):
     assert "transformer" in out["model_info"] and "2 encoder + 2 decoder" in out["model_info"]
     assert out["source"]["visible"] is True  # only an encoder-decoder reads a source
     run = session.run
-    expected = "".join(stream_text(run.model, run.tokenizer, "", source="Speak", **SETTINGS))
+    expected = "".join(stream_text(run.model, run.tokenizer, "", SamplingConfig(**SETTINGS), source="Speak"))
     # The output is the generated target only; a blank source means the prompt is the source (as in the CLI).
     assert generate(session, prompt="", source="Speak")[-1][0] == expected
     assert generate(session, prompt="Speak", source="")[-1][0] == expected

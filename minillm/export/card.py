@@ -12,9 +12,10 @@ from minillm.checkpoint import Run
 from minillm.data.prepare import read_split_record, sample_prompt
 from minillm.errors import MiniLLMError
 from minillm.files import read_json
-from minillm.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, generate_text, generation_inputs
+from minillm.generation import generate_text, generation_inputs
 from minillm.models import count_parameters, is_encoder_decoder
 from minillm.run_folder import RunFolder
+from minillm.sampling import SamplingConfig
 from minillm.version import __version__
 
 CARD_SAMPLE_TOKENS = 120
@@ -58,14 +59,14 @@ def _loss(loss: float | None) -> str:
 
 
 def _sample(run: Run, folder: RunFolder) -> list[str]:
-    settings = dict(max_new_tokens=CARD_SAMPLE_TOKENS, temperature=DEFAULT_TEMPERATURE, top_k=DEFAULT_TOP_K,
-                    seed=CARD_SAMPLE_SEED)
+    sampling = SamplingConfig(max_new_tokens=CARD_SAMPLE_TOKENS, seed=CARD_SAMPLE_SEED)
     prompt = _optional(lambda: sample_prompt(folder.path, run.tokenizer,
                                              min(CARD_PROMPT_TOKENS, run.config.max_seq_len // 2)), "")
     prefix, source = generation_inputs(is_encoder_decoder(run.config), prompt, None) if prompt.strip() else (
         prompt, None)
-    text = _optional(lambda: generate_text(run.model, run.tokenizer, prefix, source=source, **settings), "")
-    described = ", ".join(f"{k} {v}" for k, v in settings.items())
+    text = _optional(lambda: generate_text(run.model, run.tokenizer, prefix, sampling, source=source), "")
+    described = (f"max_new_tokens {sampling.max_new_tokens}, temperature {sampling.temperature}, "
+                 f"top_k {sampling.top_k}, seed {sampling.seed}")
     shown = f"source {source!r}" if source is not None else f"prompt {prompt!r}"
     return [f"From the {shown}; {described} (Mini LLM's sampler):", "", "```text", prefix + text, "```"]
 

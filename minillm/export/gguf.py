@@ -19,8 +19,8 @@ import torch
 
 from minillm.checkpoint import Run
 from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
-from minillm.generation import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models.llama import split_fused, standard_architecture
+from minillm.sampling import SamplingConfig
 
 # llama.cpp's architectures that rotate adjacent pairs (its "normal" RoPE), for which q and k are permuted.
 PAIRWISE_ROPE = ("llama",)
@@ -150,8 +150,9 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_pad_token_id(c.pad_id)
     writer.add_add_bos_token(True)  # samples began with BOS in training
     writer.add_add_eos_token(False)
-    writer.add_sampling_temp(DEFAULT_TEMPERATURE)
-    writer.add_sampling_top_k(DEFAULT_TOP_K)
+    defaults = SamplingConfig()
+    writer.add_sampling_temp(defaults.temperature)
+    writer.add_sampling_top_k(defaults.top_k)
     for name, array in gguf_tensors(run, dtype).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()

@@ -22,8 +22,8 @@ from minillm.checkpoint import Run
 from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.export.card import model_card
 from minillm.files import atomic_write, write_json
-from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models.llama import split_fused, standard_architecture
+from minillm.sampling import SamplingConfig
 
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json", "README.md")
@@ -76,8 +76,9 @@ def llama_config(run: Run, dtype: str) -> dict:
 def generation_config(run: Run) -> dict:
     """generation_config.json: the sampling defaults of `minillm generate` and the UI."""
     c = run.config
-    return {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": DEFAULT_TOP_K,
-            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+    defaults = SamplingConfig()
+    return {"do_sample": True, "temperature": defaults.temperature, "top_k": defaults.top_k,
+            "max_new_tokens": defaults.max_new_tokens, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
             "pad_token_id": c.pad_id}
 
 

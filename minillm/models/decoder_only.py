@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, check_token_ids, eval_mode, generate_tokens, window_logits
+from minillm.models.decoding import KVCache, check_token_ids
 from minillm.models.layers import (
     Block,
     RMSNorm,
@@ -64,15 +62,25 @@ class DecoderOnlyTransformer(nn.Module):
         loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
         return logits, loss
 
-    # ---- incremental decoding -------------------------------------------------------------------------
+    # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------
 
-    def new_cache(self, batch_size: int) -> KVCache:
-        """An empty KV cache for `batch_size` rows and up to max_seq_len positions.
-        """
+    def decoder_context(self, prompt_ids: torch.Tensor | list, source_ids: torch.Tensor | None = None,
+                        source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The checked (B, T >= 1) ids that generation continues: the prompt itself."""
+        if source_ids is not None or source_mask is not None:
+            raise MiniLLMError("this is a decoder-only model: it takes no source; put the text in the prompt")
+        return check_token_ids(prompt_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
+
+    def new_cache(self, batch_size: int, source_ids: torch.Tensor | None = None,
+                  source_mask: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows and up to max_seq_len positions."""
         weight, c = self.embed_tokens.weight, self.config
-        cache = KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype,
-                        weight.device)
-        return cache
+        return KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype, weight.device)
+
+    def window_logits(self, window: torch.Tensor, source_ids: torch.Tensor | None = None,
+                      source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) logits after the (B, T) window, recomputed from nothing (no cache)."""
+        return self(window)[0][:, -1]
 
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
                        all_positions: bool = False) -> torch.Tensor:
@@ -91,33 +99,17 @@ class DecoderOnlyTransformer(nn.Module):
         logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)
         return logits if all_positions else logits[:, 0]
 
-    @torch.inference_mode()
-    def iter_generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                      eos_id: int | None = None, generator: torch.Generator | None = None,
-                      use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield one (B,) tensor of new token ids per step after the (B, T) prompt (T >= 1).
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """(B, V) logits after one (B, 1) token at `cache.position`, which then moves on by one.
 
-        Stops after max_new_tokens, or once every row has produced eos_id (finished rows yield pad_id).
-        A prompt or generation longer than max_seq_len slides: the oldest tokens are dropped (see
-        decoding.CONTEXT_KEEP_FRACTION). use_cache=False recomputes the whole window at each step (same
-        result, slower; for benchmarks and tests). The model is in eval mode while generating.
+        The static-shape step (see KVCache): the same shapes at every position, no host read, so that
+        torch.compile / CUDA graphs can run it without re-tracing. `cache.length` is the caller's to keep.
         """
-        ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
-        cache = self.new_cache(ids.size(0)) if use_cache else None
-        next_logits = window_logits(cache, self.forward_cached, lambda window: self(window)[0][:, -1])
-        with eval_mode(self):
-            yield from generate_tokens(
-                ids, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
-                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
-                pad_id=self.config.pad_id, generator=generator)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 eos_id: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """The (B, T) prompt then the new tokens: (B, T + n), n <= max_new_tokens (see iter_generate)."""
-        ids = check_token_ids(input_ids, self.config.vocab_size, "input_ids", self.embed_tokens.weight.device)
-        new = list(self.iter_generate(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                      eos_id, generator, use_cache))
-        return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+        position = cache.position
+        cos, sin = self.rotary.at(position)
+        mask = cache.key_mask(position)
+        x = self.embed_tokens(token)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, position=position)
+        position.add_(1)
+        return cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)[:, 0]

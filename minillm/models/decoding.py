@@ -1,21 +1,17 @@
-"""Incremental decoding shared by both models: the KV cache and the token-by-token generation loop."""
+"""Incremental decoding shared by both models: the KV cache, and checks of the ids they are given.
+
+The loop that uses them (prefill, decode steps, sampling, stopping) is `minillm.engine.Engine`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from minillm.errors import MiniLLMError
-from minillm.sampling import check_sampling_settings, sample_next_token
-
-# When the context fills the model's window (max_seq_len), the oldest tokens are dropped so that this
-# fraction of the window is kept, and the KV cache is rebuilt over the kept tokens (their positions restart
-# at 0, as in training). Keeping less than the whole window means the rebuild, a full forward pass, happens
-# once every (1 - fraction) * max_seq_len tokens rather than at every token.
-CONTEXT_KEEP_FRACTION = 0.75
 
 
 class KVCache:
@@ -23,6 +19,11 @@ class KVCache:
 
     Each decoding step writes its new keys/values in place (no torch.cat, no reallocation). The
     encoder-decoder also keeps here its cross-attention keys/values of the encoder output, computed once.
+
+    Two ways in: `update` (prefill and the eager path: the host knows `length` and attends over the
+    filled part) and `write` (the static decode step: the position is the 0-dim tensor `position` and
+    attention covers the whole cache under `key_mask`, so shapes never change and the step can be
+    compiled or captured as a CUDA graph). `sync_position` hands the host's length to the tensor.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
@@ -32,8 +33,29 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)  # views per layer
         self.length = 0  # positions stored so far
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # the same, as a tensor
+        self.slots = torch.arange(max_seq_len, device=device)
         self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer
         self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S) cross-attention mask
+
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
+             memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+             memory_mask: torch.Tensor | None = None) -> KVCache:
+        """A cache over existing tensors (no allocation): how a compiled decode step, which takes tensors
+        rather than this object (fewer guards to check per call), rebuilds the cache it was handed."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.position, cache.slots = keys, values, position, slots
+        cache._layer_keys, cache._layer_values = keys.unbind(0), values.unbind(0)
+        cache.length = 0  # unknown inside the step, and unused by `write`
+        cache.memory_kv = None if memory_kv is None else list(memory_kv)
+        cache.memory_mask = memory_mask
+        return cache
+
+    def tensors(self) -> tuple:
+        """What `over` takes: the arguments of a compiled decode step."""
+        memory = None if self.memory_kv is None else tuple(self.memory_kv)
+        return self.keys, self.values, self.position, self.slots, memory, self.memory_mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, T, Dh) new keys/values after the cached ones; return all of them (B, H, length+T, Dh).
@@ -48,8 +70,25 @@ class KVCache:
         values.narrow(2, self.length, v.size(2)).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
+    def write(self, layer: int, position: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, 1, Dh) keys/values at the 0-dim `position`; return the layer's whole cache."""
+        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        index = position.view(1)
+        keys.index_copy_(2, index, k)
+        values.index_copy_(2, index, v)
+        return keys, values
+
+    def key_mask(self, position: torch.Tensor) -> torch.Tensor:
+        """(1, L) True for the slots a query at `position` may see: those written so far and its own."""
+        return (self.slots <= position).view(1, -1)
+
     def advance(self, n: int) -> None:
         self.length += n
+
+    def sync_position(self) -> None:
+        """Set `position` to `length`, before static decode steps continue what `update` filled."""
+        self.position.fill_(self.length)
 
     def reset(self) -> None:
         """Forget the stored positions (the cross-attention keys/values stay: the source is unchanged)."""
@@ -78,24 +117,6 @@ def check_token_ids(ids: torch.Tensor | list, vocab_size: int, what: str, device
     return ids.to(device=device, dtype=torch.long)
 
 
-def window_logits(cache: KVCache | None, forward_cached: Callable[[torch.Tensor, KVCache], torch.Tensor],
-                  full_logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, bool], torch.Tensor]:
-    """The `next_logits(window, restart)` that generate_tokens calls, for either model.
-
-    With a cache: a restart (first call, or the window slid) refills the cache from the whole window;
-    otherwise only the newest token is fed. Without one, `full_logits(window)` recomputes the window.
-    """
-    def next_logits(window: torch.Tensor, restart: bool) -> torch.Tensor:
-        if cache is None:
-            return full_logits(window)
-        if restart:
-            cache.reset()
-            return forward_cached(window, cache)
-        return forward_cached(window[:, -1:], cache)
-
-    return next_logits
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) inside the block; the model's previous mode afterwards."""
@@ -105,43 +126,3 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def generate_tokens(context: torch.Tensor, max_new_tokens: int, max_seq_len: int,
-                    next_logits: Callable[[torch.Tensor, bool], torch.Tensor], *, temperature: float,
-                    top_k: int | None, top_p: float | None, repetition_penalty: float, eos_id: int | None,
-                    pad_id: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """Sample up to max_new_tokens after the (B, T) context, yielding one (B,) tensor per new token.
-
-    `next_logits(window, restart)` returns the (B, V) logits after `window`, the (B, <= max_seq_len) context
-    the model sees. restart=False means only window[:, -1] is new since the previous call (a KV cache
-    feeds just that token); restart=True means the window moved (or this is the first call).
-    With eos_id, a row that produced EOS gets pad_id afterwards and generation ends once every row has.
-    """
-    check_sampling_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    batch, length = context.shape
-    # The whole history, written in place; its capacity doubles when full, so a huge max_new_tokens
-    # does not allocate up front.
-    tokens = context.new_empty((batch, length + min(max_new_tokens, max_seq_len)))
-    tokens[:, :length] = context
-    start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
-    keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
-    finished = torch.zeros(batch, dtype=torch.bool, device=context.device) if eos_id is not None else None
-    logits = next_logits(tokens[:, start:length], True)
-    for step in range(max_new_tokens):
-        previous = tokens[:, :length] if repetition_penalty != 1.0 else None
-        token = sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, previous, generator)
-        if finished is not None:
-            token = token.masked_fill(finished, pad_id)
-            finished |= token == eos_id
-        if length == tokens.size(1):
-            tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
-        tokens[:, length] = token
-        length += 1
-        yield token
-        if step + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
-            return
-        restart = length - start > max_seq_len
-        if restart:
-            start = length - keep
-        logits = next_logits(tokens[:, start:length], restart)

@@ -60,9 +60,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D)."""
-        if x.dim() == 3 and x.size(1) == 1:
+        if x.dim() == 3 and x.size(1) == 1 and not torch.compiler.is_compiling():
             # One position per row (decoding): a batched dot product gives mean(x^2) + eps in one op,
-            # about half the time of F.rms_norm's several small kernels at this size.
+            # about half the time of F.rms_norm's several small kernels at this size (compiled, the plain
+            # form fuses into one loop instead).
             mean_square = torch.baddbmm(self.eps_tensor, x, x.transpose(1, 2), alpha=1.0 / x.size(-1))
             return x * mean_square.rsqrt_() * self.weight  # (B, 1, D)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled():
@@ -91,6 +92,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for positions start .. start+length-1, each (length, Dh)."""
         return self.cos[start:start + length], self.sin[start:start + length]
+
+    def at(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (1, Dh) at a 0-dim position tensor (no host read: a static decode step)."""
+        index = position.view(1)
+        return self.cos.index_select(0, index), self.sin.index_select(0, index)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -171,13 +177,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, position: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention of (B, T, D) x; with a cache, x holds only the new positions and the keys/values
-        of earlier positions come from `cache` (this layer's slot `layer`)."""
+        of earlier positions come from `cache` (this layer's slot `layer`).
+
+        With a 0-dim `position` tensor (the static decode step): x is one token at that position, written
+        into the cache there, and it attends over the whole preallocated cache with `attn_mask` (1, L)
+        hiding the slots not yet written, so every shape is the same at every step.
+        """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         q, k = self.rotated_qk(qkv, cos, sin)
         v = qkv[2]
+        if position is not None:
+            keys, values = cache.write(layer, position, k, v)  # (B, H, L, Dh)
+            return self.o_proj(_one_query_attention(q, keys, values, attn_mask).reshape(B, 1, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
         return self._attend(q, k, v, attn_mask, is_causal)
@@ -205,6 +219,20 @@ class Attention(nn.Module):
         k, v = memory_kv
         q = self._heads(self.q_proj(x))
         return self._attend(self.q_norm(q) if self.qk_norm else q, k, v, memory_mask, False)
+
+
+def _one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one (B, H, 1, Dh) query over (B, H, L, Dh) keys/values where `key_mask` (1, L) is True;
+    returns (B, H, Dh).
+
+    Written as plain elementwise products and sums rather than scaled_dot_product_attention: for one
+    query that is a few hundred multiply-adds per head, and torch.compile fuses these ops into one loop
+    where SDPA would stay a separate kernel call with its own overhead.
+    """
+    scores = (q * keys).sum(dim=-1) * q.size(-1) ** -0.5  # (B, H, L)
+    weights = scores.masked_fill(~key_mask, -math.inf).softmax(dim=-1)
+    return (weights.unsqueeze(-1) * values).sum(dim=2)
 
 
 class SwiGLU(nn.Module):
@@ -262,9 +290,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
                 layer: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D). memory_kv/memory_mask: the encoder output's keys/values, decoder only."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer)
+                memory_mask: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D). memory_kv/memory_mask: the encoder output's keys/values, decoder only;
+        position: the static decode step (see Attention.forward)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer, position)
         x = x + self._residual(h)
         if memory_kv is not None:
             h = self.cross_attn.cross(self.cross_attn_layernorm(x), memory_kv, memory_mask)

@@ -7,14 +7,13 @@ one vocabulary), which is also the LM head when tie_embeddings is set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, check_token_ids, eval_mode, generate_tokens, window_logits
+from minillm.models.decoding import KVCache, check_token_ids
 from minillm.models.layers import (
     Block,
     RMSNorm,
@@ -95,17 +94,45 @@ class TransformerModel(nn.Module):
         loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
         return logits, loss
 
-    # ---- incremental decoding -------------------------------------------------------------------------
+    # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------
 
-    def new_cache(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> KVCache:
-        """A KV cache for decoding against this source: encoded and projected to cross-attention K/V once.
-        """
+    def decoder_context(self, prompt_ids: torch.Tensor | list | None, source_ids: torch.Tensor | None = None,
+                        source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The checked (B, 1 + P) decoder input that generation continues: BOS, then the optional (B, P)
+        target prefix `prompt_ids`. Checks the (B, S) source too."""
+        device = self.embed_tokens.weight.device
+        if source_ids is None:
+            raise MiniLLMError("this is an encoder-decoder model: give source ids to generate from")
+        src = check_token_ids(source_ids, self.config.vocab_size, "source ids", device)
+        self._check_length(src, "source")
+        start = torch.full((src.size(0), 1), self.config.bos_id, dtype=torch.long, device=device)
+        if prompt_ids is None:
+            return start
+        prefix = check_token_ids(prompt_ids, self.config.vocab_size, "target prefix", device, allow_empty=True)
+        if prefix.size(0) != src.size(0):
+            raise MiniLLMError(f"the target prefix has {prefix.size(0)} rows but the source has {src.size(0)}")
+        return torch.cat([start, prefix], dim=1)
+
+    def new_cache(self, batch_size: int, source_ids: torch.Tensor | None = None,
+                  source_mask: torch.Tensor | None = None) -> KVCache:
+        """A KV cache for decoding against this (B, S) source: encoded and projected to cross-attention
+        keys/values once, padded to max_seq_len (masked) so the decode step's shapes do not depend on S."""
         weight, c = self.embed_tokens.weight, self.config
-        cache = KVCache(c.n_decoder_layers, src_ids.size(0), c.n_heads, c.max_seq_len, c.head_dim,
+        src = source_ids.to(weight.device)
+        cache = KVCache(c.n_decoder_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim,
                         weight.dtype, weight.device)
-        cache.memory_kv = self.memory_keys_values(self.encode(src_ids, src_mask))
-        cache.memory_mask = None if src_mask is None else memory_attention_mask(src_mask.bool())
+        real = torch.ones_like(src, dtype=torch.bool) if source_mask is None else source_mask.to(src.device).bool()
+        pad = c.max_seq_len - src.size(1)
+        cache.memory_kv = [(F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)))
+                           for k, v in self.memory_keys_values(self.encode(src, real))]
+        cache.memory_mask = memory_attention_mask(F.pad(real, (0, pad)))
         return cache
+
+    def window_logits(self, window: torch.Tensor, source_ids: torch.Tensor | None = None,
+                      source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) logits after the (B, T) decoder window, recomputed from nothing, the encoder included."""
+        mask = None if source_mask is None else source_mask.to(window.device)
+        return self(source_ids.to(window.device), window, src_mask=mask)[0][:, -1]
 
     def forward_cached(self, tgt_ids: torch.Tensor, cache: KVCache,
                        all_positions: bool = False) -> torch.Tensor:
@@ -125,45 +152,15 @@ class TransformerModel(nn.Module):
         logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
         return logits if all_positions else logits[:, 0]
 
-    @torch.inference_mode()
-    def iter_generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                      top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                      eos_id: int | None = None, generator: torch.Generator | None = None,
-                      tgt_prefix: torch.Tensor | None = None, src_mask: torch.Tensor | None = None,
-                      use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield one (B,) tensor of new target ids per step, given (B, S) source ids `input_ids`.
-
-        The decoder starts from BOS followed by the optional (B, P) `tgt_prefix`. Stopping, EOS, the sliding
-        target window and use_cache work as in DecoderOnlyTransformer.iter_generate.
-        """
-        device = self.embed_tokens.weight.device
-        src = check_token_ids(input_ids, self.config.vocab_size, "source ids", device)
-        self._check_length(src, "source")
-        if src_mask is not None:
-            src_mask = src_mask.to(device=device, dtype=torch.bool)
-        start = torch.full((src.size(0), 1), self.config.bos_id, dtype=torch.long, device=device)
-        if tgt_prefix is not None:
-            prefix = check_token_ids(tgt_prefix, self.config.vocab_size, "tgt_prefix", device,
-                                     allow_empty=True)
-            if prefix.size(0) != src.size(0):
-                raise MiniLLMError(f"tgt_prefix has {prefix.size(0)} rows but the source has {src.size(0)}")
-            start = torch.cat([start, prefix], dim=1)  # (B, 1 + P): the decoder's first input
-        with eval_mode(self):
-            cache = self.new_cache(src, src_mask) if use_cache else None
-            # Without a cache, each step recomputes everything, the encoder included.
-            next_logits = window_logits(cache, self.forward_cached,
-                                        lambda window: self(src, window, src_mask=src_mask)[0][:, -1])
-            yield from generate_tokens(
-                start, max_new_tokens, self.config.max_seq_len, next_logits, temperature=temperature,
-                top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, eos_id=eos_id,
-                pad_id=self.config.pad_id, generator=generator)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 eos_id: int | None = None, generator: torch.Generator | None = None,
-                 tgt_prefix: torch.Tensor | None = None, src_mask: torch.Tensor | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """The new target tokens (B, n), n <= max_new_tokens, no BOS or tgt_prefix (see iter_generate)."""
-        new = list(self.iter_generate(input_ids, max_new_tokens, temperature, top_k, top_p,
-                                      repetition_penalty, eos_id, generator, tgt_prefix, src_mask, use_cache))
-        return torch.stack(new, dim=1)
+    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """(B, V) logits after one (B, 1) decoder token at `cache.position`, which then moves on by one
+        (the static-shape step: see DecoderOnlyTransformer.decode_step)."""
+        position = cache.position
+        cos, sin = self.rotary.at(position)
+        mask = cache.key_mask(position)
+        x = self.embed_tokens(token)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, memory_kv=cache.memory_kv[i],
+                      memory_mask=cache.memory_mask, position=position)
+        position.add_(1)
+        return cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)[:, 0]

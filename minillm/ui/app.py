@@ -21,13 +21,11 @@ try:
 except ImportError:  # gradio is the optional "ui" extra
     raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'") from None
 
-from minillm.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from minillm.models import model_class
 from minillm.run_cache import DEFAULT_MAX_RUNS, RunCache
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.ui.generating import (
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TOP_P,
+    DEFAULTS,
     GENERATE_LABEL,
     MAX_NEW_TOKENS,
     MAX_REPETITION_PENALTY,
@@ -139,17 +137,17 @@ def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
                         placeholder=TARGET_PREFIX_PLACEHOLDER if encoder_decoder else PROMPT_PLACEHOLDER)
                     with gr.Accordion("Sampling settings", open=True):
                         with gr.Row():
-                            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1,
+                            max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULTS.max_new_tokens, step=1,
                                                        label="Max new tokens", elem_id="max_new_tokens")
-                            temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULT_TEMPERATURE, step=0.05,
+                            temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=DEFAULTS.temperature, step=0.05,
                                                     label="Temperature", elem_id="temperature")
-                            top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULT_TOP_K, step=1, label="Top-k",
+                            top_k = gr.Slider(0, MAX_TOP_K, value=DEFAULTS.top_k or 0, step=1, label="Top-k",
                                               elem_id="top_k")
                         with gr.Row():
-                            top_p = gr.Slider(0.01, 1.0, value=DEFAULT_TOP_P, step=0.01, label="Top-p",
+                            top_p = gr.Slider(0.01, 1.0, value=DEFAULTS.top_p or 1.0, step=0.01, label="Top-p",
                                               elem_id="top_p")
                             repetition_penalty = gr.Slider(1.0, MAX_REPETITION_PENALTY,
-                                                           value=DEFAULT_REPETITION_PENALTY, step=0.05,
+                                                           value=DEFAULTS.repetition_penalty, step=0.05,
                                                            label="Repetition penalty",
                                                            elem_id="repetition_penalty")
                             # A text box, not gr.Number: a Number cannot be left blank (it shows 0).

@@ -12,16 +12,17 @@ import gradio as gr
 from minillm.errors import MiniLLMError
 from minillm.generation import generation_inputs, stream_tokens, unknown_characters_warning
 from minillm.models import is_encoder_decoder
+from minillm.sampling import SamplingConfig
 from minillm.ui.session import Session, error_box, no_error, warning_box
 
-# Generation settings: slider ranges; defaults as in the CLI. 0 turns top-k off, 1.0 turns top-p off.
+# Generation settings: the sliders' ranges (SamplingConfig checks the values; its defaults are the CLI's).
+# 0 turns top-k off, 1.0 turns top-p off. MAX_NEW_TOKENS and MAX_PROMPT_CHARS are this server's limits.
+DEFAULTS = SamplingConfig()
 MAX_NEW_TOKENS = 1000
 MAX_PROMPT_CHARS = 20_000
 MAX_TEMPERATURE = 2.0
 MAX_TOP_K = 200
-DEFAULT_TOP_P = 1.0
 MAX_REPETITION_PENALTY = 2.0
-DEFAULT_REPETITION_PENALTY = 1.0
 # The page is updated at most this often while tokens stream in: an update per token would cost more
 # than a small model takes to make the token. Stop is still checked after every token.
 STREAM_INTERVAL_S = 0.05
@@ -38,41 +39,29 @@ BUSY_MESSAGE = ("this session is already generating: wait for that generation to
                 f"(a session runs at most {MAX_GENERATIONS_PER_SESSION} at a time)")
 
 
-def _check_settings(prompt: str, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
-                    repetition_penalty: Any, seed: Any) -> dict[str, Any]:
-    """Generation settings from the form (or the API), checked; keyword arguments for stream_text."""
+def _sampling(prompt: str, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
+              repetition_penalty: Any, seed: Any) -> SamplingConfig:
+    """The form's (or the API's) settings as a SamplingConfig, which checks their ranges; a blank seed
+    draws one. Here only what a form sends is turned into numbers, and the server's own limits apply."""
 
-    def number(name: str, value: Any, low: float, high: float) -> float:
+    def number(name: str, value: Any) -> float | int:
         try:
             value = float(value)
         except (TypeError, ValueError):
             raise MiniLLMError(f"{name} must be a number, got {value!r}") from None
-        if not low <= value <= high:
-            raise MiniLLMError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
-        return value
-
-    def integer(name: str, value: Any, low: int, high: int) -> int:
-        value = number(name, value, low, high)
-        if value != int(value):
-            raise MiniLLMError(f"{name} must be a whole number, got {value:g}")
-        return int(value)
+        return int(value) if value.is_integer() else value  # sliders send 3.0 for 3
 
     if len(prompt or "") > MAX_PROMPT_CHARS:
         raise MiniLLMError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-    top_k = integer("top-k", top_k, 0, MAX_TOP_K)
-    top_p = number("top-p", top_p, 0.0, 1.0)
-    if top_p == 0.0:
-        raise MiniLLMError("top-p must be above 0 (1 turns it off)")
     if seed is None or (isinstance(seed, str) and not seed.strip()):
         seed = random.randint(0, MAX_SEED)
-    return dict(
-        max_new_tokens=integer("max new tokens", max_new_tokens, 1, MAX_NEW_TOKENS),
-        temperature=number("temperature", temperature, 0.0, MAX_TEMPERATURE),
-        top_k=top_k or None,
-        top_p=top_p if top_p < 1.0 else None,
-        repetition_penalty=number("repetition penalty", repetition_penalty, 1.0, MAX_REPETITION_PENALTY),
-        seed=integer("seed", seed, 0, MAX_SEED),
-    )
+    sampling = SamplingConfig(
+        max_new_tokens=number("max_new_tokens", max_new_tokens), temperature=number("temperature", temperature),
+        top_k=number("top_k", top_k), top_p=number("top_p", top_p),
+        repetition_penalty=number("repetition_penalty", repetition_penalty), seed=number("seed", seed))
+    if sampling.max_new_tokens > MAX_NEW_TOKENS:
+        raise MiniLLMError(f"max_new_tokens is at most {MAX_NEW_TOKENS} on this server, got {sampling.max_new_tokens}")
+    return sampling
 
 
 def _stats(n_tokens: int, seconds: float, seed: int, stopped: bool) -> str:
@@ -122,8 +111,7 @@ def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens
         run = session.run  # a load during this generation does not change the model under it
         if run is None:
             raise MiniLLMError(NO_MODEL_MESSAGE)
-        settings = _check_settings(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   seed)
+        sampling = _sampling(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         # The source box is hidden for a decoder-only model: what it still holds is not an input.
         encoder_decoder = is_encoder_decoder(run.config)
         visible_source = source if encoder_decoder else None
@@ -139,7 +127,7 @@ def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens
     last_update = start
     tokens = None
     try:
-        tokens = stream_tokens(run.model, run.tokenizer, prompt, source=source, **settings)
+        tokens = stream_tokens(run.model, run.tokenizer, prompt, sampling, source=source)
         for token_id, chunk in tokens:  # one item per token (chunk "" while a character is incomplete)
             text += chunk
             n_tokens += token_id is not None
@@ -152,14 +140,14 @@ def _generation_steps(session: Session, prompt: str, source: str, max_new_tokens
                 break
     except Exception as e:
         elapsed = time.perf_counter() - start
-        yield text, _stats(n_tokens, elapsed, settings["seed"], True), error_box(e), gr.update()
+        yield text, _stats(n_tokens, elapsed, sampling.seed, True), error_box(e), gr.update()
         return
     finally:
         if tokens is not None:
             tokens.close()  # ends the model's token loop at once when we left early
     elapsed = time.perf_counter() - start
     end_note = tokens.end_note().capitalize() + ". " if tokens.end_note() else ""  # the model ended the text
-    yield text, end_note + _stats(n_tokens, elapsed, settings["seed"], stopped), gr.update(), gr.update()
+    yield text, end_note + _stats(n_tokens, elapsed, sampling.seed, stopped), gr.update(), gr.update()
 
 
 def stop(session: Session) -> None:

@@ -1,0 +1,213 @@
+"""The decoding engine: one generation loop for every model kind, token ids in, token ids out.
+
+    engine = Engine(model)                       # Engine(model, compile=True): the fast decode step
+    for token in engine.stream(prompt_ids, SamplingConfig(max_new_tokens=50, seed=1)):
+        ...                                      # one (B,) tensor of new ids per step
+    new_ids = engine.generate(prompt_ids, SamplingConfig(temperature=0))   # (B, n)
+
+The engine owns the KV cache, the loop, the sliding window, the stop conditions and the random draws; a
+model only exposes the steps (see DecoderOnlyTransformer): `decoder_context` (the checked ids to continue),
+`new_cache`, `forward_cached` (prefill: many tokens into the cache; also the eager one-token step),
+`decode_step` (one token at a tensor position over the whole static cache) and `window_logits` (a full
+recompute, for checks and benchmarks). Three ways to make each token, the same tokens for the same seed:
+  eager      forward_cached over the filled part of the cache: always correct, the default
+  compiled   decode_step and the sampler as one torch.compile'd graph whose shapes never change, so it is
+             compiled once (the refill after a slide, always the same length, is a second graph) and, on
+             CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU inductor's frozen,
+             C++-wrapped, autotuned code. Compiling takes seconds to a minute (cached on
+             disk by torch afterwards), so it pays off for long generations only; the weights are read at
+             compile time: make a new Engine after changing them
+  recompute  use_cache=False: the whole window through the model at each token (slow; for tests)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from minillm.errors import MiniLLMError
+from minillm.models.decoding import KVCache, eval_mode
+from minillm.sampling import SamplingConfig, draw_noise, sample_next_token, seen_tokens
+
+# When the context fills the model's window (max_seq_len), the oldest tokens are dropped so that this
+# fraction of the window is kept, and the KV cache is rebuilt over the kept tokens (their positions restart
+# at 0, as in training). Keeping less than the whole window means the rebuild, a full forward pass, happens
+# once every (1 - fraction) * max_seq_len tokens rather than at every token.
+CONTEXT_KEEP_FRACTION = 0.75
+
+Step = Callable[..., torch.Tensor]  # (token (B, 1), cache, seen, noise) -> (B,) next token
+
+
+class Engine:
+    """Generates from one model; keeps its compiled decode steps (one per sampling setting) between calls."""
+
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+        self.model = model
+        self.compile = compile
+        self._compiled: dict[tuple, tuple[Step, Step]] = {}
+
+    def generate(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None,
+                 **options: object) -> torch.Tensor:
+        """The new tokens (B, n), n <= max_new_tokens (fewer when every row ended with EOS); see `stream`."""
+        return torch.stack(list(self.stream(prompt_ids, sampling, **options)), dim=1)
+
+    def stream(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None, *,
+               source_ids: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
+               eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield one (B,) tensor of new token ids per step.
+
+        prompt_ids (B, T): the text to continue (decoder-only, T >= 1) or the target's start after BOS
+        (encoder-decoder, optional); source_ids (B, S) and its (B, S) padding mask: the encoder-decoder's
+        input. Stops after sampling.max_new_tokens, or once every row has produced eos_id (finished rows
+        yield pad_id). A context longer than max_seq_len slides (see CONTEXT_KEEP_FRACTION). The model is
+        in eval mode while generating; closing the iterator stops the work.
+        """
+        sampling = SamplingConfig() if sampling is None else sampling
+        if not isinstance(sampling, SamplingConfig):
+            raise MiniLLMError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        context = self.model.decoder_context(prompt_ids, source_ids, source_mask)
+        return self._steps(context, sampling, source_ids, source_mask, eos_id, use_cache)
+
+    @torch.inference_mode()
+    def _steps(self, context: torch.Tensor, sampling: SamplingConfig, source_ids: torch.Tensor | None,
+               source_mask: torch.Tensor | None, eos_id: int | None, use_cache: bool) -> Iterator[torch.Tensor]:
+        model, config = self.model, self.model.config
+        device, (batch, length) = context.device, context.shape
+        max_seq_len, vocab = config.max_seq_len, config.vocab_size
+        generator = sampling.generator(device)
+        candidates = sampling.candidates(vocab)
+
+        def noise() -> torch.Tensor | None:
+            return None if sampling.greedy else draw_noise(batch, candidates, generator, device)
+
+        # The whole history, written in place; its capacity doubles when full, so a huge max_new_tokens
+        # does not allocate up front.
+        tokens = context.new_empty((batch, length + min(sampling.max_new_tokens, max_seq_len)))
+        tokens[:, :length] = context
+        seen = seen_tokens(context, vocab) if sampling.repetition_penalty != 1.0 else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_id is not None else None
+        start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
+        keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
+        with eval_mode(model):
+            cache = model.new_cache(batch, source_ids, source_mask) if use_cache else None
+            step, refill = self._steps_for(sampling, cache) if cache is not None else (None, None)
+
+            def first_token(slid: bool) -> torch.Tensor:
+                """Prefill the window (or recompute it) and sample after it."""
+                window = tokens[:, start:length]
+                if cache is None:
+                    return sample_next_token(model.window_logits(window, source_ids, source_mask), sampling,
+                                             seen, noise())
+                if slid:  # always `keep` tokens: the compiled refill's one shape
+                    return refill(window.clone(memory_format=torch.contiguous_format), cache, seen, noise())
+                return self._refill(window, cache, seen, noise(), sampling)
+
+            token = first_token(slid=False)
+            for n in range(sampling.max_new_tokens):
+                if finished is not None:
+                    token = token.masked_fill(finished, config.pad_id)
+                    finished |= token == eos_id
+                if length == tokens.size(1):
+                    tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
+                tokens[:, length] = token
+                length += 1
+                if seen is not None:
+                    seen.scatter_(1, token[:, None], True)
+                yield token
+                if n + 1 == sampling.max_new_tokens or (finished is not None and bool(finished.all())):
+                    return
+                if length - start > max_seq_len:  # the window slid: rebuild the cache over the kept tokens
+                    start = length - keep
+                    token = first_token(slid=True)
+                elif cache is None:
+                    token = sample_next_token(model.window_logits(tokens[:, start:length], source_ids,
+                                                                  source_mask), sampling, seen, noise())
+                else:
+                    token = step(token.view(batch, 1), cache, seen, noise())  # one layout: no re-trace
+
+    def _refill(self, window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+                noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
+        """Empty the cache, prefill it with the (B, T) window and sample the token after it (eager)."""
+        cache.reset()
+        logits = self.model.forward_cached(window, cache)
+        cache.sync_position()
+        return sample_next_token(logits, sampling, seen, noise)
+
+    def _steps_for(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Step, Step]:
+        """The one-token step ((B, 1) last token, cache, seen mask, noise -> (B,) next token) and the
+        refill after a slide ((B, keep) window, cache, seen, noise -> (B,) next token)."""
+        model = self.model
+        if not self.compile:
+            return (lambda token, cache, seen, noise: sample_next_token(model.forward_cached(token, cache),
+                                                                        sampling, seen, noise),
+                    lambda window, cache, seen, noise: self._refill(window, cache, seen, noise, sampling))
+        if cache.keys.device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
+            for tensor in (cache.keys, cache.values, cache.position):
+                torch._dynamo.mark_static_address(tensor)
+        key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty)
+        if key not in self._compiled:
+            # The compiled functions take the cache's tensors rather than the object: fewer guards for
+            # torch to check at every call.
+            def fast_step(token: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
+                          *cache_tensors: torch.Tensor) -> torch.Tensor:
+                logits = model.decode_step(token, KVCache.over(*cache_tensors))
+                return sample_next_token(logits, sampling, seen, noise)
+
+            def fast_refill(window: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
+                            *cache_tensors: torch.Tensor) -> torch.Tensor:
+                view = KVCache.over(*cache_tensors)
+                logits = model.forward_cached(window, view)
+                view.position.fill_(window.size(1))
+                return sample_next_token(logits, sampling, seen, noise)
+
+            device = cache.keys.device
+            self._compiled[key] = (_checked_first_call(compile_step(fast_step, device)),
+                                   _checked_first_call(compile_step(fast_refill, device)))
+        compiled_step, compiled_refill = self._compiled[key]
+
+        def step(token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+                 noise: torch.Tensor | None) -> torch.Tensor:
+            out = compiled_step(token, seen, noise, *cache.tensors())
+            cache.advance(1)  # decode_step moved the position tensor; the host's count follows
+            return out
+
+        def refill(window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+                   noise: torch.Tensor | None) -> torch.Tensor:
+            out = compiled_refill(window, seen, noise, *cache.tensors())
+            cache.length = window.size(1)
+            return out
+
+        return step, refill
+
+
+def compile_step(step: Step, device: torch.device) -> Step:
+    """torch.compile a static-shape decode step for `device` (see the module docstring)."""
+    if device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    # Freezing folds the weights into the graph (pre-packed matrix products); the C++ wrapper calls the
+    # kernels without a Python line per op; autotuning picks inductor's own small-matrix kernels, which at
+    # decoding's one-row products beat a library call's fixed overhead. Measured in bench/generation.py.
+    return torch.compile(step, fullgraph=True, dynamic=False,
+                         options={"freezing": True, "cpp_wrapper": True, "max_autotune": True})
+
+
+def _checked_first_call(step: Step) -> Step:
+    """`step`, whose first call turns a compiler failure into one clear error."""
+    compiled = False
+
+    def call(*args: object) -> torch.Tensor:
+        nonlocal compiled
+        if compiled:
+            return step(*args)
+        try:
+            out = step(*args)
+        except Exception as e:  # a missing C++ compiler, an unsupported op: torch's own long report
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise MiniLLMError(f"compiling the decode step failed ({first_line}); generate without "
+                               "compile (the eager path gives the same tokens)") from None
+        compiled = True
+        return out
+
+    return call

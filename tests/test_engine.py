@@ -1,0 +1,231 @@
+"""The decoding engine: one loop for both model kinds; eager, compiled and recomputed paths agree; the
+sliding window, seeds, EOS, closing, bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_models import BOS, PAD, VOCAB, random_ids, tiny_model
+
+from minillm import engine as engine_module
+from minillm.engine import CONTEXT_KEEP_FRACTION, Engine
+from minillm.errors import MiniLLMError
+from minillm.sampling import MAX_NEW_TOKENS, SamplingConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GREEDY = SamplingConfig(temperature=0, top_k=None)
+
+
+def sampled(n: int, seed: int = 0, **settings) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=1.0, top_k=None, seed=seed, **settings)
+
+
+def source_for(model_type: str) -> torch.Tensor | None:
+    return random_ids(1, 5, seed=7) if model_type == "transformer" else None
+
+
+def expected_windows(prompt_len: int, n_new: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """(start, end) of the context window before each new token, by the documented sliding rule."""
+    keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
+    start, end, windows = max(0, prompt_len - max_seq_len), prompt_len, []
+    for _ in range(n_new):
+        windows.append((start, end))
+        end += 1
+        if end - start > max_seq_len:
+            start = end - keep
+    return windows
+
+
+@pytest.fixture
+def sampled_logits(monkeypatch) -> list[torch.Tensor]:
+    """The (B, V) logits the engine hands to the sampler, one per new token (a spy: sampling is real).
+
+    Generation tests compare these logits, not greedy tokens: an untrained tiny model's greedy token is
+    nearly always the same whatever the context, so a test of tokens cannot see a context bug.
+    """
+    seen = []
+    real = engine_module.sample_next_token
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample_next_token", spy)
+    return seen
+
+
+def full_recompute_logits(model: torch.nn.Module, window: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
+    """(B, V) logits after `window`, from a plain forward pass over it alone."""
+    with torch.no_grad():
+        logits = model(window)[0] if src is None else model(src, window)[0]
+    return logits[:, -1]
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_the_context_slides_and_matches_a_full_recompute(model_type, use_cache,
+                                                                         sampled_logits):
+    max_seq_len, n_new = 8, 20
+    model = tiny_model(model_type, max_seq_len=max_seq_len)
+    src = source_for(model_type)
+    # Sampled, not greedy: greedy decoding of an untrained model soon repeats one token, and over a run of
+    # identical tokens every window length gives the same logits.
+    prompt = random_ids(1, 3) if src is None else None
+    new = Engine(model).generate(prompt, sampled(n_new), source_ids=src, use_cache=use_cache)
+    context = prompt if src is None else torch.full((1, 1), BOS)
+    full_sequence = torch.cat([context, new], dim=1)
+    assert new.shape == (1, n_new) and len(sampled_logits) == n_new
+    windows = expected_windows(context.size(1), n_new, max_seq_len)
+    assert windows[-1][0] > 0, "the test must cover at least one slide"
+    for i, (start, end) in enumerate(windows):
+        expected = full_recompute_logits(model, full_sequence[:, start:end], src)
+        torch.testing.assert_close(sampled_logits[i], expected, atol=1e-5, rtol=0,
+                                   msg=f"token {i}: the logits differ from a full recompute of tokens "
+                                       f"[{start}, {end})")
+        if end - start > 1:  # the logits depend on the whole window, so a window one token short would show
+            shorter = full_recompute_logits(model, full_sequence[:, start + 1:end], src)
+            assert (shorter - expected).abs().max() > 1e-3
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_last_window(sampled_logits):
+    model = tiny_model(max_seq_len=8)
+    prompt = random_ids(1, 20)
+    Engine(model).generate(prompt, GREEDY.replace(max_new_tokens=1))
+    torch.testing.assert_close(sampled_logits[0], full_recompute_logits(model, prompt[:, -8:], None),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_generate_gives_the_new_tokens_and_stream_yields_them_one_step_at_a_time(model_type):
+    model = tiny_model(model_type)
+    src = random_ids(2, 6, seed=4) if model_type == "transformer" else None
+    prompt = random_ids(2, 4) if src is None else None
+    engine = Engine(model)
+    out = engine.generate(prompt, GREEDY.replace(max_new_tokens=6), source_ids=src)
+    assert out.shape == (2, 6) and out.dtype == torch.long
+    steps = list(engine.stream(prompt, GREEDY.replace(max_new_tokens=6), source_ids=src))
+    assert len(steps) == 6 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), out)
+
+
+def test_the_encoder_decoder_continues_a_target_prefix():
+    model = tiny_model("transformer")
+    src = random_ids(1, 6)
+    engine = Engine(model)
+    out = engine.generate(None, GREEDY.replace(max_new_tokens=8), source_ids=src)
+    continued = engine.generate(out[:, :3], GREEDY.replace(max_new_tokens=5), source_ids=src)
+    assert torch.equal(continued, out[:, 3:])
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_cached_and_recomputed_generation_give_the_same_tokens_for_a_seed(model_type):
+    model = tiny_model(model_type, max_seq_len=8)
+    src, prompt = source_for(model_type), random_ids(1, 3)
+    prompt = None if src is not None else prompt
+    for settings in (sampled(20, seed=3), sampled(20, seed=4, top_p=0.8, repetition_penalty=1.5),
+                     SamplingConfig(max_new_tokens=20, temperature=0.7, top_k=5, seed=5)):
+        cached = Engine(model).generate(prompt, settings, source_ids=src)
+        recomputed = Engine(model).generate(prompt, settings, source_ids=src, use_cache=False)
+        assert torch.equal(cached, recomputed), settings
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_same_seed_gives_the_same_sample(model_type):
+    model = tiny_model(model_type)
+    src = source_for(model_type)
+    prompt = random_ids(1, 3) if src is None else None
+
+    def sample(seed: int) -> torch.Tensor:
+        return Engine(model).generate(prompt, sampled(30, seed=seed), source_ids=src)
+
+    assert torch.equal(sample(5), sample(5))
+    assert not torch.equal(sample(5), sample(6))
+
+
+def test_generation_stops_when_every_row_reached_eos_and_pads_finished_rows():
+    model = tiny_model()
+    prompt = random_ids(2, 3)
+    engine = Engine(model)
+    free = engine.generate(prompt, GREEDY.replace(max_new_tokens=12))
+    eos = int(free[0, 2])  # make row 0's third token the end of sequence
+
+    def first_eos(row: torch.Tensor) -> int:
+        hits = (row == eos).nonzero()
+        return int(hits[0]) if len(hits) else len(row)
+
+    stops = [first_eos(free[0]), first_eos(free[1])]
+    out = engine.generate(prompt, GREEDY.replace(max_new_tokens=12), eos_id=eos)
+    assert out.size(1) == min(12, max(stops) + 1)
+    for row, stop in enumerate(stops):
+        assert torch.equal(out[row, :stop + 1], free[row, :stop + 1])
+        assert (out[row, stop + 1:] == PAD).all()
+
+
+def test_closing_the_stream_stops_the_work_and_restores_training_mode():
+    model = tiny_model().train()
+    # Nothing is sized by max_new_tokens: a billion costs nothing up front.
+    steps = Engine(model).stream(random_ids(1, 2), GREEDY.replace(max_new_tokens=MAX_NEW_TOKENS))
+    next(steps)
+    assert not model.training, "generation runs in eval mode (no dropout)"
+    assert torch.is_grad_enabled(), "inference mode stays inside the engine's steps"
+    steps.close()
+    assert model.training
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_bad_input_ids_are_clear_errors(model_type):
+    model = tiny_model(model_type)
+    engine = Engine(model)
+
+    def generate(ids):
+        if model_type == "transformer":
+            return engine.generate(None, GREEDY, source_ids=ids)
+        return engine.generate(ids, GREEDY)
+
+    for ids, message in [(torch.tensor([[3, VOCAB]]), "outside the model's vocabulary"),
+                         (torch.tensor([[-1, 3]]), "outside the model's vocabulary"),
+                         (torch.tensor([3, 4]), "shape"), (torch.zeros(1, 0, dtype=torch.long), "empty"),
+                         (torch.tensor([[3.0, 4.0]]), "integer")]:
+        with pytest.raises(MiniLLMError, match=message):
+            generate(ids)
+    with pytest.raises(MiniLLMError, match="SamplingConfig"):
+        engine.generate(random_ids(1, 2), {"temperature": 0})
+
+
+def test_each_model_kind_refuses_the_other_kinds_input():
+    with pytest.raises(MiniLLMError, match="decoder-only model: it takes no source"):
+        Engine(tiny_model()).generate(random_ids(1, 2), GREEDY, source_ids=random_ids(1, 2))
+    with pytest.raises(MiniLLMError, match="give source ids"):
+        Engine(tiny_model("transformer")).generate(random_ids(1, 2), GREEDY)
+
+
+def test_a_source_longer_than_the_context_is_a_clear_error():
+    with pytest.raises(MiniLLMError, match="max_seq_len"):
+        Engine(tiny_model("transformer")).generate(None, GREEDY, source_ids=random_ids(1, 17))
+
+
+# ---- the compiled fast path -----------------------------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type):
+    """One compile per kind (seconds): the compiled static step, with the sampler in its graph, slides,
+    penalises and stops like the eager path, token for token."""
+    model = tiny_model(model_type, max_seq_len=8)
+    src = random_ids(2, 5, seed=7) if model_type == "transformer" else None
+    prompt = random_ids(2, 3) if src is None else None
+    settings = SamplingConfig(max_new_tokens=25, temperature=0.9, top_k=10, repetition_penalty=1.3, seed=2)
+    fast = Engine(model, compile=True)
+    compiled = fast.generate(prompt, settings, source_ids=src)
+    eager = Engine(model).generate(prompt, settings, source_ids=src)
+    assert compiled.shape == (2, 25)
+    assert torch.equal(compiled, eager)
+    again = fast.generate(prompt, settings.replace(seed=3), source_ids=src)  # the compiled step is reused
+    assert torch.equal(again, Engine(model).generate(prompt, settings.replace(seed=3), source_ids=src))
