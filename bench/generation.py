@@ -129,7 +129,7 @@ def main() -> None:
             start = time.perf_counter()
             rate(generators[FAST], batch, WARMUP_TOKENS, 0, device)  # compiles this shape
             compile_seconds.append(time.perf_counter() - start)
-            for name, generate in generators.items():
+            for generate in generators.values():
                 rate(generate, batch, WARMUP_TOKENS, 0, device)
             prompt = torch.ones((batch, 1), dtype=torch.long, device=device)
             mismatches += not torch.equal(generators[FAST](prompt, 50, 1), generators[EAGER](prompt, 50, 1))

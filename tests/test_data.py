@@ -414,3 +414,29 @@ def test_a_tail_holdout_keeps_the_end_of_the_file_in_order():
     assert splits["test"] == pairs[-5:] and splits["val"] == pairs[-10:-5] and splits["train"] == pairs[:40]
     shuffled, _ = split_data(PAIRS, pairs, "x.tsv", 0.1, 0.1, seed=0)
     assert shuffled["test"] != pairs[-5:]
+
+
+def test_pair_batches_equal_a_row_by_row_construction(tmp_path, char_tokenizer):
+    """The whole-array batch against the obvious per-row one, over random pairs (empty, cut, ordinary)."""
+    rng = np.random.default_rng(0)
+    letters = "abcdefgh"
+    pairs = [("".join(rng.choice(list(letters), rng.integers(0, 14))),
+              "".join(rng.choice(list(letters), rng.integers(0, 14)))) for _ in range(40)]
+    write_pair_streams(tmp_path, "train", char_tokenizer, pairs, np.dtype(np.uint16))
+    tok = char_tokenizer
+    batches = PairBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
+                          read_stream(tmp_path / "train.tgt.bin", "uint16"), np.load(tmp_path / "train.offsets.npy"),
+                          max_seq_len=10, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    rows = rng.integers(0, 40, 16)
+    batch = batches.batch_of(rows, CPU)
+    for row, i in enumerate(rows):
+        source, target = pairs[i]
+        src = tok.encode(source)[:10]
+        predicted = (tok.encode(target) + [tok.eos_id])[:10]
+        width, tgt_width = batch["src_ids"].shape[1], batch["targets"].shape[1]
+        assert batch["src_ids"][row].tolist() == src + [tok.pad_id] * (width - len(src))
+        assert batch["src_mask"][row].tolist() == [c < max(1, len(src)) for c in range(width)]
+        assert batch["targets"][row].tolist() == predicted + [tok.pad_id] * (tgt_width - len(predicted))
+        shifted = [tok.bos_id] + predicted[:-1]
+        assert batch["tgt_ids"][row].tolist() == shifted + [tok.pad_id] * (tgt_width - len(shifted))
+    assert batch["src_ids"].shape[1] == max(1, max(len(tok.encode(pairs[i][0])[:10]) for i in rows))

@@ -206,37 +206,40 @@ class PairBatches:
             fit_all=_round_up(needed.max() if len(needed) else 1, CONTEXT_SUGGESTION_MULTIPLE),
         )
 
-    def _pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source, target + EOS), each cut to the context."""
-        (s0, t0), (s1, t1) = self.offsets[:, i], self.offsets[:, i + 1]
-        predicted = np.append(self.tgt[t0:t1].astype(np.int64), self.eos_id)
-        return self.src[s0:s1][:self.max_seq_len], predicted[:self.max_seq_len]
-
-    def batch_of(self, indices: list[int], device: torch.device) -> Batch:
-        pairs = [self._pair(i) for i in indices]
-        src_len = max(1, max(len(s) for s, _ in pairs))
-        tgt_len = max(len(t) for _, t in pairs)
-        src_ids = torch.full((len(pairs), src_len), self.pad_id, dtype=torch.long)
-        tgt_ids = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(pairs), tgt_len), self.pad_id, dtype=torch.long)
-        src_mask = torch.zeros_like(src_ids, dtype=torch.bool)
-        for row, (source, predicted) in enumerate(pairs):
-            predicted = torch.from_numpy(predicted)
-            src_ids[row, :len(source)] = torch.from_numpy(source.astype(np.int64))
-            src_mask[row, :max(1, len(source))] = True  # an empty source still shows one (pad) position
-            tgt_ids[row, 0] = self.bos_id
-            tgt_ids[row, 1:len(predicted)] = predicted[:-1]  # teacher forcing: each input is the last target
-            targets[row, :len(predicted)] = predicted
-        tgt_mask = targets != self.pad_id
-        batch = {"src_ids": src_ids, "tgt_ids": tgt_ids, "src_mask": src_mask, "tgt_mask": tgt_mask,
-                 "targets": targets}
+    def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
+        """The pairs `indices`, padded: source cut to the context; target + EOS cut to the context, as
+        targets and, shifted right after BOS, as the decoder's input (teacher forcing). Built with whole-array
+        numpy operations, no loop over rows."""
+        idx = np.asarray(indices, dtype=np.int64)
+        (s0, t0), (s1, t1) = self.offsets[:, idx], self.offsets[:, idx + 1]
+        src_len = np.minimum(s1 - s0, self.max_seq_len)
+        predicted_len = np.minimum(t1 - t0 + 1, self.max_seq_len)  # the target and its EOS
+        columns = np.arange(max(1, int(src_len.max())))
+        in_source = columns < src_len[:, None]
+        src_ids = np.where(in_source, self.src[np.minimum(s0[:, None] + columns, max(0, len(self.src) - 1))]
+                           if len(self.src) else self.pad_id, self.pad_id)
+        columns = np.arange(int(predicted_len.max()))
+        in_target = columns < predicted_len[:, None]
+        target_tokens = (self.tgt[np.minimum(t0[:, None] + columns, len(self.tgt) - 1)]
+                         if len(self.tgt) else np.zeros((len(idx), len(columns)), dtype=np.int64))
+        predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, target_tokens)
+        targets = np.where(in_target, predicted, self.pad_id)
+        tgt_ids = np.full_like(targets, self.pad_id)
+        tgt_ids[:, 0] = self.bos_id
+        tgt_ids[:, 1:] = np.where(in_target[:, 1:], predicted[:, :-1], self.pad_id)
+        batch = {"src_ids": torch.from_numpy(src_ids.astype(np.int64)),
+                 "tgt_ids": torch.from_numpy(tgt_ids.astype(np.int64)),
+                 # an empty source still shows one (pad) position
+                 "src_mask": torch.from_numpy(np.arange(src_ids.shape[1]) < np.maximum(1, src_len)[:, None]),
+                 "targets": torch.from_numpy(targets.astype(np.int64))}
+        batch["tgt_mask"] = batch["targets"] != self.pad_id
         return {k: _to_device(v, device) for k, v in batch.items()}
 
     def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(self.n_pairs, (batch_size,), generator=generator)
 
     def batch_at(self, starts: torch.Tensor, device: torch.device) -> Batch:
-        return self.batch_of(starts.tolist(), device)
+        return self.batch_of(starts.numpy(), device)
 
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
         return self.batch_at(self.sample_starts(batch_size, generator), device)
