@@ -31,6 +31,7 @@ screenshot: setup  # refresh the README's pictures of the web UI (docs/ui.png, d
 check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds llama-cpp-python: many minutes)
 	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"
 	$(PY) scripts/check_gguf.py
+	$(PY) scripts/check_gguf.py --qk-norm
 
 ui: setup
 	$(PY) -m minillm ui runs/demo

@@ -1,11 +1,13 @@
 """A file of pairs, two ways: a decoder-only model (each pair is a sample "source\\ntarget") against an
 encoder-decoder (source in, target out), trained on the same file for the same number of steps.
 
-Run: .venv/bin/python bench/pairs.py [--steps 600] [--pairs 3000]
+Run: .venv/bin/python bench/pairs.py [--steps 600] [--pairs 3000] [--rows decoder_only transformer ...]
 The task is one a model must read its input for: reverse a random word of 3 to 8 letters. Both models are
 character-level and about the same size (the decoder-only one gets the encoder-decoder's two stacks as one
 deeper stack). Scored on the test split's pairs by greedy generation: the share of exact answers and of
 right characters. Loss is not compared: the decoder-only loss also counts the source's characters.
+Rows (ROWS): the two kinds with AdamW + cosine, and the encoder-decoder with the cpu preset's changes (Muon +
+warm-down, QK-norm).
 """
 
 from __future__ import annotations
@@ -25,13 +27,24 @@ if sys.path and Path(sys.path[0]).resolve() == BENCH:
 from minillm.checkpoint import load_run  # noqa: E402
 from minillm.config import preset_configs  # noqa: E402
 from minillm.generation import generate_text  # noqa: E402
-from minillm.models import count_parameters  # noqa: E402
+from minillm.models import count_parameters, is_encoder_decoder  # noqa: E402
 from minillm.run_folder import RunFolder  # noqa: E402
+from minillm.sampling import SamplingConfig  # noqa: E402
 from minillm.training import train  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 SHAPE = dict(d_model=96, n_heads=4, max_seq_len=32)
 RECIPE = dict(tokenizer="char", batch_size=32, learning_rate=3e-3, min_lr=3e-4, warmup_steps=50, eval_batches=5)
+MUON = dict(optimizer="muon", schedule="warmdown")
+# Each row: (model kind, its layers and other model options, training overrides on top of RECIPE).
+ROWS = {
+    "decoder_only": ("decoder_only", dict(n_layers=4), {}),
+    "transformer": ("transformer", dict(n_layers=2), {}),
+    "transformer muon + warmdown": ("transformer", dict(n_layers=2), MUON),
+    "transformer qk-norm": ("transformer", dict(n_layers=2, qk_norm=True), {}),
+    "transformer muon + warmdown + qk-norm": ("transformer", dict(n_layers=2, qk_norm=True), MUON),
+}
 
 
 def make_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -51,9 +64,9 @@ def score(run_dir: Path, pairs: list[tuple[str, str]], encoder_decoder: bool) ->
     exact = right = total = 0
     for source, target in pairs:
         if encoder_decoder:
-            out = generate_text(run.model, run.tokenizer, "", source=source, temperature=0, max_new_tokens=12)
+            out = generate_text(run.model, run.tokenizer, "", GREEDY, source=source)
         else:
-            out = generate_text(run.model, run.tokenizer, source + "\n", temperature=0, max_new_tokens=12)
+            out = generate_text(run.model, run.tokenizer, source + "\n", GREEDY)
         out = out.split("\n")[0]
         exact += out == target
         right += sum(a == b for a, b in zip(out, target, strict=False))
@@ -65,26 +78,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=["decoder_only", "transformer"])
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="minillm-bench-pairs-") as tmp:
         data, pairs = Path(tmp) / "reverse.tsv", make_pairs(args.pairs)
         data.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
-        for kind, layers in (("decoder_only", dict(n_layers=4)), ("transformer", dict(n_layers=2))):
+        for name in args.rows:
+            kind, layers, recipe = ROWS[name]
             model_config, train_config = preset_configs(
                 "tiny", {**SHAPE, **layers, "model_type": kind},
-                {**RECIPE, "data": str(data), "max_steps": args.steps, "eval_interval": args.steps // 3})
-            out = Path(tmp) / kind
+                {**RECIPE, **recipe, "data": str(data), "max_steps": args.steps, "eval_interval": args.steps // 3})
+            out = Path(tmp) / name.replace(" ", "_")
             start = time.perf_counter()
             result = train(model_config, train_config, out, progress=False, log=lambda m: None)
             seconds = time.perf_counter() - start
-            exact, chars = score(out, test_pairs(out, pairs), kind == "transformer")
-            rows.append((kind, count_parameters(load_run(out).model), result.steps, seconds, exact, chars))
+            run = load_run(out)
+            exact, chars = score(out, test_pairs(out, pairs), is_encoder_decoder(run.config))
+            rows.append((name, count_parameters(run.model), result.steps, seconds, exact, chars))
     print(f"Reverse a word (3-8 letters), {args.pairs} pairs, character level, {args.steps} steps each\n")
     print("| model | parameters | steps | seconds | exact answers (test) | right characters |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for kind, params, steps, seconds, exact, chars in rows:
-        print(f"| {kind} | {params:,} | {steps} | {seconds:.0f} | {exact:.1%} | {chars:.1%} |")
+    for name, params, steps, seconds, exact, chars in rows:
+        print(f"| {name} | {params:,} | {steps} | {seconds:.0f} | {exact:.1%} | {chars:.1%} |")
 
 
 if __name__ == "__main__":

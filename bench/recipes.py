@@ -45,6 +45,10 @@ ROWS = {
     "untied head": ({"tie_embeddings": False}, {}),
     "lr 3e-3": ({}, {"learning_rate": 3e-3, "min_lr": 3e-4}),
     "muon + warmdown": ({}, {"optimizer": "muon", "schedule": "warmdown"}),
+    # Architecture candidates (ModelConfig options, on top of the cpu preset's Muon + warm-down).
+    "qk-norm": ({"qk_norm": True}, {}),
+    "relu2": ({"mlp": "relu2"}, {}),  # d_ff 4 x d_model: the same weights as SwiGLU's 8/3
+    "softcap 15": ({"logit_softcap": 15.0}, {}),
 }
 REFERENCE = dict(d_model=128, n_layers=4, n_heads=4, block_size=64, batch_size=12, lr=1e-3, min_lr=1e-4,
                  warmup=100, iterations=2000, weight_decay=0.1, betas=(0.9, 0.99))

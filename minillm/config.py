@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar
 
 from minillm.errors import MiniLLMError
@@ -19,6 +20,10 @@ HOLDOUTS = ("shuffled", "tail")
 OPTIMIZERS = ("adamw", "muon")  # minillm.training.optimizer builds them
 SCHEDULES = ("cosine", "warmdown")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MLP_KINDS = ("swiglu", "relu2")  # minillm.models.layers builds them
+# The default feed-forward width per MLP kind, as a multiple of d_model: both give about 8 * d_model^2
+# weights per layer (SwiGLU has three matrices of d_ff x d_model, relu2 two).
+MLP_WIDTHS = {"swiglu": Fraction(8, 3), "relu2": Fraction(4)}
 MAX_THREADS = 1024
 MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
 MAX_STEPS = 10**12
@@ -105,13 +110,23 @@ class ModelConfig(_JSONConfig):
     n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)", 1,
                                           1024)
     n_heads: int = option(4, "attention heads (must divide --d-model)", 1, 4096)
-    d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model)",
-                              1, 2**20)
+    d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model for "
+                                    "swiglu, 4 x --d-model for relu2: the same number of weights)", 1, 2**20)
     max_seq_len: int = option(256, "context length in tokens (the training window, block size)", 1, 2**20)
     dropout: float = option(0.0, "dropout probability (0 to 0.3 fights overfitting on small data)", 0, 0.99)
     rope_theta: float = option(10000.0, "base of the rotary position embedding", 1, 1e9)
     tie_embeddings: bool = option(True, "share the input embedding and the output layer")
     norm_eps: float = option(1e-5, "epsilon of the RMS norms", 1e-12, 1)
+    # Architecture options beyond Llama (off by default: the default model is a Llama and exports as one).
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before RoPE (QK-norm, as in the "
+                                  "nanoGPT speedrun, nanochat and Qwen3); --format hf and gguf export it as Qwen3")
+    mlp: str = option("swiglu", "feed-forward: swiglu (Llama's gated down(silu(x W_g) * x W_u)) or relu2 (the "
+                                "speedrun's down(relu(x W_u)^2), not gated); relu2 exports --format safetensors only")
+    logit_softcap: float = option(0.0, "soft-cap the output logits at +-this, cap * tanh(logits / cap), in training "
+                                       "and generation (0 = off; the speedrun uses 15); export --format safetensors "
+                                       "only", 0, 1e4)
+    zero_init_head: bool = option(False, "start an untied LM head at zero (every token equally likely at step 0, as "
+                                         "in the speedrun); needs --no-tie-embeddings")
     # The special token ids of the tokenizer the model was trained with.
     pad_id: int = option(0, "padding token id (from the tokenizer)")
     bos_id: int = option(1, "beginning-of-sample token id (from the tokenizer)")
@@ -135,8 +150,12 @@ class ModelConfig(_JSONConfig):
             self.n_encoder_layers = self.n_layers
         if self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
-        if self.d_ff is None:
-            self.d_ff = 32 * -(-(8 * self.d_model // 3) // 32)
+        _check(self.mlp in MLP_KINDS, f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        _check(not (self.zero_init_head and self.tie_embeddings),
+               "zero_init_head would zero the input embedding too (it is tied to the head); "
+               "pass --no-tie-embeddings with it, or drop it")
+        if self.d_ff is None:  # rounded up to a multiple of 32
+            self.d_ff = 32 * -(-int(MLP_WIDTHS[self.mlp] * self.d_model) // 32)
         check_bounds(self)  # again, with the defaults filled in
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
@@ -287,9 +306,10 @@ PRESETS: dict[str, Preset] = {
         # in 5 minutes a 0.8M-parameter model seeing ~7M tokens beats a 1.8M one seeing half as many, and
         # small batches (many optimizer steps) beat large ones at equal tokens. Muon for the hidden matrices and
         # a constant rate with a linear warm-down won at equal wall-clock on the held-out tail (bench/recipes.py:
-        # 1.5402 against AdamW + cosine's 1.5955 at 100 s, 1.4403 against 1.4691 at 300 s). The schedule
-        # follows the time budget when the steps do not fit in it.
-        model=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=64),
+        # 1.5402 against AdamW + cosine's 1.5955 at 100 s, 1.4403 against 1.4691 at 300 s). QK-norm won on top of
+        # them (1.5922 against 1.6488 at 100 s on a busy machine) and exports as Qwen3; squared ReLU and logit
+        # soft-capping lost. The schedule follows the time budget when the steps do not fit in it.
+        model=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, qk_norm=True),
         train=dict(batch_size=24, max_steps=4200, warmup_steps=100, eval_interval=300, eval_batches=20,
                    learning_rate=2e-3, min_lr=2e-4, max_time=300.0, optimizer="muon", schedule="warmdown"),
     ),

@@ -5,7 +5,8 @@ Trains a small byte-level BPE run on the bundled Tiny Shakespeare (or uses RUN_D
 the prompt's token ids, the logits of its positions, and the greedy continuation (at least MIN_MATCHING
 tokens must agree; a different token after a near-tie of two logits is reported, not hidden).
 
-Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40]
+Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm]
+(--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3.)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     parser.add_argument("run_dir", nargs="?", type=Path, help="a decoder-only BPE run (default: train one)")
     parser.add_argument("--tokens", type=int, default=40, help="greedy tokens to compare")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the export's weights")
+    parser.add_argument("--qk-norm", action="store_true", help="train the run with QK-norm (llama.cpp's qwen3)")
     args = parser.parse_args()
     try:
         from llama_cpp import GGML_TYPE_F32, Llama
@@ -47,7 +49,8 @@ def main() -> int:
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = work / "run"
-        model_config, train_config = preset_configs("tiny", CHECK_RUN["model"], CHECK_RUN["train"])
+        model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm},
+                                                    CHECK_RUN["train"])
         print(f"training a small BPE run into {run_dir} ...", flush=True)
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     path = export_run(run_dir, "gguf", work / "model.gguf", dtype=args.dtype)

@@ -417,8 +417,12 @@ def test_train_help_lists_each_presets_values(capsys):
     for name, preset in PRESETS.items():
         assert f"{name}: {preset.description}" in presets
         for key, value in {**preset.model, **preset.train}.items():
+            option = f"--{key.replace('_', '-')}"
+            if isinstance(value, bool):  # a switch: --qk-norm or --no-qk-norm
+                assert (option if value else f"--no-{option[2:]}") in presets.split(), (name, key)
+                continue
             shown = f"{value:g}" if isinstance(value, float) else str(value)
-            assert f"--{key.replace('_', '-')} {shown}" in presets, (name, key)
+            assert f"{option} {shown}" in presets, (name, key)
 
 
 @pytest.mark.parametrize("port", ["0", "70000", "-1", "abc", "80.5"])

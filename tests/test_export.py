@@ -34,9 +34,10 @@ LOGITS_TOLERANCE = 1e-4
 MIXED_TEXT = "Café naïve façade — Ærøskøbing, 東京の中文字符 😀👩‍👩‍👧\tTab\tend\r\nCRLF line\r\nthe cat sees"
 
 
-def train_tiny(path, corpus_file, model_type="decoder_only", tokenizer="bpe", **train_overrides):
+def train_tiny(path, corpus_file, model_type="decoder_only", tokenizer="bpe", model_options=None, **train_overrides):
     model_config, train_config = tiny_configs(model_type, tokenizer, corpus_file, max_steps=30, **train_overrides)
-    train(model_config.replace(max_seq_len=CONTEXT), train_config, path, progress=False, log=lambda m: None)
+    train(model_config.replace(max_seq_len=CONTEXT, **(model_options or {})), train_config, path, progress=False,
+          log=lambda m: None)
     return path
 
 
@@ -48,6 +49,12 @@ def runs(tmp_path_factory, corpus_file):
     return {"bpe": train_tiny(root / "bpe", corpus_file),
             "char": train_tiny(root / "char", corpus_file, tokenizer="char"),
             "gpt2": train_tiny(root / "gpt2-run", corpus_file, tokenizer_file=str(gpt2))}
+
+
+@pytest.fixture(scope="module")
+def qk_norm_run(tmp_path_factory, corpus_file):
+    """A BPE run with QK-norm (the cpu preset's architecture): Qwen3 in transformers and llama.cpp."""
+    return train_tiny(tmp_path_factory.mktemp("export-qk-norm") / "run", corpus_file, model_options={"qk_norm": True})
 
 
 @pytest.fixture(scope="module")
@@ -170,24 +177,31 @@ def test_gguf_file_holds_the_runs_tensors_and_tokenizer(runs, kind, dtype, tmp_p
 
 def llama_cpp_logits(reader, config: ModelConfig, ids: list[int]) -> torch.Tensor:
     """llama.cpp's Llama forward pass, written independently of our model from the GGUF tensors: RoPE
-    rotates adjacent pairs of dimensions (its "normal" mode), which is why the exporter permutes q and k."""
+    rotates adjacent pairs of dimensions (its "normal" mode), which is why the exporter permutes q and k.
+    Its qwen3 is the same with an RMSNorm on each head's q and k first and RoPE over the two halves ("neox")."""
     w = {t.name: torch.from_numpy(t.data.copy()).double() for t in reader.tensors}
     T, H, Dh = len(ids), config.n_heads, config.head_dim
+    qwen3 = gguf_field(reader, "general.architecture") == "qwen3"
 
     def norm(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps) * weight
 
-    def rope(x):  # (T, H, Dh), pairs (2i, 2i + 1) rotated by pos * theta^(-2i/Dh)
+    def rope(x):  # (T, H, Dh), pairs (2i, 2i + 1) rotated by pos * theta^(-2i/Dh); qwen3: pairs (i, i + Dh/2)
         freqs = config.rope_theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
         angle = torch.arange(T, dtype=torch.float64)[:, None, None] * freqs
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x0 * angle.cos() - x1 * angle.sin(), x0 * angle.sin() + x1 * angle.cos()], -1).flatten(2)
+        x0, x1 = (x[..., :Dh // 2], x[..., Dh // 2:]) if qwen3 else (x[..., 0::2], x[..., 1::2])
+        rotated = [x0 * angle.cos() - x1 * angle.sin(), x0 * angle.sin() + x1 * angle.cos()]
+        return torch.cat(rotated, -1) if qwen3 else torch.stack(rotated, -1).flatten(2)
+
+    def heads(h, i, n):  # (T, H, Dh) queries or keys of layer i, normed per head in qwen3
+        x = (h @ w[f"blk.{i}.attn_{n}.weight"].T).view(T, H, Dh)
+        return rope(norm(x, w[f"blk.{i}.attn_{n}_norm.weight"]) if qwen3 else x)
 
     x = w["token_embd.weight"][ids]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(config.n_layers):
         h = norm(x, w[f"blk.{i}.attn_norm.weight"])
-        q, k = (rope((h @ w[f"blk.{i}.attn_{n}.weight"].T).view(T, H, Dh)) for n in "qk")
+        q, k = heads(h, i, "q"), heads(h, i, "k")
         v = (h @ w[f"blk.{i}.attn_v.weight"].T).view(T, H, Dh)
         scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(Dh)
         attention = scores.masked_fill(~causal, -math.inf).softmax(-1)
@@ -206,6 +220,29 @@ def test_gguf_tensors_in_llama_cpp_layout_compute_the_same_logits(runs, tmp_path
         ours = run.model(torch.tensor([ids]))[0][0].double()
     assert (llama_cpp_logits(reader, run.config, ids) - ours).abs().max().item() <= LOGITS_TOLERANCE
     assert set(TENSOR_NAMES.values()) >= {"token_embd.weight", "output_norm.weight"}
+
+
+def test_a_qk_norm_run_exports_as_qwen3_to_transformers_and_llama_cpp(qk_norm_run, tmp_path, one_thread):
+    run = load_run(qk_norm_run, "cpu")
+    ids = prompt_ids(run)[0].tolist() + run.tokenizer.encode(" the old king waits for the river.")
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0][0].double()
+    model = transformers.AutoModelForCausalLM.from_pretrained(export_run(qk_norm_run, "hf", tmp_path / "hf")).eval()
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        assert (model(torch.tensor([ids])).logits[0].double() - ours).abs().max().item() <= LOGITS_TOLERANCE
+    prompt = prompt_ids(run)
+    model.generation_config.eos_token_id = None
+    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=GREEDY_TOKENS)
+    greedy = Engine(run.model).generate(prompt, SamplingConfig(max_new_tokens=GREEDY_TOKENS, temperature=0.0))
+    assert theirs.tolist() == torch.cat([prompt, greedy], dim=1).tolist()
+
+    reader = gguf.GGUFReader(export_run(qk_norm_run, "gguf", tmp_path / "model.gguf"))
+    assert gguf_field(reader, "general.architecture") == "qwen3"
+    assert gguf_field(reader, "qwen3.attention.head_count") == run.config.n_heads
+    assert {t.name for t in reader.tensors} >= {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}
+    assert (llama_cpp_logits(reader, run.config, ids) - ours).abs().max().item() <= LOGITS_TOLERANCE
 
 
 def test_gguf_refuses_a_character_run_and_says_why(runs, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from minillm.checkpoint import Run
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
+from minillm.models.llama import options_beyond_qwen3
 
 EXPORT_DTYPES = ("float32", "float16")
 EXTRA_HINT = "pip install 'mini-llm[export]'"
@@ -44,8 +45,6 @@ def require(*modules: str) -> list[ModuleType]:
     return found
 
 
-
-
 def not_decoder_only(run: Run) -> str | None:
     """The refusal of formats that only describe a decoder-only (Llama) model."""
     if is_encoder_decoder(run.config):
@@ -53,6 +52,18 @@ def not_decoder_only(run: Run) -> str | None:
                 "that computes the same model (ours: Llama blocks with rotary self-attention and cross-attention; "
                 "T5 and BART differ in positions, norms and feed-forward); export it with --format safetensors")
     return None
+
+
+def not_llama(run: Run) -> str | None:
+    """The refusal of formats that describe a Llama, or a Qwen3 for a Llama with QK-norm (transformers'
+    LlamaForCausalLM / Qwen3ForCausalLM, llama.cpp's llama / qwen3)."""
+    beyond = options_beyond_qwen3(run.config)
+    if beyond and not is_encoder_decoder(run.config):  # (an encoder-decoder has the weightier reason)
+        listed = " and ".join(beyond) if len(beyond) < 3 else f"{', '.join(beyond[:-1])} and {beyond[-1]}"
+        return (f"it was trained with {listed}, which neither Llama nor Qwen3 has (the exported model would "
+                f"compute something else); retrain without {'it' if len(beyond) == 1 else 'them'}, or export it "
+                "with --format safetensors")
+    return not_decoder_only(run)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -1,11 +1,12 @@
 """Export a decoder-only run with a byte-level BPE tokenizer as one GGUF file for llama.cpp (and the tools
 built on it: Ollama, LM Studio), written with the `gguf` package that llama.cpp publishes.
 
-The file holds Llama architecture metadata, the tensors under llama.cpp's names, the tokenizer as its
-"gpt2" model (byte-level vocabulary, merges, special ids) and the sampling defaults. Two layout changes:
-llama.cpp's Llama rotates adjacent pairs of a head's dimensions where ours (and Hugging Face's) rotate its
-two halves, so the query and key rows are permuted (`permute_for_rope`, as llama.cpp's own converter does);
-and norms stay float32 whatever --dtype, as llama.cpp expects.
+The file holds Llama architecture metadata (Qwen3's, llama.cpp's "qwen3", for a run with QK-norm), the
+tensors under llama.cpp's names, the tokenizer as its "gpt2" model (byte-level vocabulary, merges, special
+ids) and the sampling defaults. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
+dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
+(`permute_for_rope`, as llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and
+norms stay float32 whatever --dtype, as llama.cpp expects.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import numpy as np
 import torch
 
 from minillm.checkpoint import Run
-from minillm.export.base import ExportFormat, not_decoder_only, require, torch_dtype
-from minillm.models.llama import split_fused
+from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
+from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
 
-ARCHITECTURE = "llama"
+# llama.cpp's architectures that rotate adjacent pairs (its "normal" RoPE), for which q and k are permuted.
+PAIRWISE_ROPE = ("llama",)
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's byte-level BPE
 PRE_TOKENIZER = "gpt-2"  # GPT-2's split regex: what pre_tokenizers.ByteLevel(use_regex=True) applies
 # Our names -> llama.cpp's ({i}: the layer).
@@ -34,6 +36,8 @@ TENSOR_NAMES = {
     "layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
     "layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
     "layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",  # qwen3
+    "layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
     "layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
     "layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
     "layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
@@ -64,13 +68,13 @@ def gguf_name(name: str) -> str:
 
 def gguf_tensors(run: Run, dtype: str) -> dict[str, np.ndarray]:
     """llama.cpp's name -> the array it stores (q/k permuted, matrices in `dtype`, vectors float32)."""
-    tensors = {}
+    tensors, permute = {}, standard_architecture(run.config) in PAIRWISE_ROPE
     for name, tensor in split_fused(run.model.state_dict()).items():  # Llama's separate q, k, v, gate, up
         if name == "lm_head.weight" and run.config.tie_embeddings:
             continue  # llama.cpp uses token_embd.weight when the file has no output.weight
         target = gguf_name(name)
         tensor = tensor.detach().cpu().float()
-        if target.endswith(ROTATED):
+        if permute and target.endswith(ROTATED):
             tensor = permute_for_rope(tensor, run.config.n_heads)
         tensor = tensor.to(torch_dtype(dtype)) if tensor.dim() > 1 else tensor
         tensors[target] = tensor.contiguous().numpy()
@@ -97,7 +101,7 @@ def byte_level_refusal(tokenizer_json: dict[str, Any]) -> str | None:
 
 def gguf_refusal(run: Run) -> str | None:
     """Why llama.cpp could not run this run as the same model (None: it can)."""
-    return not_decoder_only(run) or byte_level_refusal(run.tokenizer.hugging_face_json())
+    return not_llama(run) or byte_level_refusal(run.tokenizer.hugging_face_json())
 
 
 def vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int], list[str]]:
@@ -122,7 +126,7 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     (gguf,) = require("gguf")
     c = run.config
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), ARCHITECTURE)
+    writer = gguf.GGUFWriter(str(out), standard_architecture(c))  # the metadata keys' prefix, too
     writer.add_name(Path(run.info["model_path"]).parent.name)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.d_model)
@@ -158,5 +162,5 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
 
 
 GGUF_FORMAT = ExportFormat(
-    name="gguf", description="one GGUF file for llama.cpp, Ollama, LM Studio (Llama architecture)",
+    name="gguf", description="one GGUF file for llama.cpp, Ollama, LM Studio (Llama or Qwen3 architecture)",
     write=write_gguf, refusal=gguf_refusal, folder=False, file_magic=b"GGUF")

@@ -1,8 +1,9 @@
-"""Export a decoder-only run as a Hugging Face Llama model folder: `AutoModelForCausalLM.from_pretrained(DIR)`
-and `AutoTokenizer.from_pretrained(DIR)` load it with no custom code.
+"""Export a decoder-only run as a Hugging Face Llama model folder (Qwen3 for a run with QK-norm):
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it with no custom code.
 
-    DIR/config.json             LlamaConfig (sizes, RoPE theta, RMSNorm eps, vocabulary, tying, special ids)
-    DIR/model.safetensors       the weights, named as in LlamaForCausalLM
+    DIR/config.json             LlamaConfig or Qwen3Config (sizes, RoPE theta, RMSNorm eps, vocabulary, tying,
+                                special ids)
+    DIR/model.safetensors       the weights, named as in LlamaForCausalLM (Qwen3ForCausalLM)
     DIR/generation_config.json  Mini LLM's sampling defaults
     DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds)
     DIR/README.md               the model card
@@ -18,10 +19,10 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import Run
-from minillm.export.base import ExportFormat, not_decoder_only, require, torch_dtype
+from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.export.card import model_card
 from minillm.files import atomic_write, write_json
-from minillm.models.llama import split_fused
+from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
 
 HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -51,17 +52,24 @@ def llama_state_dict(run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return state
 
 
+# Our standard architecture (models.llama.standard_architecture) -> transformers' config class and model class.
+HF_ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
 def llama_config(run: Run, dtype: str) -> dict:
-    """config.json for LlamaForCausalLM, readable by transformers 4.x (rope_theta, torch_dtype) and 5.x."""
+    """config.json for LlamaForCausalLM (Qwen3ForCausalLM with QK-norm: the same fields and weight names, plus
+    q_norm/k_norm), readable by transformers 4.x (rope_theta, torch_dtype) and 5.x."""
     (transformers,) = require("transformers")
     c = run.config
-    config = transformers.LlamaConfig(
+    config_class, model_class = HF_ARCHITECTURES[standard_architecture(c)]
+    extra = {"mlp_bias": False} if config_class == "LlamaConfig" else {"use_sliding_window": False}
+    config = getattr(transformers, config_class)(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, head_dim=c.head_dim,
         max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, hidden_act="silu",
         bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id,
-        architectures=["LlamaForCausalLM"]).to_dict()
+        architectures=[model_class], **extra).to_dict()
     return {**config, "rope_theta": c.rope_theta, "torch_dtype": dtype, "dtype": dtype}
 
 
@@ -100,5 +108,5 @@ def write_hf(run: Run, out: Path, dtype: str) -> None:
 
 
 HF_FORMAT = ExportFormat(
-    name="hf", description="a Hugging Face transformers folder (Llama architecture, safetensors)",
-    write=write_hf, refusal=not_decoder_only, folder=True, file_names=HF_FILES)
+    name="hf", description="a Hugging Face transformers folder (Llama or Qwen3 architecture, safetensors)",
+    write=write_hf, refusal=not_llama, folder=True, file_names=HF_FILES)

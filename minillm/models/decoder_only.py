@@ -12,6 +12,7 @@ from minillm.models.layers import (
     Block,
     RMSNorm,
     RotaryEmbedding,
+    cap_logits,
     causal_mask_for_cache,
     init_weights,
     lm_loss,
@@ -36,7 +37,7 @@ class DecoderOnlyTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_weights(self, {"layers.": 2 * config.n_layers})
+        init_weights(self, {"layers.": 2 * config.n_layers}, config.zero_init_head)
         if config.tie_embeddings:
             # One matrix both reads tokens in and scores them out: a token's input and output meanings
             # agree, and at small sizes it saves vocab_size * d_model parameters (often a large share).
@@ -57,7 +58,7 @@ class DecoderOnlyTransformer(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, V)
         loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
         return logits, loss
 
@@ -95,7 +96,7 @@ class DecoderOnlyTransformer(nn.Module):
             x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i)
         cache.advance(T)
         x = x if all_positions else x[:, -1:]
-        logits = self.lm_head(self.norm(x))
+        logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)
         return logits if all_positions else logits[:, 0]
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -111,4 +112,4 @@ class DecoderOnlyTransformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, position=position)
         position.add_(1)
-        return self.lm_head(self.norm(x))[:, 0]
+        return cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)[:, 0]

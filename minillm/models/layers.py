@@ -7,6 +7,11 @@ shapes are Hugging Face Llama's (`o_proj`, `down_proj`, `input_layernorm`, `post
 `nn.Linear` stores (out_features, in_features)); models/llama.py splits the fused weights where a format
 needs Llama's own names (the Hugging Face export).
 
+Options beyond Llama (ModelConfig fields, off by default; the cpu preset turns QK-norm on): QK-norm
+(`Attention.rotated_qk`, `Attention.memory_keys_values`, `Attention.cross`), the relu2 feed-forward (`MLPS`),
+logit soft-capping (`cap_logits`, called by the models wherever they make logits). A decoding path that
+computes q/k or logits itself must call these.
+
 Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
 """
 
@@ -150,6 +155,12 @@ class Attention(nn.Module):
         else:
             self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        if config.qk_norm:
+            # One learned (Dh,) scale each for queries and keys, shared by the heads (as Qwen3 and OLMo 2):
+            # unit-RMS q and k bound the attention logits, so no head's softmax saturates early in training.
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, H, T, Dh)."""
@@ -176,14 +187,21 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-        qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: one op, not two
-        q, k, v = qk[0], qk[1], qkv[2]
+        q, k = self.rotated_qk(qkv, cos, sin)
+        v = qkv[2]
         if position is not None:
             keys, values = cache.write(layer, position, k, v)  # (B, H, L, Dh)
             return self.o_proj(_one_query_attention(q, keys, values, attn_mask).reshape(B, 1, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
         return self._attend(q, k, v, attn_mask, is_causal)
+
+    def rotated_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys of a (3, B, H, T, Dh) q/k/v stack, QK-normed (with qk_norm) then rotated."""
+        if self.qk_norm:  # the norm comes first: RoPE is a rotation, so the vectors stay unit-RMS
+            return apply_rotary(self.q_norm(qkv[0]), cos, sin), apply_rotary(self.k_norm(qkv[1]), cos, sin)
+        qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: one op, not two
+        return qk[0], qk[1]
 
     def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of the (B, S, D) encoder output, each (B, H, S, Dh).
@@ -192,14 +210,15 @@ class Attention(nn.Module):
         """
         B, S, _ = memory.shape
         kv = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return kv[0], kv[1]
+        return (self.k_norm(kv[0]) if self.qk_norm else kv[0]), kv[1]
 
     def cross(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
               memory_mask: torch.Tensor | None) -> torch.Tensor:
         """Cross-attention of (B, T, D) decoder states over the encoder output (no positions: the source
         and target position spaces are unrelated, and self-attention already encoded both)."""
         k, v = memory_kv
-        return self._attend(self._heads(self.q_proj(x)), k, v, memory_mask, False)
+        q = self._heads(self.q_proj(x))
+        return self._attend(self.q_norm(q) if self.qk_norm else q, k, v, memory_mask, False)
 
 
 def _one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -230,6 +249,23 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class ReLU2(nn.Module):
+    """The nanoGPT speedrun's feed-forward: down(relu(up(x))^2), not gated (two matrices, not three)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+# The feed-forward kinds by ModelConfig.mlp (config.MLP_KINDS names them).
+MLPS: dict[str, type[nn.Module]] = {"swiglu": SwiGLU, "relu2": ReLU2}
+
+
 class Block(nn.Module):
     """A pre-norm residual block: x + attn(norm(x)) [+ cross_attn(norm(x))] + mlp(norm(x)).
 
@@ -246,7 +282,7 @@ class Block(nn.Module):
             self.cross_attn_layernorm = RMSNorm(config.d_model, config.norm_eps)
             self.cross_attn = Attention(config, cross=True)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config)
+        self.mlp = MLPS[config.mlp](config)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -265,13 +301,14 @@ class Block(nn.Module):
         return x + self._residual(self.mlp(self.post_attention_layernorm(x)))
 
 
-def init_weights(model: nn.Module, stacks: dict[str, int]) -> None:
+def init_weights(model: nn.Module, stacks: dict[str, int], zero_head: bool = False) -> None:
     """Llama/GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), norms at 1.
 
     The projections that write into the residual stream (`o_proj`, `down_proj`) are scaled down by
     1/sqrt(number of residual branches in their stack), so the residual stream's variance at the output
     does not grow with depth. `stacks` maps a parameter-name prefix to its number of residual branches
     (2 per decoder-only or encoder layer: attention and MLP; 3 per encoder-decoder decoder layer).
+    zero_head starts `lm_head` at zero.
     """
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -280,6 +317,14 @@ def init_weights(model: nn.Module, stacks: dict[str, int]) -> None:
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             branches = next(n for prefix, n in stacks.items() if name.startswith(prefix))
             nn.init.normal_(param, mean=0.0, std=INIT_STD / math.sqrt(branches))
+    if zero_head:  # ModelConfig.zero_init_head: an untied head only (tied, it is the embedding)
+        nn.init.zeros_(model.lm_head.weight)
+
+
+def cap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Soft-capped logits, cap * tanh(logits / cap): smooth, near the identity for |logits| << cap, never
+    past +-cap (so no logit runs away). cap 0 leaves them as they are. Any shape."""
+    return logits if not cap else cap * torch.tanh(logits / cap)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:

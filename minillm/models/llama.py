@@ -1,4 +1,5 @@
-"""Our weight names <-> Hugging Face Llama's: the fused projections split into Llama's, and back.
+"""Our weight names <-> Hugging Face Llama's: the fused projections split into Llama's, and back; and the
+ModelConfig options a Llama does not have (and which of them Qwen3, Llama's closest standard relative, has).
 
 Only formats need Llama's own names (the Hugging Face export, the equivalence test, checkpoints saved
 before the projections were fused); the models themselves always run fused.
@@ -7,6 +8,8 @@ before the projections were fused); the models themselves always run fused.
 from __future__ import annotations
 
 import torch
+
+from minillm.config import ModelConfig
 
 # our fused weight (name suffix) -> the Llama weights it stacks, in row order
 FUSED = {
@@ -39,3 +42,32 @@ def fuse_split(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if all(prefix + part in state_dict for part in parts):
                 out[prefix + fused] = torch.cat([out.pop(prefix + part) for part in parts], dim=0)
     return out
+
+
+# The options beyond Llama that Qwen3 has as well: Qwen3 is Llama plus a learned RMSNorm over each head's queries
+# and keys before RoPE (one (head_dim,) scale for all heads), which is exactly qk_norm.
+QWEN3_OPTIONS = ("qk_norm",)
+
+
+def options_beyond_llama(config: ModelConfig) -> dict[str, str]:
+    """The fields of `config` that change the computation away from Llama's -> the train option that set each
+    (empty: it is a Llama). zero_init_head is not one: it changes the initialisation, not the model."""
+    options = {}
+    if config.qk_norm:
+        options["qk_norm"] = "--qk-norm"
+    if config.mlp != "swiglu":
+        options["mlp"] = f"--mlp {config.mlp}"
+    if config.logit_softcap:
+        options["logit_softcap"] = f"--logit-softcap {config.logit_softcap:g}"
+    return options
+
+
+def options_beyond_qwen3(config: ModelConfig) -> list[str]:
+    """The train options of `config` that neither Llama nor Qwen3 has (none: one of them computes this model)."""
+    return [option for name, option in options_beyond_llama(config).items() if name not in QWEN3_OPTIONS]
+
+
+def standard_architecture(config: ModelConfig) -> str:
+    """"llama", or "qwen3" for a Llama with QK-norm: the architecture the Hugging Face and GGUF exports write
+    (for a config that options_beyond_qwen3 finds nothing in)."""
+    return "qwen3" if any(name in QWEN3_OPTIONS for name in options_beyond_llama(config)) else "llama"

@@ -18,6 +18,7 @@ from minillm.models.layers import (
     Block,
     RMSNorm,
     RotaryEmbedding,
+    cap_logits,
     causal_mask_for_cache,
     init_weights,
     lm_loss,
@@ -49,7 +50,7 @@ class TransformerModel(nn.Module):
         # Residual branches per stack: attention + MLP per encoder layer; self-, cross-attention + MLP per
         # decoder layer (the 1/sqrt(2 * n_layers) scaling of GPT-2, counted per stack).
         init_weights(self, {"encoder_layers.": 2 * config.n_encoder_layers,
-                            "decoder_layers.": 3 * config.n_decoder_layers})
+                            "decoder_layers.": 3 * config.n_decoder_layers}, config.zero_init_head)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # why: see DecoderOnlyTransformer
 
@@ -89,7 +90,7 @@ class TransformerModel(nn.Module):
         for layer, kv in zip(self.decoder_layers, memory_kv, strict=True):
             x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None, memory_kv=kv,
                       memory_mask=memory_mask)
-        logits = self.lm_head(self.decoder_norm(x))
+        logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
         loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
         return logits, loss
 
@@ -148,7 +149,7 @@ class TransformerModel(nn.Module):
                       memory_kv=cache.memory_kv[i], memory_mask=cache.memory_mask)
         cache.advance(T)
         x = x if all_positions else x[:, -1:]
-        logits = self.lm_head(self.decoder_norm(x))
+        logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
         return logits if all_positions else logits[:, 0]
 
     def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -162,4 +163,4 @@ class TransformerModel(nn.Module):
             x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, memory_kv=cache.memory_kv[i],
                       memory_mask=cache.memory_mask, position=position)
         position.add_(1)
-        return self.lm_head(self.decoder_norm(x))[:, 0]
+        return cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)[:, 0]
