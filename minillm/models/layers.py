@@ -187,8 +187,11 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-        q, k = self.rotated_qk(qkv, cos, sin)
-        v = qkv[2]
+        # split and unbind, not qkv[:2] and qkv[2]: their backward is one cat / stack, where indexing's
+        # backward zero-fills a tensor of qkv's size per slice and adds them.
+        qk, v = qkv.split((2, 1))
+        q, k = self.rotated_qk(qk, cos, sin)
+        v = v.squeeze(0)
         if position is not None:
             keys, values = cache.write(layer, position, k, v)  # (B, H, L, Dh)
             return self.o_proj(_one_query_attention(q, keys, values, attn_mask).reshape(B, 1, -1))
@@ -196,12 +199,13 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
         return self._attend(q, k, v, attn_mask, is_causal)
 
-    def rotated_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries and keys of a (3, B, H, T, Dh) q/k/v stack, QK-normed (with qk_norm) then rotated."""
+    def rotated_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys of a (2, B, H, T, Dh) q/k stack, QK-normed (with qk_norm) then rotated."""
         if self.qk_norm:  # the norm comes first: RoPE is a rotation, so the vectors stay unit-RMS
-            return apply_rotary(self.q_norm(qkv[0]), cos, sin), apply_rotary(self.k_norm(qkv[1]), cos, sin)
-        qk = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: one op, not two
-        return qk[0], qk[1]
+            q, k = qk.unbind(0)
+            return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        q, k = apply_rotary(qk, cos, sin).unbind(0)  # q and k rotated together: one op, not two
+        return q, k
 
     def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of the (B, S, D) encoder output, each (B, H, S, Dh).
@@ -209,8 +213,8 @@ class Attention(nn.Module):
         Computed once per generation: the source does not change while the target grows.
         """
         B, S, _ = memory.shape
-        kv = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return (self.k_norm(kv[0]) if self.qk_norm else kv[0]), kv[1]
+        k, v = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (self.k_norm(k) if self.qk_norm else k), v
 
     def cross(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
               memory_mask: torch.Tensor | None) -> torch.Tensor:
