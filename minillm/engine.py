@@ -143,8 +143,9 @@ class Engine:
             return (lambda token, cache, seen, noise: sample_next_token(model.forward_cached(token, cache),
                                                                         sampling, seen, noise),
                     lambda window, cache, seen, noise: self._refill(window, cache, seen, noise, sampling))
-        if cache.keys.device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
-            for tensor in (cache.keys, cache.values, cache.position):
+        device = cache.position.device
+        if device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
+            for tensor in (*cache.keys, *cache.values, cache.position):
                 torch._dynamo.mark_static_address(tensor)
         key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty)
         if key not in self._compiled:
@@ -162,7 +163,6 @@ class Engine:
                 view.position.fill_(window.size(1))
                 return sample_next_token(logits, sampling, seen, noise)
 
-            device = cache.keys.device
             self._compiled[key] = (_checked_first_call(compile_step(fast_step, device)),
                                    _checked_first_call(compile_step(fast_refill, device)))
         compiled_step, compiled_refill = self._compiled[key]

@@ -282,7 +282,7 @@ def test_static_decode_steps_equal_the_cached_forward(model_type):
         fast = [model.decode_step(ids[:, t:t + 1], static) for t in range(5, 16)]
     assert prefill.shape == (2, VOCAB) and int(static.position) == 16
     torch.testing.assert_close(torch.stack(fast), torch.stack(steps), atol=1e-5, rtol=0)
-    torch.testing.assert_close(static.keys, eager.keys, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.stack(static.keys), torch.stack(eager.keys), atol=1e-6, rtol=0)
 
 
 # ---- Hugging Face compatibility -------------------------------------------------------------------------

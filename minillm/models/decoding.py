@@ -28,10 +28,12 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (n_layers, batch_size, n_heads, max_seq_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)  # views per layer
+        shape = (batch_size, n_heads, max_seq_len, head_dim)
+        # One tensor per layer, not views of one: a compiled step then updates each in place, where a view's
+        # update would make it rewrite the whole shared tensor at every token.
+        self.keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers))
+        self.values = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers))
+        self.capacity = max_seq_len
         self.length = 0  # positions stored so far
         self.position = torch.zeros((), dtype=torch.long, device=device)  # the same, as a tensor
         self.slots = torch.arange(max_seq_len, device=device)
@@ -39,14 +41,14 @@ class KVCache:
         self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S) cross-attention mask
 
     @classmethod
-    def over(cls, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
-             memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+    def over(cls, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...], position: torch.Tensor,
+             slots: torch.Tensor, memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
              memory_mask: torch.Tensor | None = None) -> KVCache:
         """A cache over existing tensors (no allocation): how a compiled decode step, which takes tensors
         rather than this object (fewer guards to check per call), rebuilds the cache it was handed."""
         cache = cls.__new__(cls)
         cache.keys, cache.values, cache.position, cache.slots = keys, values, position, slots
-        cache._layer_keys, cache._layer_values = keys.unbind(0), values.unbind(0)
+        cache.capacity = slots.size(0)
         cache.length = 0  # unknown inside the step, and unused by `write`
         cache.memory_kv = None if memory_kv is None else list(memory_kv)
         cache.memory_mask = memory_mask
@@ -63,9 +65,9 @@ class KVCache:
         `length` moves on only in `advance`, once every layer has stored the same new positions.
         """
         end = self.length + k.size(2)
-        if end > self.keys.size(3):
-            raise MiniLLMError(f"KV cache overflow: {end} positions for a cache of {self.keys.size(3)}")
-        keys, values = self._layer_keys[layer], self._layer_values[layer]  # (B, H, max_seq_len, Dh)
+        if end > self.capacity:
+            raise MiniLLMError(f"KV cache overflow: {end} positions for a cache of {self.capacity}")
+        keys, values = self.keys[layer], self.values[layer]  # (B, H, max_seq_len, Dh)
         keys.narrow(2, self.length, k.size(2)).copy_(k)
         values.narrow(2, self.length, v.size(2)).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
@@ -73,7 +75,7 @@ class KVCache:
     def write(self, layer: int, position: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, H, 1, Dh) keys/values at the 0-dim `position`; return the layer's whole cache."""
-        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        keys, values = self.keys[layer], self.values[layer]
         index = position.view(1)
         keys.index_copy_(2, index, k)
         values.index_copy_(2, index, v)
