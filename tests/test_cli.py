@@ -230,6 +230,16 @@ def test_generate_prints_prompt_then_exactly_what_stream_text_yields(tiny_run, c
     assert out == expected
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_generate_with_compile_prints_the_same_text(tiny_run, capsys):
+    options = ["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "30", "--seed", "5"]
+    assert main(options) == 0
+    eager = capsys.readouterr().out
+    assert main([*options, "--compile"]) == 0
+    assert capsys.readouterr().out == eager and len(eager) > len("the cat\n")
+
+
 @pytest.fixture(scope="module")
 def seq2seq_run(tmp_path_factory, corpus_file) -> Path:
     """A briefly trained char-level encoder-decoder run."""
