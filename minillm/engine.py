@@ -87,7 +87,9 @@ class Engine:
         tokens = context.new_empty((batch, length + min(sampling.max_new_tokens, max_seq_len)))
         tokens[:, :length] = context
         seen = seen_tokens(context, vocab) if sampling.repetition_penalty != 1.0 else None
-        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_id is not None else None
+        # Rows that produced EOS (batch > 1; one row just stops, from the id it has to read anyway).
+        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_id is not None and batch > 1 else None
+        single_eos = eos_id if batch == 1 else None
         start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
         keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
         with eval_mode(model):
@@ -116,7 +118,8 @@ class Engine:
                 if seen is not None:
                     seen.scatter_(1, token[:, None], True)
                 yield token
-                if n + 1 == sampling.max_new_tokens or (finished is not None and bool(finished.all())):
+                if (n + 1 == sampling.max_new_tokens or (finished is not None and bool(finished.all()))
+                        or (single_eos is not None and int(token) == single_eos)):
                     return
                 if length - start > max_seq_len:  # the window slid: rebuild the cache over the kept tokens
                     start = length - keep

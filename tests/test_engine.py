@@ -164,6 +164,17 @@ def test_generation_stops_when_every_row_reached_eos_and_pads_finished_rows():
         assert (out[row, stop + 1:] == PAD).all()
 
 
+def test_a_single_row_stops_right_after_its_eos():
+    model = tiny_model()
+    engine = Engine(model)
+    prompt = random_ids(1, 3)
+    free = engine.generate(prompt, sampled(12, seed=1))[0]
+    eos = int(free[4])
+    stop = int((free == eos).nonzero()[0])  # its first occurrence
+    out = engine.generate(prompt, sampled(12, seed=1), eos_id=eos)[0]
+    assert out.tolist() == free[:stop + 1].tolist()
+
+
 def test_closing_the_stream_stops_the_work_and_restores_training_mode():
     model = tiny_model().train()
     # Nothing is sized by max_new_tokens: a billion costs nothing up front.
