@@ -19,6 +19,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/tokenizers.py
+	$(PY) bench/train_step.py
 	$(PY) bench/generation.py
 	$(PY) bench/train_shakespeare.py
 	$(PY) bench/distributed.py
