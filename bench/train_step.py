@@ -1,10 +1,11 @@
 """Training step time of Mini LLM's model against a nanoGPT-style reference, measured in the same process.
 
-Run: .venv/bin/python bench/train_step.py [--steps 30] [--repeats 5] [--compile]
+Run: .venv/bin/python bench/train_step.py [--steps 30] [--repeats 5] [--compile] [--device cuda]
 At nanoGPT's CPU configuration (character vocabulary 65, 4 layers, 4 heads, width 128, context 64, batch 12,
-AdamW, no dropout): the median time of a forward + backward + optimizer step, the ratio to the reference,
-and model FLOP utilisation against the fp32 matmul rate measured in the same run. The two models alternate
-repeat by repeat, so a busy machine slows both alike.
+AdamW, no dropout), or with --device cuda at its Shakespeare GPU configuration (6 layers, 6 heads, 384 wide,
+context 256, batch 64, bf16 autocast): the median time of a forward + backward + optimizer step, the ratio
+to the reference, and model FLOP utilisation against the matmul rate (fp32 on the CPU, bf16 on a GPU)
+measured in the same run. The two models alternate repeat by repeat, so a busy machine slows both alike.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 from minillm.config import ModelConfig, TrainConfig  # noqa: E402
 from minillm.models import build_model, count_parameters  # noqa: E402
 from minillm.training.optimizer import make_optimizer  # noqa: E402
+from minillm.training.precision import autocast  # noqa: E402
 
 
 def load_reference():
@@ -38,27 +40,40 @@ def load_reference():
 
 ReferenceGPT = load_reference().ReferenceGPT
 
-VOCAB, D, LAYERS, HEADS, CONTEXT, BATCH = 65, 128, 4, 4, 64, 12
+VOCAB = 65
+# nanoGPT's configurations: (d_model, layers, heads, context, batch)
+SHAPES = {"cpu": (128, 4, 4, 64, 12), "cuda": (384, 6, 6, 256, 64)}
 WARMUP_STEPS = 5
 
 
-def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
-    """The fp32 matrix-multiply rate of this machine now (the ceiling for training)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+    """The matrix-multiply rate of this machine now (the ceiling for training)."""
+    size = size * 4 if device.type == "cuda" else size
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def step_function(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minillm: bool):
+def step_function(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minillm: bool, device: torch.device,
+                  context: int, batch: int):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randint(VOCAB, (BATCH, CONTEXT), generator=generator)
-    y = torch.randint(VOCAB, (BATCH, CONTEXT), generator=generator)
+    x = torch.randint(VOCAB, (batch, context), generator=generator).to(device)
+    y = torch.randint(VOCAB, (batch, context), generator=generator).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step() -> None:
-        _, loss = model(x, targets=y) if minillm else model(x, y)
+        with autocast(device, dtype):
+            _, loss = model(x, targets=y) if minillm else model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -67,10 +82,12 @@ def step_function(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mini
     return step
 
 
-def seconds_per_step(step, steps: int) -> float:
+def seconds_per_step(step, steps: int, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -80,20 +97,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (counts compile time "
                                                                "separately)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    device = torch.device(args.device)
+    d_model, layers, heads, context, batch = SHAPES[device.type]
     torch.manual_seed(0)
-    ours = build_model(ModelConfig(vocab_size=VOCAB, d_model=D, n_layers=LAYERS, n_heads=HEADS, max_seq_len=CONTEXT))
-    reference = ReferenceGPT(VOCAB, D, LAYERS, HEADS, CONTEXT)
+    ours = build_model(ModelConfig(vocab_size=VOCAB, d_model=d_model, n_layers=layers, n_heads=heads,
+                                   max_seq_len=context)).to(device)
+    reference = ReferenceGPT(VOCAB, d_model, layers, heads, context).to(device)
     config = TrainConfig(learning_rate=1e-3)
+    fused = {"fused": True} if device.type == "cuda" else {}  # nanoGPT's train.py fuses AdamW on CUDA
     models = {
-        "reference (nanoGPT-style GPT)": (reference, torch.optim.AdamW(reference.parameters(), lr=1e-3), False),
-        "Mini LLM": (ours, make_optimizer(ours, config, torch.device("cpu")), True),
+        "reference (nanoGPT-style GPT)": (reference, torch.optim.AdamW(reference.parameters(), lr=1e-3, **fused),
+                                          False),
+        "Mini LLM": (ours, make_optimizer(ours, config, device), True),
     }
     steps, compile_s = {}, {}
     for name, (model, optimizer, is_ours) in models.items():
         start = time.perf_counter()
         forward = torch.compile(model) if args.compile else model
-        step = step_function(forward, optimizer, is_ours)
+        step = step_function(forward, optimizer, is_ours, device, context, batch)
         for _ in range(WARMUP_STEPS):
             step()
         compile_s[name] = time.perf_counter() - start
@@ -101,16 +124,18 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            times[name].append(seconds_per_step(step, args.steps))
-    peak = matmul_gflops()
+            times[name].append(seconds_per_step(step, args.steps, device))
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_gflops(device, matmul_dtype)
     ref_time = statistics.median(times["reference (nanoGPT-style GPT)"])
-    print(f"fp32 matmul rate here: {peak:.0f} GFLOP/s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"compile {'on' if args.compile else 'off'}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{str(matmul_dtype).removeprefix('torch.')} matmul rate here: {peak:.0f} GFLOP/s; torch "
+          f"{torch.__version__}, {where}, shape {SHAPES[device.type]}, compile {'on' if args.compile else 'off'}")
     print("| model | parameters | ms/step (median) | speed vs reference | MFU |")
     print("| --- | --- | --- | --- | --- |")
     for name, (model, _, _) in models.items():
         median = statistics.median(times[name])
-        flops = 6 * count_parameters(model) * BATCH * CONTEXT  # forward + backward, per step
+        flops = 6 * count_parameters(model) * batch * context  # forward + backward, per step
         print(f"| {name} | {count_parameters(model):,} | {median * 1000:.1f} | {ref_time / median:.2f}x | "
               f"{flops / median / 1e9 / peak:.1%} |")
     if args.compile:
