@@ -13,10 +13,10 @@ recompute, for checks and benchmarks). Three ways to make each token, the same t
   eager      forward_cached over the filled part of the cache: always correct, the default
   compiled   decode_step and the sampler as one torch.compile'd graph whose shapes never change, so it is
              compiled once (the refill after a slide, always the same length, is a second graph) and, on
-             CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU inductor's frozen,
+             CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU inductor's
              C++-wrapped, autotuned code. Compiling takes seconds to a minute (cached on
-             disk by torch afterwards), so it pays off for long generations only; the weights are read at
-             compile time: make a new Engine after changing them
+             disk by torch afterwards), so it pays off for long generations only. The graph reads the
+             model's weights as they are at each call
   recompute  use_cache=False: the whole window through the model at each token (slow; for tests)
 """
 
@@ -189,11 +189,11 @@ def compile_step(step: Step, device: torch.device) -> Step:
     """torch.compile a static-shape decode step for `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # Freezing folds the weights into the graph (pre-packed matrix products); the C++ wrapper calls the
-    # kernels without a Python line per op; autotuning picks inductor's own small-matrix kernels, which at
-    # decoding's one-row products beat a library call's fixed overhead. Measured in bench/generation.py.
-    return torch.compile(step, fullgraph=True, dynamic=False,
-                         options={"freezing": True, "cpp_wrapper": True, "max_autotune": True})
+    # The C++ wrapper calls the kernels without a Python line per op; autotuning picks inductor's own
+    # small-matrix kernels, which at decoding's one-row products beat a library call's fixed overhead
+    # (measured in bench/generation.py). Not freezing: it would fold the weights into the graph, which then
+    # keeps serving the old weights after a change; it measured no faster here.
+    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "max_autotune": True})
 
 
 def _checked_first_call(step: Step) -> Step:

@@ -240,3 +240,9 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type):
     assert torch.equal(compiled, eager)
     again = fast.generate(prompt, settings.replace(seed=3), source_ids=src)  # the compiled step is reused
     assert torch.equal(again, Engine(model).generate(prompt, settings.replace(seed=3), source_ids=src))
+    with torch.no_grad():  # new weights: the compiled graph must not keep serving the old ones
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    changed = Engine(model).generate(prompt, settings, source_ids=src)
+    assert not torch.equal(changed, eager)
+    assert torch.equal(fast.generate(prompt, settings, source_ids=src), changed)
