@@ -246,3 +246,15 @@ def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type):
     changed = Engine(model).generate(prompt, settings, source_ids=src)
     assert not torch.equal(changed, eager)
     assert torch.equal(fast.generate(prompt, settings, source_ids=src), changed)
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch):
+    def failing_compile(step, device):
+        def call(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(a long report follows)")
+        return call
+
+    monkeypatch.setattr(engine_module, "compile_step", failing_compile)
+    with pytest.raises(MiniLLMError, match=r"compiling the decode step failed \(InvalidCxxCompiler: No working "
+                                           r"C\+\+ compiler found\); generate without compile"):
+        Engine(tiny_model(), compile=True).generate(random_ids(1, 2), GREEDY.replace(max_new_tokens=3))
