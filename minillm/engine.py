@@ -97,7 +97,7 @@ class Engine:
             step, refill = self._steps_for(sampling, cache) if cache is not None else (None, None)
 
             def first_token(slid: bool) -> torch.Tensor:
-                """Prefill the window (or recompute it) and sample after it."""
+                """Prefill the window into the cache (without one: recompute it) and sample after it."""
                 window = tokens[:, start:length]
                 if cache is None:
                     return sample_next_token(model.window_logits(window, source_ids, source_mask), sampling,
@@ -124,9 +124,8 @@ class Engine:
                 if length - start > max_seq_len:  # the window slid: rebuild the cache over the kept tokens
                     start = length - keep
                     token = first_token(slid=True)
-                elif cache is None:
-                    token = sample_next_token(model.window_logits(tokens[:, start:length], source_ids,
-                                                                  source_mask), sampling, seen, noise())
+                elif cache is None:  # recompute the window
+                    token = first_token(slid=False)
                 else:
                     token = step(token.view(batch, 1), cache, seen, noise())  # one layout: no re-trace
 
