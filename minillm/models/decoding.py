@@ -33,7 +33,6 @@ class KVCache:
         # update would make it rewrite the whole shared tensor at every token.
         self.keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers))
         self.values = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers))
-        self.capacity = max_seq_len
         self.length = 0  # positions stored so far
         self.position = torch.zeros((), dtype=torch.long, device=device)  # the same, as a tensor
         self.slots = torch.arange(max_seq_len, device=device)
@@ -48,11 +47,15 @@ class KVCache:
         rather than this object (fewer guards to check per call), rebuilds the cache it was handed."""
         cache = cls.__new__(cls)
         cache.keys, cache.values, cache.position, cache.slots = keys, values, position, slots
-        cache.capacity = slots.size(0)
-        cache.length = 0  # unknown inside the step, and unused by `write`
+        cache.length = 0  # a refill starts from position 0; the decode step reads `position` instead
         cache.memory_kv = None if memory_kv is None else list(memory_kv)
         cache.memory_mask = memory_mask
         return cache
+
+    @property
+    def capacity(self) -> int:
+        """The positions the cache holds (the model's max_seq_len)."""
+        return self.slots.size(0)
 
     def tensors(self) -> tuple:
         """What `over` takes: the arguments of a compiled decode step."""
