@@ -214,15 +214,12 @@ class PairBatches:
         (s0, t0), (s1, t1) = self.offsets[:, idx], self.offsets[:, idx + 1]
         src_len = np.minimum(s1 - s0, self.max_seq_len)
         predicted_len = np.minimum(t1 - t0 + 1, self.max_seq_len)  # the target and its EOS
-        columns = np.arange(max(1, int(src_len.max())))
-        in_source = columns < src_len[:, None]
-        src_ids = np.where(in_source, self.src[np.minimum(s0[:, None] + columns, max(0, len(self.src) - 1))]
-                           if len(self.src) else self.pad_id, self.pad_id)
+        width = max(1, int(src_len.max()))
+        in_source = np.arange(width) < src_len[:, None]
+        src_ids = np.where(in_source, _rows(self.src, s0, width), self.pad_id)
         columns = np.arange(int(predicted_len.max()))
         in_target = columns < predicted_len[:, None]
-        target_tokens = (self.tgt[np.minimum(t0[:, None] + columns, len(self.tgt) - 1)]
-                         if len(self.tgt) else np.zeros((len(idx), len(columns)), dtype=np.int64))
-        predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, target_tokens)
+        predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, _rows(self.tgt, t0, len(columns)))
         targets = np.where(in_target, predicted, self.pad_id)
         tgt_ids = np.full_like(targets, self.pad_id)
         tgt_ids[:, 0] = self.bos_id
@@ -261,6 +258,14 @@ class PairBatches:
         for i in range(0, len(rows), batch_size):
             batch = self.batch_of(rows[i:i + batch_size], device)
             yield batch, int((batch["targets"] != self.pad_id).sum())
+
+
+def _rows(stream: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """(len(starts), width) int64 tokens of `stream` from each start on. Past the stream's end (or for an
+    empty stream) the values are arbitrary: the callers mask them."""
+    if len(stream) == 0:
+        return np.zeros((len(starts), width), dtype=np.int64)
+    return stream[np.minimum(starts[:, None] + np.arange(width), len(stream) - 1)].astype(np.int64)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
