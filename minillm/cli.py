@@ -337,7 +337,7 @@ def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None =
         print(f"({tokens.end_note()})", file=sys.stderr)
 
 
-GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+GENERATION_OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingConfig))  # one --option each
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
