@@ -1,4 +1,5 @@
-"""Shared fixtures: a small generated corpus and one tiny trained run that every test file may reuse.
+"""Shared fixtures: a small generated corpus, one tiny trained run that every test file may reuse, and the
+headless Chromium of the browser tests.
 
 `tiny_run` is session-scoped and shared: tests that change a run must copy it first
 (`shutil.copytree(tiny_run, tmp_path / "run")`).
@@ -18,6 +19,9 @@ import torch
 
 from minillm.config import preset_configs
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CORPUS_PARAGRAPHS = 300
 SUBJECTS = ["the cat", "a dog", "the old king", "my friend", "the fox", "a bird"]
 VERBS = ["sees", "likes", "runs to", "sings to", "waits for", "jumps over"]
@@ -63,6 +67,33 @@ def tiny_configs(model_type: str = "decoder_only", tokenizer: str = "char", data
 
 def under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_browser() -> None:
+    """Skip (fail under CI) with the reason when the browser cannot run here."""
+    reason = None
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "playwright is not installed (pip install -e '.[dev]')"
+    if reason is None and not os.access(CHROMIUM, os.X_OK):
+        reason = f"{CHROMIUM} is missing (scripts/install_browser.sh installs Debian's chromium)"
+    if reason:
+        if under_ci():
+            pytest.fail(f"browser test cannot run under CI: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright, headless, for the tests of one module."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        browser.close()
 
 
 def import_dev_dependency(name: str) -> ModuleType:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
+from conftest import require_browser
 
 from minillm.checkpoint import load_run
 from minillm.models import count_parameters
@@ -31,9 +32,6 @@ from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT_ENV = "MINILLM_SCREENSHOT"  # where to save the page's picture (default: the test's tmp_path)
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
 SERVER_START_TIMEOUT_S = 60
 WAIT_MS = 20_000  # the longest any single page step (a load, a generation) may take
@@ -41,21 +39,6 @@ PROMPT = "the cat"
 ENDLESS_LOGIT_SCALE = 10.0
 SETTINGS = {"max_new_tokens": 40, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1,
             "seed": 1234}
-
-
-def require_browser():
-    """Skip (fail under CI) with the reason when the browser cannot run here."""
-    reason = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        reason = "playwright is not installed (pip install -e '.[dev]')"
-    if reason is None and not os.access(CHROMIUM, os.X_OK):
-        reason = f"{CHROMIUM} is missing (scripts/install_browser.sh installs Debian's chromium)"
-    if reason:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"browser test cannot run under CI: {reason}")
-        pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -135,18 +118,6 @@ def ui_server(args: list[str], log_path: Path, env: dict[str, str]) -> Iterator[
             process.wait()
 
 
-@contextlib.contextmanager
-def chromium() -> Iterator:
-    """Debian's Chromium through Playwright, headless, while the block runs."""
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def server_process(run_dir, tmp_path_factory):
     """`minillm ui RUN_DIR` in a subprocess: (its URL, the process)."""
@@ -154,12 +125,6 @@ def server_process(run_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
     with ui_server([str(run_dir), "--runs-dir", str(run_dir.parent)], log_path, {**os.environ, **OFFLINE_ENV}) as up:
         yield up
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture

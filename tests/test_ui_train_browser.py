@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import require_browser
 from test_ui_browser import (
     OFFLINE_ENV,
-    chromium,
     generate_in_page,
-    require_browser,
     set_value,
     ui_server,
 )
@@ -43,12 +42,6 @@ def server(runs_dir, tmp_path_factory):
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     with ui_server(["--runs-dir", str(runs_dir)], log_path, env) as (url, _):
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture
