@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import import_dev_dependency, single_thread, tiny_configs
+from test_models import VOCAB, random_ids, tiny_config, tiny_model
 
 from minillm.checkpoint import load_run, load_torch
 from minillm.config import ModelConfig
@@ -20,7 +21,6 @@ from minillm.models import build_model, count_parameters
 from minillm.models.llama import options_beyond_llama, split_fused
 from minillm.training import Trainer, resume, train
 
-VOCAB = 40
 KINDS = ["decoder_only", "transformer"]
 OPTIONS = {"qk-norm": {"qk_norm": True}, "relu2": {"mlp": "relu2"}, "softcap": {"logit_softcap": 3.0},
            "zero head": {"tie_embeddings": False, "zero_init_head": True}}
@@ -29,24 +29,9 @@ ALL_OPTIONS = {"qk_norm": True, "mlp": "relu2", "logit_softcap": 3.0}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def config(kind: str = "decoder_only", **overrides) -> ModelConfig:
-    values = dict(model_type=kind, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
-    return ModelConfig(**{**values, **overrides})
-
-
-def model(kind: str = "decoder_only", seed: int = 0, **overrides) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(config(kind, **overrides)).eval()
-
-
-def ids(batch: int, length: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
-    """Ordinary token ids (no specials)."""
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def logits(m: torch.nn.Module, kind: str, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits of the tokens (the encoder-decoder's target, against a fixed source)."""
-    source = ids(tokens.size(0), 6, seed=7, vocab=m.config.vocab_size)
+    source = random_ids(tokens.size(0), 6, seed=7, vocab=m.config.vocab_size)
     with torch.no_grad():
         return m(source, tokens)[0] if kind == "transformer" else m(tokens)[0]
 
@@ -60,9 +45,9 @@ def quiet(message: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(kind):
     """Scaling the query and key projections by 10 changes a Llama's output, not a QK-normed model's."""
-    tokens = ids(2, 8)
+    tokens = random_ids(2, 8)
     for qk_norm, changes in ((False, True), (True, False)):
-        m = model(kind, qk_norm=qk_norm)
+        m = tiny_model(kind, qk_norm=qk_norm)
         before = logits(m, kind, tokens)
         with torch.no_grad():
             for name, weight in m.named_parameters():
@@ -79,8 +64,8 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(kind):
 def test_qk_norm_decoder_only_equals_hugging_face_qwen3_with_the_same_weights():
     """An independent implementation: Qwen3 is Llama plus a learned RMSNorm on each head's q and k before RoPE."""
     transformers = import_dev_dependency("transformers")
-    c = config(qk_norm=True, rope_theta=500.0)
-    m = model(qk_norm=True, rope_theta=500.0)
+    c = tiny_config(qk_norm=True, rope_theta=500.0)
+    m = tiny_model(qk_norm=True, rope_theta=500.0)
     with torch.no_grad():
         for name, weight in m.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
@@ -93,32 +78,32 @@ def test_qk_norm_decoder_only_equals_hugging_face_qwen3_with_the_same_weights():
     renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in split_fused(m.state_dict()).items()}
     missing, unexpected = qwen.load_state_dict(renamed, strict=False)
     assert not missing and not unexpected
-    tokens = ids(2, 12)
+    tokens = random_ids(2, 12)
     with torch.no_grad():
         torch.testing.assert_close(qwen(tokens).logits, m(tokens)[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_relu2_is_an_ungated_squared_relu_with_about_swiglus_parameters(kind):
-    m = model(kind, mlp="relu2")
+    m = tiny_model(kind, mlp="relu2")
     mlp = next(module for name, module in m.named_modules() if name.endswith("mlp"))
     assert sorted(n for n, _ in mlp.named_parameters()) == ["down_proj.weight", "up_proj.weight"]
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         expected = F.relu(x @ mlp.up_proj.weight.T).pow(2) @ mlp.down_proj.weight.T
         torch.testing.assert_close(mlp(x), expected)
-    assert config(kind, mlp="relu2").d_ff == 4 * 32  # two matrices of 4 D: SwiGLU's three of 8/3 D
+    assert tiny_config(kind, mlp="relu2").d_ff == 4 * 32  # two matrices of 4 D: SwiGLU's three of 8/3 D
     for d_model in (96, 128, 384):  # (both widths are rounded up to a multiple of 32)
-        swiglu, relu2 = (config(kind, d_model=d_model, mlp=mlp) for mlp in ("swiglu", "relu2"))
+        swiglu, relu2 = (tiny_config(kind, d_model=d_model, mlp=mlp) for mlp in ("swiglu", "relu2"))
         assert abs(2 * relu2.d_ff / (3 * swiglu.d_ff) - 1) < 0.05
-    assert count_parameters(m) < count_parameters(model(kind))
+    assert count_parameters(m) < count_parameters(tiny_model(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_softcap_bounds_the_logits_smoothly_in_the_forward_pass_and_when_decoding(kind):
-    uncapped, capped = model(kind), model(kind, logit_softcap=3.0)
+    uncapped, capped = tiny_model(kind), tiny_model(kind, logit_softcap=3.0)
     capped.load_state_dict(uncapped.state_dict())  # no weights of its own
-    tokens = ids(2, 8)
+    tokens = random_ids(2, 8)
     small = logits(uncapped, kind, tokens)  # at initialisation, well below the cap: nearly unchanged
     assert small.abs().max() < 1.0
     torch.testing.assert_close(logits(capped, kind, tokens), small, atol=0.04, rtol=0)
@@ -130,27 +115,27 @@ def test_softcap_bounds_the_logits_smoothly_in_the_forward_pass_and_when_decodin
     torch.testing.assert_close(soft, 3.0 * torch.tanh(raw / 3.0))
     # Generation reads the cached path's logits: capped there too.
     with torch.no_grad():
-        cache = capped.new_cache(2, ids(2, 6, seed=7) if kind == "transformer" else None)
+        cache = capped.new_cache(2, random_ids(2, 6, seed=7) if kind == "transformer" else None)
         torch.testing.assert_close(capped.forward_cached(tokens, cache, all_positions=True), soft,
                                    atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_zero_initialised_head_starts_with_every_token_equally_likely(kind):
-    m = model(kind, tie_embeddings=False, zero_init_head=True)
+    m = tiny_model(kind, tie_embeddings=False, zero_init_head=True)
     assert torch.count_nonzero(m.lm_head.weight) == 0 and torch.count_nonzero(m.embed_tokens.weight) > 0
-    assert torch.count_nonzero(logits(m, kind, ids(2, 8))) == 0
+    assert torch.count_nonzero(logits(m, kind, random_ids(2, 8))) == 0
     assert not options_beyond_llama(m.config)  # only the initialisation differs: still a Llama
 
 
 def test_bad_option_values_are_clear_errors_and_old_configs_load_as_llama():
     with pytest.raises(MiniLLMError, match="mlp must be one of"):
-        config(mlp="geglu")
+        tiny_config(mlp="geglu")
     with pytest.raises(MiniLLMError, match="zero_init_head.*--no-tie-embeddings"):
-        config(zero_init_head=True)
+        tiny_config(zero_init_head=True)
     with pytest.raises(MiniLLMError, match="logit_softcap must be between 0"):
-        config(logit_softcap=-1.0)
-    saved = config().to_dict()
+        tiny_config(logit_softcap=-1.0)
+    saved = tiny_config().to_dict()
     for name in ("qk_norm", "mlp", "logit_softcap", "zero_init_head"):
         del saved[name]  # a config written before the options existed
     old = ModelConfig.from_dict(saved)
@@ -163,8 +148,8 @@ def test_bad_option_values_are_clear_errors_and_old_configs_load_as_llama():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_trains(kind, option):
-    m = model(kind, **OPTIONS[option]).train()
-    src, target = ids(4, 8, seed=3), ids(4, 9, seed=5)
+    m = tiny_model(kind, **OPTIONS[option]).train()
+    src, target = random_ids(4, 8, seed=3), random_ids(4, 9, seed=5)
     batch = ({"src_ids": src, "tgt_ids": target[:, :-1], "targets": target[:, 1:]} if kind == "transformer"
              else {"input_ids": target[:, :-1], "targets": target[:, 1:]})
     optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0)
@@ -180,11 +165,11 @@ def test_each_option_trains(kind, option):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_and_static_decoding_equal_the_full_forward_with_every_option(kind):
-    m = model(kind, **ALL_OPTIONS)
-    tokens = ids(2, 10)
+    m = tiny_model(kind, **ALL_OPTIONS)
+    tokens = random_ids(2, 10)
     full = logits(m, kind, tokens)
     with torch.no_grad():
-        source = ids(2, 6, seed=7) if kind == "transformer" else None
+        source = random_ids(2, 6, seed=7) if kind == "transformer" else None
         cache, static = m.new_cache(2, source), m.new_cache(2, source)
         steps = [m.forward_cached(tokens[:, :4], cache, all_positions=True)]
         steps += [m.forward_cached(tokens[:, t:t + 1], cache)[:, None] for t in range(4, 10)]
@@ -265,5 +250,5 @@ def test_safetensors_export_with_every_option_loads_back_as_the_same_model(optio
     assert exported == run.config
     again = build_model(exported).eval()
     again.load_state_dict(safetensors_torch.load_file(out / "model.safetensors"), strict=False)
-    tokens = ids(1, 8, vocab=run.config.vocab_size)
+    tokens = random_ids(1, 8, vocab=run.config.vocab_size)
     torch.testing.assert_close(logits(again, kind, tokens), logits(run.model, kind, tokens), atol=0, rtol=0)

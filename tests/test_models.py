@@ -41,9 +41,9 @@ def tiny_model(model_type: str = "decoder_only", seed: int = 0, **overrides) -> 
     return build_model(tiny_config(model_type, **overrides)).eval()
 
 
-def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+def random_ids(batch: int, length: int, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     """Ordinary token ids (no specials), so generation tests are not cut short by an EOS."""
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 # ---- construction ---------------------------------------------------------------------------------------
