@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import import_dev_dependency, single_thread, tiny_configs
-from test_models import VOCAB, random_ids, tiny_config, tiny_model
+from test_models import VOCAB, assert_matches_hugging_face, random_ids, tiny_config, tiny_model
 
 from minillm.checkpoint import load_run, load_torch
 from minillm.config import ModelConfig
@@ -18,7 +18,7 @@ from minillm.data import prepare
 from minillm.errors import MiniLLMError
 from minillm.export import export_run
 from minillm.models import build_model, count_parameters
-from minillm.models.llama import options_beyond_llama, split_fused
+from minillm.models.llama import options_beyond_llama
 from minillm.training import Trainer, resume, train
 
 KINDS = ["decoder_only", "transformer"]
@@ -75,12 +75,7 @@ def test_qk_norm_decoder_only_equals_hugging_face_qwen3_with_the_same_weights():
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, head_dim=c.head_dim,
         max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
         tie_word_embeddings=True, attention_bias=False)).eval()
-    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in split_fused(m.state_dict()).items()}
-    missing, unexpected = qwen.load_state_dict(renamed, strict=False)
-    assert not missing and not unexpected
-    tokens = random_ids(2, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(qwen(tokens).logits, m(tokens)[0], atol=1e-5, rtol=0)
+    assert_matches_hugging_face(qwen, m)
 
 
 @pytest.mark.parametrize("kind", KINDS)

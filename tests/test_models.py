@@ -298,7 +298,12 @@ def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
         num_key_value_heads=config.n_heads, max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=True,
         attention_bias=False, mlp_bias=False)
-    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    assert_matches_hugging_face(transformers.LlamaForCausalLM(hf_config).eval(), model)
+
+
+def assert_matches_hugging_face(hf_model: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Our weights, split and renamed to Hugging Face's, load into `hf_model` exactly (nothing missing or
+    left over) and give our logits."""
     renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in split_fused(model.state_dict()).items()}
     missing, unexpected = hf_model.load_state_dict(renamed, strict=False)
     assert not missing and not unexpected
