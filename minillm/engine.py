@@ -11,12 +11,14 @@ model only exposes the steps (see DecoderOnlyTransformer): `decoder_context` (th
 `decode_step` (one token at a tensor position over the whole static cache) and `window_logits` (a full
 recompute, for checks and benchmarks). Three ways to make each token, the same tokens for the same seed:
   eager      forward_cached over the filled part of the cache: always correct, the default
-  compiled   decode_step and the sampler as one torch.compile'd graph whose shapes never change, so it is
-             compiled once (the refill after a slide, always the same length, is a second graph) and, on
-             CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU inductor's
-             C++-wrapped, autotuned code. Compiling takes seconds to a minute (cached on
-             disk by torch afterwards), so it pays off for long generations only. The graph reads the
-             model's weights as they are at each call
+  compiled   COMPILED_BLOCK decode_steps, each with the sampler, as one torch.compile'd graph whose shapes
+             never change, so it is compiled once (the refill after a slide, always the same length, is a
+             second graph) and, on CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU
+             inductor's C++-wrapped code. A block's tokens stream one by one as usual; where
+             fewer than a block's tokens are left before the window slides or the generation ends, the
+             eager step makes them. Compiling takes seconds to a minute (cached on disk by torch
+             afterwards), so it pays off for long generations only. The graph reads the model's weights as
+             they are at each call
   recompute  use_cache=False: the whole window through the model at each token (slow; for tests)
 """
 
@@ -37,7 +39,15 @@ from minillm.sampling import SamplingConfig, draw_noise, sample_next_token, seen
 # once every (1 - fraction) * max_seq_len tokens rather than at every token.
 CONTEXT_KEEP_FRACTION = 0.75
 
+# Tokens per call of the compiled decode graph. A call has a fixed cost (torch's guard checks, the wrapper,
+# the engine's Python) that one token's arithmetic, for a small model, does not dwarf: 4 steps per call
+# took a token from about 250 to 160 microseconds at nanoGPT's CPU shape (8 steps: 137), while compiling
+# the graph, unrolled 4 times, takes about 4 times as long as one step's (cold: about 50 s rather than 13 s
+# on 2 cores; torch's disk cache then makes it seconds).
+COMPILED_BLOCK = 4
+
 Step = Callable[..., torch.Tensor]  # (token (B, 1), cache, seen, noise) -> (B,) next token
+Block = Callable[..., tuple[torch.Tensor, ...]]  # (token (B, 1), cache, seen, noises) -> the next tokens, (B,) each
 
 
 class Engine:
@@ -46,7 +56,7 @@ class Engine:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
-        self._compiled: dict[tuple, tuple[Step, Step]] = {}
+        self._compiled: dict[tuple, tuple[Block, Step]] = {}
 
     def generate(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None,
                  **options: object) -> torch.Tensor:
@@ -94,7 +104,8 @@ class Engine:
         keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
         with eval_mode(model):
             cache = model.new_cache(batch, source_ids, source_mask) if use_cache else None
-            step, refill = self._steps_for(sampling, cache) if cache is not None else (None, None)
+            block, refill = self._steps_for(sampling, cache) if cache is not None else (None, None)
+            block_size = COMPILED_BLOCK if self.compile else 1
 
             def first_token(slid: bool) -> torch.Tensor:
                 """Prefill the window into the cache (without one: recompute it) and sample after it."""
@@ -106,8 +117,9 @@ class Engine:
                     return refill(window.clone(memory_format=torch.contiguous_format), cache, seen, noise())
                 return self._refill(window, cache, seen, noise(), sampling)
 
-            token = first_token(slid=False)
+            pending = [first_token(slid=False)]  # made, not yet yielded
             for n in range(sampling.max_new_tokens):
+                token = pending.pop()
                 if finished is not None:
                     token = token.masked_fill(finished, config.pad_id)
                     finished |= token == eos_id
@@ -121,13 +133,24 @@ class Engine:
                 if (n + 1 == sampling.max_new_tokens or (finished is not None and bool(finished.all()))
                         or (single_eos is not None and int(token) == single_eos)):
                     return
+                if pending:
+                    continue
                 if length - start > max_seq_len:  # the window slid: rebuild the cache over the kept tokens
                     start = length - keep
-                    token = first_token(slid=True)
+                    pending.append(first_token(slid=True))
                 elif cache is None:  # recompute the window
-                    token = first_token(slid=False)
-                else:
-                    token = step(token.view(batch, 1), cache, seen, noise())  # one layout: no re-trace
+                    pending.append(first_token(slid=False))
+                else:  # a block when its tokens fit before the window slides and the generation ends
+                    room = min(max_seq_len - (length - start) + 1, sampling.max_new_tokens - n - 1)
+                    size = block_size if room >= block_size else 1
+                    made = (self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling) if size == 1
+                            else block(token.view(batch, 1), cache, seen, [noise() for _ in range(size)]))
+                    pending.extend(reversed(made))  # pop() takes them in order
+
+    def _eager_step(self, token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+                    noise: torch.Tensor | None, sampling: SamplingConfig) -> tuple[torch.Tensor]:
+        """The token after the (B, 1) `token`, over the filled part of the cache (eager)."""
+        return (sample_next_token(self.model.forward_cached(token, cache), sampling, seen, noise),)
 
     def _refill(self, window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                 noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
@@ -137,14 +160,13 @@ class Engine:
         cache.sync_position()
         return sample_next_token(logits, sampling, seen, noise)
 
-    def _steps_for(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Step, Step]:
-        """The one-token step ((B, 1) last token, cache, seen mask, noise -> (B,) next token) and the
-        refill after a slide ((B, keep) window, cache, seen, noise -> (B,) next token)."""
+    def _steps_for(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block | None, Step]:
+        """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK noises -> as many next
+        tokens; None without compile) and the refill after a slide ((B, keep) window, cache, seen, noise ->
+        (B,) next token)."""
         model = self.model
         if not self.compile:
-            return (lambda token, cache, seen, noise: sample_next_token(model.forward_cached(token, cache),
-                                                                        sampling, seen, noise),
-                    lambda window, cache, seen, noise: self._refill(window, cache, seen, noise, sampling))
+            return None, lambda window, cache, seen, noise: self._refill(window, cache, seen, noise, sampling)
         device = cache.position.device
         if device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
             for tensor in (*cache.keys, *cache.values, cache.position):
@@ -153,10 +175,15 @@ class Engine:
         if key not in self._compiled:
             # The compiled functions take the cache's tensors rather than the object: fewer guards for
             # torch to check at every call.
-            def fast_step(token: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
-                          *cache_tensors: torch.Tensor) -> torch.Tensor:
-                logits = model.decode_step(token, KVCache.over(*cache_tensors))
-                return sample_next_token(logits, sampling, seen, noise)
+            def fast_block(token: torch.Tensor, seen: torch.Tensor | None, noises: list[torch.Tensor | None],
+                           *cache_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                view, made = KVCache.over(*cache_tensors), []
+                for noise in noises:  # unrolled: COMPILED_BLOCK steps
+                    made.append(sample_next_token(model.decode_step(token, view), sampling, seen, noise))
+                    token = made[-1].view(-1, 1)
+                    if seen is not None:
+                        seen.scatter_(1, token, True)
+                return tuple(made)
 
             def fast_refill(window: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
                             *cache_tensors: torch.Tensor) -> torch.Tensor:
@@ -165,15 +192,17 @@ class Engine:
                 view.position.fill_(window.size(1))
                 return sample_next_token(logits, sampling, seen, noise)
 
-            self._compiled[key] = (_checked_first_call(compile_step(fast_step, device)),
+            self._compiled[key] = (_checked_first_call(compile_step(fast_block, device)),
                                    _checked_first_call(compile_step(fast_refill, device)))
-        compiled_step, compiled_refill = self._compiled[key]
+        compiled_block, compiled_refill = self._compiled[key]
 
-        def step(token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
-                 noise: torch.Tensor | None) -> torch.Tensor:
-            out = compiled_step(token, seen, noise, *cache.tensors())
-            cache.advance(1)  # decode_step moved the position tensor; the host's count follows
-            return out
+        def block(token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+                  noises: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+            cache.sync_position()  # an eager step may have come before
+            made = compiled_block(token, seen, noises, *cache.tensors())
+            cache.advance(len(made))  # decode_step moved the position tensor; the host's count follows
+            # A CUDA graph's outputs are overwritten by its next run: the tokens the caller keeps are copies.
+            return tuple(t.clone() for t in made) if device.type == "cuda" else made
 
         def refill(window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                    noise: torch.Tensor | None) -> torch.Tensor:
@@ -181,18 +210,19 @@ class Engine:
             cache.length = window.size(1)
             return out
 
-        return step, refill
+        return block, refill
 
 
 def compile_step(step: Step, device: torch.device) -> Step:
     """torch.compile a static-shape decode step for `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # The C++ wrapper calls the kernels without a Python line per op; autotuning picks inductor's own
-    # small-matrix kernels, which at decoding's one-row products beat a library call's fixed overhead
-    # (measured in bench/generation.py). Not freezing: it would fold the weights into the graph, which then
-    # keeps serving the old weights after a change; it measured no faster here.
-    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True, "max_autotune": True})
+    # The C++ wrapper calls the kernels without a Python line per op: a block of 4 steps took 150 rather
+    # than 233 microseconds a token (bench/generation.py's CPU shape). Not autotuning: without freezing its
+    # only choice for the matrix products is the library call it would make anyway (measured the same
+    # speed, longer compile). Not freezing, which would let inductor use its own kernels for the products:
+    # the graph would keep serving the old weights after a change, and it measured 5% faster at most.
+    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def _checked_first_call(step: Step) -> Step:

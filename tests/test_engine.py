@@ -10,7 +10,7 @@ import torch
 from test_models import BOS, PAD, VOCAB, random_ids, tiny_model
 
 from minillm import engine as engine_module
-from minillm.engine import CONTEXT_KEEP_FRACTION, Engine
+from minillm.engine import COMPILED_BLOCK, CONTEXT_KEEP_FRACTION, Engine
 from minillm.errors import MiniLLMError
 from minillm.sampling import MAX_NEW_TOKENS, SamplingConfig
 
@@ -226,17 +226,22 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
 
 @needs_compiler
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
-def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type):
-    """One compile per kind (seconds): the compiled static step, with the sampler in its graph, slides,
-    penalises and stops like the eager path, token for token."""
-    model = tiny_model(model_type, max_seq_len=8)
+def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type, monkeypatch):
+    """One compile per kind (tens of seconds): the compiled blocks of static steps, with the sampler in
+    their graph, slide, penalise and stop like the eager path, token for token; the eager step makes only
+    the tokens left over before a slide or the end."""
+    eager_steps = []
+    eager_step = Engine._eager_step
+    monkeypatch.setattr(Engine, "_eager_step", lambda *args: eager_steps.append(1) or eager_step(*args))
+    model = tiny_model(model_type, max_seq_len=16)  # slides after 16 tokens, then every 4 (a block)
     src = random_ids(2, 5, seed=7) if model_type == "transformer" else None
     prompt = random_ids(2, 3) if src is None else None
-    settings = SamplingConfig(max_new_tokens=25, temperature=0.9, top_k=10, repetition_penalty=1.3, seed=2)
+    settings = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=10, repetition_penalty=1.3, seed=2)
     fast = Engine(model, compile=True)
     compiled = fast.generate(prompt, settings, source_ids=src)
+    assert 0 < len(eager_steps) <= 2 * COMPILED_BLOCK  # most tokens came from the compiled blocks
     eager = Engine(model).generate(prompt, settings, source_ids=src)
-    assert compiled.shape == (2, 25)
+    assert compiled.shape == (2, 40)
     assert torch.equal(compiled, eager)
     again = fast.generate(prompt, settings.replace(seed=3), source_ids=src)  # the compiled step is reused
     assert torch.equal(again, Engine(model).generate(prompt, settings.replace(seed=3), source_ids=src))
@@ -257,4 +262,4 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(engine_module, "compile_step", failing_compile)
     with pytest.raises(MiniLLMError, match=r"compiling the decode step failed \(InvalidCxxCompiler: No working "
                                            r"C\+\+ compiler found\); generate without compile"):
-        Engine(tiny_model(), compile=True).generate(random_ids(1, 2), GREEDY.replace(max_new_tokens=3))
+        Engine(tiny_model(), compile=True).generate(random_ids(1, 2), GREEDY.replace(max_new_tokens=8))
