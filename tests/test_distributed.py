@@ -23,6 +23,12 @@ TIMEOUT_S = 240
 WEIGHT_TOLERANCE = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def torchrun_temporary_files(tmp_path, monkeypatch):
+    """Each torchrun start leaves a torchelastic_* folder in the temporary directory: in the test's own."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def torchrun(*args: str, **kwargs) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "minillm", "train", *args]
