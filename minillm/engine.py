@@ -24,10 +24,13 @@ recompute, for checks and benchmarks). Three ways to make each token, the same t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from minillm.errors import MiniLLMError
 from minillm.models.decoding import KVCache, eval_mode
@@ -178,11 +181,12 @@ class Engine:
             def fast_block(token: torch.Tensor, seen: torch.Tensor | None, noises: list[torch.Tensor | None],
                            *cache_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 view, made = KVCache.over(*cache_tensors), []
-                for noise in noises:  # unrolled: COMPILED_BLOCK steps
-                    made.append(sample_next_token(model.decode_step(token, view), sampling, seen, noise))
-                    token = made[-1].view(-1, 1)
-                    if seen is not None:
-                        seen.scatter_(1, token, True)
+                with BatchedProducts() if device.type == "cpu" else contextlib.nullcontext():
+                    for noise in noises:  # unrolled: COMPILED_BLOCK steps
+                        made.append(sample_next_token(model.decode_step(token, view), sampling, seen, noise))
+                        token = made[-1].view(-1, 1)
+                        if seen is not None:
+                            seen.scatter_(1, token, True)
                 return tuple(made)
 
             def fast_refill(window: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
@@ -211,6 +215,25 @@ class Engine:
             return out
 
         return block, refill
+
+
+class BatchedProducts(TorchFunctionMode):
+    """Linear layers as batched matrix products, while a CPU decode step is traced for compiling.
+
+    Inductor hands a one-row input (batch 1: one token) to the library's matrix product with a stride of
+    0 over its size-1 dimension, and the product then copies it before every call; a batched product
+    takes it as it is. Measured at nanoGPT's CPU shape: 25% less time a token at batch 1, the same at 8.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, weight = args[:2]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        rows = x.reshape(1, -1, x.size(-1))
+        out = torch.bmm(rows, weight.t().unsqueeze(0)).view(*x.shape[:-1], weight.size(0))
+        return out if bias is None else out + bias
 
 
 def compile_step(step: Step, device: torch.device) -> Step:

@@ -10,7 +10,7 @@ import torch
 from test_models import BOS, PAD, VOCAB, random_ids, tiny_model
 
 from minillm import engine as engine_module
-from minillm.engine import COMPILED_BLOCK, CONTEXT_KEEP_FRACTION, Engine
+from minillm.engine import COMPILED_BLOCK, CONTEXT_KEEP_FRACTION, BatchedProducts, Engine
 from minillm.errors import MiniLLMError
 from minillm.sampling import MAX_NEW_TOKENS, SamplingConfig
 
@@ -263,3 +263,14 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     with pytest.raises(MiniLLMError, match=r"compiling the decode step failed \(InvalidCxxCompiler: No working "
                                            r"C\+\+ compiler found\); generate without compile"):
         Engine(tiny_model(), compile=True).generate(random_ids(1, 2), GREEDY.replace(max_new_tokens=8))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_products_compute_a_linear_layer(bias):
+    """The compiled CPU step's linear layers, written as batched products, give the layer's own output."""
+    layer = torch.nn.Linear(6, 5, bias=bias)
+    x = torch.randn(3, 1, 6)
+    with BatchedProducts():
+        out = layer(x)
+    assert out.shape == (3, 1, 5)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
