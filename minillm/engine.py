@@ -107,8 +107,7 @@ class Engine:
         keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
         with eval_mode(model):
             cache = model.new_cache(batch, source_ids, source_mask) if use_cache else None
-            block, refill = self._steps_for(sampling, cache) if cache is not None else (None, None)
-            block_size = COMPILED_BLOCK if self.compile else 1
+            block, refill = self._compiled_steps(sampling, cache) if self.compile and use_cache else (None, None)
 
             def first_token(slid: bool) -> torch.Tensor:
                 """Prefill the window into the cache (without one: recompute it) and sample after it."""
@@ -116,7 +115,7 @@ class Engine:
                 if cache is None:
                     return sample_next_token(model.window_logits(window, source_ids, source_mask), sampling,
                                              seen, noise())
-                if slid:  # always `keep` tokens: the compiled refill's one shape
+                if slid and refill is not None:  # always `keep` tokens: the compiled refill's one shape
                     return refill(window.clone(memory_format=torch.contiguous_format), cache, seen, noise())
                 return self._refill(window, cache, seen, noise(), sampling)
 
@@ -143,11 +142,11 @@ class Engine:
                     pending.append(first_token(slid=True))
                 elif cache is None:  # recompute the window
                     pending.append(first_token(slid=False))
-                else:  # a block when its tokens fit before the window slides and the generation ends
+                else:  # a compiled block when its tokens fit before the window slides and the generation ends
                     room = min(max_seq_len - (length - start) + 1, sampling.max_new_tokens - n - 1)
-                    size = block_size if room >= block_size else 1
-                    made = (self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling) if size == 1
-                            else block(token.view(batch, 1), cache, seen, [noise() for _ in range(size)]))
+                    made = (block(token.view(batch, 1), cache, seen, [noise() for _ in range(COMPILED_BLOCK)])
+                            if block is not None and room >= COMPILED_BLOCK
+                            else self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling))
                     pending.extend(reversed(made))  # pop() takes them in order
 
     def _eager_step(self, token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
@@ -163,13 +162,11 @@ class Engine:
         cache.sync_position()
         return sample_next_token(logits, sampling, seen, noise)
 
-    def _steps_for(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block | None, Step]:
+    def _compiled_steps(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block, Step]:
         """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK noises -> as many next
-        tokens; None without compile) and the refill after a slide ((B, keep) window, cache, seen, noise ->
-        (B,) next token)."""
+        tokens) and the compiled refill after a slide ((B, keep) window, cache, seen, noise -> (B,) next
+        token)."""
         model = self.model
-        if not self.compile:
-            return None, lambda window, cache, seen, noise: self._refill(window, cache, seen, noise, sampling)
         device = cache.position.device
         if device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
             for tensor in (*cache.keys, *cache.values, cache.position):
