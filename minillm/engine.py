@@ -51,6 +51,7 @@ COMPILED_BLOCK = 4
 
 Step = Callable[..., torch.Tensor]  # (token (B, 1), cache, seen, noise) -> (B,) next token
 Block = Callable[..., tuple[torch.Tensor, ...]]  # (token (B, 1), cache, seen, noises) -> the next tokens, (B,) each
+Compilable = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # a Step or a Block, before compiling
 
 
 class Engine:
@@ -233,7 +234,7 @@ class BatchedProducts(TorchFunctionMode):
         return out if bias is None else out + bias
 
 
-def compile_step(step: Step, device: torch.device) -> Step:
+def compile_step(step: Compilable, device: torch.device) -> Compilable:
     """torch.compile a static-shape decode step for `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -245,11 +246,11 @@ def compile_step(step: Step, device: torch.device) -> Step:
     return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
-def _checked_first_call(step: Step) -> Step:
+def _checked_first_call(step: Compilable) -> Compilable:
     """`step`, whose first call turns a compiler failure into one clear error."""
     compiled = False
 
-    def call(*args: object) -> torch.Tensor:
+    def call(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
         nonlocal compiled
         if compiled:
             return step(*args)
