@@ -274,3 +274,19 @@ def test_batched_products_compute_a_linear_layer(bias):
         out = layer(x)
     assert out.shape == (3, 1, 5)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@needs_compiler
+def test_a_generation_checks_the_compiled_graphs_guards_at_its_first_call_only():
+    """Later calls skip torch's guard checks; inputs of a shape no graph was made for then raise rather
+    than run a graph made for other inputs, and the next generation, checking again, compiles for them."""
+    layer = torch.nn.Linear(4, 3)
+    step = torch.compile(lambda x: layer(x) * 2, fullgraph=True, dynamic=False)
+    one_row, two_rows = torch.randn(1, 4), torch.randn(2, 4)
+    generation = engine_module._guards_checked_once(step)
+    torch.testing.assert_close(generation(one_row), layer(one_row) * 2)
+    torch.testing.assert_close(generation(one_row + 1), layer(one_row + 1) * 2)  # unchecked, same graph
+    with pytest.raises(RuntimeError, match="Recompilation"):
+        generation(two_rows)
+    next_generation = engine_module._guards_checked_once(step)
+    torch.testing.assert_close(next_generation(two_rows), layer(two_rows) * 2)
