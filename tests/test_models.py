@@ -267,6 +267,27 @@ def test_cached_chunks_after_a_prefix_use_the_right_causal_mask():
 
 
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+def test_a_prefill_for_the_next_token_runs_the_last_layers_feed_forward_on_the_last_position(model_type):
+    """The other positions of the last layer are needed only as keys and values: the same logits and
+    cache as a prefill of every position's logits."""
+    model = tiny_model(model_type, max_seq_len=16)
+    src = random_ids(2, 9, seed=3) if model_type == "transformer" else None
+    ids = random_ids(2, 10)
+    rows = []
+    last_layer = (model.decoder_layers if src is not None else model.layers)[-1]
+    last_layer.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].size(1)))
+    with torch.no_grad():
+        every_cache, next_cache = model.new_cache(2, src), model.new_cache(2, src)
+        every = model.forward_cached(ids, every_cache, all_positions=True)
+        next_logits = model.forward_cached(ids, next_cache)
+    assert rows == [10, 1]
+    torch.testing.assert_close(next_logits, every[:, -1], atol=1e-5, rtol=0)
+    for a, b in zip(every_cache.keys + every_cache.values, next_cache.keys + next_cache.values,
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
 def test_static_decode_steps_equal_the_cached_forward(model_type):
     """decode_step (a tensor position, attention over the whole preallocated cache under a mask) gives the
     logits of forward_cached, which attends over the filled part only."""

@@ -177,9 +177,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
-                layer: int = 0, position: torch.Tensor | None = None) -> torch.Tensor:
+                layer: int = 0, position: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Self-attention of (B, T, D) x; with a cache, x holds only the new positions and the keys/values
-        of earlier positions come from `cache` (this layer's slot `layer`).
+        of earlier positions come from `cache` (this layer's slot `layer`). last_only: every position's
+        keys and values, but only the last position's output (B, 1, D).
 
         With a 0-dim `position` tensor (the static decode step): x is one token at that position, written
         into the cache there, and it attends over the whole preallocated cache with `attn_mask` (1, L)
@@ -197,6 +198,8 @@ class Attention(nn.Module):
             return self.o_proj(_one_query_attention(q, keys, values, attn_mask).reshape(B, 1, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
+        if last_only:  # the last query sees every key: no mask
+            q, attn_mask, is_causal = q[:, :, -1:], None, False
         return self._attend(q, k, v, attn_mask, is_causal)
 
     def rotated_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,11 +297,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
                 layer: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                memory_mask: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None = None, position: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """(B, T, D) -> (B, T, D). memory_kv/memory_mask: the encoder output's keys/values, decoder only;
-        position: the static decode step (see Attention.forward)."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer, position)
-        x = x + self._residual(h)
+        position: the static decode step (see Attention.forward). last_only: (B, 1, D), the last position
+        only, as the last layer of a prefill, whose other positions are needed only as keys and values."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer, position,
+                           last_only)
+        x = (x[:, -1:] if last_only else x) + self._residual(h)
         if memory_kv is not None:
             h = self.cross_attn.cross(self.cross_attn_layernorm(x), memory_kv, memory_mask)
             x = x + self._residual(h)

@@ -138,17 +138,21 @@ class TransformerModel(nn.Module):
                        all_positions: bool = False) -> torch.Tensor:
         """Logits for (B, T) new decoder tokens after the cache's positions; the cache then holds them too.
 
-        Returns (B, V) for the last position, or (B, T, V) with all_positions=True.
+        Returns (B, V) for the last position, or (B, T, V) with all_positions=True. For the last position
+        only, the last layer's output projection and feed-forward run on that one position (the others are
+        needed only as keys and values, which go in the cache): about a fifth less arithmetic in a
+        4-layer model's prefill.
         """
         T, start = tgt_ids.size(1), cache.length
         cos, sin = self.rotary(start, T)
         mask, is_causal = causal_mask_for_cache(T, start, tgt_ids.device)
         x = self.embed_tokens(tgt_ids)
+        last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i,
-                      memory_kv=cache.memory_kv[i], memory_mask=cache.memory_mask)
+                      memory_kv=cache.memory_kv[i], memory_mask=cache.memory_mask,
+                      last_only=i == last and not all_positions)
         cache.advance(T)
-        x = x if all_positions else x[:, -1:]
         logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
         return logits if all_positions else logits[:, 0]
 
