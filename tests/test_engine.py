@@ -184,6 +184,12 @@ def test_closing_the_stream_stops_the_work_and_restores_training_mode():
     assert torch.is_grad_enabled(), "inference mode stays inside the engine's steps"
     steps.close()
     assert model.training
+    model.eval()
+    model.layers[0].train()  # one module left in training mode: switched too
+    steps = Engine(model).stream(random_ids(1, 2), GREEDY)
+    next(steps)
+    assert not any(module.training for module in model.modules())
+    steps.close()
 
 
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
