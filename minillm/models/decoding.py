@@ -124,9 +124,12 @@ def check_token_ids(ids: torch.Tensor | list, vocab_size: int, what: str, device
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) inside the block; the model's previous mode afterwards."""
-    if not any(module.training for module in model.modules()):  # already: switching each module there and
-        yield                                                     # back took 0.3 ms, 5% of a first token
+    """Eval mode (no dropout) inside the block; the model's previous mode afterwards.
+
+    A model already in eval mode is left alone: switching every module there and back took 0.3 ms, about
+    5% of the time to the first token after a 200-token prompt."""
+    if not any(module.training for module in model.modules()):
+        yield
         return
     was_training = model.training
     model.eval()
