@@ -7,9 +7,10 @@
 
 The engine owns the KV cache, the loop, the sliding window, the stop conditions and the random draws; a
 model only exposes the steps (see DecoderOnlyTransformer): `decoder_context` (the checked ids to continue),
-`new_cache`, `forward_cached` (prefill: many tokens into the cache; also the eager one-token step),
-`decode_step` (one token at a tensor position over the whole static cache) and `window_logits` (a full
-recompute, for checks and benchmarks). Three ways to make each token, the same tokens for the same seed:
+`new_cache`, `window_logits` (a full recompute, for checks and benchmarks), and the two over the cache that
+both kinds get from models.layers.CachedDecoding: `forward_cached` (prefill: many tokens into the cache;
+also the eager one-token step) and `decode_step` (one token at a tensor position over the whole static
+cache). Three ways to make each token, the same tokens for the same seed:
   eager      forward_cached over the filled part of the cache: always correct, the default
   compiled   COMPILED_BLOCK decode_steps, each with the sampler, as one torch.compile'd graph whose shapes
              never change, so it is compiled once (the refill after a slide, always the same length, is a

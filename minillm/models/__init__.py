@@ -4,7 +4,8 @@ Code that must treat the kinds differently asks the class what it can do (`is_en
 `layers_description`), never compares kind names, so a third kind is a new file plus one
 `register_model_kind` line. A model class takes a ModelConfig and implements the interface of
 DecoderOnlyTransformer: forward returning (logits, loss), and the decoding steps minillm.engine.Engine drives
-(decoder_context, new_cache, forward_cached, decode_step, window_logits).
+(decoder_context, new_cache, window_logits, and forward_cached and decode_step, which a kind with a decoder
+stack gets by mixing in layers.CachedDecoding and naming the stack in `decoder_stack`).
 """
 
 from __future__ import annotations

@@ -10,17 +10,17 @@ from minillm.errors import MiniLLMError
 from minillm.models.decoding import KVCache, check_token_ids
 from minillm.models.layers import (
     Block,
+    CachedDecoding,
     RMSNorm,
     RotaryEmbedding,
     cap_logits,
-    causal_mask_for_cache,
     init_weights,
     lm_loss,
     padding_attention_mask,
 )
 
 
-class DecoderOnlyTransformer(nn.Module):
+class DecoderOnlyTransformer(CachedDecoding, nn.Module):
     """Predicts each next token from the tokens before it (causal self-attention, RoPE positions)."""
 
     is_encoder_decoder = False
@@ -82,38 +82,6 @@ class DecoderOnlyTransformer(nn.Module):
         """(B, V) logits after the (B, T) window, recomputed from nothing (no cache)."""
         return self(window)[0][:, -1]
 
-    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
-                       all_positions: bool = False) -> torch.Tensor:
-        """Logits for (B, T) new tokens that follow the cache's positions; the cache then holds them too.
-
-        Returns (B, V) for the last position, or (B, T, V) with all_positions=True. For the last position
-        only, the last layer's output projection and feed-forward run on that one position (the others are
-        needed only as keys and values, which go in the cache): about a fifth less arithmetic in a
-        4-layer model's prefill.
-        """
-        T, start = input_ids.size(1), cache.length
-        cos, sin = self.rotary(start, T)
-        mask, is_causal = causal_mask_for_cache(T, start, input_ids.device)
-        x = self.embed_tokens(input_ids)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i,
-                      last_only=i == last and not all_positions)
-        cache.advance(T)
-        logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)
-        return logits if all_positions else logits[:, 0]
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """(B, V) logits after one (B, 1) token at `cache.position`, which then moves on by one.
-
-        The static-shape step (see KVCache): the same shapes at every position, no host read, so that
-        torch.compile / CUDA graphs can run it without re-tracing. `cache.length` is the caller's to keep.
-        """
-        position = cache.position
-        cos, sin = self.rotary.at(position)
-        mask = cache.key_mask(position)
-        x = self.embed_tokens(token)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, position=position)
-        position.add_(1)
-        return cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)[:, 0]
+    def decoder_stack(self) -> tuple[nn.ModuleList, nn.Module]:
+        """The blocks and final norm that CachedDecoding's forward_cached and decode_step run."""
+        return self.layers, self.norm

@@ -16,10 +16,10 @@ from minillm.errors import MiniLLMError
 from minillm.models.decoding import KVCache, check_token_ids
 from minillm.models.layers import (
     Block,
+    CachedDecoding,
     RMSNorm,
     RotaryEmbedding,
     cap_logits,
-    causal_mask_for_cache,
     init_weights,
     lm_loss,
     memory_attention_mask,
@@ -27,7 +27,7 @@ from minillm.models.layers import (
 )
 
 
-class TransformerModel(nn.Module):
+class TransformerModel(CachedDecoding, nn.Module):
     """Encoder-decoder: forward(src_ids, tgt_ids) gives the next target token's logits at each position."""
 
     is_encoder_decoder = True
@@ -134,37 +134,6 @@ class TransformerModel(nn.Module):
         mask = None if source_mask is None else source_mask.to(window.device)
         return self(source_ids.to(window.device), window, src_mask=mask)[0][:, -1]
 
-    def forward_cached(self, tgt_ids: torch.Tensor, cache: KVCache,
-                       all_positions: bool = False) -> torch.Tensor:
-        """Logits for (B, T) new decoder tokens after the cache's positions; the cache then holds them too.
-
-        Returns (B, V) for the last position, or (B, T, V) with all_positions=True. For the last position
-        only, the last layer's output projection and feed-forward run on that one position (the others are
-        needed only as keys and values, which go in the cache): about a fifth less arithmetic in a
-        4-layer model's prefill.
-        """
-        T, start = tgt_ids.size(1), cache.length
-        cos, sin = self.rotary(start, T)
-        mask, is_causal = causal_mask_for_cache(T, start, tgt_ids.device)
-        x = self.embed_tokens(tgt_ids)
-        last = len(self.decoder_layers) - 1
-        for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i,
-                      memory_kv=cache.memory_kv[i], memory_mask=cache.memory_mask,
-                      last_only=i == last and not all_positions)
-        cache.advance(T)
-        logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
-        return logits if all_positions else logits[:, 0]
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """(B, V) logits after one (B, 1) decoder token at `cache.position`, which then moves on by one
-        (the static-shape step: see DecoderOnlyTransformer.decode_step)."""
-        position = cache.position
-        cos, sin = self.rotary.at(position)
-        mask = cache.key_mask(position)
-        x = self.embed_tokens(token)
-        for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, memory_kv=cache.memory_kv[i],
-                      memory_mask=cache.memory_mask, position=position)
-        position.add_(1)
-        return cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)[:, 0]
+    def decoder_stack(self) -> tuple[nn.ModuleList, nn.Module]:
+        """The blocks and final norm that CachedDecoding's forward_cached and decode_step run."""
+        return self.decoder_layers, self.decoder_norm
