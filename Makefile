@@ -18,7 +18,7 @@ lint: setup
 	.venv/bin/ruff check minillm tests bench main.py
 
 bench: setup
-	$(PY) bench/tokenizers.py
+	$(PY) bench/tokenizer_speed.py
 	$(PY) bench/train_step.py
 	$(PY) bench/generation.py
 	$(PY) bench/train_shakespeare.py

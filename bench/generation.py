@@ -15,24 +15,16 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# Running a file of bench/ puts bench/ first on sys.path, where bench/tokenizers.py would shadow the Hugging
-# Face `tokenizers` package: drop it, and load the reference model from its file.
-BENCH = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0]).resolve() == BENCH:
-    sys.path.pop(0)
+import torch
+from reference_gpt import ReferenceGPT
 
-import torch  # noqa: E402
-
-from minillm.config import ModelConfig  # noqa: E402
-from minillm.engine import Engine  # noqa: E402
-from minillm.models import DecoderOnlyTransformer, count_parameters  # noqa: E402
-from minillm.sampling import SamplingConfig  # noqa: E402
+from minillm.config import ModelConfig
+from minillm.engine import Engine
+from minillm.models import DecoderOnlyTransformer, count_parameters
+from minillm.sampling import SamplingConfig
 
 VOCAB = 65
 SHAPES = {"cpu": dict(d_model=128, n_layers=4, n_heads=4), "cuda": dict(d_model=384, n_layers=6, n_heads=6)}
@@ -41,13 +33,6 @@ PROMPT_TOKENS = 200  # for the time to first token
 WARMUP_TOKENS = 10
 FAST, EAGER, RECOMPUTE, REFERENCE = ("engine, compiled fast path", "engine, eager", "Mini LLM, full recompute",
                                      "reference, full recompute (nanoGPT's generate)")
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location("reference_gpt", BENCH / "reference_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ReferenceGPT
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,7 +56,7 @@ def models(context: int, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     shape = SHAPES[device.type]
     ours = DecoderOnlyTransformer(ModelConfig(vocab_size=VOCAB, max_seq_len=context, **shape))
-    reference = load_reference()(VOCAB, shape["d_model"], shape["n_layers"], shape["n_heads"], context)
+    reference = ReferenceGPT(VOCAB, shape["d_model"], shape["n_layers"], shape["n_heads"], context)
     return ours.to(device, dtype).eval(), reference.to(device, dtype).eval()
 
 

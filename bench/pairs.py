@@ -15,22 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0]).resolve() == BENCH:
-    sys.path.pop(0)  # bench/tokenizers.py would shadow the Hugging Face `tokenizers` package
-
-from minillm.checkpoint import load_run  # noqa: E402
-from minillm.config import preset_configs  # noqa: E402
-from minillm.generation import generate_text  # noqa: E402
-from minillm.models import count_parameters, is_encoder_decoder  # noqa: E402
-from minillm.run_folder import RunFolder  # noqa: E402
-from minillm.sampling import SamplingConfig  # noqa: E402
-from minillm.training import train  # noqa: E402
+from minillm.checkpoint import load_run
+from minillm.config import preset_configs
+from minillm.generation import generate_text
+from minillm.models import count_parameters, is_encoder_decoder
+from minillm.run_folder import RunFolder
+from minillm.sampling import SamplingConfig
+from minillm.training import train
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)

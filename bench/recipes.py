@@ -15,26 +15,21 @@ Prints a markdown table: loss and bits per character on the tail for each budget
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0]).resolve() == BENCH:
-    sys.path.pop(0)  # bench/tokenizers.py would shadow the Hugging Face `tokenizers` package
+import torch
+import torch.nn.functional as F
+from reference_gpt import ReferenceGPT
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from minillm.checkpoint import load_run  # noqa: E402
-from minillm.config import preset_configs  # noqa: E402
-from minillm.data.batches import open_split  # noqa: E402
-from minillm.models import is_encoder_decoder  # noqa: E402
-from minillm.training import train  # noqa: E402
-from minillm.training.evaluation import mean_loss  # noqa: E402
+from minillm.checkpoint import load_run
+from minillm.config import preset_configs
+from minillm.data.batches import open_split
+from minillm.models import is_encoder_decoder
+from minillm.training import train
+from minillm.training.evaluation import mean_loss
 
 HOLDOUT = dict(holdout="tail", val_fraction=0.05, test_fraction=0.05)
 # Each row: (model overrides, training overrides) on top of the cpu preset.
@@ -52,13 +47,6 @@ ROWS = {
 }
 REFERENCE = dict(d_model=128, n_layers=4, n_heads=4, block_size=64, batch_size=12, lr=1e-3, min_lr=1e-4,
                  warmup=100, iterations=2000, weight_decay=0.1, betas=(0.9, 0.99))
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location("reference_gpt", BENCH / "reference_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ReferenceGPT
 
 
 def tail_loss(model: torch.nn.Module, batches, minillm: bool) -> float:
@@ -83,7 +71,7 @@ def train_reference(run_dir: Path, budget: float) -> tuple[float, int]:
     run = load_run(run_dir)
     data = open_split(run_dir, "train", run.config.replace(max_seq_len=r["block_size"]), False, 0.5)
     torch.manual_seed(1337)
-    model = load_reference()(run.config.vocab_size, r["d_model"], r["n_layers"], r["n_heads"], r["block_size"])
+    model = ReferenceGPT(run.config.vocab_size, r["d_model"], r["n_layers"], r["n_heads"], r["block_size"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]},

@@ -15,24 +15,20 @@ Not exactly comparable to nanoGPT's own figure: our model is Llama-style (RMSNor
 positions), and our validation set is shuffled paragraphs rather than the last 10% of the file.
 """
 
+import argparse
+import shutil
 import sys
 from pathlib import Path
 
-# Running this file puts bench/ first on sys.path, where bench/tokenizers.py would shadow the Hugging Face
-# `tokenizers` package. Drop it before importing anything that needs the real one.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-
-import torch  # noqa: E402
-
-from minillm.checkpoint import load_run  # noqa: E402
-from minillm.config import PRESETS, ModelConfig, TrainConfig, preset_configs  # noqa: E402
-from minillm.generation import generate_text  # noqa: E402
-from minillm.training import train  # noqa: E402
-from minillm.training.metrics import LOSS_CURVE_FILE, METRICS_FILE, read_metrics  # noqa: E402
+from minillm.checkpoint import load_run
+from minillm.config import PRESETS, ModelConfig, TrainConfig, preset_configs
+from minillm.generation import generate_text
+from minillm.run_folder import LOSS_CURVE_FILE, METRICS_FILE
+from minillm.sampling import SamplingConfig
+from minillm.training import train
+from minillm.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("nanogpt", "cpu", "cpu-full")
@@ -116,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nloss curve of {cpu_runs[0]} copied to {args.docs / 'loss_curve_cpu.png'}")
     sample_run = args.runs_dir / (cpu_runs[0] if cpu_runs else (args.only or RUNS)[0])
     run = load_run(sample_run)
-    text = generate_text(run.model, run.tokenizer, SAMPLE_PROMPT, max_new_tokens=SAMPLE_TOKENS,
-                         seed=SAMPLE_SEED)
+    text = generate_text(run.model, run.tokenizer, SAMPLE_PROMPT,
+                         SamplingConfig(max_new_tokens=SAMPLE_TOKENS, seed=SAMPLE_SEED))
     print(f"\nsample from {sample_run.name} (best model):\n\n{SAMPLE_PROMPT}{text}")
     return 0
 

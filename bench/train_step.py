@@ -11,34 +11,16 @@ measured in the same run. The two models alternate repeat by repeat, so a busy m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# Running a file of bench/ puts bench/ first on sys.path, where bench/tokenizers.py would shadow the Hugging
-# Face `tokenizers` package: drop it, and load the reference model from its file.
-BENCH = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0]).resolve() == BENCH:
-    sys.path.pop(0)
+import torch
+from reference_gpt import ReferenceGPT
 
-import torch  # noqa: E402
-
-from minillm.config import ModelConfig, TrainConfig  # noqa: E402
-from minillm.models import build_model, count_parameters  # noqa: E402
-from minillm.training.optimizer import make_optimizer  # noqa: E402
-from minillm.training.precision import autocast  # noqa: E402
-
-
-def load_reference():
-    spec = importlib.util.spec_from_file_location("reference_gpt", BENCH / "reference_gpt.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ReferenceGPT = load_reference().ReferenceGPT
+from minillm.config import ModelConfig, TrainConfig
+from minillm.models import build_model, count_parameters
+from minillm.training.optimizer import make_optimizer
+from minillm.training.precision import autocast
 
 VOCAB = 65
 # nanoGPT's configurations: (d_model, layers, heads, context, batch)

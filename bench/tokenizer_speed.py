@@ -1,25 +1,19 @@
 """Tokenizer speed and compression on the bundled Tiny Shakespeare, with baselines measured in the same run.
 
-    .venv/bin/python bench/tokenizers.py
+    .venv/bin/python bench/tokenizer_speed.py
 
 Baselines: for BPE the raw Hugging Face `encode_batch` (shows what our wrapper costs); for the character
 tokenizer a plain per-character dict lookup in Python (the nanoGPT way).
 """
 
-import sys
+import argparse
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-# Running this file puts bench/ first on sys.path, where this very file would shadow the Hugging Face
-# `tokenizers` package (same name). Drop it before importing anything that needs the real one.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import TypeVar  # noqa: E402
-
-import minillm  # noqa: E402
-from minillm.tokenizers import BPETokenizer, CharacterTokenizer  # noqa: E402
+import minillm
+from minillm.tokenizers import BPETokenizer, CharacterTokenizer
 
 CORPUS = Path(minillm.__file__).parent / "data" / "tinyshakespeare.txt"
 BPE_VOCAB_SIZES = (1024, 4096)
@@ -47,6 +41,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     text = CORPUS.read_text(encoding="utf-8")
     paragraphs = text.split("\n\n")
     megabytes = len(text.encode("utf-8")) / 1e6
