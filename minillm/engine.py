@@ -16,10 +16,10 @@ cache). Three ways to make each token, the same tokens for the same seed:
              never change, so it is compiled once (the refill after a slide, always the same length, is a
              second graph) and, on CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU
              inductor's C++-wrapped code. A block's tokens stream one by one as usual; where
-             fewer than a block's tokens are left before the window slides or the generation ends, the
-             eager step makes them. Compiling takes seconds to a minute (cached on disk by torch
-             afterwards), so it pays off for long generations only. The graph reads the model's weights as
-             they are at each call
+             fewer than a block's tokens are left before the window slides or the generation ends, a
+             third graph of one step makes them (compiled at its first use). Compiling takes seconds to a
+             minute (cached on disk by torch afterwards), so it pays off for long generations only. The
+             graphs read the model's weights as they are at each call
   recompute  use_cache=False: the whole window through the model at each token (slow; for tests)
 """
 
@@ -61,7 +61,7 @@ class Engine:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
-        self._compiled: dict[tuple, tuple[Block, Step]] = {}
+        self._compiled: dict[tuple, tuple[dict[int, Block], Step]] = {}
 
     def generate(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None,
                  **options: object) -> torch.Tensor:
@@ -144,17 +144,18 @@ class Engine:
                     pending.append(first_token(slid=True))
                 elif cache is None:  # recompute the window
                     pending.append(first_token(slid=False))
-                else:  # a compiled block when its tokens fit before the window slides and the generation ends
+                elif block is None:
+                    pending.append(self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling))
+                else:  # a block when its tokens fit before the window slides and the generation ends, else one
                     room = min(max_seq_len - (length - start) + 1, sampling.max_new_tokens - n - 1)
-                    made = (block(token.view(batch, 1), cache, seen, [noise() for _ in range(COMPILED_BLOCK)])
-                            if block is not None and room >= COMPILED_BLOCK
-                            else self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling))
+                    steps = COMPILED_BLOCK if room >= COMPILED_BLOCK else 1
+                    made = block(token.view(batch, 1), cache, seen, [noise() for _ in range(steps)])
                     pending.extend(reversed(made))  # pop() takes them in order
 
     def _eager_step(self, token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
-                    noise: torch.Tensor | None, sampling: SamplingConfig) -> tuple[torch.Tensor]:
+                    noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
         """The token after the (B, 1) `token`, over the filled part of the cache (eager)."""
-        return (sample_next_token(self.model.forward_cached(token, cache), sampling, seen, noise),)
+        return sample_next_token(self.model.forward_cached(token, cache), sampling, seen, noise)
 
     def _refill(self, window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                 noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
@@ -165,9 +166,9 @@ class Engine:
         return sample_next_token(logits, sampling, seen, noise)
 
     def _compiled_steps(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block, Step]:
-        """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK noises -> as many next
-        tokens) and the compiled refill after a slide ((B, keep) window, cache, seen, noise -> (B,) next
-        token)."""
+        """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK or 1 noises -> as many
+        next tokens) and the compiled refill after a slide ((B, keep) window, cache, seen, noise -> (B,)
+        next token)."""
         model = self.model
         device = cache.position.device
         if device.type == "cuda":  # CUDA graphs may update only tensors at fixed addresses
@@ -195,14 +196,17 @@ class Engine:
                 view.position.fill_(window.size(1))
                 return sample_next_token(logits, sampling, seen, noise)
 
-            self._compiled[key] = (_checked_first_call(compile_step(fast_block, device)),
+            compiled_block = compile_step(fast_block, device)  # a graph per block length: 1, COMPILED_BLOCK
+            self._compiled[key] = ({steps: _checked_first_call(compiled_block) for steps in (1, COMPILED_BLOCK)},
                                    _checked_first_call(compile_step(fast_refill, device)))
-        compiled_block, compiled_refill = (_guards_checked_once(step) for step in self._compiled[key])
+        blocks, compiled_refill = self._compiled[key]
+        blocks = {steps: _guards_checked_once(graph) for steps, graph in blocks.items()}
+        compiled_refill = _guards_checked_once(compiled_refill)
 
         def block(token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                   noises: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
             cache.sync_position()  # an eager step may have come before
-            made = compiled_block(token, seen, noises, *cache.tensors())
+            made = blocks[len(noises)](token, seen, noises, *cache.tensors())
             cache.advance(len(made))  # decode_step moved the position tensor; the host's count follows
             # A CUDA graph's outputs are overwritten by its next run: the tokens the caller keeps are copies.
             return tuple(t.clone() for t in made) if device.type == "cuda" else made

@@ -234,18 +234,31 @@ needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
 def test_the_compiled_decode_step_gives_the_eager_tokens_for_a_seed(model_type, monkeypatch):
     """One compile per kind (tens of seconds): the compiled blocks of static steps, with the sampler in
-    their graph, slide, penalise and stop like the eager path, token for token; the eager step makes only
-    the tokens left over before a slide or the end."""
+    their graph, slide, penalise and stop like the eager path, token for token; a one-step graph makes the
+    tokens left over before a slide or the end, so the eager step makes none."""
     eager_steps = []
     eager_step = Engine._eager_step
     monkeypatch.setattr(Engine, "_eager_step", lambda *args: eager_steps.append(1) or eager_step(*args))
+    block_sizes = []  # steps per compiled block call
+    checked_once = engine_module._guards_checked_once
+
+    def counted(graph):
+        call = checked_once(graph)
+
+        def spy(*args):
+            if isinstance(args[2], list):  # a block's noises, one per step (a refill takes one noise)
+                block_sizes.append(len(args[2]))
+            return call(*args)
+        return spy
+
+    monkeypatch.setattr(engine_module, "_guards_checked_once", counted)
     model = tiny_model(model_type, max_seq_len=16)  # slides after 16 tokens, then every 4 (a block)
     src = random_ids(2, 5, seed=7) if model_type == "transformer" else None
     prompt = random_ids(2, 3) if src is None else None
     settings = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=10, repetition_penalty=1.3, seed=2)
     fast = Engine(model, compile=True)
     compiled = fast.generate(prompt, settings, source_ids=src)
-    assert 0 < len(eager_steps) <= 2 * COMPILED_BLOCK  # most tokens came from the compiled blocks
+    assert eager_steps == [] and set(block_sizes) == {1, COMPILED_BLOCK}
     eager = Engine(model).generate(prompt, settings, source_ids=src)
     assert compiled.shape == (2, 40)
     assert torch.equal(compiled, eager)
