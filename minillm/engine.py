@@ -205,7 +205,7 @@ class Engine:
 
         def block(token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                   noises: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
-            cache.sync_position()  # an eager step may have come before
+            # The position tensor is the host's count already: the prefill set it, and each graph moves it.
             made = blocks[len(noises)](token, seen, noises, *cache.tensors())
             cache.advance(len(made))  # decode_step moved the position tensor; the host's count follows
             # A CUDA graph's outputs are overwritten by its next run: the tokens the caller keeps are copies.
