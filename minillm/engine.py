@@ -50,6 +50,11 @@ CONTEXT_KEEP_FRACTION = 0.75
 # on 2 cores; torch's disk cache then makes it seconds).
 COMPILED_BLOCK = 4
 
+# How many compiled graphs torch may keep for the decode functions (torch's default is 8 per function, and
+# all engines share them): one per model shape, sampling setting, batch size and block length, so the
+# fifth sampling setting in one process would otherwise fail to compile.
+COMPILED_GRAPHS = 128
+
 Step = Callable[..., torch.Tensor]  # (token (B, 1), cache, seen, noise) -> (B,) next token
 Block = Callable[..., tuple[torch.Tensor, ...]]  # (token (B, 1), cache, seen, noises) -> the next tokens, (B,) each
 Compilable = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # a Step or a Block, before compiling
@@ -262,8 +267,9 @@ def _guards_checked_once(step: Compilable) -> Compilable:
 
     def call(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:
         nonlocal checked
-        if not checked:
-            out = step(*args)
+        if not checked:  # where a new graph is compiled, if one is needed
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
+                out = step(*args)
             checked = True
             return out
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):

@@ -309,3 +309,16 @@ def test_a_generation_checks_the_compiled_graphs_guards_at_its_first_call_only()
         generation(two_rows)
     next_generation = engine_module._guards_checked_once(step)
     torch.testing.assert_close(next_generation(two_rows), layer(two_rows) * 2)
+
+
+@needs_compiler
+def test_compiled_graphs_are_not_limited_to_torchs_default_count(monkeypatch):
+    """Every sampling setting, batch size and block length is a graph of the same decode functions, shared
+    by all engines; torch's limit (8 by default, 1 here) would make the next one a compiler failure."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = tiny_model(max_seq_len=16)
+    fast = Engine(model, compile=True)
+    for temperature in (0.7, 0.9):
+        settings = SamplingConfig(max_new_tokens=2, temperature=temperature, seed=1)  # a one-step graph
+        prompt = random_ids(1, 3)
+        assert torch.equal(fast.generate(prompt, settings), Engine(model).generate(prompt, settings))
