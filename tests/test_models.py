@@ -274,7 +274,7 @@ def test_a_prefill_for_the_next_token_runs_the_last_layers_feed_forward_on_the_l
     src = random_ids(2, 9, seed=3) if model_type == "transformer" else None
     ids = random_ids(2, 10)
     rows = []
-    last_layer = (model.decoder_layers if src is not None else model.layers)[-1]
+    last_layer = model.decoder_stack()[0][-1]
     last_layer.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].size(1)))
     with torch.no_grad():
         every_cache, next_cache = model.new_cache(2, src), model.new_cache(2, src)
