@@ -55,9 +55,9 @@ COMPILED_BLOCK = 4
 # fifth sampling setting in one process would otherwise fail to compile.
 COMPILED_GRAPHS = 128
 
-Step = Callable[..., torch.Tensor]  # (token (B, 1), cache, seen, noise) -> (B,) next token
+Refill = Callable[..., torch.Tensor]  # (window (B, keep), cache, seen, noise) -> (B,) next token
 Block = Callable[..., tuple[torch.Tensor, ...]]  # (token (B, 1), cache, seen, noises) -> the next tokens, (B,) each
-Compilable = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # a Step or a Block, before compiling
+Compilable = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # a Block or a Refill, before compiling
 
 
 class Engine:
@@ -66,7 +66,7 @@ class Engine:
     def __init__(self, model: nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
-        self._compiled: dict[tuple, tuple[dict[int, Block], Step]] = {}
+        self._compiled: dict[tuple, tuple[dict[int, Block], Refill]] = {}
 
     def generate(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None,
                  **options: object) -> torch.Tensor:
@@ -170,7 +170,7 @@ class Engine:
         cache.sync_position()
         return sample_next_token(logits, sampling, seen, noise)
 
-    def _compiled_steps(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block, Step]:
+    def _compiled_steps(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block, Refill]:
         """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK or 1 noises -> as many
         next tokens) and the compiled refill after a slide ((B, keep) window, cache, seen, noise -> (B,)
         next token)."""
