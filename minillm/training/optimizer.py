@@ -10,7 +10,6 @@ import math
 import torch
 
 from minillm.config import TrainConfig
-from minillm.errors import MiniLLMError
 
 # Matrices Muon does not take: the embedding (a lookup table, not a linear map) and the head tied to it.
 NOT_FOR_MUON = ("embed_tokens.weight", "lm_head.weight")
@@ -60,9 +59,6 @@ def make_optimizers(model: torch.nn.Module, config: TrainConfig,
     embedding, the head and the norms."""
     if config.optimizer == "adamw":
         return [make_optimizer(model, config, device)]
-    if not hasattr(torch.optim, "Muon"):
-        raise MiniLLMError(f"--optimizer muon needs PyTorch 2.9 or newer (this is {torch.__version__}); "
-                           "upgrade torch or use --optimizer adamw")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if p.dim() == 2 and not n.endswith(NOT_FOR_MUON)]
     hidden_ids = {id(p) for p in hidden}
