@@ -311,6 +311,26 @@ def tiny_trainer(run_dir, **overrides) -> Trainer:
     return Trainer(run_dir, model_config, config, prepare.read_split_record(run_dir), log=quiet, progress=False)
 
 
+def ownership(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[tuple]:
+    """Each optimizer's class and, per parameter group, the names of the parameters it steps and its decay."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [(type(optimizer), [(sorted(names[id(p)] for p in group["params"]), group["weight_decay"])
+                               for group in optimizer.param_groups]) for optimizer in optimizers]
+
+
+@pytest.mark.parametrize("optimizer, classes", [("adamw", [torch.optim.AdamW]),
+                                                ("muon", [torch.optim.AdamW, torch.optim.Muon])])
+def test_the_preview_times_the_optimizers_the_trainer_steps(tiny_run, tmp_path, optimizer, classes):
+    from minillm.training.preview import timing_setup
+
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"), optimizer=optimizer)
+    model, optimizers, _ = timing_setup(trainer.model_config, trainer.config, trainer.device, 8, 2)
+    assert [type(o) for o in optimizers] == classes
+    assert ownership(model, optimizers) == ownership(trainer.model, trainer.optimizers)
+    owned = [name for _, groups in ownership(model, optimizers) for group, _ in groups for name in group]
+    assert sorted(owned) == sorted(name for name, _ in model.named_parameters())  # each parameter once
+
+
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 

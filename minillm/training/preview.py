@@ -24,7 +24,7 @@ from minillm.data.prepare import SplitData, bundled_data_path, read_data
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.tokenizers import train_tokenizer
 from minillm.training.memory import check_memory
-from minillm.training.optimizer import make_optimizer
+from minillm.training.optimizer import make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.runs import with_tokenizer
@@ -174,7 +174,8 @@ def step_seconds(model_config: ModelConfig, config: TrainConfig, device: torch.d
     The global random generators are left alone (a training may be running in another thread): the weights
     and tokens come from local generators, and dropout is off while timing."""
     timed_rows = max(1, min(config.batch_size, int(MAX_TIMED_FLOPS // max(1, 6 * parameters * seq_len))))
-    key = json.dumps([model_config.to_dict(), timed_rows, seq_len, str(device), config.dtype], sort_keys=True)
+    key = json.dumps([model_config.to_dict(), timed_rows, seq_len, str(device), config.dtype, config.optimizer],
+                     sort_keys=True)
     with _step_times_lock:
         if key not in _step_times:
             _step_times[key] = _time_steps(model_config.replace(dropout=0.0), config, device, seq_len, timed_rows)
@@ -182,12 +183,14 @@ def step_seconds(model_config: ModelConfig, config: TrainConfig, device: torch.d
     return seconds * config.batch_size / timed_rows * config.grad_accum_steps, timed_rows
 
 
-def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
-                rows: int) -> float:
+def timing_setup(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
+                 rows: int) -> tuple[torch.nn.Module, list[torch.optim.Optimizer], dict[str, torch.Tensor]]:
+    """(model, its optimizers, a batch of `rows` windows of random tokens): what a timed step runs. The
+    optimizers are the run's own (make_optimizers, as the trainer makes them: Muon with --optimizer muon)."""
     generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = build_model(model_config)
-    model = model.to_empty(device=device)
+    model = _on_device(model, device)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
@@ -196,7 +199,26 @@ def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.de
     batches = LMBatches(tokens, seq_len, is_encoder_decoder(model_config), config.source_fraction,
                         model_config.bos_id, model_config.pad_id)
     batch = batches.batch_at(torch.arange(rows) * (seq_len + 1), device)
-    optimizer = make_optimizer(model, config, device)
+    return model, make_optimizers(model, config, device), batch
+
+
+def _on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A meta-device model's uninitialised copy on `device`, with its tied weights still one parameter
+    (Module.to_empty gives each name of a shared parameter its own tensor: the head would come untied)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    model = model.to_empty(device=device)
+    for first, *aliases in names.values():
+        for alias in aliases:
+            owner, _, attribute = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, model.get_parameter(first))
+    return model
+
+
+def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
+                rows: int) -> float:
+    model, optimizers, batch = timing_setup(model_config, config, device, seq_len, rows)
     dtype = autocast_dtype(config.dtype, device)
     model.train()
     times = []
@@ -206,8 +228,9 @@ def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.de
         with autocast(device, dtype):
             _, loss = model(**batch)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times[1:])
