@@ -27,17 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import (
-    DATA_FORMATS,
     DEFAULT_PRESET,
-    DTYPES,
-    HOLDOUTS,
-    OPTIMIZERS,
     PRESETS,
-    SCHEDULES,
-    SPLIT_MODES,
-    TOKENIZER_TYPES,
     ModelConfig,
     TrainConfig,
+    field_choices,
     field_help,
     preset_configs,
 )
@@ -59,8 +53,6 @@ SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
-CHOICES = {"split_mode": SPLIT_MODES, "holdout": HOLDOUTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-           "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
 PRESET_HELP_WIDTH = 100
 
@@ -129,8 +121,8 @@ def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, 
             base = {"int": int, "float": float, "str": str}[base_name]
             kwargs["type"] = _converter(base, "None" in annotation)
             kwargs["metavar"] = base_name.upper()
-            if f.name in CHOICES:
-                kwargs["choices"] = CHOICES[f.name]
+            if field_choices(cls, f.name):
+                kwargs["choices"] = field_choices(cls, f.name)
                 kwargs.pop("metavar")
         group.add_argument(*names, **kwargs)
 
@@ -146,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", nargs="?", metavar="DATA",
                        help="UTF-8 text file, or TSV/JSONL pairs for the encoder-decoder "
                             "(default: the bundled Tiny Shakespeare)")
-    train.add_argument("--tokenizer", dest="train__tokenizer", choices=TOKENIZER_TYPES,
-                       default=argparse.SUPPRESS, help="byte-level BPE or characters (default: char)")
+    train.add_argument("--tokenizer", dest="train__tokenizer", choices=field_choices(TrainConfig, "tokenizer"),
+                       default=argparse.SUPPRESS,
+                       help=f"{field_help(TrainConfig, 'tokenizer')} (default: {TrainConfig().tokenizer})")
     train.add_argument("--model", "--model-type", dest="model__model_type", choices=model_kinds(),
                        default=argparse.SUPPRESS,
                        help="decoder-only (GPT-style) or encoder-decoder transformer (default: decoder_only)")

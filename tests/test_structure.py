@@ -17,7 +17,6 @@ from minillm import models
 from minillm.config import ModelConfig, preset_configs
 from minillm.errors import MiniLLMError
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, model_kinds
-from minillm.tokenizers import TOKENIZER_KINDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 MAX_MODULE_LINES = 450
@@ -108,12 +107,6 @@ def test_the_export_extra_is_imported_by_the_exporter_only_and_hf_tokenizers_by_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert {name for name, found in users.items() if "tokenizers" in found} == {"minillm.tokenizers.bpe_tokenizer"}
-
-
-def test_tokenizer_kinds_match_the_config_choices():
-    from minillm.config import TOKENIZER_TYPES
-
-    assert sorted(TOKENIZER_KINDS) == sorted(TOKENIZER_TYPES)
 
 
 class BigramModel(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,17 +66,19 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+# How text is cut into samples, by TrainConfig.split_mode: (text, separator) -> the pieces.
+SPLITTERS: dict[str, Callable[[str, str], list[str]]] = {
+    "paragraph": lambda text, separator: _BLANK_LINE.split(text),  # blank lines
+    "line": lambda text, separator: text.split("\n"),
+    "separator": lambda text, separator: text.split(separator),
+}
+
+
 def split_samples(text: str, mode: str = "paragraph", separator: str = "<|endoftext|>") -> list[str]:
     """Cut text into samples: by blank lines ("paragraph"), one per line ("line"), or by a separator."""
-    if mode == "paragraph":
-        pieces = _BLANK_LINE.split(text)
-    elif mode == "line":
-        pieces = text.split("\n")
-    elif mode == "separator":
-        pieces = text.split(separator)
-    else:
-        raise MiniLLMError(f"split_mode must be paragraph, line or separator, got {mode!r}")
-    return [p.strip("\n") for p in pieces if p.strip()]
+    if mode not in SPLITTERS:
+        raise MiniLLMError(f"split_mode must be one of {tuple(SPLITTERS)}, got {mode!r}")
+    return [p.strip("\n") for p in SPLITTERS[mode](text, separator) if p.strip()]
 
 
 def detect_format(path: str | Path, text: str) -> tuple[str, str]:
