@@ -105,14 +105,21 @@ def _converter(base: type, optional: bool) -> Callable[[str], Any]:
     return convert
 
 
-def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, skip: Sequence[str]) -> None:
-    """One --option per dataclass field: --d-model for d_model, typed from the annotation."""
+def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, skip: Sequence[str] = (),
+                        show_defaults: bool = False) -> None:
+    """One --option per dataclass field: --d-model for d_model, typed from the annotation, with the field's
+    help, range and choices (and its default, with `show_defaults`)."""
+    defaults = cls() if show_defaults else None
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         names = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, [])]
+        help_text = field_help(cls, f.name)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+            help_text += f" (default: {'none' if default is None else default})"
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS,
-                                  "help": field_help(cls, f.name).replace("%", "%%")}
+                                  "help": help_text.replace("%", "%%")}
         annotation = str(f.type)
         base_name = annotation.replace(" | None", "").strip()
         if base_name == "bool":
@@ -167,18 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
     generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
-    defaults = SamplingConfig()
-    generate.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS,
-                          help=f"default {defaults.max_new_tokens}")
-    generate.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
-                          help=f"0 = greedy (default {defaults.temperature:g})")
-    generate.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
-                          help=f"keep the k likeliest tokens, 0 = off (default {defaults.top_k})")
-    generate.add_argument("--top-p", type=float, default=argparse.SUPPRESS,
-                          help="nucleus sampling mass, 1 = off (default off)")
-    generate.add_argument("--repetition-penalty", type=float, default=argparse.SUPPRESS,
-                          help="> 1 discourages repeats, 1 = off (default off)")
-    generate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="same seed, same text")
+    _add_config_options(generate.add_argument_group("sampling options"), SamplingConfig, "sampling__",
+                        show_defaults=True)
     generate.add_argument("--compile", action="store_true",
                           help="compile the decode step first (seconds to a minute; faster per token "
                                "afterwards, the same tokens)")
@@ -330,15 +327,12 @@ def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None =
         print(f"({tokens.end_note()})", file=sys.stderr)
 
 
-GENERATION_OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingConfig))  # one --option each
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from minillm.checkpoint import load_run
     from minillm.generation import generation_inputs, unknown_characters_warning
 
     run = load_run(args.run_dir, args.device)
-    sampling = SamplingConfig(**{name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)})
+    sampling = SamplingConfig(**_overrides(args, "sampling__"))
     prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
     warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     if warning:

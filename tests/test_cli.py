@@ -154,6 +154,21 @@ def test_help_and_version(capsys):
     assert "--source" in capsys.readouterr().out
 
 
+def test_generate_has_an_option_per_sampling_setting_from_its_field(capsys):
+    import dataclasses
+
+    from minillm.cli import build_parser
+
+    assert main(["generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(SamplingConfig):
+        assert f"--{f.name.replace('_', '-')} " in out
+    assert "[0.01..100] (default: 1.0)" in out and "(0..1] (default: none)" in out  # ranges and defaults
+    args = build_parser().parse_args(["generate", "RUN", "--top-p", "0.9", "--top-k", "off", "--seed", "3"])
+    assert SamplingConfig(**{k.removeprefix("sampling__"): v for k, v in vars(args).items()
+                             if k.startswith("sampling__")}) == SamplingConfig(top_p=0.9, top_k=None, seed=3)
+
+
 def test_resume_continues_with_a_longer_budget(run_copy, corpus_file, capsys):
     code = main(["train", str(corpus_file), *TINY, "--out", str(run_copy), "--resume", "--max-steps", "70",
                  "--eval-interval", "5"])
