@@ -251,7 +251,7 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from minillm.training import distributed, resume, train
+    from minillm.training import StopReason, distributed, resume, train
 
     model_overrides = _overrides(args, "model__")
     train_overrides = _overrides(args, "train__")
@@ -271,12 +271,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     if not distributed.is_main_process():  # under torchrun, rank 0 reports
-        return EXIT_INTERRUPTED if result.stop_reason == "stopped" else 0
+        return EXIT_INTERRUPTED if result.stop_reason == StopReason.STOPPED else 0
     test = result.test_metrics
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
           f"{test['bits_per_byte']:.3f} bits per byte)")
-    if result.stop_reason == "stopped":
+    if result.stop_reason == StopReason.STOPPED:
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     try:

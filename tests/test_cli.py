@@ -26,7 +26,7 @@ from minillm.cli import (
     main,
 )
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import STOP_EOS, stream_text
+from minillm.generation import GenerationStop, stream_text
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
@@ -284,7 +284,7 @@ def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypat
     def three_tokens_then_eos(*args):
         for letter in "abc":
             yield 5, letter
-        return STOP_EOS
+        return GenerationStop.END_OF_TEXT
 
     monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
     assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0

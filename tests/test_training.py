@@ -17,13 +17,13 @@ import pytest
 import torch
 from conftest import tiny_configs
 
-from minillm.checkpoint import load_run, load_torch
-from minillm.config import ModelConfig, TrainConfig
+from minillm.checkpoint import load_run, load_torch, read_run_config, read_train_config
+from minillm.config import TrainConfig
 from minillm.data import prepare
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.sampling import SamplingConfig
-from minillm.training import Trainer, evaluate_run, lr_at, resume, train
+from minillm.training import StopReason, Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.evaluation import is_overfitting
 from minillm.training.metrics import read_metrics
@@ -127,6 +127,23 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path, tiny_run
         resume(run_dir, progress=False, log=quiet)
 
 
+def test_a_run_written_before_the_model_config_was_kept_once_still_resumes(tmp_path, tiny_run):
+    """Runs before 0.2 kept a copy of the configs in train_config.json ("model") and in last.pt."""
+    from minillm.files import save_torch, write_json
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    model = read_run_config(run_dir / "best_model_config.json")[0].to_dict()
+    train_config = read_train_config(run_dir).to_dict()
+    write_json(run_dir / "train_config.json", {"minillm_version": "0.1.0", "model": model, "train": train_config})
+    last = load_torch(run_dir / "last.pt")
+    save_torch(run_dir / "last.pt", {**last, "model_config": model, "train_config": train_config})
+    with pytest.raises(MiniLLMError, match="d_model"):
+        resume(run_dir, model_overrides={"d_model": 64}, progress=False, log=quiet)
+    result = resume(run_dir, {"max_steps": last["step"] + 4}, progress=False, log=quiet)
+    assert result.steps == last["step"] + 4
+    assert load_torch(run_dir / "last.pt")["history"][:len(last["history"])] == last["history"]
+
+
 def test_existing_run_is_refused_unless_overwrite(tmp_path, corpus_file, tiny_run):
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
     before = (run_dir / "best_model.pt").read_bytes()
@@ -152,7 +169,7 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
     messages = []
     model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, patience=3)
     result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
-    assert result.stop_reason == "early_stopping"
+    assert result.stop_reason == StopReason.EARLY_STOPPING
     assert (result.steps, result.best_step, result.best_val_loss) == (20, 5, 2.0)
     warning = next(m for m in messages if m.startswith("warning: overfitting"))
     assert "parameters" in warning and "dropout" in warning and "more data" in warning
@@ -161,7 +178,7 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
 
 def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, max_time=1e-6)
-    assert result.stop_reason == "max_time" and result.steps == 1
+    assert result.stop_reason == StopReason.MAX_TIME and result.steps == 1
     assert load_run(tmp_path / "run").config.model_type == "decoder_only"
 
 
@@ -274,7 +291,7 @@ def test_a_time_budget_drives_the_schedule_and_evaluates_more_than_once(tmp_path
     model_config, train_config = tiny_configs(data=corpus_file, max_steps=10**6, max_time=2.0,
                                               eval_interval=10**6, log_interval=1, warmup_steps=5)
     result = train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
-    assert result.stop_reason == "max_time" and result.steps < 10**6
+    assert result.stop_reason == StopReason.MAX_TIME and result.steps < 10**6
     assert len(result.history) >= 3  # evaluated at fractions of the budget, not only at the end
     rows = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "train"]
     peak, floor = train_config.learning_rate, train_config.min_lr
@@ -305,9 +322,8 @@ def test_a_training_that_slows_down_says_the_cpu_may_be_shared(tmp_path, corpus_
 
 def tiny_trainer(run_dir, **overrides) -> Trainer:
     """A Trainer over a copy of the tiny run's prepared data (no dropout, so a forward pass is repeatable)."""
-    raw = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
-    model_config = ModelConfig.from_dict(raw["model"]).replace(dropout=0.0)
-    config = TrainConfig.from_dict({**raw["train"], **overrides})
+    model_config = read_run_config(run_dir / "best_model_config.json")[0].replace(dropout=0.0)
+    config = read_train_config(run_dir).replace(**overrides)
     return Trainer(run_dir, model_config, config, prepare.read_split_record(run_dir), log=quiet, progress=False)
 
 

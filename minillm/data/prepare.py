@@ -40,7 +40,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def _encode_chunks(tokenizer: Any, samples: Iterable[str]) -> Iterator[list[list[int]]]:
+def _encode_chunks(tokenizer: Tokenizer, samples: Iterable[str]) -> Iterator[list[list[int]]]:
     """encode_batch over groups of samples of about ENCODE_CHUNK_CHARS characters."""
     group: list[str] = []
     size = 0
@@ -54,7 +54,7 @@ def _encode_chunks(tokenizer: Any, samples: Iterable[str]) -> Iterator[list[list
         yield tokenizer.encode_batch(group)
 
 
-def write_token_stream(path: str | Path, tokenizer: Any, samples: Iterable[str], dtype: np.dtype,
+def write_token_stream(path: str | Path, tokenizer: Tokenizer, samples: Iterable[str], dtype: np.dtype,
                        mark_samples: bool = True, progress: Any = None,
                        lengths: list[int] | None = None) -> int:
     """Tokenize samples in chunks and append them to a binary file; returns the count.
@@ -84,7 +84,7 @@ def write_token_stream(path: str | Path, tokenizer: Any, samples: Iterable[str],
     return count
 
 
-def write_pair_streams(folder: str | Path, split: str, tokenizer: Any, pairs: list[tuple[str, str]],
+def write_pair_streams(folder: str | Path, split: str, tokenizer: Tokenizer, pairs: list[tuple[str, str]],
                        dtype: np.dtype, progress: Any = None) -> int:
     """Token streams of the sources and targets of a split, plus their offsets; returns the target tokens."""
     files = RunFolder(folder)
@@ -154,7 +154,7 @@ class DataSpec:
                     contiguous=self.contiguous)
 
 
-def write_splits(folder: str | Path, fmt: str, splits: dict[str, list], tokenizer: Any, contiguous: bool,
+def write_splits(folder: str | Path, fmt: str, splits: dict[str, list], tokenizer: Tokenizer, contiguous: bool,
                  progress_factory: Any = None) -> DataSpec:
     """Tokenize each split ({"train": samples, ...}) into `folder`; returns what was written."""
     dtype = token_dtype(tokenizer.vocab_size)

@@ -26,7 +26,7 @@ CARD_PROMPT_TOKENS = 16  # at most, and at most half the context
 def model_card(run: Run, usage: str, library: str = "transformers") -> str:
     """README.md text for an export of `run`; `usage` is the format's own how-to (markdown), `library` the
     model hub's name for what loads it."""
-    folder = RunFolder(Path(run.info["model_path"]).parent)
+    folder = run.folder
     training = run.info.get("training", {})
     split = _optional(lambda: read_split_record(folder.path), {})
     test = _optional(lambda: read_json(folder.test_metrics, "test metrics"), {})

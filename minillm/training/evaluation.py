@@ -18,6 +18,7 @@ from minillm.data.batches import Batch, PairBatches, open_prepared, open_split
 from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
 from minillm.data.prepare import write_splits
 from minillm.models import is_encoder_decoder
+from minillm.tokenizers import Tokenizer
 from minillm.training.precision import autocast, autocast_dtype
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
@@ -58,7 +59,7 @@ def mean_loss(model: torch.nn.Module, batches: list[tuple[Batch, int]], device: 
     return (total.item() / tokens if tokens else float("nan")), tokens
 
 
-def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def text_sizes(tokenizer: Tokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(bytes, characters) that each token id stands for, as (vocab_size,) int64 tensors on `device`.
 
     Characters are counted as UTF-8 lead bytes, so that they add up over BPE tokens holding part of one.
@@ -70,7 +71,7 @@ def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torc
             torch.tensor(n_chars, dtype=torch.long, device=device))
 
 
-def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Any, device: torch.device) -> int:
+def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Tokenizer, device: torch.device) -> int:
     """The UTF-8 bytes of the text that the targets of (batch, tokens) pairs stand for."""
     n_bytes, _ = text_sizes(tokenizer, device)
     return sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in batches)
@@ -113,7 +114,7 @@ def _ratio_ci95(numerator: torch.Tensor, denominator: torch.Tensor, population: 
 
 
 def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.device, dtype: torch.dtype | None,
-          tokenizer: Any, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+          tokenizer: Tokenizer, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Loss, perplexity, bits per byte and per character over the targets of `batches` (LMBatches or
     PairBatches): all of them, or, when there are more than `max_tokens`, an estimate from a seeded random
     sample of rows (windows or pairs) of about that many tokens, with 95% confidence half-widths."""
