@@ -45,9 +45,8 @@ from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-FINAL_SAMPLE_TOKENS = 200  # the sample printed at the end of `minillm train`
-FINAL_SAMPLE_SEED = 0
-SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
+FINAL_SAMPLE_TOKENS = 200  # the showcase sample printed at the end of `minillm train`
+SAMPLE_PROMPT_TOKENS = 24  # ... its prompt's tokens at most (and at most half the context)
 
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
@@ -293,28 +292,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_final_sample(run_dir: Path, device: str | None) -> None:
-    """A short sample from the best model, prompted with the start of the test split."""
+    """The run's showcase sample from the best model (prompted with the start of the test split)."""
     from minillm.checkpoint import load_run
-    from minillm.data.prepare import sample_prompt
+    from minillm.generation import showcase
 
     run = load_run(run_dir, device)
-    prompt = sample_prompt(run_dir, run.tokenizer, min(SAMPLE_PROMPT_TOKENS, run.config.max_seq_len // 2))
-    print(f"\nsample from the best model (prompt {prompt!r}):\n")
-    sampling = SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=FINAL_SAMPLE_SEED)
-    if is_encoder_decoder(run.config):
-        stream(run, "", sampling, source=prompt)
-    else:
-        sys.stdout.write(prompt)
-        stream(run, prompt, sampling)
+    sample = showcase(run, FINAL_SAMPLE_TOKENS, SAMPLE_PROMPT_TOKENS)
+    print(f"\nsample from the best model (prompt {sample.prompt!r}):\n")
+    sys.stdout.write(sample.prefix)
+    write_stream(sample.tokens(run))
 
 
 def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None = None, compile: bool = False) -> None:
-    """Write the generated chunks to stdout as they come, then a newline; on stderr, a note when the model
-    ended the text itself (EOS) before --max-new-tokens."""
+    """Write the generated chunks to stdout as they come (see write_stream)."""
     from minillm.engine import Engine
     from minillm.generation import stream_tokens
 
-    tokens = stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile))
+    write_stream(stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile)))
+
+
+def write_stream(tokens: Any) -> None:
+    """Write a TokenStream's chunks to stdout as they come, then a newline; on stderr, a note when the model
+    ended the text itself (EOS) before --max-new-tokens."""
     try:
         for _, chunk in tokens:
             sys.stdout.write(chunk)

@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "warmdown")  # minillm.training.optimizer.SCHEDULE_SHAPES
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" and minillm.training.precision.AUTOCAST_DTYPES
 MLP_KINDS = ("swiglu", "relu2")  # minillm.models.layers.MLPS
 DATA_FORMATS = ("auto", "text", "tsv", "jsonl")  # "auto" and minillm.data.corpus.FILE_FORMAT_NAMES
+TASKS = ("auto", "text", "pairs")  # "auto" and minillm.data.tasks.TASKS
 # The default feed-forward width per MLP kind, as a multiple of d_model: both give about 8 * d_model^2
 # weights per layer (SwiGLU has three matrices of d_ff x d_model, relu2 two).
 MLP_WIDTHS = {"swiglu": Fraction(8, 3), "relu2": Fraction(4)}
@@ -31,6 +32,9 @@ MAX_THREADS = 1024
 MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
 MAX_STEPS = 10**12
 MAX_COLUMN = 10**6  # a TSV column number (from 1) beyond any real file's
+# The target id the loss skips (padding, a prompt's tokens, a window's already-scored tokens): PyTorch's and
+# Hugging Face's value, never a token id.
+IGNORE_INDEX = -100
 
 
 def _check(condition: bool, message: str) -> None:
@@ -221,6 +225,10 @@ class TrainConfig(_JSONConfig):
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
     data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
                                       "its content), text, tsv or jsonl", choices=DATA_FORMATS)
+    task: str = option("auto", "what the model learns: text (continue text; a pair is the text "
+                               "\"source\\ntarget\") or pairs (source in, target out: the loss on the target "
+                               "only; a decoder-only model reads \"source\\n\" and learns the target after it); "
+                               "auto: pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
     source_column: int | None = option(None, "TSV: the column (1 = first) that holds the sources (default: 1)", 1,
                                        MAX_COLUMN)
     target_column: int | None = option(None, "TSV: the column that holds the targets (default: 2; with more "

@@ -10,11 +10,14 @@ Token ids in, token ids out is `minillm.engine.Engine`; the sampling settings an
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
 from torch import nn
 
+from minillm.checkpoint import Run
+from minillm.data.prepare import sample_prompt
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
@@ -166,6 +169,35 @@ def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: 
     if len(text) > len(done) and text.startswith(done):
         yield None, text[len(done):]
     return reason
+
+
+SHOWCASE_SEED = 0  # a showcase sample is the same text every time for the same run
+
+
+@dataclass(frozen=True)
+class Showcase:
+    """A sample from a run's model in the style of its data, with the settings that make it: what `minillm
+    train` prints at its end and an export's model card shows (`showcase` makes it)."""
+
+    prompt: str  # from the run's test split (see data.prepare.sample_prompt)
+    prefix: str  # the text the model continues, which the sample starts with ("" for an encoder-decoder)
+    source: str | None  # the encoder-decoder's source (the prompt), or None
+    sampling: SamplingConfig
+
+    def tokens(self, run: Run, engine: Engine | None = None) -> TokenStream:
+        """The sample's tokens, streamed (see stream_tokens); the text after `prefix`."""
+        return stream_tokens(run.model, run.tokenizer, self.prefix, self.sampling, self.source, engine)
+
+
+def showcase(run: Run, max_new_tokens: int, prompt_tokens: int) -> Showcase:
+    """The showcase sample of `run`: its prompt is the start of the run's test split (a pair file: the first
+    test source), at most `prompt_tokens` tokens and half the context; greedy-free sampling with the default
+    settings and SHOWCASE_SEED. A run folder without its split data is a MiniLLMError."""
+    encoder_decoder = is_encoder_decoder(run.config)
+    prompt = sample_prompt(run.folder.path, run.tokenizer, min(prompt_tokens, run.config.max_seq_len // 2),
+                           encoder_decoder)
+    prefix, source = generation_inputs(encoder_decoder, prompt, None)
+    return Showcase(prompt, prefix, source, SamplingConfig(max_new_tokens=max_new_tokens, seed=SHOWCASE_SEED))
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,

@@ -48,6 +48,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TEST_METRICS_FILE = "test_metrics.json"
 
+INCOMPLETE_FIX = "train it again with --overwrite"  # what to do about a run folder whose files are damaged
 LOCK_FILE = ".minillm.lock"  # held (flock) by the process training into the folder
 STAGING_PREFIX = ".staging-"  # a new run's files are written here, then moved in
 

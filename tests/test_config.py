@@ -131,6 +131,7 @@ def test_the_ranges_are_in_the_help():
 def registries() -> list[tuple[type, str, set[str]]]:
     """(config class, field, the names its registry builds) for every field that names a kind."""
     from minillm.data.corpus import FILE_FORMAT_NAMES, SPLITTERS
+    from minillm.data.tasks import TASKS
     from minillm.models.layers import MLPS
     from minillm.tokenizers import TOKENIZER_KINDS
     from minillm.training.optimizer import OPTIMIZER_RECIPES, SCHEDULE_SHAPES
@@ -139,7 +140,7 @@ def registries() -> list[tuple[type, str, set[str]]]:
     return [(ModelConfig, "mlp", set(MLPS)), (TrainConfig, "tokenizer", set(TOKENIZER_KINDS)),
             (TrainConfig, "optimizer", set(OPTIMIZER_RECIPES)), (TrainConfig, "schedule", set(SCHEDULE_SHAPES)),
             (TrainConfig, "split_mode", set(SPLITTERS)), (TrainConfig, "dtype", {"auto", *AUTOCAST_DTYPES}),
-            (TrainConfig, "data_format", {"auto", *FILE_FORMAT_NAMES})]
+            (TrainConfig, "data_format", {"auto", *FILE_FORMAT_NAMES}), (TrainConfig, "task", {"auto", *TASKS})]
 
 
 def test_every_kind_a_config_may_name_is_one_its_registry_builds_and_the_other_way():

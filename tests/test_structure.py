@@ -14,7 +14,7 @@ from conftest import import_dev_dependency
 from torch import nn
 
 from minillm import models
-from minillm.config import ModelConfig, preset_configs
+from minillm.config import IGNORE_INDEX, ModelConfig, preset_configs
 from minillm.errors import MiniLLMError
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, model_kinds
 
@@ -128,7 +128,7 @@ class BigramModel(nn.Module):
         loss = None
         if targets is not None:
             loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                               ignore_index=self.config.pad_id)
+                                               ignore_index=IGNORE_INDEX)
         return logits, loss
 
 

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import clean_state_dict, save_best
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.batches import data_notes, open_split
-from minillm.data.corpus import PAIRS
+from minillm.data.batches import Batches, scored_tokens
+from minillm.data.split_record import SplitRecord
+from minillm.data.tasks import task_for
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, pick_device
@@ -103,7 +104,7 @@ class Trainer:
 
     _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
 
-    def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
+    def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: SplitRecord,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None):
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
         self.model_config, self.config = model_config, config
@@ -139,6 +140,7 @@ class Trainer:
         self.eval_model = self.model if self.ddp else self.forward_model  # the same windows on every rank
 
         self.split_record = split_record
+        self.task = task_for(split_record.task, is_encoder_decoder(model_config))  # how its data is batched
         self.tokenizer = load_tokenizer(self.files.tokenizer)  # for bits per byte
         self.tokenizer_fingerprint = self.tokenizer.fingerprint()  # saved with the model
         self.train_data = self.open_split("train")
@@ -149,10 +151,12 @@ class Trainer:
         self.eval_batches = []
         for _ in range(config.eval_batches):
             batch = val_data.batch_at(val_data.sample_starts(config.batch_size, eval_generator), self.device)
-            self.eval_batches.append((batch, int((batch["targets"] != model_config.pad_id).sum())))
+            self.eval_batches.append((batch, scored_tokens(batch)))
 
-        self.tokens_per_step = self._tokens_per_step()
-        self.max_steps = planned_steps(config, self._epoch_tokens(), self.tokens_per_step)
+        self.epoch_tokens = self.task.epoch_tokens(self.train_data, split_record)
+        self.tokens_per_step = self.task.step_tokens(self.global_batch, self.epoch_tokens,
+                                                     split_record.samples["train"], model_config.max_seq_len)
+        self.max_steps = planned_steps(config, self.epoch_tokens, self.tokens_per_step)
         self.state = TrainState()
         self.last_saved_step = 0
         self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
@@ -164,9 +168,9 @@ class Trainer:
         if note := leave_busy_cores():
             self.log(note)
 
-    def open_split(self, split: str):
-        return open_split(self.run_dir, split, self.model_config, is_encoder_decoder(self.model_config),
-                          self.config.source_fraction)
+    def open_split(self, split: str) -> Batches:
+        return self.task.open_batches(self.run_dir, split, self.split_record, self.model_config,
+                                      self.config.source_fraction)
 
     # -- planning ------------------------------------------------------------------------------------
 
@@ -175,22 +179,10 @@ class Trainer:
         """Sequences per optimizer step, over all accumulation steps and all processes."""
         return self.config.batch_size * self.config.grad_accum_steps * self.world_size
 
-    def _tokens_per_step(self) -> float:
-        rows = self.global_batch
-        if self.split_record["format"] == PAIRS:
-            return rows * self._epoch_tokens() / max(1, self.train_data.n_pairs)
-        return rows * self.train_data.seq_len
-
-    def _epoch_tokens(self) -> int:
-        """The tokens one pass over the training data trains on: for pairs, target + EOS within the context
-        (what a cut pair loses beyond it is never seen)."""
-        if self.split_record["format"] == PAIRS:
-            return self.train_data.fit().kept_target_tokens
-        return self.split_record["tokens"]["train"]
-
     def plan(self) -> RunPlan:
-        data = data_notes(self.split_record, self.train_data, self.open_split("test"), self.config.test_tokens)
-        return RunPlan(self.model_config, self.config, self.n_params, self._epoch_tokens(), self.tokens_per_step,
+        data = self.task.data_notes(self.split_record, self.train_data, self.open_split("test"),
+                                    self.config.test_tokens)
+        return RunPlan(self.model_config, self.config, self.n_params, self.epoch_tokens, self.tokens_per_step,
                        self.max_steps, str(self.device), self.world_size, tuple(data))
 
     def describe(self) -> None:
@@ -367,7 +359,7 @@ class Trainer:
                 summary = {"step": self.state.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
                            "train_loss": train_loss, "tokens_seen": self.state.tokens_seen,
                            "elapsed": self.state.elapsed, "parameters": self.n_params,
-                           "data": self.split_record.get("source")}
+                           "data": self.split_record.source}
                 save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, summary,
                           tokenizer_fingerprint=self.tokenizer_fingerprint)
         else:
@@ -405,7 +397,7 @@ class Trainer:
             self.log(
                 f"warning: overfitting: validation loss rose for {OVERFIT_EVALS} evaluations while training "
                 f"loss fell; the model ({self.n_params:,} parameters) is memorising its "
-                f"{self.split_record['tokens']['train']:,} training tokens. What usually helps: a smaller "
+                f"{self.split_record.tokens['train']:,} training tokens. What usually helps: a smaller "
                 "model (--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping "
                 f"keeps the best model (step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})."
             )
