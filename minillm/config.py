@@ -310,13 +310,13 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         "the default: about 5 minutes on a 2-core laptop CPU",
-        # Sized by measurement on 2 cores (~24k tokens/s): training here is compute-bound at ~130 GFLOP/s, so
-        # in 5 minutes a 0.8M-parameter model seeing ~7M tokens beats a 1.8M one seeing half as many, and
-        # small batches (many optimizer steps) beat large ones at equal tokens. Muon for the hidden matrices and
-        # a constant rate with a linear warm-down won at equal wall-clock on the held-out tail (bench/recipes.py:
-        # 1.5402 against AdamW + cosine's 1.5955 at 100 s, 1.4403 against 1.4691 at 300 s). QK-norm won on top of
-        # them (1.5922 against 1.6488 at 100 s on a busy machine) and exports as Qwen3; squared ReLU and logit
-        # soft-capping lost. The schedule follows the time budget when the steps do not fit in it.
+        # Sized for 2 cores, where training is compute-bound (bench/train_step.py prints the rate): in a few
+        # minutes a smaller model that sees more tokens beats a larger one that sees fewer, and small batches
+        # (many optimizer steps) beat large ones at equal tokens. Muon for the hidden matrices, a constant rate
+        # with a linear warm-down, and QK-norm on top of them each won at equal wall-clock on the held-out tail
+        # (bench/recipes.py prints the comparison; the README keeps its table), and QK-norm exports as Qwen3;
+        # squared ReLU and logit soft-capping lost. The schedule follows the time budget when the steps do not
+        # fit in it.
         model=dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, qk_norm=True),
         train=dict(batch_size=24, max_steps=4200, warmup_steps=100, eval_interval=300, eval_batches=20,
                    learning_rate=2e-3, min_lr=2e-4, max_time=300.0, optimizer="muon", schedule="warmdown"),
@@ -324,8 +324,8 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         "a larger model for one GPU (nanoGPT's Shakespeare configuration, Llama-style)",
         model=dict(d_model=384, n_layers=6, n_heads=6, max_seq_len=256, dropout=0.2),
-        # On Tiny Shakespeare 5,000 steps are about 81 epochs and the best model came at step 1,500 (measured
-        # on an H200): early stopping ends such a run about 1,000 steps after its best instead of 3,500.
+        # On Tiny Shakespeare 5,000 steps are about 81 epochs, and a model this size overfits long before the
+        # end: early stopping ends such a run 4 evaluations (1,000 steps) after its best model.
         train=dict(batch_size=64, max_steps=5000, warmup_steps=100, eval_interval=250, eval_batches=50,
                    learning_rate=1e-3, min_lr=1e-4, patience=4),
     ),

@@ -30,8 +30,8 @@ from minillm.training.runs import with_tokenizer
 
 SAMPLE_CHARS = 200_000  # the tokens per character are measured on at most this much of the training text
 TIMED_STEPS = 3  # timed after one untimed warm-up step; the fastest counts (the others met a busy CPU)
-# A timed step does at most this many FLOPs (about 0.1 s on a 2-core CPU): a bigger batch is timed on
-# fewer rows and scaled up, so that a large model's plan does not take a large model's step to show.
+# A timed step does at most this many FLOPs: a bigger batch is timed on fewer rows and scaled up, so that a
+# large model's plan does not take a large model's step to show.
 MAX_TIMED_FLOPS = 2e10
 EVAL_COST = 1 / 3  # an evaluation batch (forward only) costs about a third of a training step
 
