@@ -52,7 +52,7 @@ def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, 
     })
 
 
-def read_run_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_model_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The ModelConfig and the rest of best_model_config.json (tokenizer_type, training, ...)."""
     raw = read_json(config_path, "model config")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
@@ -100,7 +100,7 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
     config_path = Path(config_path) if config_path else model_path.parent / BEST_CONFIG_FILE
     tokenizer = load_tokenizer(tokenizer_path)
-    config, meta = read_run_config(config_path)
+    config, meta = read_model_config(config_path)
     check_compatible(config, tokenizer, f" ({model_path} and {tokenizer_path})")
     expected = meta.get("tokenizer_type")
     if expected is not None and expected != tokenizer.kind:

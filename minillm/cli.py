@@ -282,10 +282,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_final_sample(result.run_dir, train_config.device)
     except MiniLLMError as e:  # the run is saved and good: a sample that cannot be made is not a failure
         print(f"warning: no sample: {e}", file=sys.stderr)
-    from minillm.checkpoint import read_run_config
+    from minillm.checkpoint import read_model_config
     from minillm.run_folder import RunFolder
 
-    trained, _ = read_run_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
+    trained, _ = read_model_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
     flag = "--source" if is_encoder_decoder(trained) else "--prompt"
     print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
     return 0

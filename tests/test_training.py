@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import tiny_configs
 
-from minillm.checkpoint import load_run, load_torch, read_run_config, read_train_config
+from minillm.checkpoint import load_run, load_torch, read_model_config, read_train_config
 from minillm.config import TrainConfig
 from minillm.data.split_record import read_split_record
 from minillm.data.streams import read_stream
@@ -134,7 +134,7 @@ def test_a_run_written_before_the_model_config_was_kept_once_still_resumes(tmp_p
     from minillm.files import save_torch, write_json
 
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
-    model = read_run_config(run_dir / "best_model_config.json")[0].to_dict()
+    model = read_model_config(run_dir / "best_model_config.json")[0].to_dict()
     train_config = read_train_config(run_dir).to_dict()
     write_json(run_dir / "train_config.json", {"minillm_version": "0.1.0", "model": model, "train": train_config})
     last = load_torch(run_dir / "last.pt")
@@ -377,7 +377,7 @@ def test_a_training_that_slows_down_says_the_cpu_may_be_shared(tmp_path, corpus_
 
 def tiny_trainer(run_dir, **overrides) -> Trainer:
     """A Trainer over a copy of the tiny run's prepared data (no dropout, so a forward pass is repeatable)."""
-    model_config = read_run_config(run_dir / "best_model_config.json")[0].replace(dropout=0.0)
+    model_config = read_model_config(run_dir / "best_model_config.json")[0].replace(dropout=0.0)
     config = read_train_config(run_dir).replace(**overrides)
     return Trainer(run_dir, model_config, config, read_split_record(run_dir), log=quiet, progress=False)
 

@@ -26,7 +26,7 @@ from minillm.training.memory import check_memory
 from minillm.training.optimizer import make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
-from minillm.training.runs import with_tokenizer
+from minillm.training.start import with_tokenizer
 
 SAMPLE_CHARS = 200_000  # the tokens per character are measured on at most this much of the training text
 TIMED_STEPS = 3  # timed after one untimed warm-up step; the fastest counts (the others met a busy CPU)

@@ -1,4 +1,4 @@
-"""Starting a run and continuing one: `train` (a new run in a folder) and `resume` (from its last.pt).
+"""Starting a training: `train` (a new run in a folder) and `resume` (an interrupted run, from its last.pt).
 
 The folder is checked before anything is written, prepared in a staging folder and swapped in, and locked
 for the life of the training; the loop itself is trainer.Trainer.
@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import check_compatible, read_run_config, read_train_config, write_train_config
+from minillm.checkpoint import check_compatible, read_model_config, read_train_config, write_train_config
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
@@ -136,7 +136,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
                                "again with --overwrite to train on")
         overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
         saved_train = read_train_config(run_dir).to_dict()
-        saved_model = read_run_config(folder.best_config)[0].to_dict()
+        saved_model = read_model_config(folder.best_config)[0].to_dict()
         changed = [k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved_train.get(k) != v]
         changed += [k for k, v in model_overrides.items() if saved_model.get(k) != v]
         if changed:
