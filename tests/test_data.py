@@ -464,12 +464,12 @@ def prompt_answer_batches(tmp_path, tokenizer, pairs, max_seq_len):
     return PromptAnswerBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
                                read_stream(tmp_path / "train.tgt.bin", "uint16"),
                                np.load(tmp_path / "train.offsets.npy"), max_seq_len, tokenizer.pad_id,
-                               tokenizer.bos_id, tokenizer.eos_id, tokenizer.encode("\n"))
+                               tokenizer.eos_id, tokenizer.encode("\n"))
 
 
 def test_prompt_answer_batches_equal_a_row_by_row_construction(tmp_path, char_tokenizer):
-    """BOS, source, separator, target, EOS, shifted by one; the loss only on the target and EOS; cut to the
-    context (the source first, then the target); over random pairs (empty, cut, ordinary)."""
+    """Source, separator, target, EOS, shifted by one; the loss only on the target and EOS; cut to the context
+    (the source first, then the target); over random pairs (empty, cut, ordinary)."""
     rng = np.random.default_rng(1)
     letters = "abcdefgh"
     pairs = [("".join(rng.choice(list(letters), rng.integers(0, 14))),
@@ -482,9 +482,9 @@ def test_prompt_answer_batches_equal_a_row_by_row_construction(tmp_path, char_to
     width = batch["input_ids"].shape[1]
     for row, i in enumerate(rows):
         source, target = tok.encode(pairs[i][0]), tok.encode(pairs[i][1])
-        source = source[:context - 2]  # room for BOS, the separator and one answer token
-        sequence = ([tok.bos_id, *source, *tok.encode("\n"), *target, tok.eos_id])[:context + 1]
-        prompt = 2 + len(source)  # the answer's first position in `sequence`
+        source = source[:context - 1]  # room for the separator and one answer token
+        sequence = ([*source, *tok.encode("\n"), *target, tok.eos_id])[:context + 1]
+        prompt = 1 + len(source)  # the answer's first position in `sequence`
         inputs, targets = sequence[:-1], sequence[1:]
         scored = [t if p + 1 >= prompt else IGNORE_INDEX for p, t in enumerate(targets)]
         assert batch["input_ids"][row].tolist() == inputs + [tok.pad_id] * (width - len(inputs))
@@ -499,16 +499,16 @@ def test_prompt_answer_pairs_longer_than_the_context_are_cut_and_counted(tmp_pat
     pairs = [("abc", "cba"), ("abcdefgh" * 2, "hgf"), ("de", "hgfedcba" * 2)]  # 16 and 24 tokens
     batches = prompt_answer_batches(tmp_path, char_tokenizer, pairs, 10)
     fit = batches.fit()
-    # Pair 1: its source keeps 10 - 2 = 8 of 16 tokens and one answer token; pair 2: 1 + 2 + 1 = 4 prompt
-    # tokens leave 7 of its 17 target tokens (EOS counted).
-    assert (fit.sources_cut, fit.source_tokens_cut) == (1, 8)
-    assert (fit.targets_cut, fit.target_tokens_cut) == (2, 3 + 10)
-    assert fit.kept_target_tokens == 4 + 1 + 7
-    assert fit.fit_all == 24  # 1 + 2 + 1 + 16 + 1 - 1 = 20 inputs for pair 2, rounded up to a multiple of 8
+    # Pair 1: its source keeps 10 - 1 = 9 of 16 tokens and one of its 4 answer tokens; pair 2: 2 + 1 = 3
+    # prompt tokens leave 8 of its 17 target tokens (EOS counted).
+    assert (fit.sources_cut, fit.source_tokens_cut) == (1, 7)
+    assert (fit.targets_cut, fit.target_tokens_cut) == (2, 3 + 9)
+    assert fit.kept_target_tokens == 4 + 1 + 8
+    assert fit.fit_all == 24  # 16 + 1 + 3 + 1 - 1 = 20 inputs for pair 1, rounded up to a multiple of 8
     from minillm.data.batches import PromptAnswerBatches
 
-    with pytest.raises(MiniLLMError, match="context of 2 tokens cannot hold BOS"):
-        PromptAnswerBatches(batches.src, batches.tgt, batches.offsets, 2, 0, 1, 2, [5])
+    with pytest.raises(MiniLLMError, match="context of 2 tokens cannot hold the 3-token separator"):
+        PromptAnswerBatches(batches.src, batches.tgt, batches.offsets, 2, 0, 2, [5, 6, 7])
 
 
 def test_the_loss_of_a_prompt_answer_batch_is_on_the_answers_only(tmp_path, char_tokenizer):
@@ -553,10 +553,10 @@ def test_the_loss_of_a_prompt_answer_batch_is_on_the_answers_only(tmp_path, char
         _, loss = model(**batch_of(pairs))
     nats = []
     for source, target in pairs:  # by hand: each answer token's -log p given everything before it
-        sequence = [tok.bos_id, *tok.encode(source), *tok.encode("\n"), *tok.encode(target), tok.eos_id]
+        sequence = [*tok.encode(source), *tok.encode("\n"), *tok.encode(target), tok.eos_id]
         with torch.no_grad():
             logits, _ = model(torch.tensor([sequence[:-1]]))
         log_probs = F.log_softmax(logits[0].float(), dim=-1)
-        first = 2 + len(tok.encode(source))
+        first = 1 + len(tok.encode(source))
         nats += [-log_probs[p - 1, sequence[p]].item() for p in range(first, len(sequence))]
     assert loss.item() == pytest.approx(sum(nats) / len(nats), rel=1e-5)

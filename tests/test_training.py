@@ -275,8 +275,8 @@ def reversal_file(path, n: int = 300):
 
 
 def test_a_decoder_only_model_learns_pairs_with_the_loss_on_the_targets_by_default(tmp_path):
-    """A pair file and a decoder-only model: the pairs task (BOS, source, "\\n", target, EOS; the loss on the
-    target and EOS), said in the plan; scored on the targets; prompted with the source and the separator."""
+    """A pair file and a decoder-only model: the pairs task (source, "\\n", target, EOS; the loss on the target
+    and EOS), said in the plan; scored on the targets; prompted with the source and the separator."""
     from minillm.data.prepare import sample_prompt
     from minillm.data.tasks import PairsTask
 

@@ -1,6 +1,6 @@
 """Batches of a prepared split: random windows of a token stream (LMBatches), padded (source, target) pairs
 for the encoder-decoder (PairBatches), or pairs as one sequence for a decoder-only model (PromptAnswerBatches:
-BOS, source, separator, target, EOS, the loss on the target and EOS only). Which one a run uses is its
+source, separator, target, EOS, the loss on the target and EOS only). Which one a run uses is its
 task's to say (data.tasks).
 
 A batch is a dict of tensors passed to the model as keyword arguments: model(**batch) -> (logits, loss).
@@ -207,13 +207,13 @@ def encoder_decoder_kept(src_len: np.ndarray, tgt_len: np.ndarray, max_seq_len: 
 
 
 def prompt_answer_kept(src_len: np.ndarray, tgt_len: np.ndarray, max_seq_len: int, n_separator: int) -> Kept:
-    """What a decoder-only pair sequence (BOS, source, separator, target, EOS) keeps: the source cut to leave
-    room for BOS, the separator and one predicted token, then as much of the target + EOS as fits."""
-    src_kept = np.minimum(src_len, max_seq_len - 1 - n_separator)
-    prompt = 1 + src_kept + n_separator  # BOS, source, separator: the first target's position
+    """What a decoder-only pair sequence (source, separator, target, EOS) keeps: the source cut to leave room
+    for the separator and one predicted token, then as much of the target + EOS as fits."""
+    src_kept = np.minimum(src_len, max_seq_len - n_separator)
+    prompt = src_kept + n_separator  # source, separator: the first target's position
     # The token at position p of the sequence is predicted at input position p - 1 < max_seq_len.
     predicted_kept = np.minimum(tgt_len + 1, max_seq_len + 1 - prompt)
-    return src_kept, predicted_kept, 1 + src_len + n_separator + tgt_len
+    return src_kept, predicted_kept, src_len + n_separator + tgt_len
 
 
 class PairBatches:
@@ -312,21 +312,22 @@ class PairBatches:
 
 
 class PromptAnswerBatches(PairBatches):
-    """Pairs as one sequence each for a decoder-only model: BOS, source, separator, target, EOS, right-padded;
-    the targets of the BOS, source and separator positions are IGNORE_INDEX, so the loss is on the target and
-    its EOS only (the model reads the source and learns to answer it, not to write sources).
+    """Pairs as one sequence each for a decoder-only model: source, separator, target, EOS, right-padded; the
+    targets of the source and separator positions are IGNORE_INDEX, so the loss is on the target and its EOS
+    only (the model reads the source and learns to answer it, not to write sources). No BOS: the prompt a
+    user types, "source\\n", is the sequence's start as training saw it.
 
-    A pair longer than the context is cut: the source to what leaves room for BOS, the separator and one
+    A pair longer than the context is cut: the source to what leaves room for the separator and one
     predicted token, then the target (a cut target has no EOS). Every row predicts at least one token.
     """
 
     def __init__(self, src: np.ndarray, tgt: np.ndarray, offsets: np.ndarray, max_seq_len: int,
-                 pad_id: int, bos_id: int, eos_id: int, separator: list[int]):
-        super().__init__(src, tgt, offsets, max_seq_len, pad_id, bos_id, eos_id)
+                 pad_id: int, eos_id: int, separator: list[int]):
+        super().__init__(src, tgt, offsets, max_seq_len, pad_id, pad_id, eos_id)  # (no BOS)
         self.separator = np.asarray(separator, dtype=np.int64)
-        if max_seq_len < len(separator) + 2:
-            raise MiniLLMError(f"a context of {max_seq_len} tokens cannot hold BOS, the {len(separator)}-token "
-                               "separator and an answer token; raise --max-seq-len")
+        if not separator or max_seq_len < len(separator):
+            raise MiniLLMError(f"a context of {max_seq_len} tokens cannot hold the {len(separator)}-token separator "
+                               "and an answer token; raise --max-seq-len")
 
     def kept(self, src_len: np.ndarray, tgt_len: np.ndarray) -> Kept:
         return prompt_answer_kept(src_len, tgt_len, self.max_seq_len, len(self.separator))
@@ -337,17 +338,16 @@ class PromptAnswerBatches(PairBatches):
         idx = np.asarray(indices, dtype=np.int64)
         (s0, t0), (s1, t1) = self.offsets[:, idx], self.offsets[:, idx + 1]
         src_kept, predicted_kept, _ = self.kept(s1 - s0, t1 - t0)
-        n_sep = len(self.separator)
-        source_end = src_kept[:, None]  # (B, 1): the source is at positions 1..source_end
-        prompt = source_end + 1 + n_sep  # the first target position
+        source_end = src_kept[:, None]  # (B, 1): the source is at positions 0..source_end - 1
+        prompt = source_end + len(self.separator)  # the first target position
         answer_end = prompt + (t1 - t0)[:, None]  # EOS's position
         end = prompt + predicted_kept[:, None]  # one past the last position kept
         p = np.arange(int(end.max()))[None, :]  # (1, W) positions in the sequences
-        separator = self.separator[np.clip(p - 1 - source_end, 0, n_sep - 1)] if n_sep else np.zeros_like(p)
+        separator = self.separator[np.clip(p - source_end, 0, len(self.separator) - 1)]
         sequence = np.select(
-            [p == 0, p <= source_end, p < prompt, p < answer_end, p == answer_end],
-            [self.bos_id, _rows(self.src, s0 - 1, p.shape[1]), separator,
-             _rows(self.tgt, t0 - prompt[:, 0], p.shape[1]), self.eos_id], default=self.pad_id)
+            [p < source_end, p < prompt, p < answer_end, p == answer_end],
+            [_rows(self.src, s0, p.shape[1]), separator, _rows(self.tgt, t0 - prompt[:, 0], p.shape[1]),
+             self.eos_id], default=self.pad_id)
         sequence = np.where(p < end, sequence, self.pad_id)  # (B, W)
         inputs = np.where(p[:, :-1] < end - 1, sequence[:, :-1], self.pad_id)  # (the last kept token is no input)
         scored = (p[:, 1:] >= prompt) & (p[:, 1:] < end)  # the target and EOS positions

@@ -4,8 +4,8 @@ everything about the data that depends on it.
     text   continue text: random windows of the token stream (an encoder-decoder splits each window into a
            source and the continuation it predicts). A pair file read as text gives samples "source\\ntarget".
     pairs  source in, target out, the loss on the target (and its EOS) only: an encoder-decoder reads the
-           source and writes the target; a decoder-only model reads BOS, the source and a separator ("\\n")
-           and learns the target after it (data.batches.PromptAnswerBatches).
+           source and writes the target; a decoder-only model reads the source and a separator ("\\n") and
+           learns the target after it (data.batches.PromptAnswerBatches), so it answers the prompt "source\\n".
 
 TrainConfig.task chooses ("auto", the default: pairs for a TSV/JSONL pair file, text otherwise); the data
 read says which task it was read for, split.json records it, and code that differs by task asks the run's
@@ -204,7 +204,7 @@ class PairsTask(Task):
         if not record.separator:  # (prepared for an encoder-decoder: no separator was recorded)
             raise MiniLLMError(f"the pairs in {folder} were prepared without a separator, for an encoder-decoder; "
                                "a decoder-only model needs them prepared for it: train a new run")
-        return PromptAnswerBatches(src, tgt, offsets, c.max_seq_len, c.pad_id, c.bos_id, c.eos_id, record.separator)
+        return PromptAnswerBatches(src, tgt, offsets, c.max_seq_len, c.pad_id, c.eos_id, record.separator)
 
     def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
         # Target + EOS within the context: what a cut pair loses beyond it is never seen.
