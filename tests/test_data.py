@@ -338,6 +338,28 @@ def test_damaged_prepared_files_are_clear_errors(tmp_path, tiny_run):
         resume(run_dir, progress=False, log=lambda m: None)
 
 
+def test_the_split_record_round_trips_and_an_older_one_still_loads(tmp_path, tiny_run):
+    import shutil
+
+    from minillm.data.prepare import open_split
+    from minillm.data.split_record import read_split_record
+    from minillm.run_folder import RunFolder
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    record = read_split_record(run_dir)
+    record.save(tmp_path)
+    assert read_split_record(tmp_path) == record
+    # Before 0.2: the task was called "format", and there was no separator.
+    raw = json.loads(RunFolder(run_dir).split_record.read_text(encoding="utf-8"))
+    old = {("format" if k == "task" else k): v for k, v in raw.items() if k != "separator"}
+    RunFolder(run_dir).split_record.write_text(json.dumps(old), encoding="utf-8")
+    assert read_split_record(run_dir) == record
+    from minillm.checkpoint import load_run
+
+    config = load_run(run_dir).config
+    assert open_split(run_dir, "test", config, False, 0.5).sequential_tokens == record.tokens["test"] - 1
+
+
 def test_damaged_pair_offsets_are_a_clear_error(tmp_path):
     from minillm.data.streams import read_offsets
 

@@ -297,6 +297,9 @@ def test_a_decoder_only_model_learns_pairs_with_the_loss_on_the_targets_by_defau
     offsets = np.load(tmp_path / "run" / "test.offsets.npy")
     assert result.test_metrics["tokens"] == int(offsets[1, -1]) + offsets.shape[1] - 1
     assert evaluate_run(tmp_path / "run")["loss"] == pytest.approx(result.test_metrics["loss"], rel=1e-6)
+    on_file = evaluate_run(tmp_path / "run", data)  # another file, read for the run's task: its targets scored
+    targets = [line.split("\t")[1] for line in data.read_text(encoding="utf-8").splitlines()]
+    assert on_file["tokens"] == sum(len(target) + 1 for target in targets) and not on_file["sampled"]
     prompt = sample_prompt(tmp_path / "run", run.tokenizer, 16, encoder_decoder=False)
     sources = read_stream(tmp_path / "run" / "test.src.bin", record.dtype)
     assert prompt == run.tokenizer.decode(sources[offsets[0, 0]:offsets[0, 1]].tolist()) + "\n"

@@ -32,7 +32,7 @@ from minillm.data.batches import (
     encoder_decoder_kept,
     prompt_answer_kept,
 )
-from minillm.data.corpus import PAIR_SEPARATOR, PAIRS, TEXT
+from minillm.data.corpus import AUTO_TASK, PAIR_SEPARATOR, PAIRS, TEXT
 from minillm.data.split_record import SplitRecord
 from minillm.data.streams import read_offsets, read_stream, write_pair_streams, write_token_stream
 from minillm.errors import MiniLLMError
@@ -44,6 +44,8 @@ class Task(ABC):
     """What a run learns from its data; made for one model kind (`encoder_decoder`)."""
 
     name: ClassVar[str]
+    # How `minillm evaluate --data FILE` reads another file for a run of this task (a TrainConfig.task).
+    scores_files_as: ClassVar[str]
 
     def __init__(self, encoder_decoder: bool) -> None:
         self.encoder_decoder = encoder_decoder
@@ -124,6 +126,7 @@ class TextTask(Task):
     """Continue text (see the module docstring)."""
 
     name = TEXT
+    scores_files_as = TEXT
 
     def sample_texts(self, sample: str) -> tuple[str, ...]:
         return (sample,)
@@ -168,6 +171,7 @@ class PairsTask(Task):
     """Source in, target out, the loss on the target only (see the module docstring)."""
 
     name = PAIRS
+    scores_files_as = AUTO_TASK  # a pair file as pairs, plain text as text
 
     def sample_texts(self, sample: tuple[str, str]) -> tuple[str, ...]:
         return sample

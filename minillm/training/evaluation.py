@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from minillm.checkpoint import load_run, read_train_config
 from minillm.config import IGNORE_INDEX
 from minillm.data.batches import Batch, Batches
-from minillm.data.corpus import AUTO_TASK, FILE_FORMAT_NAMES, TEXT, load_samples
+from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
 from minillm.data.prepare import open_split, write_splits
 from minillm.data.split_record import SplitRecord, read_split_record
 from minillm.data.tasks import task_for
@@ -190,9 +190,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         return {**metrics, "data": f"{run_dir} test split"}
-    run_task = read_split_record(run_dir).task
-    loaded = load_samples(data, run_task if run_task == TEXT else AUTO_TASK, config.split_mode, config.separator,
-                          config.data_format, config.source_column, config.target_column)
+    run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
+    loaded = load_samples(data, run_task.scores_files_as, config.split_mode, config.separator, config.data_format,
+                          config.source_column, config.target_column)
     task = task_for(loaded.task, encoder_decoder)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
         token_type, tokens = write_splits(tmp, task, {"test": loaded.samples}, run.tokenizer, contiguous=False)
