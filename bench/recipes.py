@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from reference_gpt import ReferenceGPT
 
 from minillm.checkpoint import load_run
-from minillm.config import preset_configs
-from minillm.data.batches import open_split
+from minillm.config import IGNORE_INDEX, preset_configs
+from minillm.data.prepare import open_split
 from minillm.models import is_encoder_decoder
 from minillm.training import train
 from minillm.training.evaluation import mean_loss
@@ -59,7 +59,7 @@ def tail_loss(model: torch.nn.Module, batches, minillm: bool) -> float:
     with torch.no_grad():
         for batch, n in windows:
             logits, _ = model(batch["input_ids"])
-            total += F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=0,
+            total += F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX,
                                      reduction="sum").item()
             count += n
     return total / count

@@ -19,7 +19,7 @@ from reference_gpt import ReferenceGPT
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.models import build_model, count_parameters
-from minillm.training.optimizer import make_optimizer
+from minillm.training.optimizer import make_optimizers
 from minillm.training.precision import autocast
 
 VOCAB = 65
@@ -87,12 +87,13 @@ def main() -> None:
     ours = build_model(ModelConfig(vocab_size=VOCAB, d_model=d_model, n_layers=layers, n_heads=heads,
                                    max_seq_len=context)).to(device)
     reference = ReferenceGPT(VOCAB, d_model, layers, heads, context).to(device)
-    config = TrainConfig(learning_rate=1e-3)
+    config = TrainConfig(learning_rate=1e-3, optimizer="adamw")  # nanoGPT's optimizer: AdamW alone
+    (ours_optimizer,) = make_optimizers(ours, config, device)
     fused = {"fused": True} if device.type == "cuda" else {}  # nanoGPT's train.py fuses AdamW on CUDA
     models = {
         "reference (nanoGPT-style GPT)": (reference, torch.optim.AdamW(reference.parameters(), lr=1e-3, **fused),
                                           False),
-        "Mini LLM": (ours, make_optimizer(ours, config, device), True),
+        "Mini LLM": (ours, ours_optimizer, True),
     }
     steps, compile_s = {}, {}
     for name, (model, optimizer, is_ours) in models.items():

@@ -18,8 +18,8 @@ from minillm.files import load_torch, read_json, save_torch, write_json
 from minillm.models import build_model, pick_device
 from minillm.models.llama import fuse_split
 from minillm.run_folder import BEST_CONFIG_FILE, RunFolder
-from minillm.tokenizers import load_tokenizer
-from minillm.version import __version__
+from minillm.tokenizers import Tokenizer, load_tokenizer
+from minillm.version import stamp
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,7 +44,7 @@ def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, 
     state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
     save_torch(folder.best_model, state)
     write_json(folder.best_config, {
-        "minillm_version": __version__,
+        **stamp(),
         "model": config.to_dict(),
         "tokenizer_type": tokenizer_type,
         **({"tokenizer_fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {}),
@@ -52,7 +52,7 @@ def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, 
     })
 
 
-def read_run_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_model_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The ModelConfig and the rest of best_model_config.json (tokenizer_type, training, ...)."""
     raw = read_json(config_path, "model config")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
@@ -68,16 +68,18 @@ def read_run_config(config_path: str | Path) -> tuple[ModelConfig, dict[str, Any
 
 @dataclass
 class Run:
-    """A loaded run: the model (eval mode, on its device), its tokenizer, config and metadata."""
+    """A loaded run: the model (eval mode, on its device), its tokenizer, config and metadata, and the run
+    folder it was loaded from (the folder of its model file: where its split, metrics and test scores are)."""
 
     model: torch.nn.Module
-    tokenizer: Any
+    tokenizer: Tokenizer
     config: ModelConfig
     info: dict[str, Any]  # tokenizer_type, training summary, paths
     device: torch.device
+    folder: RunFolder
 
 
-def check_compatible(config: ModelConfig, tokenizer: Any, where: str = "") -> None:
+def check_compatible(config: ModelConfig, tokenizer: Tokenizer, where: str = "") -> None:
     """Refuse a model and a tokenizer that were not trained together."""
     problems = []
     if tokenizer.vocab_size != config.vocab_size:
@@ -98,7 +100,7 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
     model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
     config_path = Path(config_path) if config_path else model_path.parent / BEST_CONFIG_FILE
     tokenizer = load_tokenizer(tokenizer_path)
-    config, meta = read_run_config(config_path)
+    config, meta = read_model_config(config_path)
     check_compatible(config, tokenizer, f" ({model_path} and {tokenizer_path})")
     expected = meta.get("tokenizer_type")
     if expected is not None and expected != tokenizer.kind:
@@ -129,7 +131,8 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
     model.to(device).eval()
     info = {**meta, "tokenizer_type": tokenizer.kind, "model_path": str(model_path),
             "tokenizer_path": str(tokenizer_path), "config_path": str(config_path)}
-    return Run(model=model, tokenizer=tokenizer, config=config, info=info, device=device)
+    return Run(model=model, tokenizer=tokenizer, config=config, info=info, device=device,
+               folder=RunFolder(model_path.parent))
 
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> Run:
@@ -142,10 +145,10 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
     return load_model_files(folder.best_model, folder.tokenizer, folder.best_config, device)
 
 
-def write_train_config(run_dir: str | Path, model_config: ModelConfig, config: TrainConfig) -> None:
-    """Record the configs a run is trained with (train_config.json); resume and evaluate read them back."""
-    write_json(RunFolder(run_dir).train_config, {"minillm_version": __version__, "model": model_config.to_dict(),
-                                                 "train": config.to_dict()})
+def write_train_config(run_dir: str | Path, config: TrainConfig) -> None:
+    """Record the TrainConfig a run is trained with (train_config.json); resume and evaluate read it back. (The
+    model's config is best_model_config.json's; runs before 0.2 also kept a copy here, which is not read.)"""
+    write_json(RunFolder(run_dir).train_config, {**stamp(), "train": config.to_dict()})
 
 
 def read_train_config(run_dir: str | Path) -> TrainConfig:

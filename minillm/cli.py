@@ -27,17 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import (
-    DATA_FORMATS,
     DEFAULT_PRESET,
-    DTYPES,
-    HOLDOUTS,
-    OPTIMIZERS,
     PRESETS,
-    SCHEDULES,
-    SPLIT_MODES,
-    TOKENIZER_TYPES,
     ModelConfig,
     TrainConfig,
+    field_choices,
     field_help,
     preset_configs,
 )
@@ -51,16 +45,13 @@ from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-FINAL_SAMPLE_TOKENS = 200  # the sample printed at the end of `minillm train`
-FINAL_SAMPLE_SEED = 0
-SAMPLE_PROMPT_TOKENS = 24  # at most, and at most half the context
+FINAL_SAMPLE_TOKENS = 200  # the showcase sample printed at the end of `minillm train`
+SAMPLE_PROMPT_TOKENS = 24  # ... its prompt's tokens at most (and at most half the context)
 
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
 MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
-CHOICES = {"split_mode": SPLIT_MODES, "holdout": HOLDOUTS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-           "dtype": DTYPES, "data_format": DATA_FORMATS}
 NONE_WORDS = ("none", "off")
 PRESET_HELP_WIDTH = 100
 
@@ -113,14 +104,21 @@ def _converter(base: type, optional: bool) -> Callable[[str], Any]:
     return convert
 
 
-def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, skip: Sequence[str]) -> None:
-    """One --option per dataclass field: --d-model for d_model, typed from the annotation."""
+def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, skip: Sequence[str] = (),
+                        show_defaults: bool = False) -> None:
+    """One --option per dataclass field: --d-model for d_model, typed from the annotation, with the field's
+    help, range and choices (and its default, with `show_defaults`)."""
+    defaults = cls() if show_defaults else None
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         names = [f"--{f.name.replace('_', '-')}", *OPTION_ALIASES.get(f.name, [])]
+        help_text = field_help(cls, f.name)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+            help_text += f" (default: {'none' if default is None else default})"
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": argparse.SUPPRESS,
-                                  "help": field_help(cls, f.name).replace("%", "%%")}
+                                  "help": help_text.replace("%", "%%")}
         annotation = str(f.type)
         base_name = annotation.replace(" | None", "").strip()
         if base_name == "bool":
@@ -129,8 +127,8 @@ def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, 
             base = {"int": int, "float": float, "str": str}[base_name]
             kwargs["type"] = _converter(base, "None" in annotation)
             kwargs["metavar"] = base_name.upper()
-            if f.name in CHOICES:
-                kwargs["choices"] = CHOICES[f.name]
+            if field_choices(cls, f.name):
+                kwargs["choices"] = field_choices(cls, f.name)
                 kwargs.pop("metavar")
         group.add_argument(*names, **kwargs)
 
@@ -146,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", nargs="?", metavar="DATA",
                        help="UTF-8 text file, or TSV/JSONL pairs for the encoder-decoder "
                             "(default: the bundled Tiny Shakespeare)")
-    train.add_argument("--tokenizer", dest="train__tokenizer", choices=TOKENIZER_TYPES,
-                       default=argparse.SUPPRESS, help="byte-level BPE or characters (default: char)")
+    train.add_argument("--tokenizer", dest="train__tokenizer", choices=field_choices(TrainConfig, "tokenizer"),
+                       default=argparse.SUPPRESS,
+                       help=f"{field_help(TrainConfig, 'tokenizer')} (default: {TrainConfig().tokenizer})")
     train.add_argument("--model", "--model-type", dest="model__model_type", choices=model_kinds(),
                        default=argparse.SUPPRESS,
                        help="decoder-only (GPT-style) or encoder-decoder transformer (default: decoder_only)")
@@ -174,18 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
     generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
-    defaults = SamplingConfig()
-    generate.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS,
-                          help=f"default {defaults.max_new_tokens}")
-    generate.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
-                          help=f"0 = greedy (default {defaults.temperature:g})")
-    generate.add_argument("--top-k", type=int, default=argparse.SUPPRESS,
-                          help=f"keep the k likeliest tokens, 0 = off (default {defaults.top_k})")
-    generate.add_argument("--top-p", type=float, default=argparse.SUPPRESS,
-                          help="nucleus sampling mass, 1 = off (default off)")
-    generate.add_argument("--repetition-penalty", type=float, default=argparse.SUPPRESS,
-                          help="> 1 discourages repeats, 1 = off (default off)")
-    generate.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="same seed, same text")
+    _add_config_options(generate.add_argument_group("sampling options"), SamplingConfig, "sampling__",
+                        show_defaults=True)
     generate.add_argument("--compile", action="store_true",
                           help="compile the decode step first (seconds to a minute; faster per token "
                                "afterwards, the same tokens)")
@@ -261,7 +250,7 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from minillm.training import distributed, resume, train
+    from minillm.training import StopReason, distributed, resume, train
 
     model_overrides = _overrides(args, "model__")
     train_overrides = _overrides(args, "train__")
@@ -281,50 +270,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         distributed.teardown()
     if not distributed.is_main_process():  # under torchrun, rank 0 reports
-        return EXIT_INTERRUPTED if result.stop_reason == "stopped" else 0
+        return EXIT_INTERRUPTED if result.stop_reason == StopReason.STOPPED else 0
     test = result.test_metrics
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
           f"{test['bits_per_byte']:.3f} bits per byte)")
-    if result.stop_reason == "stopped":
+    if result.stop_reason == StopReason.STOPPED:
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     try:
         print_final_sample(result.run_dir, train_config.device)
     except MiniLLMError as e:  # the run is saved and good: a sample that cannot be made is not a failure
         print(f"warning: no sample: {e}", file=sys.stderr)
-    from minillm.checkpoint import read_run_config
+    from minillm.checkpoint import read_model_config
     from minillm.run_folder import RunFolder
 
-    trained, _ = read_run_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
+    trained, _ = read_model_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
     flag = "--source" if is_encoder_decoder(trained) else "--prompt"
     print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
     return 0
 
 
 def print_final_sample(run_dir: Path, device: str | None) -> None:
-    """A short sample from the best model, prompted with the start of the test split."""
+    """The run's showcase sample from the best model (prompted with the start of the test split)."""
     from minillm.checkpoint import load_run
-    from minillm.data.prepare import sample_prompt
+    from minillm.generation import showcase
 
     run = load_run(run_dir, device)
-    prompt = sample_prompt(run_dir, run.tokenizer, min(SAMPLE_PROMPT_TOKENS, run.config.max_seq_len // 2))
-    print(f"\nsample from the best model (prompt {prompt!r}):\n")
-    sampling = SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=FINAL_SAMPLE_SEED)
-    if is_encoder_decoder(run.config):
-        stream(run, "", sampling, source=prompt)
-    else:
-        sys.stdout.write(prompt)
-        stream(run, prompt, sampling)
+    sample = showcase(run, FINAL_SAMPLE_TOKENS, SAMPLE_PROMPT_TOKENS)
+    print(f"\nsample from the best model (prompt {sample.prompt!r}):\n")
+    sys.stdout.write(sample.prefix)
+    write_stream(sample.tokens(run))
 
 
 def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None = None, compile: bool = False) -> None:
-    """Write the generated chunks to stdout as they come, then a newline; on stderr, a note when the model
-    ended the text itself (EOS) before --max-new-tokens."""
+    """Write the generated chunks to stdout as they come (see write_stream)."""
     from minillm.engine import Engine
     from minillm.generation import stream_tokens
 
-    tokens = stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile))
+    write_stream(stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile)))
+
+
+def write_stream(tokens: Any) -> None:
+    """Write a TokenStream's chunks to stdout as they come, then a newline; on stderr, a note when the model
+    ended the text itself (EOS) before --max-new-tokens."""
     try:
         for _, chunk in tokens:
             sys.stdout.write(chunk)
@@ -337,15 +326,12 @@ def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None =
         print(f"({tokens.end_note()})", file=sys.stderr)
 
 
-GENERATION_OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingConfig))  # one --option each
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from minillm.checkpoint import load_run
     from minillm.generation import generation_inputs, unknown_characters_warning
 
     run = load_run(args.run_dir, args.device)
-    sampling = SamplingConfig(**{name: getattr(args, name) for name in GENERATION_OPTIONS if hasattr(args, name)})
+    sampling = SamplingConfig(**_overrides(args, "sampling__"))
     prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
     warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     if warning:

@@ -10,15 +10,19 @@ Token ids in, token ids out is `minillm.engine.Engine`; the sampling settings an
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from typing import Any
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
 
+from minillm.checkpoint import Run
+from minillm.data.prepare import sample_prompt
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
 from minillm.sampling import SamplingConfig
+from minillm.tokenizers import Tokenizer
 
 
 def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | None) -> tuple[str, str | None]:
@@ -40,7 +44,7 @@ def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | N
     return prompt, source
 
 
-def unknown_characters_warning(tokenizer: Any, text: str) -> str:
+def unknown_characters_warning(tokenizer: Tokenizer, text: str) -> str:
     """A warning when `text` has characters a character-level tokenizer never saw ("" when none)."""
     unknown = tokenizer.count_unknown(text)
     if not unknown:
@@ -49,7 +53,7 @@ def unknown_characters_warning(tokenizer: Any, text: str) -> str:
             "<|unk|> and the model has never seen them")
 
 
-def stream_text(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
                 source: str | None = None, engine: Engine | None = None) -> Iterator[str]:
     """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
 
@@ -70,17 +74,24 @@ def stream_text(model: nn.Module, tokenizer: Any, prompt: str, sampling: Samplin
         tokens.close()
 
 
-STOP_EOS, STOP_LENGTH = "end_of_text", "max_new_tokens"  # why a generation ended (None: closed early)
+class GenerationStop(str, Enum):
+    """Why a generation ended (TokenStream.stop_reason; None while it runs, or when it was closed early)."""
+
+    END_OF_TEXT = "end_of_text"  # the model chose EOS: it ended the text itself
+    MAX_NEW_TOKENS = "max_new_tokens"  # it made SamplingConfig.max_new_tokens tokens
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class TokenStream:
     """An iterator of (token_id, text), as stream_tokens describes; once it is used up, `stop_reason` says
-    why it ended (STOP_EOS or STOP_LENGTH) and `n_tokens` how many tokens it gave."""
+    why it ended (a GenerationStop) and `n_tokens` how many tokens it gave."""
 
-    def __init__(self, steps: Generator[tuple[int | None, str], None, str]):
+    def __init__(self, steps: Generator[tuple[int | None, str], None, GenerationStop]):
         self._steps = steps
         self.n_tokens = 0
-        self.stop_reason: str | None = None
+        self.stop_reason: GenerationStop | None = None
 
     def __iter__(self) -> TokenStream:
         return self
@@ -100,12 +111,12 @@ class TokenStream:
 
     def end_note(self) -> str:
         """"stopped at end of text after 3 tokens" when the model ended the text itself, else ""."""
-        if self.stop_reason != STOP_EOS:
+        if self.stop_reason != GenerationStop.END_OF_TEXT:
             return ""
         return f"stopped at end of text after {self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"
 
 
-def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
                   source: str | None = None, engine: Engine | None = None) -> TokenStream:
     """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.
 
@@ -118,8 +129,8 @@ def stream_tokens(model: nn.Module, tokenizer: Any, prompt: str, sampling: Sampl
                                     engine or Engine(model)))
 
 
-def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig, source: str | None,
-                 engine: Engine) -> Generator[tuple[int | None, str], None, str]:
+def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig, source: str | None,
+                 engine: Engine) -> Generator[tuple[int | None, str], None, GenerationStop]:
     """stream_tokens' items; returns why it ended."""
     if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
@@ -139,12 +150,12 @@ def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, sampling: Sampli
     decoder = tokenizer.decode_stream(skip_special_tokens=True)
     new_ids: list[int] = []
     emitted: list[str] = []
-    reason = STOP_LENGTH
+    reason = GenerationStop.MAX_NEW_TOKENS
     try:
         for token in tokens:
             token_id = int(token[0])
             if token_id == tokenizer.eos_id:
-                reason = STOP_EOS
+                reason = GenerationStop.END_OF_TEXT
                 break
             new_ids.append(token_id)
             chunk = decoder.step(token_id) or ""
@@ -160,7 +171,36 @@ def _token_steps(model: nn.Module, tokenizer: Any, prompt: str, sampling: Sampli
     return reason
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, sampling: SamplingConfig | None = None,
+SHOWCASE_SEED = 0  # a showcase sample is the same text every time for the same run
+
+
+@dataclass(frozen=True)
+class Showcase:
+    """A sample from a run's model in the style of its data, with the settings that make it: what `minillm
+    train` prints at its end and an export's model card shows (`showcase` makes it)."""
+
+    prompt: str  # from the run's test split (see data.prepare.sample_prompt)
+    prefix: str  # the text the model continues, which the sample starts with ("" for an encoder-decoder)
+    source: str | None  # the encoder-decoder's source (the prompt), or None
+    sampling: SamplingConfig
+
+    def tokens(self, run: Run, engine: Engine | None = None) -> TokenStream:
+        """The sample's tokens, streamed (see stream_tokens); the text after `prefix`."""
+        return stream_tokens(run.model, run.tokenizer, self.prefix, self.sampling, self.source, engine)
+
+
+def showcase(run: Run, max_new_tokens: int, prompt_tokens: int) -> Showcase:
+    """The showcase sample of `run`: its prompt is the start of the run's test split (a pair file: the first
+    test source), at most `prompt_tokens` tokens and half the context; greedy-free sampling with the default
+    settings and SHOWCASE_SEED. A run folder without its split data is a MiniLLMError."""
+    encoder_decoder = is_encoder_decoder(run.config)
+    prompt = sample_prompt(run.folder.path, run.tokenizer, min(prompt_tokens, run.config.max_seq_len // 2),
+                           encoder_decoder)
+    prefix, source = generation_inputs(encoder_decoder, prompt, None)
+    return Showcase(prompt, prefix, source, SamplingConfig(max_new_tokens=max_new_tokens, seed=SHOWCASE_SEED))
+
+
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
                   source: str | None = None, engine: Engine | None = None) -> str:
     """The whole continuation as one string (stream_text, joined)."""
     return "".join(stream_text(model, tokenizer, prompt, sampling, source, engine))

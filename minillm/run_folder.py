@@ -4,9 +4,10 @@
       tokenizer.json          the tokenizer (its own format; says which kind it is)
       special_tokens.json     which of its tokens are pad/bos/eos (and which were added to a foreign one)
       best_model.pt           state_dict of the best model by validation loss (uncompiled keys)
-      best_model_config.json  {"model": ModelConfig, "tokenizer_type": ..., "training": {step, val_loss, ...}}
-      last.pt                 model + optimizer + scheduler + RNG + data position, for --resume
-      train_config.json       the model and training configs the run was started with
+      best_model_config.json  {"model": ModelConfig, "tokenizer_type": ..., "training": {step, val_loss, ...}}:
+                              the model's config (the run's one copy of it)
+      last.pt                 weights + optimizers + TrainState (step, best, history) + RNG, for --resume
+      train_config.json       the TrainConfig the run is trained with
       split.json              how the data was split (and its token counts), so evaluation reuses it
       metrics.jsonl           one JSON row per log step and per evaluation
       loss_curve.png          train and validation loss by step
@@ -15,7 +16,7 @@
       {split}.src.bin, {split}.tgt.bin, {split}.offsets.npy   the same for a file of pairs
 
 Everybody asks a `RunFolder` where a file is (`RunFolder(path).best_model`); adding a file to a run is
-one edit here. Imports nothing of ours but errors, so any layer may use it.
+one edit here. Imports nothing of ours but errors and the version, so any layer may use it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minillm.errors import MiniLLMError
+from minillm.version import VERSION_KEY
 
 try:
     import fcntl  # POSIX file locks; without them (Windows) a run folder is not locked
@@ -46,9 +48,9 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TEST_METRICS_FILE = "test_metrics.json"
 
+INCOMPLETE_FIX = "train it again with --overwrite"  # what to do about a run folder whose files are damaged
 LOCK_FILE = ".minillm.lock"  # held (flock) by the process training into the folder
 STAGING_PREFIX = ".staging-"  # a new run's files are written here, then moved in
-RUN_MARK = "minillm_version"  # the key in train_config.json that says "a Mini LLM run wrote this folder"
 
 SPLITS = ("train", "val", "test")
 PAIR_SIDES = ("src", "tgt")  # the source and target token streams of a pair file
@@ -128,7 +130,7 @@ class RunFolder:
         """True when train_config.json says Mini LLM wrote the folder (files merely named like ours do not)."""
         for path in (self.train_config, self.best_config):
             try:
-                if RUN_MARK in json.loads(path.read_text(encoding="utf-8")):
+                if VERSION_KEY in json.loads(path.read_text(encoding="utf-8")):
                     return True
             except (OSError, ValueError, TypeError):
                 continue

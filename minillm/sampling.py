@@ -19,6 +19,7 @@ from numbers import Real
 
 import torch
 
+from minillm.config import option
 from minillm.errors import MiniLLMError
 
 # The ranges where sampling stays exact in float32: a temperature below MIN_TEMPERATURE (or a penalty beyond
@@ -35,48 +36,40 @@ _MIN_NOISE = 1e-30
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to choose each new token, and how many to make; checks itself when made.
+    """How to choose each new token, and how many to make; checks itself when made (each field's range is in
+    its metadata, as the training configs' are, and `minillm generate` has an option per field).
 
     top_k: None or 0 = off (the Hugging Face convention; stored as None); larger than the vocabulary keeps
     every token. top_p: None or 1 = off (stored as None). repetition_penalty 1 = off. seed: None draws from
     torch's global generator; a number makes the text reproducible.
     """
 
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    max_new_tokens: int = option(200, "tokens to generate at most (fewer when the model ends the text)", 1,
+                                 MAX_NEW_TOKENS)
+    temperature: float = option(0.8, "0 = greedy (always the likeliest token); higher = more varied",
+                                MIN_TEMPERATURE, MAX_TEMPERATURE)
+    top_k: int | None = option(50, "keep the k likeliest tokens (0 or none = off)", 0, MAX_TOP_K)
+    top_p: float | None = option(None, "nucleus sampling: keep the likeliest tokens whose probability reaches "
+                                       "this (1 or none = off)", 0, 1, low_open=True)
+    repetition_penalty: float = option(1.0, "> 1 discourages tokens already in the text (1 = off)",
+                                       MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+    seed: int | None = option(None, "same seed, same text (none: a new draw each time)", 0, MAX_SEED)
 
     def __post_init__(self) -> None:
-        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int)
-                or not 0 < self.max_new_tokens <= MAX_NEW_TOKENS):
-            raise MiniLLMError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
-                               f"got {self.max_new_tokens!r}")
-        t = self.temperature
-        if not _is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
-            raise MiniLLMError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
-                               f"{MAX_TEMPERATURE:g}, got {t!r}")
-        k = self.top_k
-        if k is not None and (not _is_number(k) or not math.isfinite(k) or k != int(k) or not 0 <= k <= MAX_TOP_K):
-            raise MiniLLMError(f"top_k must be a whole number >= 0 (0 or None = off), got {k!r}")
-        p = self.top_p
-        if p is not None and (not _is_number(p) or not 0 < p <= 1):
-            raise MiniLLMError(f"top_p must be in (0, 1] (1 or None = off), got {p!r}")
-        r = self.repetition_penalty
-        if not _is_number(r) or not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
-            raise MiniLLMError(f"repetition_penalty must be between {MIN_REPETITION_PENALTY:g} and "
-                               f"{MAX_REPETITION_PENALTY:g} (1 = off), got {r!r}")
-        s = self.seed
-        if s is not None and (not _is_number(s) or s != int(s) or not 0 <= s <= MAX_SEED):
-            raise MiniLLMError(f"seed must be a whole number from 0 to {MAX_SEED}, got {s!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and "None" in str(f.type):
+                continue
+            if f.name == "temperature" and _is_number(value) and value == 0:
+                continue  # greedy, below the range
+            _check_setting(f, value)
+            if str(f.type).startswith("int"):
+                object.__setattr__(self, f.name, int(value))  # (a whole float, as a slider sends it)
         # One spelling per meaning, so equal settings compare (and cache a compiled step) equal.
-        object.__setattr__(self, "temperature", float(t))
-        object.__setattr__(self, "top_k", int(k) if k else None)
-        object.__setattr__(self, "top_p", float(p) if p is not None and p < 1 else None)
-        object.__setattr__(self, "repetition_penalty", float(r))
-        object.__setattr__(self, "seed", None if s is None else int(s))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_k", self.top_k or None)
+        object.__setattr__(self, "top_p", float(self.top_p) if self.top_p is not None and self.top_p < 1 else None)
+        object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
 
     def replace(self, **changes: object) -> SamplingConfig:
         """A copy with some settings changed (and checked)."""
@@ -97,6 +90,24 @@ class SamplingConfig:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_setting(f: dataclasses.Field, value: object) -> None:
+    """Refuse a setting that is not a number in its field's range (a whole one where the field is an int)."""
+    meta, whole = f.metadata, str(f.type).startswith("int")
+    low, high, low_open, high_open = meta["low"], meta["high"], meta["low_open"], meta["high_open"]
+    inside = _is_number(value) and math.isfinite(value) and (low < value if low_open else low <= value) and (
+        value < high if high_open else value <= high)
+    if inside and (not whole or value == int(value)):
+        return
+    if whole:
+        allowed = f"a whole number from {low:,} to {high:,}"
+    elif low_open or high_open:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    else:
+        allowed = f"between {low:g} and {high:g}"
+    greedy = "0 (greedy) or " if f.name == "temperature" else ""
+    raise MiniLLMError(f"{f.name} must be {greedy}{allowed}, got {value!r}")
 
 
 def seen_tokens(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -85,6 +85,23 @@ def test_load_run_of_a_good_run(tiny_run):
     assert not run.model.training
     assert run.tokenizer.vocab_size == run.config.vocab_size
     assert run.info["training"]["step"] > 0
+    assert run.folder.path == tiny_run and run.folder.test_metrics.is_file()  # where the rest of the run is
+
+
+def test_a_run_loaded_from_its_files_knows_the_folder_of_its_model(tmp_path, tiny_run):
+    from minillm.checkpoint import load_model_files
+
+    shutil.copytree(tiny_run, tmp_path / "moved")
+    run = load_model_files(tmp_path / "moved" / "best_model.pt", tiny_run / "tokenizer.json")
+    assert run.folder.path == tmp_path / "moved"
+
+
+def test_the_model_config_is_stored_once_in_a_run(tiny_run):
+    """best_model_config.json holds the model's config; train_config.json the training's; last.pt neither."""
+    assert set(read_json(tiny_run / "train_config.json", "")) == {"minillm_version", "train"}
+    assert "model" in read_json(tiny_run / "best_model_config.json", "")
+    last = load_torch(tiny_run / "last.pt")
+    assert not {"model_config", "train_config"} & set(last)
 
 
 def test_corrupt_best_model_in_a_run_is_a_clear_error(tmp_path, tiny_run):

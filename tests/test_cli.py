@@ -19,14 +19,9 @@ from tokenizers import Tokenizer as HFTokenizer
 import minillm.generation
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
-from minillm.cli import (
-    FINAL_SAMPLE_SEED,
-    FINAL_SAMPLE_TOKENS,
-    SAMPLE_PROMPT_TOKENS,
-    main,
-)
+from minillm.cli import FINAL_SAMPLE_TOKENS, SAMPLE_PROMPT_TOKENS, main
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import STOP_EOS, stream_text
+from minillm.generation import SHOWCASE_SEED, GenerationStop, stream_text
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
@@ -114,10 +109,10 @@ def test_the_quick_start_trains_on_the_bundled_tiny_shakespeare(tmp_path, monkey
     assert run.info["tokenizer_type"] == "char" and run.info["training"]["step"] == 3
     assert f"run saved in {run_dir} (best model: step 3" in out
     # The sample: the start of the test split, then what the best model makes of it.
-    prompt = sample_prompt(run_dir, run.tokenizer, SAMPLE_PROMPT_TOKENS)
+    prompt = sample_prompt(run_dir, run.tokenizer, SAMPLE_PROMPT_TOKENS, encoder_decoder=False)
     assert prompt.strip()
     generated = "".join(stream_text(run.model, run.tokenizer, prompt,
-                                    SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=FINAL_SAMPLE_SEED)))
+                                    SamplingConfig(max_new_tokens=FINAL_SAMPLE_TOKENS, seed=SHOWCASE_SEED)))
     assert f"sample from the best model (prompt {prompt!r}):\n\n{prompt}{generated}\n" in out
     assert f"next: minillm generate {run_dir} --prompt" in out
 
@@ -152,6 +147,21 @@ def test_help_and_version(capsys):
     assert "clip the gradient norm" in out  # the help texts beside the config fields
     assert main(["generate", "--help"]) == 0
     assert "--source" in capsys.readouterr().out
+
+
+def test_generate_has_an_option_per_sampling_setting_from_its_field(capsys):
+    import dataclasses
+
+    from minillm.cli import build_parser
+
+    assert main(["generate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(SamplingConfig):
+        assert f"--{f.name.replace('_', '-')} " in out
+    assert "[0.01..100] (default: 1.0)" in out and "(0..1] (default: none)" in out  # ranges and defaults
+    args = build_parser().parse_args(["generate", "RUN", "--top-p", "0.9", "--top-k", "off", "--seed", "3"])
+    assert SamplingConfig(**{k.removeprefix("sampling__"): v for k, v in vars(args).items()
+                             if k.startswith("sampling__")}) == SamplingConfig(top_p=0.9, top_k=None, seed=3)
 
 
 def test_resume_continues_with_a_longer_budget(run_copy, corpus_file, capsys):
@@ -198,6 +208,21 @@ def test_format_option_reads_a_pair_file_as_text(tmp_path, capsys):
                  "--eval-interval", "2", "--format", "text", "--split-mode", "line"])
     assert code == 0
     assert "read as plain text (as --format says" in capsys.readouterr().out
+
+
+def test_the_task_option_chooses_what_a_decoder_only_model_learns_from_a_pair_file(tmp_path, corpus_file, capsys):
+    data = tmp_path / "p.tsv"
+    data.write_text("".join(f"w{i}\tm{i}\n" for i in range(40)), encoding="utf-8")
+    for task, expected in ((None, "pairs"), ("text", "text"), ("pairs", "pairs")):
+        out = tmp_path / f"run-{task}"
+        options = ["--task", task] if task else []
+        assert main(["train", str(data), *TINY, "--out", str(out), "--max-steps", "2", "--eval-interval", "2",
+                     *options]) == 0
+        assert json.loads((out / "split.json").read_text(encoding="utf-8"))["task"] == expected
+    capsys.readouterr()
+    code = main(["train", str(corpus_file), *TINY, "--out", str(tmp_path / "refused"), "--task", "pairs"])
+    assert_one_line_error(capsys, code, "--task pairs needs a file of (source, target) pairs", str(corpus_file))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_pair_file_whose_targets_are_all_empty_is_refused(tmp_path, capsys):
@@ -269,7 +294,7 @@ def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypat
     def three_tokens_then_eos(*args):
         for letter in "abc":
             yield 5, letter
-        return STOP_EOS
+        return GenerationStop.END_OF_TEXT
 
     monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
     assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0

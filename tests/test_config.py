@@ -76,8 +76,12 @@ def test_a_value_of_the_wrong_type_in_a_saved_config_is_a_clear_error():
         ModelConfig.from_dict({"dropout": "0.1"})
     with pytest.raises(MiniLLMError, match="learning_rate must be a number, got 'fast'"):
         TrainConfig.from_dict({"learning_rate": "fast"})
-    with pytest.raises(MiniLLMError, match="TrainConfig field has a value of the wrong type"):
+    with pytest.raises(MiniLLMError, match="val_fraction must be a number, got 'a tenth'"):
         TrainConfig.from_dict({"val_fraction": "a tenth"})
+    with pytest.raises(MiniLLMError, match="separator must be text, got 5"):
+        TrainConfig.from_dict({"separator": 5})
+    with pytest.raises(MiniLLMError, match="compile must be true or false, got 'yes'"):
+        TrainConfig.from_dict({"compile": "yes"})
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -104,6 +108,11 @@ def test_unknown_preset_names_the_choices():
     (TrainConfig, dict(bpe_vocab_size=2**31), "bpe_vocab_size must be between"),
     (TrainConfig, dict(max_steps=10**15), "max_steps must be between"),
     (TrainConfig, dict(max_time=float("nan")), "max_time must be between"),
+    (TrainConfig, dict(val_fraction=0.0), "val_fraction must be above 0 and below 0.5, got 0.0"),
+    (TrainConfig, dict(test_fraction=0.5), "test_fraction must be above 0 and below 0.5, got 0.5"),
+    (TrainConfig, dict(beta2=1.0), "beta2 must be at least 0 and below 1, got 1.0"),
+    (TrainConfig, dict(source_column=0), "source_column must be between 1 and"),
+    (TrainConfig, dict(schedule="linear"), r"schedule must be one of \('cosine', 'warmdown'\), got 'linear'"),
 ])
 def test_numbers_outside_their_documented_range_are_refused(cls, values, message):
     with pytest.raises(MiniLLMError, match=message):
@@ -115,6 +124,45 @@ def test_the_ranges_are_in_the_help():
 
     assert field_help(TrainConfig, "batch_size").endswith("[1..1,000,000]")
     assert field_help(ModelConfig, "dropout").endswith("[0..0.99]")
+    assert field_help(TrainConfig, "val_fraction").endswith("(0..0.5)")
+    assert field_help(TrainConfig, "beta1").endswith("[0..1)")
+
+
+def registries() -> list[tuple[type, str, set[str]]]:
+    """(config class, field, the names its registry builds) for every field that names a kind."""
+    from minillm.data.corpus import FILE_FORMAT_NAMES, SPLITTERS
+    from minillm.data.tasks import TASKS
+    from minillm.models.layers import MLPS
+    from minillm.tokenizers import TOKENIZER_KINDS
+    from minillm.training.optimizer import OPTIMIZER_RECIPES, SCHEDULE_SHAPES
+    from minillm.training.precision import AUTOCAST_DTYPES
+
+    return [(ModelConfig, "mlp", set(MLPS)), (TrainConfig, "tokenizer", set(TOKENIZER_KINDS)),
+            (TrainConfig, "optimizer", set(OPTIMIZER_RECIPES)), (TrainConfig, "schedule", set(SCHEDULE_SHAPES)),
+            (TrainConfig, "split_mode", set(SPLITTERS)), (TrainConfig, "dtype", {"auto", *AUTOCAST_DTYPES}),
+            (TrainConfig, "data_format", {"auto", *FILE_FORMAT_NAMES}), (TrainConfig, "task", {"auto", *TASKS})]
+
+
+def test_every_kind_a_config_may_name_is_one_its_registry_builds_and_the_other_way():
+    import dataclasses
+
+    from minillm.config import field_choices
+
+    checked = {(cls, name): (set(field_choices(cls, name)), built) for cls, name, built in registries()}
+    assert {key: names for key, names in checked.items() if names[0] != names[1]} == {}
+    # ... and every field with choices has its registry here.
+    with_choices = {(cls, f.name) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)
+                    if f.metadata.get("choices") and f.name != "holdout"}  # (two ways to split: no registry)
+    assert with_choices == set(checked)
+
+
+def test_every_optimizer_a_recipe_uses_is_built_and_counted():
+    from minillm.models import build_model
+    from minillm.training.optimizer import OPTIMIZER_BUILDERS, OPTIMIZER_RECIPES, STATE_FLOATS, owned_parameters
+
+    model = build_model(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1))
+    used = {name for recipe in OPTIMIZER_RECIPES for name in owned_parameters(model, TrainConfig(optimizer=recipe))}
+    assert used == set(OPTIMIZER_BUILDERS) == set(STATE_FLOATS)
 
 
 def test_the_gpu_preset_stops_early_and_the_plan_says_so():

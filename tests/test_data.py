@@ -10,10 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.config import TrainConfig
-from minillm.data import prepare
+from minillm.config import IGNORE_INDEX, TrainConfig
+from minillm.data import prepare, streams
 from minillm.data.batches import LMBatches, PairBatches
 from minillm.data.corpus import (
+    AUTO_TASK,
     JSONL_FILE,
     PAIRS,
     TEXT,
@@ -29,7 +30,9 @@ from minillm.data.corpus import (
     split_data,
     split_samples,
 )
-from minillm.data.prepare import read_stream, token_dtype, write_pair_streams, write_token_stream
+from minillm.data.split_record import SplitRecord
+from minillm.data.streams import read_stream, token_dtype, write_pair_streams, write_token_stream
+from minillm.data.tasks import task_for
 from minillm.errors import MiniLLMError
 from minillm.tokenizers import CharacterTokenizer, train_tokenizer
 
@@ -99,7 +102,7 @@ def test_small_splits_still_get_one_sample_each():
 def test_few_huge_samples_fall_back_to_contiguous_chunks():
     text = "".join(f"line {i}\n" for i in range(1000))  # one paragraph
     splits, record = split_data(TEXT, [text], "f.txt", 0.1, 0.1, seed=0)
-    assert record["contiguous"]
+    assert record.contiguous
     joined = {name: "".join(pieces) for name, pieces in splits.items()}
     assert joined["train"] + joined["val"] + joined["test"] == text
     assert joined["val"].startswith("line ") and joined["test"].startswith("line ")  # cut at line ends
@@ -170,12 +173,13 @@ def test_a_training_split_of_empty_targets_is_refused(tmp_path):
     held_out = {i for name in ("val", "test") for i in shuffled_split(10, 0.2, 0.2, config.seed)[name]}
     (tmp_path / "p.tsv").write_text("".join(f"s{i}\t{'t' if i in held_out else ''}\n" for i in range(10)))
     with pytest.raises(MiniLLMError, match="every target of the 6 training pairs .* is empty"):
-        prepare.read_data(config, keep_pairs=True, log=print)
+        prepare.read_data(config, encoder_decoder=True, log=print)
 
 
 def test_a_training_split_of_0_tokens_is_refused_before_the_run_is_written(tmp_path):
     pairs = {"train": [("a", ""), ("b", "")], "val": [("c", "d")], "test": [("e", "f")]}
-    data = prepare.SplitData(path=tmp_path / "p.tsv", format=PAIRS, splits=pairs, record={"contiguous": False})
+    data = prepare.SplitData(path=tmp_path / "p.tsv", task=task_for(PAIRS, True), splits=pairs,
+                             record=SplitRecord(PAIRS))
     with pytest.raises(MiniLLMError, match="training split of .*p.tsv has 0 tokens"):
         prepare.write_data(tmp_path / "run", data, "char", 300)
     assert not (tmp_path / "run" / "split.json").exists()
@@ -184,27 +188,33 @@ def test_a_training_split_of_0_tokens_is_refused_before_the_run_is_written(tmp_p
 def test_the_format_is_said_and_can_be_overridden(tmp_path):
     path = tmp_path / "pairs.txt"  # a pair file without the .tsv extension
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
-    loaded = load_samples(path, True, "paragraph", "")
-    assert (loaded.format, loaded.file_format) == (PAIRS, TSV_FILE)
+    loaded = load_samples(path, AUTO_TASK, "paragraph", "")
+    assert (loaded.task, loaded.file_format) == (PAIRS, TSV_FILE)
     said = describe_samples(path, loaded, "paragraph")
     assert said == ("data file: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
                     "columns; --format text|tsv|jsonl overrides): 3 pairs, 12 characters")
-    as_text = load_samples(path, True, "line", "", file_format=TEXT_FILE)
-    assert (as_text.format, as_text.samples, as_text.how) == (TEXT, ["ab\tba", "cd\tdc", "ef\tfe"], "as --format says")
+    as_text = load_samples(path, AUTO_TASK, "line", "", file_format=TEXT_FILE)
+    assert (as_text.task, as_text.samples, as_text.how) == (TEXT, ["ab\tba", "cd\tdc", "ef\tfe"], "as --format says")
     tsv = tmp_path / "prose.tsv"
     tsv.write_text("no tabs\n\nin here\n", encoding="utf-8")
-    assert load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE).samples == ["no tabs", "in here"]
+    assert load_samples(tsv, AUTO_TASK, "paragraph", "", file_format=TEXT_FILE).samples == ["no tabs", "in here"]
     with pytest.raises(MiniLLMError, match="for TSV pair files"):
-        load_samples(tsv, True, "paragraph", "", file_format=TEXT_FILE, target_column=2)
+        load_samples(tsv, AUTO_TASK, "paragraph", "", file_format=TEXT_FILE, target_column=2)
 
 
-def test_pairs_for_the_decoder_only_model_become_text_samples(tmp_path):
+def test_a_pair_file_is_pairs_by_default_and_text_samples_for_the_text_task(tmp_path):
     path = tmp_path / "p.tsv"
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
-    assert load_samples(path, True, "paragraph", "").format == PAIRS
-    loaded = load_samples(path, False, "paragraph", "")
-    assert loaded.format == TEXT and loaded.samples[0] == "ab\nba"
+    assert load_samples(path, AUTO_TASK, "paragraph", "").task == PAIRS
+    assert load_samples(path, PAIRS, "paragraph", "").task == PAIRS
+    loaded = load_samples(path, TEXT, "paragraph", "")
+    assert loaded.task == TEXT and loaded.samples[0] == "ab\nba"
     assert "3 pairs, as text samples" in describe_samples(path, loaded, "paragraph")
+    text = tmp_path / "prose.txt"
+    text.write_text("a paragraph\n\nanother one\n", encoding="utf-8")
+    assert load_samples(text, AUTO_TASK, "paragraph", "").task == TEXT
+    with pytest.raises(MiniLLMError, match="--task pairs needs a file of .*pairs, but .*prose.txt is read as plain"):
+        load_samples(text, PAIRS, "paragraph", "")
 
 
 # -- token streams -----------------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def test_token_stream_is_samples_between_bos_and_eos_and_streaming_changes_nothi
     for sample in samples:
         expected += [char_tokenizer.bos_id, *char_tokenizer.encode(sample), char_tokenizer.eos_id]
     count = write_token_stream(tmp_path / "a.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
-    monkeypatch.setattr(prepare, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
+    monkeypatch.setattr(streams, "ENCODE_CHUNK_CHARS", 7)  # many small encode_batch calls
     write_token_stream(tmp_path / "b.bin", char_tokenizer, iter(samples), np.dtype(np.uint16))
     a, b = read_stream(tmp_path / "a.bin", "uint16"), read_stream(tmp_path / "b.bin", "uint16")
     assert count == len(expected)
@@ -248,16 +258,18 @@ def test_lm_batches_are_shifted_windows_of_the_stream():
 
 
 def test_sequential_windows_score_every_token_once():
-    tokens = np.arange(1, 54, dtype=np.uint16)  # 53 tokens: 52 predictions; no pad id (0) inside
-    batches = LMBatches(tokens, max_seq_len=8, pad_id=0)
+    tokens = np.arange(0, 53, dtype=np.uint16)  # 53 tokens: 52 predictions (0 is the pad id: scored like any)
+    batches = LMBatches(tokens, max_seq_len=8)
     scored = []
     total = 0
     for batch, n in batches.sequential(3, CPU):
         targets = batch["targets"]
-        scored += targets[targets != 0].tolist()
+        scored += targets[targets != IGNORE_INDEX].tolist()
         total += n
-    assert sorted(scored) == list(range(2, 54))
+    assert sorted(scored) == list(range(1, 53))
     assert total == 52
+    for batch, _ in batches.sequential(3, CPU):  # the inputs are the stream's own tokens, the tail's too
+        assert (batch["input_ids"][:, 1:] - batch["input_ids"][:, :-1] == 1).all()
 
 
 def test_a_split_shorter_than_the_block_gets_shorter_windows():
@@ -290,7 +302,7 @@ def test_pair_batches_pad_and_shift(tmp_path, char_tokenizer):
     assert batch["src_mask"].tolist()[1] == [True, False, False]
     assert batch["tgt_ids"][1].tolist() == [tok.bos_id] + tok.encode("hgfe")
     assert batch["targets"][1].tolist() == tok.encode("hgfe") + [tok.eos_id]
-    assert batch["targets"][2].tolist() == [tok.eos_id] + [tok.pad_id] * 4  # empty target: just EOS
+    assert batch["targets"][2].tolist() == [tok.eos_id] + [IGNORE_INDEX] * 4  # empty target: just EOS
     assert batch["tgt_mask"][2].tolist() == [True, False, False, False, False]
 
 
@@ -298,7 +310,7 @@ def test_damaged_prepared_files_are_clear_errors(tmp_path, tiny_run):
     import shutil
 
     from minillm.checkpoint import load_run
-    from minillm.data.batches import open_split
+    from minillm.data.prepare import open_split
     from minillm.models import is_encoder_decoder
     from minillm.run_folder import RunFolder
     from minillm.training import resume
@@ -326,8 +338,30 @@ def test_damaged_prepared_files_are_clear_errors(tmp_path, tiny_run):
         resume(run_dir, progress=False, log=lambda m: None)
 
 
+def test_the_split_record_round_trips_and_an_older_one_still_loads(tmp_path, tiny_run):
+    import shutil
+
+    from minillm.data.prepare import open_split
+    from minillm.data.split_record import read_split_record
+    from minillm.run_folder import RunFolder
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    record = read_split_record(run_dir)
+    record.save(tmp_path)
+    assert read_split_record(tmp_path) == record
+    # Before 0.2: the task was called "format", and there was no separator.
+    raw = json.loads(RunFolder(run_dir).split_record.read_text(encoding="utf-8"))
+    old = {("format" if k == "task" else k): v for k, v in raw.items() if k != "separator"}
+    RunFolder(run_dir).split_record.write_text(json.dumps(old), encoding="utf-8")
+    assert read_split_record(run_dir) == record
+    from minillm.checkpoint import load_run
+
+    config = load_run(run_dir).config
+    assert open_split(run_dir, "test", config, False, 0.5).sequential_tokens == record.tokens["test"] - 1
+
+
 def test_damaged_pair_offsets_are_a_clear_error(tmp_path):
-    from minillm.data.prepare import read_offsets
+    from minillm.data.streams import read_offsets
 
     path = tmp_path / "train.offsets.npy"
     np.save(path, np.array([[0, 5, 3], [0, 1, 2]]))  # a source that ends before it starts
@@ -350,7 +384,7 @@ def test_the_tokenizer_learns_from_the_training_split_only(tmp_path, kind, pairs
     path.write_text("".join(f"{a}\t{b}\n" for a, b in samples) if pairs else
                     "".join(f"{a}\n{b}\n\n" for a, b in samples), encoding="utf-8")
     config = TrainConfig(data=str(path), split_mode="paragraph", val_fraction=0.1, test_fraction=0.1, seed=0)
-    data = prepare.read_data(config, pairs, log=lambda message: None)
+    data = prepare.read_data(config, True, log=lambda message: None)
     tokenizer, _ = prepare.write_data(tmp_path / "run", data, kind, 300)
 
     def texts(split: str) -> list[str]:
@@ -392,7 +426,7 @@ def test_pairs_longer_than_the_context_are_cut_and_counted(tmp_path, char_tokeni
 
 @pytest.mark.parametrize("encoder_decoder", [False, True])
 def test_sequential_rows_choose_windows_and_count_their_tokens(encoder_decoder):
-    batches = LMBatches(np.arange(1, 54, dtype=np.uint16), max_seq_len=8, encoder_decoder=encoder_decoder, pad_id=0)
+    batches = LMBatches(np.arange(1, 54, dtype=np.uint16), max_seq_len=8, encoder_decoder=encoder_decoder)
     every = list(batches.sequential(3, CPU))
     assert batches.sequential_tokens == sum(n for _, n in every)
     assert sum(len(batch["targets"]) for batch, _ in every) == batches.n_sequential
@@ -405,7 +439,7 @@ def test_sequential_rows_choose_windows_and_count_their_tokens(encoder_decoder):
 def test_a_tail_holdout_keeps_the_end_of_the_file_in_order():
     samples = [f"paragraph {i}" for i in range(100)]
     splits, record = split_data(TEXT, samples, "x.txt", 0.1, 0.1, seed=0, holdout="tail")
-    assert record["holdout"] == "tail" and record["contiguous"]
+    assert record.holdout == "tail" and record.contiguous
     train_text, val_text, test_text = ("".join(splits[name]) for name in ("train", "val", "test"))
     assert "paragraph 0" in train_text and "paragraph 99" in test_text
     assert train_text + val_text + test_text == "\n\n".join(samples)  # in order, nothing lost
@@ -436,7 +470,115 @@ def test_pair_batches_equal_a_row_by_row_construction(tmp_path, char_tokenizer):
         width, tgt_width = batch["src_ids"].shape[1], batch["targets"].shape[1]
         assert batch["src_ids"][row].tolist() == src + [tok.pad_id] * (width - len(src))
         assert batch["src_mask"][row].tolist() == [c < max(1, len(src)) for c in range(width)]
-        assert batch["targets"][row].tolist() == predicted + [tok.pad_id] * (tgt_width - len(predicted))
+        assert batch["targets"][row].tolist() == predicted + [IGNORE_INDEX] * (tgt_width - len(predicted))
         shifted = [tok.bos_id] + predicted[:-1]
         assert batch["tgt_ids"][row].tolist() == shifted + [tok.pad_id] * (tgt_width - len(shifted))
     assert batch["src_ids"].shape[1] == max(1, max(len(tok.encode(pairs[i][0])[:10]) for i in rows))
+
+
+# -- pairs for a decoder-only model ------------------------------------------------------------------------
+
+
+def prompt_answer_batches(tmp_path, tokenizer, pairs, max_seq_len):
+    from minillm.data.batches import PromptAnswerBatches
+
+    write_pair_streams(tmp_path, "train", tokenizer, pairs, np.dtype(np.uint16))
+    return PromptAnswerBatches(read_stream(tmp_path / "train.src.bin", "uint16"),
+                               read_stream(tmp_path / "train.tgt.bin", "uint16"),
+                               np.load(tmp_path / "train.offsets.npy"), max_seq_len, tokenizer.pad_id,
+                               tokenizer.eos_id, tokenizer.encode("\n"))
+
+
+def test_prompt_answer_batches_equal_a_row_by_row_construction(tmp_path, char_tokenizer):
+    """Source, separator, target, EOS, shifted by one; the loss only on the target and EOS; cut to the context
+    (the source first, then the target); over random pairs (empty, cut, ordinary)."""
+    rng = np.random.default_rng(1)
+    letters = "abcdefgh"
+    pairs = [("".join(rng.choice(list(letters), rng.integers(0, 14))),
+              "".join(rng.choice(list(letters), rng.integers(0, 14)))) for _ in range(40)]
+    tok, context = char_tokenizer, 12
+    batches = prompt_answer_batches(tmp_path, tok, pairs, context)
+    rows = rng.integers(0, 40, 16)
+    batch = batches.batch_of(rows, CPU)
+    assert set(batch) == {"input_ids", "targets"}
+    width = batch["input_ids"].shape[1]
+    for row, i in enumerate(rows):
+        source, target = tok.encode(pairs[i][0]), tok.encode(pairs[i][1])
+        source = source[:context - 1]  # room for the separator and one answer token
+        sequence = ([*source, *tok.encode("\n"), *target, tok.eos_id])[:context + 1]
+        prompt = 1 + len(source)  # the answer's first position in `sequence`
+        inputs, targets = sequence[:-1], sequence[1:]
+        scored = [t if p + 1 >= prompt else IGNORE_INDEX for p, t in enumerate(targets)]
+        assert batch["input_ids"][row].tolist() == inputs + [tok.pad_id] * (width - len(inputs))
+        assert batch["targets"][row].tolist() == scored + [IGNORE_INDEX] * (width - len(scored))
+        assert any(t != IGNORE_INDEX for t in scored)  # every row predicts at least one token
+    assert width <= context
+    n_scored = sum(n for _, n in batches.sequential(7, CPU))
+    assert n_scored == batches.sequential_tokens == batches.fit().kept_target_tokens
+
+
+def test_prompt_answer_pairs_longer_than_the_context_are_cut_and_counted(tmp_path, char_tokenizer):
+    pairs = [("abc", "cba"), ("abcdefgh" * 2, "hgf"), ("de", "hgfedcba" * 2)]  # 16 and 24 tokens
+    batches = prompt_answer_batches(tmp_path, char_tokenizer, pairs, 10)
+    fit = batches.fit()
+    # Pair 1: its source keeps 10 - 1 = 9 of 16 tokens and one of its 4 answer tokens; pair 2: 2 + 1 = 3
+    # prompt tokens leave 8 of its 17 target tokens (EOS counted).
+    assert (fit.sources_cut, fit.source_tokens_cut) == (1, 7)
+    assert (fit.targets_cut, fit.target_tokens_cut) == (2, 3 + 9)
+    assert fit.kept_target_tokens == 4 + 1 + 8
+    assert fit.fit_all == 24  # 16 + 1 + 3 + 1 - 1 = 20 inputs for pair 1, rounded up to a multiple of 8
+    from minillm.data.batches import PromptAnswerBatches
+
+    with pytest.raises(MiniLLMError, match="context of 2 tokens cannot hold the 3-token separator"):
+        PromptAnswerBatches(batches.src, batches.tgt, batches.offsets, 2, 0, 2, [5, 6, 7])
+
+
+def test_the_loss_of_a_prompt_answer_batch_is_on_the_answers_only(tmp_path, char_tokenizer):
+    """Changing a source token never changes the loss of a batch, changing a target token does (under a model
+    whose prediction at a position reads that position's token alone, so that only what the loss scores can
+    move it); and a real model's loss is the mean cross-entropy of the target and EOS tokens alone, by hand."""
+    import torch.nn.functional as F
+
+    from minillm.config import ModelConfig
+    from minillm.models import build_model
+    from minillm.models.layers import lm_loss
+
+    tok = char_tokenizer
+    pairs = [("abcd", "dcba"), ("efg", "gfe"), ("ha", "ah")]
+    torch.manual_seed(0)
+    bigram = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)  # next-token logits from the current token
+
+    def batch_of(these: list[tuple[str, str]]):
+        folder = tmp_path / f"pairs-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        return prompt_answer_batches(folder, tok, these, 16).batch_of([0, 1, 2], CPU)
+
+    def loss_of(these: list[tuple[str, str]]) -> torch.Tensor:
+        batch = batch_of(these)
+        with torch.no_grad():
+            return lm_loss(bigram(batch["input_ids"]), batch["targets"])
+
+    base = loss_of(pairs)
+    for i, (source, target) in enumerate(pairs):
+        for j in range(len(source)):
+            changed = list(pairs)
+            changed[i] = (source[:j] + ("h" if source[j] != "h" else "a") + source[j + 1:], target)
+            assert torch.equal(loss_of(changed), base), (i, j)
+        for j in range(len(target)):
+            changed = list(pairs)
+            changed[i] = (source, target[:j] + ("h" if target[j] != "h" else "a") + target[j + 1:])
+            assert not torch.equal(loss_of(changed), base), (i, j)
+
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=16)).eval()
+    with torch.no_grad():
+        _, loss = model(**batch_of(pairs))
+    nats = []
+    for source, target in pairs:  # by hand: each answer token's -log p given everything before it
+        sequence = [*tok.encode(source), *tok.encode("\n"), *tok.encode(target), tok.eos_id]
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([sequence[:-1]]))
+        log_probs = F.log_softmax(logits[0].float(), dim=-1)
+        first = 1 + len(tok.encode(source))
+        nats += [-log_probs[p - 1, sequence[p]].item() for p in range(first, len(sequence))]
+    assert loss.item() == pytest.approx(sum(nats) / len(nats), rel=1e-5)

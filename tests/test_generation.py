@@ -10,8 +10,7 @@ from minillm.config import ModelConfig
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.generation import (
-    STOP_EOS,
-    STOP_LENGTH,
+    GenerationStop,
     generate_text,
     generation_inputs,
     stream_text,
@@ -138,10 +137,10 @@ def test_the_stream_says_whether_the_model_ended_the_text(char_tokenizer):
     tokens = scripted_tokens(engine, char_tokenizer, "a")
     assert tokens.end_note() == "" and tokens.stop_reason is None  # not ended yet
     assert "".join(text for _, text in tokens) == "the"
-    assert (tokens.stop_reason, tokens.n_tokens) == (STOP_EOS, 3)
+    assert (tokens.stop_reason, tokens.n_tokens) == (GenerationStop.END_OF_TEXT, 3)
     assert tokens.end_note() == "stopped at end of text after 3 tokens"
     cut = scripted_tokens(engine, char_tokenizer, "a", SamplingConfig(max_new_tokens=2))
-    assert len(list(cut)) == 2 and cut.stop_reason == STOP_LENGTH and cut.end_note() == ""
+    assert len(list(cut)) == 2 and cut.stop_reason == GenerationStop.MAX_NEW_TOKENS and cut.end_note() == ""
 
 
 def test_closing_the_stream_stops_the_model(char_tokenizer):

@@ -14,7 +14,7 @@ from test_models import VOCAB, assert_matches_hugging_face, random_ids, tiny_con
 
 from minillm.checkpoint import load_run, load_torch
 from minillm.config import ModelConfig
-from minillm.data import prepare
+from minillm.data.split_record import read_split_record
 from minillm.errors import MiniLLMError
 from minillm.export import export_run
 from minillm.models import build_model, count_parameters
@@ -203,7 +203,7 @@ def test_a_run_keeps_its_options_through_save_and_load_and_muon_takes_their_matr
     assert run.config == ModelConfig.from_dict(saved)
     assert any(name.endswith("self_attn.q_norm.weight") for name, _ in run.model.named_parameters())
     train_config = tiny_configs(kind, "char", corpus_file, optimizer="muon")[1]
-    trainer = Trainer(run_dir, run.config, train_config, prepare.read_split_record(run_dir), log=quiet,
+    trainer = Trainer(run_dir, run.config, train_config, read_split_record(run_dir), log=quiet,
                       progress=False)
     muon_params = {id(p) for g in trainer.optimizers[1].param_groups for p in g["params"]}
     for name, param in trainer.model.named_parameters():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import import_dev_dependency
 
-from minillm.config import ModelConfig
+from minillm.config import IGNORE_INDEX, ModelConfig
 from minillm.errors import MiniLLMError
 from minillm.models import (
     DecoderOnlyTransformer,
@@ -122,27 +122,27 @@ def test_pick_device():
 
 # ---- forward --------------------------------------------------------------------------------------------
 
-def test_decoder_only_forward_shapes_and_loss_ignores_pad_targets():
+def test_decoder_only_forward_shapes_and_loss_skips_ignored_targets():
     model = tiny_model()
     ids = random_ids(2, 10)
     targets = random_ids(2, 10, seed=2)
-    targets[0, 6:] = PAD
+    targets[0, 6:] = IGNORE_INDEX
     logits, loss = model(ids, targets=targets)
     assert logits.shape == (2, 10, VOCAB)
-    keep = targets != PAD
+    keep = targets != IGNORE_INDEX
     expected = F.cross_entropy(logits[keep], targets[keep])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert model(ids)[1] is None
 
 
-def test_transformer_forward_shapes_and_loss_ignores_pad_targets():
+def test_transformer_forward_shapes_and_loss_skips_ignored_targets():
     model = tiny_model("transformer")
     src, tgt = random_ids(3, 7), random_ids(3, 5, seed=2)
     targets = random_ids(3, 5, seed=3)
-    targets[1, 2:] = PAD
+    targets[1, 2:] = IGNORE_INDEX
     logits, loss = model(src, tgt, targets=targets)
     assert logits.shape == (3, 5, VOCAB)
-    keep = targets != PAD
+    keep = targets != IGNORE_INDEX
     assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-6)
 
 

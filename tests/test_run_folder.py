@@ -152,10 +152,37 @@ def test_the_memory_estimate_grows_with_the_batch_and_the_context():
     from minillm.config import preset_configs
     from minillm.training.memory import estimate_training_memory
 
-    model, config = preset_configs("cpu")
+    model, config = preset_configs("cpu", train_overrides={"optimizer": "adamw"})
     base = estimate_training_memory(model, config)
+    # Per parameter: the weight, its gradient and AdamW's two moments, 4 bytes each.
     assert base.parameters > 0 and base.weights_and_optimizer == 16 * base.parameters
     double_batch = estimate_training_memory(model, config.replace(batch_size=2 * config.batch_size))
     assert double_batch.activations == 2 * base.activations
     assert double_batch.weights_and_optimizer == base.weights_and_optimizer
     assert estimate_training_memory(model.replace(max_seq_len=128), config).activations == 2 * base.activations
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_memory_floor_counts_the_state_the_run_s_optimizers_keep(optimizer):
+    """The estimate's weights and optimizer state equal what a real step of the run's optimizers allocates
+    (Muon keeps one momentum buffer where AdamW keeps two moments): a floor for either recipe."""
+    from minillm.config import preset_configs
+    from minillm.models import build_model
+    from minillm.training.memory import BYTES_PER_FLOAT, estimate_training_memory
+    from minillm.training.optimizer import make_optimizers
+
+    model_config, config = preset_configs("tiny", train_overrides={"optimizer": optimizer})
+    model = build_model(model_config)
+    optimizers = make_optimizers(model, config, torch.device("cpu"))
+    _, loss = model(torch.randint(3, model_config.vocab_size, (2, 8)), targets=torch.randint(3, 50, (2, 8)))
+    loss.backward()
+    for o in optimizers:
+        o.step()
+    state = sum(t.numel() for o in optimizers for p, kept in o.state.items() for t in kept.values()
+                if torch.is_tensor(t) and t.shape == p.shape)
+    gradients = sum(p.grad.numel() for p in model.parameters())
+    weights = sum(p.numel() for p in model.parameters())
+    estimate = estimate_training_memory(model_config, config)
+    assert estimate.weights_and_optimizer == (weights + gradients + state) * BYTES_PER_FLOAT
+    adamw = estimate_training_memory(model_config, config.replace(optimizer="adamw"))
+    assert (estimate.weights_and_optimizer < adamw.weights_and_optimizer) == (optimizer == "muon")

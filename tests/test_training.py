@@ -17,13 +17,14 @@ import pytest
 import torch
 from conftest import tiny_configs
 
-from minillm.checkpoint import load_run, load_torch
-from minillm.config import ModelConfig, TrainConfig
-from minillm.data import prepare
+from minillm.checkpoint import load_run, load_torch, read_model_config, read_train_config
+from minillm.config import TrainConfig
+from minillm.data.split_record import read_split_record
+from minillm.data.streams import read_stream
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.sampling import SamplingConfig
-from minillm.training import Trainer, evaluate_run, lr_at, resume, train
+from minillm.training import StopReason, Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.evaluation import is_overfitting
 from minillm.training.metrics import read_metrics
@@ -32,6 +33,7 @@ RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.
              "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",
              "train.bin", "val.bin", "test.bin"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CPU = torch.device("cpu")
 
 
 # Tiny models run on one CPU thread (see conftest.single_thread).
@@ -75,7 +77,7 @@ def test_tiny_run_learns_and_writes_the_run_folder(tmp_path, corpus_file, tiny_r
     assert test_metrics["bits_per_byte"] == pytest.approx(bits / test_metrics["bytes"])
     assert test_metrics["bits_per_char"] == pytest.approx(bits / test_metrics["chars"])
     if model_type == "decoder_only":  # every token of the test stream but the first (BOS) is scored
-        stream = prepare.read_stream(run_dir / "test.bin", prepare.read_split_record(run_dir)["dtype"])
+        stream = read_stream(run_dir / "test.bin", read_split_record(run_dir).dtype)
         text = run.tokenizer.decode(stream.tolist())
         assert (test_metrics["bytes"], test_metrics["chars"]) == (len(text.encode()), len(text))
     assert all(math.isfinite(row["val_bits_per_byte"]) for row in evals)
@@ -127,6 +129,23 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path, tiny_run
         resume(run_dir, progress=False, log=quiet)
 
 
+def test_a_run_written_before_the_model_config_was_kept_once_still_resumes(tmp_path, tiny_run):
+    """Runs before 0.2 kept a copy of the configs in train_config.json ("model") and in last.pt."""
+    from minillm.files import save_torch, write_json
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    model = read_model_config(run_dir / "best_model_config.json")[0].to_dict()
+    train_config = read_train_config(run_dir).to_dict()
+    write_json(run_dir / "train_config.json", {"minillm_version": "0.1.0", "model": model, "train": train_config})
+    last = load_torch(run_dir / "last.pt")
+    save_torch(run_dir / "last.pt", {**last, "model_config": model, "train_config": train_config})
+    with pytest.raises(MiniLLMError, match="d_model"):
+        resume(run_dir, model_overrides={"d_model": 64}, progress=False, log=quiet)
+    result = resume(run_dir, {"max_steps": last["step"] + 4}, progress=False, log=quiet)
+    assert result.steps == last["step"] + 4
+    assert load_torch(run_dir / "last.pt")["history"][:len(last["history"])] == last["history"]
+
+
 def test_existing_run_is_refused_unless_overwrite(tmp_path, corpus_file, tiny_run):
     run_dir = shutil.copytree(tiny_run, tmp_path / "run")
     before = (run_dir / "best_model.pt").read_bytes()
@@ -152,7 +171,7 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
     messages = []
     model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, patience=3)
     result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
-    assert result.stop_reason == "early_stopping"
+    assert result.stop_reason == StopReason.EARLY_STOPPING
     assert (result.steps, result.best_step, result.best_val_loss) == (20, 5, 2.0)
     warning = next(m for m in messages if m.startswith("warning: overfitting"))
     assert "parameters" in warning and "dropout" in warning and "more data" in warning
@@ -161,13 +180,13 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
 
 def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, max_time=1e-6)
-    assert result.stop_reason == "max_time" and result.steps == 1
+    assert result.stop_reason == StopReason.MAX_TIME and result.steps == 1
     assert load_run(tmp_path / "run").config.model_type == "decoder_only"
 
 
 def test_epochs_set_the_number_of_steps(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, epochs=0.5, eval_interval=1000)
-    train_tokens = prepare.read_split_record(tmp_path / "run")["tokens"]["train"]
+    train_tokens = read_split_record(tmp_path / "run").tokens["train"]
     model_config, train_config = tiny_configs(data=corpus_file)
     tokens_per_step = train_config.batch_size * model_config.max_seq_len
     assert result.steps == math.ceil(0.5 * train_tokens / tokens_per_step)
@@ -212,7 +231,7 @@ def test_pairs_longer_than_the_context_are_said_and_counted_honestly(tmp_path, o
     assert any(m.startswith("note: the final test scores a random sample of about 200") for m in messages)
     test = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert test["sampled"] and test["pairs"] == 40 and 0 < test["pairs_cut"] < 40
-    assert test["tokens_in_split"] < prepare.read_split_record(tmp_path / "run")["tokens"]["test"] + 40
+    assert test["tokens_in_split"] < read_split_record(tmp_path / "run").tokens["test"] + 40
     said = next(m for m in messages if m.startswith("test: "))
     assert "random sample" in said and "target tokens beyond it are not scored" in said
 
@@ -231,10 +250,10 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
     train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
 
     run = load_run(tmp_path / "run")
-    record = prepare.read_split_record(tmp_path / "run")
+    record = read_split_record(tmp_path / "run")
     offsets = np.load(tmp_path / "run" / "test.offsets.npy")
-    sources = prepare.read_stream(tmp_path / "run" / "test.src.bin", record["dtype"])
-    targets = prepare.read_stream(tmp_path / "run" / "test.tgt.bin", record["dtype"])
+    sources = read_stream(tmp_path / "run" / "test.src.bin", record.dtype)
+    targets = read_stream(tmp_path / "run" / "test.tgt.bin", record.dtype)
     correct = 0
     n_test = offsets.shape[1] - 1
     for i in range(n_test):  # held-out pairs, greedy decoding
@@ -246,6 +265,62 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
         correct += out == targets[offsets[1, i]:offsets[1, i + 1]].tolist()
     assert n_test == 120
     assert correct / n_test >= 0.9
+
+
+def reversal_file(path, n: int = 300):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6))) for _ in range(n)]
+    path.write_text("".join(f"{w}\t{w[::-1]}\n" for w in words), encoding="utf-8")
+    return path
+
+
+def test_a_decoder_only_model_learns_pairs_with_the_loss_on_the_targets_by_default(tmp_path):
+    """A pair file and a decoder-only model: the pairs task (source, "\\n", target, EOS; the loss on the target
+    and EOS), said in the plan; scored on the targets; prompted with the source and the separator."""
+    from minillm.data.prepare import sample_prompt
+    from minillm.data.tasks import PairsTask
+
+    data = reversal_file(tmp_path / "reverse.tsv")
+    messages = []
+    model_config, train_config = tiny_configs("decoder_only", "char", data, max_steps=40, eval_interval=20)
+    assert train_config.task == "auto"
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    run = load_run(tmp_path / "run")
+    record = read_split_record(tmp_path / "run")
+    assert record.task == "pairs" and record.separator == run.tokenizer.encode("\n")
+    assert any("the loss is on the targets only; a decoder-only model reads each source" in m for m in messages)
+    assert result.best_val_loss < result.history[0]["val_loss"]  # it learns
+    trainer = tiny_trainer(tmp_path / "run")
+    assert isinstance(trainer.task, PairsTask) and not trainer.task.encoder_decoder
+    assert set(trainer.train_data.sample(2, torch.Generator().manual_seed(0), CPU)) == {"input_ids", "targets"}
+    # Scored: every test target and its EOS, no source token.
+    offsets = np.load(tmp_path / "run" / "test.offsets.npy")
+    assert result.test_metrics["tokens"] == int(offsets[1, -1]) + offsets.shape[1] - 1
+    assert evaluate_run(tmp_path / "run")["loss"] == pytest.approx(result.test_metrics["loss"], rel=1e-6)
+    on_file = evaluate_run(tmp_path / "run", data)  # another file, read for the run's task: its targets scored
+    targets = [line.split("\t")[1] for line in data.read_text(encoding="utf-8").splitlines()]
+    assert on_file["tokens"] == sum(len(target) + 1 for target in targets) and not on_file["sampled"]
+    prompt = sample_prompt(tmp_path / "run", run.tokenizer, 16, encoder_decoder=False)
+    sources = read_stream(tmp_path / "run" / "test.src.bin", record.dtype)
+    assert prompt == run.tokenizer.decode(sources[offsets[0, 0]:offsets[0, 1]].tolist()) + "\n"
+
+
+def test_the_text_task_keeps_a_pair_file_as_text_samples_and_pairs_need_a_pair_file(tmp_path, corpus_file):
+    data = reversal_file(tmp_path / "reverse.tsv", 60)
+    messages = []
+    model_config, train_config = tiny_configs("decoder_only", "char", data, max_steps=2, eval_interval=2,
+                                              task="text")
+    train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    assert read_split_record(tmp_path / "run").task == "text"
+    assert any('pairs, as text samples "source\\ntarget" (--task text)' in m for m in messages)
+    # Each sample is BOS source \n target EOS, every token a target: the stream holds them all.
+    tokens = read_split_record(tmp_path / "run").tokens
+    lines = [line.replace("\t", "\n") for line in data.read_text(encoding="utf-8").splitlines()]
+    assert sum(tokens.values()) == sum(len(line) + 2 for line in lines)
+    _, pairs_on_text = tiny_configs("decoder_only", "char", corpus_file, task="pairs")
+    with pytest.raises(MiniLLMError, match="--task pairs needs a file of"):
+        train(model_config, pairs_on_text, tmp_path / "refused", progress=False, log=quiet)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
@@ -274,7 +349,7 @@ def test_a_time_budget_drives_the_schedule_and_evaluates_more_than_once(tmp_path
     model_config, train_config = tiny_configs(data=corpus_file, max_steps=10**6, max_time=2.0,
                                               eval_interval=10**6, log_interval=1, warmup_steps=5)
     result = train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
-    assert result.stop_reason == "max_time" and result.steps < 10**6
+    assert result.stop_reason == StopReason.MAX_TIME and result.steps < 10**6
     assert len(result.history) >= 3  # evaluated at fractions of the budget, not only at the end
     rows = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "train"]
     peak, floor = train_config.learning_rate, train_config.min_lr
@@ -305,10 +380,29 @@ def test_a_training_that_slows_down_says_the_cpu_may_be_shared(tmp_path, corpus_
 
 def tiny_trainer(run_dir, **overrides) -> Trainer:
     """A Trainer over a copy of the tiny run's prepared data (no dropout, so a forward pass is repeatable)."""
-    raw = json.loads((run_dir / "train_config.json").read_text(encoding="utf-8"))
-    model_config = ModelConfig.from_dict(raw["model"]).replace(dropout=0.0)
-    config = TrainConfig.from_dict({**raw["train"], **overrides})
-    return Trainer(run_dir, model_config, config, prepare.read_split_record(run_dir), log=quiet, progress=False)
+    model_config = read_model_config(run_dir / "best_model_config.json")[0].replace(dropout=0.0)
+    config = read_train_config(run_dir).replace(**overrides)
+    return Trainer(run_dir, model_config, config, read_split_record(run_dir), log=quiet, progress=False)
+
+
+def ownership(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> list[tuple]:
+    """Each optimizer's class and, per parameter group, the names of the parameters it steps and its decay."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [(type(optimizer), [(sorted(names[id(p)] for p in group["params"]), group["weight_decay"])
+                               for group in optimizer.param_groups]) for optimizer in optimizers]
+
+
+@pytest.mark.parametrize("optimizer, classes", [("adamw", [torch.optim.AdamW]),
+                                                ("muon", [torch.optim.AdamW, torch.optim.Muon])])
+def test_the_preview_times_the_optimizers_the_trainer_steps(tiny_run, tmp_path, optimizer, classes):
+    from minillm.training.preview import timing_setup
+
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"), optimizer=optimizer)
+    model, optimizers, _ = timing_setup(trainer.model_config, trainer.config, trainer.device, 8, 2)
+    assert [type(o) for o in optimizers] == classes
+    assert ownership(model, optimizers) == ownership(trainer.model, trainer.optimizers)
+    owned = [name for _, groups in ownership(model, optimizers) for group, _ in groups for name in group]
+    assert sorted(owned) == sorted(name for name, _ in model.named_parameters())  # each parameter once
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -396,7 +490,7 @@ def test_muon_trains_the_hidden_matrices_and_resumes_exactly(tmp_path, corpus_fi
     assert straight.best_val_loss < straight.history[0]["val_loss"] + 1e-9
     trainer = Trainer(tmp_path / "straight", load_run(tmp_path / "straight").config,
                       tiny_configs(data=corpus_file, **settings)[1],
-                      prepare.read_split_record(tmp_path / "straight"), log=quiet, progress=False)
+                      read_split_record(tmp_path / "straight"), log=quiet, progress=False)
     muon = trainer.optimizers[1]
     assert type(muon).__name__ == "Muon" and all(p.dim() == 2 for g in muon.param_groups for p in g["params"])
     embedding = trainer.model.embed_tokens.weight

@@ -15,7 +15,7 @@ import minillm.generation
 from minillm import run_cache
 from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
-from minillm.generation import STOP_EOS, stream_text
+from minillm.generation import GenerationStop, stream_text
 from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
@@ -383,7 +383,7 @@ def test_the_stats_say_when_the_model_ended_the_text(ui_run, monkeypatch):
     def three_tokens_then_eos(*args):
         for letter in "abc":
             yield 5, letter
-        return STOP_EOS
+        return GenerationStop.END_OF_TEXT
 
     monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
     session = app.Session()

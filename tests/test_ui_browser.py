@@ -74,11 +74,11 @@ def endless_run(run_dir):
     """A run whose model never ends its text by itself, to stop it: an untrained model, scaled up for
     peaked logits, with an all-zero end-of-text embedding (EOS's logit is always 0, so with top-k=5 it is
     never among the 5 largest)."""
-    from minillm.checkpoint import read_run_config, save_best
+    from minillm.checkpoint import read_model_config, save_best
     from minillm.models import build_model
     from minillm.tokenizers import load_tokenizer
 
-    config, meta = read_run_config(run_dir / BEST_CONFIG_FILE)
+    config, meta = read_model_config(run_dir / BEST_CONFIG_FILE)
     # Wider and deeper than the tiny run, so 1000 tokens take about a second: time enough to press Stop
     # before the generation ends by itself, even on a fast, quiet machine.
     config = config.replace(d_model=256, n_layers=4, n_heads=4, d_ff=None)
@@ -310,10 +310,10 @@ def resident_mb(process: subprocess.Popen) -> float:
 def big_runs(run_dir):
     """Six runs of a model of about 50 MB: one trained-size model saved once, its weights hard-linked into
     six run folders (six different files as far as the server can tell)."""
-    from minillm.checkpoint import read_run_config, save_best
+    from minillm.checkpoint import read_model_config, save_best
     from minillm.models import build_model
 
-    config, meta = read_run_config(run_dir / BEST_CONFIG_FILE)
+    config, meta = read_model_config(run_dir / BEST_CONFIG_FILE)
     config = config.replace(d_model=512, n_layers=4, n_heads=8, d_ff=None)
     model = build_model(config)
     first = run_dir.parent / "big0"

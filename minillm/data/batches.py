@@ -1,6 +1,10 @@
-"""Batches of a prepared split: random windows of a token stream, or padded (source, target) pairs.
+"""Batches of a prepared split: random windows of a token stream (LMBatches), padded (source, target) pairs
+for the encoder-decoder (PairBatches), or pairs as one sequence for a decoder-only model (PromptAnswerBatches:
+source, separator, target, EOS, the loss on the target and EOS only). Which one a run uses is its
+task's to say (data.tasks).
 
 A batch is a dict of tensors passed to the model as keyword arguments: model(**batch) -> (logits, loss).
+Targets the loss skips (padding, a prompt, tokens already scored) are IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -8,25 +12,60 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from minillm.data.corpus import PAIRS
-from minillm.data.prepare import INCOMPLETE_FIX, read_offsets, read_split_record, read_stream
+from minillm.config import IGNORE_INDEX
 from minillm.errors import MiniLLMError
-from minillm.run_folder import RunFolder
 
 Batch = dict[str, torch.Tensor]
+
+
+class Batches(Protocol):
+    """What the trainer and the scorer ask of a split's batches."""
+
+    def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch_size,) random rows (window starts, or pair indices)."""
+        ...
+
+    def batch_at(self, starts: torch.Tensor, device: torch.device) -> Batch:
+        """The batch of the rows `starts`, as model inputs on `device`."""
+        ...
+
+    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch: ...
+
+    @property
+    def n_sequential(self) -> int:
+        """How many rows `sequential` gives."""
+        ...
+
+    @property
+    def sequential_tokens(self) -> int:
+        """How many targets `sequential` scores in all."""
+        ...
+
+    def sequential(self, batch_size: int, device: torch.device,
+                   rows: list[int] | None = None) -> Iterator[tuple[Batch, int]]:
+        """Every scored token once (or only the rows `rows`): (batch, targets it scores)."""
+        ...
+
+    def cuts(self) -> dict[str, int]:
+        """What the context cuts from the rows (for pairs: pairs cut, target tokens left out); {} for none."""
+        ...
+
+
+def scored_tokens(batch: Batch) -> int:
+    """The targets of a batch that the loss counts."""
+    return int((batch["targets"] != IGNORE_INDEX).sum())
 
 
 class LMBatches:
     """Random contiguous windows of a token stream (for the encoder-decoder: split into source, target)."""
 
     def __init__(self, tokens: np.ndarray, max_seq_len: int, encoder_decoder: bool = False,
-                 source_fraction: float = 0.5, bos_id: int = 1, pad_id: int = 0):
+                 source_fraction: float = 0.5, bos_id: int = 1):
         if len(tokens) < 2:
             raise MiniLLMError(f"a data split has only {len(tokens)} token(s); add more data")
         self.tokens = tokens
@@ -34,7 +73,7 @@ class LMBatches:
         # an error).
         self.seq_len = min(max_seq_len, len(tokens) - 1)
         self.encoder_decoder = encoder_decoder
-        self.bos_id, self.pad_id = bos_id, pad_id
+        self.bos_id = bos_id
         # The encoder-decoder sees the first n_source tokens of a window and predicts the rest.
         self.n_source = max(1, min(self.seq_len - 1, round((self.seq_len + 1) * source_fraction)))
         if encoder_decoder and self.seq_len < 2:
@@ -74,7 +113,7 @@ class LMBatches:
         last = self.n_windows - 1  # the window that ends with the last token
         if not self.encoder_decoder and starts[-1] != last:
             # The tail no full step reaches: one more window flush with the end, whose first `overlap`
-            # targets were already scored and are set to pad (ignored by the loss).
+            # targets were already scored and are set to IGNORE_INDEX.
             return [*starts, last], starts[-1] + self.seq_len - last
         return starts, 0
 
@@ -101,8 +140,13 @@ class LMBatches:
             chunk = rows[i:i + batch_size]
             batch = self.batch_at(torch.tensor([starts[r] for r in chunk], dtype=torch.long), device)
             if overlap and chunk[-1] == last_row:
-                batch["targets"][-1, :overlap] = self.pad_id
-            yield batch, int((batch["targets"] != self.pad_id).sum())
+                # (a copy: the decoder-only targets are a view of the same windows as the inputs)
+                batch["targets"] = batch["targets"].clone()
+                batch["targets"][-1, :overlap] = IGNORE_INDEX
+            yield batch, scored_tokens(batch)
+
+    def cuts(self) -> dict[str, int]:
+        return {}
 
 
 CONTEXT_SUGGESTION_MULTIPLE = 8  # a suggested context length is rounded up to this
@@ -147,35 +191,37 @@ class PairFit:
                 f"{max_seq_len} tokens and are cut: {'; '.join(cuts)}; {fix}")
 
 
-def data_notes(split_record: dict[str, Any], train: LMBatches | PairBatches, test: LMBatches | PairBatches,
-               test_tokens: int | None) -> list[str]:
-    """What a training says about its data before it starts: the tokens of each split (for pairs, those that
-    fit the context, and what is cut), and whether the final test will score a sample (over test_tokens)."""
-    samples, tokens = split_record["samples"], split_record["tokens"]
-    if isinstance(train, PairBatches):
-        notes = [f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
-                 f"{train.fit().kept_target_tokens:,} within the context with their EOS "
-                 f"({samples['val']:,} validation, {samples['test']:,} test pairs)",
-                 train.fit().warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
-    else:
-        notes = [f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)"]
-    if test_tokens is not None and test.sequential_tokens > test_tokens:
-        notes.append(f"note: the final test scores a random sample of about {test_tokens:,} of the "
-                     f"{test.sequential_tokens:,} test tokens, with its 95% confidence (--test-tokens none: all)")
-    return [note for note in notes if note]
-
-
 def _round_up(n: float, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
+
+
+# Per pair (arrays of the pairs' source and target lengths): (source tokens kept, target tokens + EOS kept,
+# the context that would hold the pair whole).
+Kept = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def encoder_decoder_kept(src_len: np.ndarray, tgt_len: np.ndarray, max_seq_len: int) -> Kept:
+    """What an encoder-decoder batch keeps of pairs: the source and target + EOS, each cut to the context."""
+    predicted = tgt_len + 1  # the target and its EOS
+    return np.minimum(src_len, max_seq_len), np.minimum(predicted, max_seq_len), np.maximum(src_len, predicted)
+
+
+def prompt_answer_kept(src_len: np.ndarray, tgt_len: np.ndarray, max_seq_len: int, n_separator: int) -> Kept:
+    """What a decoder-only pair sequence (source, separator, target, EOS) keeps: the source cut to leave room
+    for the separator and one predicted token, then as much of the target + EOS as fits."""
+    src_kept = np.minimum(src_len, max_seq_len - n_separator)
+    prompt = src_kept + n_separator  # source, separator: the first target's position
+    # The token at position p of the sequence is predicted at input position p - 1 < max_seq_len.
+    predicted_kept = np.minimum(tgt_len + 1, max_seq_len + 1 - prompt)
+    return src_kept, predicted_kept, src_len + n_separator + tgt_len
 
 
 class PairBatches:
     """Padded batches of (source, target) pairs for the encoder-decoder.
 
-    Decoder input = BOS + target, targets = target + EOS; padded positions have target pad_id (ignored
-    by the loss) and mask False. A pair longer than the context is cut: the source to max_seq_len tokens,
-    target + EOS to max_seq_len (a cut target has no EOS: its text does not end there); `fit()` says how
-    much is cut.
+    Decoder input = BOS + target, targets = target + EOS; padded positions have target IGNORE_INDEX and
+    mask False. A pair longer than the context is cut: the source to max_seq_len tokens, target + EOS to
+    max_seq_len (a cut target has no EOS: its text does not end there); `fit()` says how much is cut.
     """
 
     def __init__(self, src: np.ndarray, tgt: np.ndarray, offsets: np.ndarray, max_seq_len: int,
@@ -188,23 +234,28 @@ class PairBatches:
     def n_pairs(self) -> int:
         return self.offsets.shape[1] - 1
 
+    def kept(self, src_len: np.ndarray, tgt_len: np.ndarray) -> Kept:
+        return encoder_decoder_kept(src_len, tgt_len, self.max_seq_len)
+
     def fit(self) -> PairFit:
         """What the context cuts from these pairs, and what context length would fit them."""
         src_len, tgt_len = np.diff(self.offsets.astype(np.int64), axis=1)  # (N,) each
-        predicted = tgt_len + 1  # the target and its EOS
-        length = self.max_seq_len
-        needed = np.maximum(src_len, predicted)
+        src_kept, predicted_kept, needed = self.kept(src_len, tgt_len)
         return PairFit(
             n_pairs=self.n_pairs,
-            sources_cut=int((src_len > length).sum()),
-            targets_cut=int((predicted > length).sum()),
-            source_tokens_cut=int(np.clip(src_len - length, 0, None).sum()),
-            target_tokens_cut=int(np.clip(predicted - length, 0, None).sum()),
-            kept_target_tokens=int(np.minimum(predicted, length).sum()),
+            sources_cut=int((src_kept < src_len).sum()),
+            targets_cut=int((predicted_kept < tgt_len + 1).sum()),
+            source_tokens_cut=int((src_len - src_kept).sum()),
+            target_tokens_cut=int((tgt_len + 1 - predicted_kept).sum()),
+            kept_target_tokens=int(predicted_kept.sum()),
             fit_most=_round_up(np.quantile(needed, CONTEXT_SUGGESTION_SHARE) if len(needed) else 1,
                                CONTEXT_SUGGESTION_MULTIPLE),
             fit_all=_round_up(needed.max() if len(needed) else 1, CONTEXT_SUGGESTION_MULTIPLE),
         )
+
+    def cuts(self) -> dict[str, int]:
+        fit = self.fit()
+        return {"pairs": fit.n_pairs, "pairs_cut": fit.pairs_cut, "target_tokens_cut": fit.target_tokens_cut}
 
     def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
         """The pairs `indices`, padded: source cut to the context; target + EOS cut to the context, as
@@ -220,7 +271,7 @@ class PairBatches:
         columns = np.arange(int(predicted_len.max()))
         in_target = columns < predicted_len[:, None]
         predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, _rows(self.tgt, t0, len(columns)))
-        targets = np.where(in_target, predicted, self.pad_id)
+        targets = np.where(in_target, predicted, IGNORE_INDEX)
         tgt_ids = np.full_like(targets, self.pad_id)
         tgt_ids[:, 0] = self.bos_id
         tgt_ids[:, 1:] = np.where(in_target[:, 1:], predicted[:, :-1], self.pad_id)
@@ -229,7 +280,7 @@ class PairBatches:
                  # an empty source still shows one (pad) position
                  "src_mask": torch.from_numpy(np.arange(src_ids.shape[1]) < np.maximum(1, src_len)[:, None]),
                  "targets": torch.from_numpy(targets.astype(np.int64))}
-        batch["tgt_mask"] = batch["targets"] != self.pad_id
+        batch["tgt_mask"] = torch.from_numpy(in_target)
         return {k: _to_device(v, device) for k, v in batch.items()}
 
     def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -257,45 +308,63 @@ class PairBatches:
         rows = list(range(self.n_pairs)) if rows is None else rows
         for i in range(0, len(rows), batch_size):
             batch = self.batch_of(rows[i:i + batch_size], device)
-            yield batch, int((batch["targets"] != self.pad_id).sum())
+            yield batch, scored_tokens(batch)
+
+
+class PromptAnswerBatches(PairBatches):
+    """Pairs as one sequence each for a decoder-only model: source, separator, target, EOS, right-padded; the
+    targets of the source and separator positions are IGNORE_INDEX, so the loss is on the target and its EOS
+    only (the model reads the source and learns to answer it, not to write sources). No BOS: the prompt a
+    user types, "source\\n", is the sequence's start as training saw it.
+
+    A pair longer than the context is cut: the source to what leaves room for the separator and one
+    predicted token, then the target (a cut target has no EOS). Every row predicts at least one token.
+    """
+
+    def __init__(self, src: np.ndarray, tgt: np.ndarray, offsets: np.ndarray, max_seq_len: int,
+                 pad_id: int, eos_id: int, separator: list[int]):
+        super().__init__(src, tgt, offsets, max_seq_len, pad_id, pad_id, eos_id)  # (no BOS)
+        self.separator = np.asarray(separator, dtype=np.int64)
+        if not separator or max_seq_len < len(separator):
+            raise MiniLLMError(f"a context of {max_seq_len} tokens cannot hold the {len(separator)}-token separator "
+                               "and an answer token; raise --max-seq-len")
+
+    def kept(self, src_len: np.ndarray, tgt_len: np.ndarray) -> Kept:
+        return prompt_answer_kept(src_len, tgt_len, self.max_seq_len, len(self.separator))
+
+    def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
+        """The pairs `indices` as input_ids (B, T) and targets (B, T) (the sequence shifted by one), built with
+        whole-array numpy operations, no loop over rows."""
+        idx = np.asarray(indices, dtype=np.int64)
+        (s0, t0), (s1, t1) = self.offsets[:, idx], self.offsets[:, idx + 1]
+        src_kept, predicted_kept, _ = self.kept(s1 - s0, t1 - t0)
+        source_end = src_kept[:, None]  # (B, 1): the source is at positions 0..source_end - 1
+        prompt = source_end + len(self.separator)  # the first target position
+        answer_end = prompt + (t1 - t0)[:, None]  # EOS's position
+        end = prompt + predicted_kept[:, None]  # one past the last position kept
+        p = np.arange(int(end.max()))[None, :]  # (1, W) positions in the sequences
+        separator = self.separator[np.clip(p - source_end, 0, len(self.separator) - 1)]
+        sequence = np.select(
+            [p < source_end, p < prompt, p < answer_end, p == answer_end],
+            [_rows(self.src, s0, p.shape[1]), separator, _rows(self.tgt, t0 - prompt[:, 0], p.shape[1]),
+             self.eos_id], default=self.pad_id)
+        sequence = np.where(p < end, sequence, self.pad_id)  # (B, W)
+        inputs = np.where(p[:, :-1] < end - 1, sequence[:, :-1], self.pad_id)  # (the last kept token is no input)
+        scored = (p[:, 1:] >= prompt) & (p[:, 1:] < end)  # the target and EOS positions
+        batch = {"input_ids": torch.from_numpy(inputs.astype(np.int64)),
+                 "targets": torch.from_numpy(np.where(scored, sequence[:, 1:], IGNORE_INDEX).astype(np.int64))}
+        return {k: _to_device(v, device) for k, v in batch.items()}
 
 
 def _rows(stream: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
-    """(len(starts), width) int64 tokens of `stream` from each start on. Past the stream's end (or for an
-    empty stream) the values are arbitrary: the callers mask them."""
+    """(len(starts), width) int64 tokens of `stream` from each start on (a start may be negative). Outside the
+    stream (or for an empty stream) the values are arbitrary: the callers mask them."""
     if len(stream) == 0:
         return np.zeros((len(starts), width), dtype=np.int64)
-    return stream[np.minimum(starts[:, None] + np.arange(width), len(stream) - 1)].astype(np.int64)
+    return stream[np.clip(starts[:, None] + np.arange(width), 0, len(stream) - 1)].astype(np.int64)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def open_split(run_dir: str | Path, split: str, model_config: Any, encoder_decoder: bool,
-               source_fraction: float) -> LMBatches | PairBatches:
-    """Batches of one split of a prepared run folder, checked against the token counts in split.json."""
-    record = read_split_record(run_dir)
-    return open_prepared(run_dir, split, record["format"], record["dtype"], model_config, encoder_decoder,
-                         source_fraction, expected_tokens=record["tokens"].get(split))
-
-
-def open_prepared(folder: str | Path, split: str, fmt: str, dtype: str, model_config: Any, encoder_decoder: bool,
-                  source_fraction: float, expected_tokens: int | None = None) -> LMBatches | PairBatches:
-    """Batches of one split prepared in `folder` (a run folder, or a temporary one for `evaluate --data`)."""
-    files = RunFolder(folder)
-    if fmt == PAIRS:
-        offsets_path = files.pair_offsets(split)
-        if not offsets_path.is_file():
-            raise MiniLLMError(f"{offsets_path} is missing; the run folder is incomplete: {INCOMPLETE_FIX}")
-        offsets = read_offsets(offsets_path)
-        src = read_stream(files.pair_tokens(split, "src"), dtype, int(offsets[0, -1]))
-        tgt = read_stream(files.pair_tokens(split, "tgt"), dtype, int(offsets[1, -1]))
-        return PairBatches(src, tgt, offsets, model_config.max_seq_len, model_config.pad_id,
-                           model_config.bos_id, model_config.eos_id)
-    tokens = read_stream(files.tokens(split), dtype, expected_tokens)
-    return LMBatches(tokens, model_config.max_seq_len, encoder_decoder, source_fraction, model_config.bos_id,
-                     model_config.pad_id)
-

@@ -3,8 +3,9 @@
 Plain text is cut into samples (paragraphs, lines, or by a separator). A file of (source, target) pairs
 (TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs.
 The file format is taken from --format, else from the extension (.tsv, .jsonl), else from the content, and
-always said (`describe_samples`). A file with few samples is cut into contiguous train/val/test stretches
-instead of being shuffled by sample.
+always said (`describe_samples`). The task (--task) says what the samples are: pairs for the pairs task
+(the default for a pair file), texts for the text task (a pair becomes the text "source\ntarget"). A file
+with few samples is cut into contiguous train/val/test stretches instead of being shuffled by sample.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from minillm.config import DATA_FORMATS
+from minillm.config import DATA_FORMATS, TASKS
+from minillm.data.split_record import SplitRecord
 from minillm.errors import MiniLLMError
 from minillm.run_folder import SPLITS
 
-TEXT, PAIRS = "text", "pairs"  # what a run's samples are
+AUTO_TASK, TEXT, PAIRS = TASKS  # what a run's samples are (--task; "auto": pairs for a pair file, else text)
+# Between a source and its target: in a pair file read as text samples, and in a decoder-only pairs sample.
+PAIR_SEPARATOR = "\n"
 AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE = DATA_FORMATS  # how a data file is read (--format)
 FILE_FORMATS = DATA_FORMATS[1:]
 FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON-lines pairs"}
@@ -65,17 +69,19 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+# How text is cut into samples, by TrainConfig.split_mode: (text, separator) -> the pieces.
+SPLITTERS: dict[str, Callable[[str, str], list[str]]] = {
+    "paragraph": lambda text, separator: _BLANK_LINE.split(text),  # blank lines
+    "line": lambda text, separator: text.split("\n"),
+    "separator": lambda text, separator: text.split(separator),
+}
+
+
 def split_samples(text: str, mode: str = "paragraph", separator: str = "<|endoftext|>") -> list[str]:
     """Cut text into samples: by blank lines ("paragraph"), one per line ("line"), or by a separator."""
-    if mode == "paragraph":
-        pieces = _BLANK_LINE.split(text)
-    elif mode == "line":
-        pieces = text.split("\n")
-    elif mode == "separator":
-        pieces = text.split(separator)
-    else:
-        raise MiniLLMError(f"split_mode must be paragraph, line or separator, got {mode!r}")
-    return [p.strip("\n") for p in pieces if p.strip()]
+    if mode not in SPLITTERS:
+        raise MiniLLMError(f"split_mode must be one of {tuple(SPLITTERS)}, got {mode!r}")
+    return [p.strip("\n") for p in SPLITTERS[mode](text, separator) if p.strip()]
 
 
 def detect_format(path: str | Path, text: str) -> tuple[str, str]:
@@ -237,20 +243,20 @@ def chunk_text(text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> list[str]:
 class Samples:
     """The samples of a data file and how it was read."""
 
-    format: str  # TEXT or PAIRS: what the samples are
+    task: str  # TEXT or PAIRS: what the samples are
     samples: list  # texts, or (source, target) pairs
     file_format: str  # TEXT_FILE, TSV_FILE or JSONL_FILE: how the file was read
     how: str  # why it was read so ("by its .tsv extension", "as --format says", ...)
     notes: list[str] = field(default_factory=list)  # warnings about the reading ("warning: ...")
 
 
-def load_samples(path: str | Path, keep_pairs: bool, split_mode: str, separator: str,
-                 file_format: str = AUTO_FORMAT, source_column: int | None = None,
-                 target_column: int | None = None) -> Samples:
-    """The samples of a data file: text samples, or (source, target) pairs if `keep_pairs` (for a model
-    with an encoder). `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read it.
+def load_samples(path: str | Path, task: str, split_mode: str, separator: str, file_format: str = AUTO_FORMAT,
+                 source_column: int | None = None, target_column: int | None = None) -> Samples:
+    """The samples of a data file for `task` (AUTO_TASK, TEXT or PAIRS): text samples, or (source, target)
+    pairs. `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read the file.
 
-    A pair file read without `keep_pairs` (for a decoder-only model) becomes text samples "source\\ntarget".
+    AUTO_TASK is PAIRS for a pair file and TEXT otherwise; TEXT on a pair file makes each pair the text
+    sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain text is refused.
     """
     text = read_text_file(path)
     if file_format == AUTO_FORMAT:
@@ -262,9 +268,14 @@ def load_samples(path: str | Path, keep_pairs: bool, split_mode: str, separator:
     if file_format != TEXT_FILE:
         notes: list[str] = []
         pairs = parse_pairs(path, text, file_format, source_column, target_column, notes)
-        if keep_pairs:
+        if task in (AUTO_TASK, PAIRS):
             return Samples(PAIRS, pairs, file_format, how, notes)
-        return Samples(TEXT, [f"{source}\n{target}" for source, target in pairs], file_format, how, notes)
+        return Samples(TEXT, [f"{source}{PAIR_SEPARATOR}{target}" for source, target in pairs], file_format, how,
+                       notes)
+    if task == PAIRS:
+        raise MiniLLMError(f"--task pairs needs a file of (source, target) pairs, but {path} is read as plain "
+                           f"text ({how}); give a TSV or JSONL pair file (or --format tsv|jsonl), or use --task "
+                           "text")
     if source_column is not None or target_column is not None:
         raise MiniLLMError(f"{path} is read as plain text ({how}): --source-column and --target-column are "
                            "for TSV pair files; leave them out, or read it as pairs with --format tsv")
@@ -283,23 +294,24 @@ def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
         unit = {"paragraph": "paragraphs", "line": "lines", "separator": "samples"}[split_mode]
         chars = sum(len(sample) for sample in loaded.samples)
     else:
-        unit = "pairs" if loaded.format == PAIRS else 'pairs, as text samples "source\\ntarget"'
-        chars = sum(len(s) + len(t) for s, t in loaded.samples) if loaded.format == PAIRS else sum(
-            len(sample) - 1 for sample in loaded.samples)
+        unit = "pairs" if loaded.task == PAIRS else 'pairs, as text samples "source\\ntarget" (--task text)'
+        chars = sum(len(s) + len(t) for s, t in loaded.samples) if loaded.task == PAIRS else sum(
+            len(sample) - len(PAIR_SEPARATOR) for sample in loaded.samples)
     return (f"data file: {Path(path).name} read as {FILE_FORMAT_NAMES[loaded.file_format]} ({loaded.how}; "
             f"{FORMAT_HINT}): {n:,} {unit}, {chars:,} characters")
 
 
-def split_data(fmt: str, samples: list, path: str | Path, val_fraction: float, test_fraction: float,
-               seed: int, holdout: str = "shuffled") -> tuple[dict[str, list], dict[str, Any]]:
-    """Samples of each split and what to record about the split (indices of val/test, or contiguous cuts).
+def split_data(task: str, samples: list, path: str | Path, val_fraction: float, test_fraction: float,
+               seed: int, holdout: str = "shuffled") -> tuple[dict[str, list], SplitRecord]:
+    """Samples of each split and the record of the split (indices of val/test, or contiguous cuts), to be
+    completed with what is written (SplitRecord.written).
 
     holdout "shuffled": val and test are samples drawn at random (a fair split of a user's data, whose
     held-out samples sit among the training ones). "tail": they are the end of the file, in order, as
     nanoGPT holds out the last 10%: text the model has not seen the like of.
     """
     tail = holdout == "tail"
-    if fmt == PAIRS or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
+    if task == PAIRS or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
         if tail:  # the last pairs of the file
             counts = split_counts(len(samples), val_fraction, test_fraction)
             order = list(range(len(samples)))
@@ -308,13 +320,11 @@ def split_data(fmt: str, samples: list, path: str | Path, val_fraction: float, t
         else:
             indices = shuffled_split(len(samples), val_fraction, test_fraction, seed)
         splits = {name: [samples[i] for i in indices[name]] for name in SPLITS}
-        record = {"contiguous": False, "holdout": holdout, "n_samples": len(samples),
-                  "indices": {"val": indices["val"], "test": indices["test"]}}
-        return splits, record
+        return splits, SplitRecord(task, holdout=holdout, n_samples=len(samples),
+                                   indices={"val": indices["val"], "test": indices["test"]})
     # The tail, or few (possibly huge) samples: cut the text itself into contiguous train/val/test stretches.
     joined = "\n\n".join(samples)
     parts = contiguous_split(joined, val_fraction, test_fraction)
     splits = {name: chunk_text(part) for name, part in parts.items()}
-    record = {"contiguous": True, "holdout": "tail" if tail else "contiguous", "n_samples": len(samples),
-              "chars": {name: len(part) for name, part in parts.items()}}
-    return splits, record
+    return splits, SplitRecord(task, contiguous=True, holdout="tail" if tail else "contiguous",
+                               n_samples=len(samples), chars={name: len(part) for name, part in parts.items()})

@@ -9,30 +9,27 @@ from pathlib import Path
 from typing import Any
 
 from minillm.checkpoint import Run
-from minillm.data.prepare import read_split_record, sample_prompt
+from minillm.data.split_record import read_split_record
 from minillm.errors import MiniLLMError
 from minillm.files import read_json
-from minillm.generation import generate_text, generation_inputs
-from minillm.models import count_parameters, is_encoder_decoder
-from minillm.run_folder import RunFolder
-from minillm.sampling import SamplingConfig
+from minillm.generation import showcase
+from minillm.models import count_parameters
 from minillm.version import __version__
 
-CARD_SAMPLE_TOKENS = 120
-CARD_SAMPLE_SEED = 0
-CARD_PROMPT_TOKENS = 16  # at most, and at most half the context
+CARD_SAMPLE_TOKENS = 120  # the card's showcase sample
+CARD_PROMPT_TOKENS = 16  # ... its prompt's tokens at most (and at most half the context)
 
 
 def model_card(run: Run, usage: str, library: str = "transformers") -> str:
     """README.md text for an export of `run`; `usage` is the format's own how-to (markdown), `library` the
     model hub's name for what loads it."""
-    folder = RunFolder(Path(run.info["model_path"]).parent)
+    folder = run.folder
     training = run.info.get("training", {})
-    split = _optional(lambda: read_split_record(folder.path), {})
+    split = _optional(lambda: read_split_record(folder.path), None)
     test = _optional(lambda: read_json(folder.test_metrics, "test metrics"), {})
-    data = Path(split.get("source") or training.get("data") or "unknown data")
+    data = Path((split and split.source) or training.get("data") or "unknown data")
     size = f"{data.stat().st_size:,} bytes" if data.is_file() else "size unknown (the file has moved)"
-    tokens = split.get("tokens", {})
+    tokens = split.tokens if split else {}
     c = run.config
     lines = [
         "---", f"library_name: {library}", "pipeline_tag: text-generation", "tags: [minillm]", "---", "",
@@ -48,7 +45,7 @@ def model_card(run: Run, usage: str, library: str = "transformers") -> str:
         f"- validation loss {_loss(training.get('val_loss'))}; test loss {_loss(test.get('loss'))} "
         f"over {test.get('tokens', 0):,} tokens", "",
         "## A sample", "",
-        *_sample(run, folder), "",
+        *_sample(run), "",
         "## Use it", "", usage.strip(), "",
     ]
     return "\n".join(lines)
@@ -58,17 +55,17 @@ def _loss(loss: float | None) -> str:
     return "unknown" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):.2f})"
 
 
-def _sample(run: Run, folder: RunFolder) -> list[str]:
-    sampling = SamplingConfig(max_new_tokens=CARD_SAMPLE_TOKENS, seed=CARD_SAMPLE_SEED)
-    prompt = _optional(lambda: sample_prompt(folder.path, run.tokenizer,
-                                             min(CARD_PROMPT_TOKENS, run.config.max_seq_len // 2)), "")
-    prefix, source = generation_inputs(is_encoder_decoder(run.config), prompt, None) if prompt.strip() else (
-        prompt, None)
-    text = _optional(lambda: generate_text(run.model, run.tokenizer, prefix, sampling, source=source), "")
+def _sample(run: Run) -> list[str]:
+    """The run's showcase sample (generation.showcase), or a line saying why there is none."""
+    sample = _optional(lambda: showcase(run, CARD_SAMPLE_TOKENS, CARD_PROMPT_TOKENS), None)
+    if sample is None:
+        return ["No sample: the run folder this model was exported from no longer holds its test split."]
+    text = _optional(lambda: "".join(chunk for _, chunk in sample.tokens(run)), "")
+    sampling = sample.sampling
     described = (f"max_new_tokens {sampling.max_new_tokens}, temperature {sampling.temperature}, "
                  f"top_k {sampling.top_k}, seed {sampling.seed}")
-    shown = f"source {source!r}" if source is not None else f"prompt {prompt!r}"
-    return [f"From the {shown}; {described} (Mini LLM's sampler):", "", "```text", prefix + text, "```"]
+    shown = f"source {sample.source!r}" if sample.source is not None else f"prompt {sample.prompt!r}"
+    return [f"From the {shown}; {described} (Mini LLM's sampler):", "", "```text", sample.prefix + text, "```"]
 
 
 def _optional(read: Callable[[], Any], default: Any) -> Any:

@@ -127,7 +127,7 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     c = run.config
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), standard_architecture(c))  # the metadata keys' prefix, too
-    writer.add_name(Path(run.info["model_path"]).parent.name)
+    writer.add_name(run.folder.path.name)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_layers)

@@ -19,7 +19,7 @@ from minillm.export.base import ExportFormat, require, torch_dtype
 from minillm.export.card import model_card
 from minillm.files import atomic_write, write_json
 from minillm.run_folder import SPECIAL_TOKENS_FILE, TOKENIZER_FILE
-from minillm.version import __version__
+from minillm.version import stamp
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -54,7 +54,7 @@ def write_safetensors(run: Run, out: Path, dtype: str) -> None:
              if not (name == "lm_head.weight" and run.config.tie_embeddings)}
     safetensors_torch.save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     write_json(out / CONFIG_FILE, {
-        "format": FORMAT_MARK, "minillm_version": __version__, "model": run.config.to_dict(), "dtype": dtype,
+        "format": FORMAT_MARK, **stamp(), "model": run.config.to_dict(), "dtype": dtype,
         "tokenizer_type": run.tokenizer.kind, "tokenizer_fingerprint": run.tokenizer.fingerprint()})
     run.tokenizer.save(out / TOKENIZER_FILE)
     special = Path(run.info["tokenizer_path"]).parent / SPECIAL_TOKENS_FILE

@@ -47,7 +47,7 @@ class DecoderOnlyTransformer(CachedDecoding, nn.Module):
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) ids -> ((B, T, V) logits, loss or None). attention_mask: (B, T), True/1 = real token.
 
-        loss is the mean cross-entropy against (B, T) targets, ignoring targets equal to config.pad_id.
+        loss is the mean cross-entropy against (B, T) targets, skipping targets equal to IGNORE_INDEX (-100).
         """
         T = input_ids.size(1)
         if T > self.config.max_seq_len:
@@ -59,7 +59,7 @@ class DecoderOnlyTransformer(CachedDecoding, nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None)
         logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, V)
-        loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
+        loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 
     # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minillm.config import ModelConfig
+from minillm.config import IGNORE_INDEX, ModelConfig
 from minillm.models.decoding import KVCache
 
 INIT_STD = 0.02  # GPT-2 / Llama initialisation of every weight matrix and of the embedding
@@ -389,7 +389,7 @@ def cap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return logits if not cap else cap * torch.tanh(logits / cap)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy of (B, T, V) logits against (B, T) targets, ignoring targets equal to pad_id."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, V) logits against (B, T) targets, skipping targets equal to IGNORE_INDEX."""
     flat_logits = logits.reshape(-1, logits.size(-1)).float()  # (B*T, V)
-    return F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=pad_id)
+    return F.cross_entropy(flat_logits, targets.reshape(-1), ignore_index=IGNORE_INDEX)

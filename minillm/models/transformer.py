@@ -78,7 +78,7 @@ class TransformerModel(CachedDecoding, nn.Module):
                 targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, S) source and (B, T) decoder input (BOS + target[:-1]) -> ((B, T, V) logits, loss or None).
 
-        Masks are (B, S) / (B, T), True/1 = real token; loss ignores targets equal to config.pad_id.
+        Masks are (B, S) / (B, T), True/1 = real token; loss skips targets equal to IGNORE_INDEX.
         """
         self._check_length(tgt_ids, "target")
         memory = self.encode(src_ids, src_mask)
@@ -91,7 +91,7 @@ class TransformerModel(CachedDecoding, nn.Module):
             x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None, memory_kv=kv,
                       memory_mask=memory_mask)
         logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
-        loss = None if targets is None else lm_loss(logits, targets, self.config.pad_id)
+        loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 
     # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------

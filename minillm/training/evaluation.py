@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minillm.checkpoint import load_run, read_train_config
-from minillm.data.batches import Batch, PairBatches, open_prepared, open_split
+from minillm.config import IGNORE_INDEX
+from minillm.data.batches import Batch, Batches
 from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
-from minillm.data.prepare import write_splits
+from minillm.data.prepare import open_split, write_splits
+from minillm.data.split_record import SplitRecord, read_split_record
+from minillm.data.tasks import task_for
 from minillm.models import is_encoder_decoder
+from minillm.tokenizers import Tokenizer
 from minillm.training.precision import autocast, autocast_dtype
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
@@ -58,7 +62,7 @@ def mean_loss(model: torch.nn.Module, batches: list[tuple[Batch, int]], device: 
     return (total.item() / tokens if tokens else float("nan")), tokens
 
 
-def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def text_sizes(tokenizer: Tokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(bytes, characters) that each token id stands for, as (vocab_size,) int64 tensors on `device`.
 
     Characters are counted as UTF-8 lead bytes, so that they add up over BPE tokens holding part of one.
@@ -70,10 +74,16 @@ def text_sizes(tokenizer: Any, device: torch.device) -> tuple[torch.Tensor, torc
             torch.tensor(n_chars, dtype=torch.long, device=device))
 
 
-def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Any, device: torch.device) -> int:
-    """The UTF-8 bytes of the text that the targets of (batch, tokens) pairs stand for."""
+def _sizes_of(table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) the sizes (bytes or characters, by `table`) of each row's scored targets (IGNORE_INDEX counts 0)."""
+    scored = targets != IGNORE_INDEX
+    return (table[targets.clamp_min(0)] * scored).sum(1)
+
+
+def target_bytes(batches: Iterable[tuple[Batch, int]], tokenizer: Tokenizer, device: torch.device) -> int:
+    """The UTF-8 bytes of the text that the scored targets of (batch, tokens) pairs stand for."""
     n_bytes, _ = text_sizes(tokenizer, device)
-    return sum(int(n_bytes[batch["targets"]].sum()) for batch, _ in batches)
+    return sum(int(_sizes_of(n_bytes, batch["targets"]).sum()) for batch, _ in batches)
 
 
 def bits_per_unit(loss: float, tokens: int, units: int) -> float:
@@ -83,7 +93,7 @@ def bits_per_unit(loss: float, tokens: int, units: int) -> float:
 
 @torch.no_grad()
 def _row_scores(model: torch.nn.Module, batches: Iterable[tuple[Batch, int]], sizes: tuple[torch.Tensor, ...],
-                pad_id: int, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+                device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
     """(rows, 4) float64: nats, tokens, bytes and characters of the targets of each row of the batches."""
     was_training = model.training
     model.eval()
@@ -92,10 +102,11 @@ def _row_scores(model: torch.nn.Module, batches: Iterable[tuple[Batch, int]], si
         targets = batch["targets"]  # (B, T)
         with autocast(device, dtype):
             logits, _ = model(**{k: v for k, v in batch.items() if k != "targets"})  # (B, T, V)
-        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=pad_id, reduction="none")
-        scored = targets != pad_id
+        nats = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                               reduction="none")
+        scored = targets != IGNORE_INDEX
         rows.append(torch.stack([nats.double().sum(1), scored.sum(1).double(),
-                                 *(table[targets].sum(1).double() for table in sizes)], dim=1))
+                                 *(_sizes_of(table, targets).double() for table in sizes)], dim=1))
     model.train(was_training)
     return torch.cat(rows).cpu() if rows else torch.zeros((0, 4), dtype=torch.float64)
 
@@ -112,10 +123,10 @@ def _ratio_ci95(numerator: torch.Tensor, denominator: torch.Tensor, population: 
     return Z_95 * math.sqrt(float(variance))
 
 
-def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.device, dtype: torch.dtype | None,
-          tokenizer: Any, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Loss, perplexity, bits per byte and per character over the targets of `batches` (LMBatches or
-    PairBatches): all of them, or, when there are more than `max_tokens`, an estimate from a seeded random
+def score(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device, dtype: torch.dtype | None,
+          tokenizer: Tokenizer, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Loss, perplexity, bits per byte and per character over the scored targets of `batches` (a split's, as
+    its task batches it): all of them, or, when there are more than `max_tokens`, an estimate from a seeded random
     sample of rows (windows or pairs) of about that many tokens, with 95% confidence half-widths."""
     n_rows, all_tokens = batches.n_sequential, batches.sequential_tokens
     rows = None
@@ -128,7 +139,7 @@ def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.d
     bar = tqdm(batches.sequential(batch_size, device, rows), total=n_batches, unit="batch", leave=False,
                dynamic_ncols=True, desc="testing", disable=not progress)
     try:
-        scores = _row_scores(model, bar, text_sizes(tokenizer, device), tokenizer.pad_id, device, dtype)
+        scores = _row_scores(model, bar, text_sizes(tokenizer, device), device, dtype)
     finally:
         bar.close()
     nats, tokens, n_bytes, chars = scores.T
@@ -142,15 +153,7 @@ def score(model: torch.nn.Module, batches: Any, batch_size: int, device: torch.d
     if rows is not None:
         metrics["loss_ci95"] = _ratio_ci95(nats, tokens, n_rows)
         metrics["bits_per_byte_ci95"] = _ratio_ci95(nats / math.log(2), n_bytes, n_rows)
-    return _with_cut_pairs(metrics, batches)
-
-
-def _with_cut_pairs(metrics: dict[str, Any], batches: Any) -> dict[str, Any]:
-    """The metrics, with how many pairs (if these are pairs) the context cut, and the targets it left out."""
-    if isinstance(batches, PairBatches):
-        fit = batches.fit()
-        metrics.update(pairs=fit.n_pairs, pairs_cut=fit.pairs_cut, target_tokens_cut=fit.target_tokens_cut)
-    return metrics
+    return {**metrics, **batches.cuts()}  # (for pairs: how many the context cut, and the targets it left out)
 
 
 def describe_score(metrics: dict[str, Any]) -> str:
@@ -175,7 +178,8 @@ def describe_score(metrics: dict[str, Any]) -> str:
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: str | None = None,
                  max_tokens: int | None | str = "run", progress: bool = False) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a run's best model on its test split, or on every sample of
-    another file. `max_tokens`: see score (default "run": the run's --test-tokens)."""
+    another file (read for the run's task: a run trained on pairs reads a pair file as pairs and plain text
+    as text). `max_tokens`: see score (default "run": the run's --test-tokens)."""
     run = load_run(run_dir, device)
     config = read_train_config(run_dir)
     dtype = autocast_dtype(config.dtype, run.device)
@@ -186,12 +190,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         return {**metrics, "data": f"{run_dir} test split"}
-    loaded = load_samples(data, encoder_decoder, config.split_mode, config.separator, config.data_format,
+    run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
+    loaded = load_samples(data, run_task.scores_files_as, config.split_mode, config.separator, config.data_format,
                           config.source_column, config.target_column)
+    task = task_for(loaded.task, encoder_decoder)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
-        spec = write_splits(tmp, loaded.format, {"test": loaded.samples}, run.tokenizer, contiguous=False)
-        batches = open_prepared(tmp, "test", loaded.format, spec.dtype, run.config, encoder_decoder,
-                                config.source_fraction)
+        token_type, tokens = write_splits(tmp, task, {"test": loaded.samples}, run.tokenizer, contiguous=False)
+        record = SplitRecord(task.name, token_type, tokens, {"test": len(loaded.samples)},
+                             separator=task.separator_ids(run.tokenizer))
+        batches = task.open_batches(tmp, "test", record, run.config, config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         del batches  # release the memmaps before the folder goes
     return {**metrics, "data": f"{data} (read as {FILE_FORMAT_NAMES[loaded.file_format]}, {loaded.how})"}

@@ -16,10 +16,12 @@ import torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.models import build_model, count_parameters, is_encoder_decoder
+from minillm.training.optimizer import optimizer_state_floats
 
 BYTES_PER_FLOAT = 4
-# Per parameter: the weight, its gradient and AdamW's two moments.
-FLOATS_PER_PARAMETER = 4
+# Per parameter: the weight and its gradient; the optimizers' state comes on top (optimizer.STATE_FLOATS:
+# AdamW's two moments, Muon's one momentum buffer, for the parameters each of them steps).
+FLOATS_PER_PARAMETER = 2
 # Kept for the backward pass, per token and layer, in units of d_model (norms, q/k/v, attention output,
 # projections, residuals) plus 4 of the feed-forward width (gate, up, their activation and product).
 ACTIVATION_WIDTHS_PER_LAYER = 9
@@ -30,7 +32,7 @@ LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, each (batch, tim
 @dataclass(frozen=True)
 class MemoryEstimate:
     parameters: int
-    weights_and_optimizer: int  # bytes
+    weights_and_optimizer: int  # bytes: weights, gradients, the optimizers' state
     activations: int  # bytes, one micro-batch
 
     @property
@@ -38,7 +40,7 @@ class MemoryEstimate:
         return self.weights_and_optimizer + self.activations
 
     def describe(self) -> str:
-        return (f"about {gib(self.total)} ({self.parameters:,} parameters with gradients and AdamW state "
+        return (f"about {gib(self.total)} ({self.parameters:,} parameters with gradients and optimizer state "
                 f"{gib(self.weights_and_optimizer)}, activations of one batch {gib(self.activations)})")
 
 
@@ -49,14 +51,16 @@ def gib(n_bytes: float) -> str:
 def estimate_training_memory(model_config: ModelConfig, config: TrainConfig) -> MemoryEstimate:
     """The memory a training of this shape needs at least (weights, optimizer, activations)."""
     with torch.device("meta"):  # shapes only: nothing is allocated
-        parameters = count_parameters(build_model(model_config))
+        model = build_model(model_config)
+    parameters = count_parameters(model)
+    floats = parameters * FLOATS_PER_PARAMETER + optimizer_state_floats(model, config)
     c = model_config
     layers = c.n_encoder_layers + c.n_decoder_layers if is_encoder_decoder(c) else c.n_layers
     tokens = config.batch_size * c.max_seq_len
     per_token = layers * (ACTIVATION_WIDTHS_PER_LAYER * c.d_model + FF_WIDTHS_PER_LAYER * c.d_ff)
     per_token += LOGIT_COPIES * c.vocab_size
     return MemoryEstimate(parameters=parameters,
-                          weights_and_optimizer=parameters * FLOATS_PER_PARAMETER * BYTES_PER_FLOAT,
+                          weights_and_optimizer=floats * BYTES_PER_FLOAT,
                           activations=tokens * per_token * BYTES_PER_FLOAT)
 
 

@@ -19,28 +19,27 @@ import torch
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.batches import LMBatches
-from minillm.data.corpus import PAIRS
 from minillm.data.prepare import SplitData, bundled_data_path, read_data
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.tokenizers import train_tokenizer
 from minillm.training.memory import check_memory
-from minillm.training.optimizer import make_optimizer
+from minillm.training.optimizer import make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
-from minillm.training.runs import with_tokenizer
+from minillm.training.start import with_tokenizer
 
 SAMPLE_CHARS = 200_000  # the tokens per character are measured on at most this much of the training text
 TIMED_STEPS = 3  # timed after one untimed warm-up step; the fastest counts (the others met a busy CPU)
-# A timed step does at most this many FLOPs (about 0.1 s on a 2-core CPU): a bigger batch is timed on
-# fewer rows and scaled up, so that a large model's plan does not take a large model's step to show.
+# A timed step does at most this many FLOPs: a bigger batch is timed on fewer rows and scaled up, so that a
+# large model's plan does not take a large model's step to show.
 MAX_TIMED_FLOPS = 2e10
 EVAL_COST = 1 / 3  # an evaluation batch (forward only) costs about a third of a training step
 
 # What a plan reads of a data file is kept for the next plan of the same file and settings (the form
 # asks for a plan at every change): at most this many files' worth.
 MAX_KEPT_READS = 2
-DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "source_column", "target_column",
-               "split_mode", "separator", "val_fraction", "test_fraction", "seed")
+DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "task", "source_column", "target_column",
+               "split_mode", "separator", "val_fraction", "test_fraction", "seed", "holdout")
 _reads: dict[str, tuple] = {}
 _read_lock = threading.Lock()
 _step_times: dict[str, float] = {}  # measured seconds per step, by shape and device
@@ -93,15 +92,13 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
     with torch.device("meta"):
         parameters = count_parameters(build_model(model_config))
 
-    counts = {split: _estimated_tokens(data, split, per_char, model_config.max_seq_len)
-              for split in data.splits}
-    rows = config.batch_size * config.grad_accum_steps
-    if data.format == PAIRS:
-        tokens_per_step = rows * counts["train"] / max(1, len(data.splits["train"]))
-        seq_len = model_config.max_seq_len
-    else:
-        seq_len = max(1, min(model_config.max_seq_len, counts["train"] - 1))
-        tokens_per_step = rows * seq_len
+    task, context = data.task, model_config.max_seq_len
+    n_separator = len(task.separator_ids(tokenizer))
+    counts = {split: task.estimated_tokens(samples, per_char, context, data.record.contiguous, n_separator)
+              for split, samples in data.splits.items()}
+    tokens_per_step = task.step_tokens(config.batch_size * config.grad_accum_steps, counts["train"],
+                                       len(data.splits["train"]), context)
+    seq_len = task.timed_length(context, counts["train"])
     how = "counted" if whole else f"estimated from the first {sample_chars:,} characters"
     data_lines = (*notes, f"data: about {counts['train']:,} training tokens ({counts['val']:,} validation, "
                           f"{counts['test']:,} test; {per_char:.3f} tokens per character, {how})")
@@ -111,13 +108,13 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
     return RunPreview(plan, seconds, timed_rows)
 
 
-def _read_tokens(config: TrainConfig, keep_pairs: bool) -> tuple:
+def _read_tokens(config: TrainConfig, encoder_decoder: bool) -> tuple:
     """(notes, data, tokenizer, tokens per character, sample characters, whether the sample is all of it):
     the data read and split, and a tokenizer trained on its sample; kept for the same file and settings."""
     path = Path(config.data) if config.data else bundled_data_path()
     try:
         stat = path.stat()
-        key = json.dumps([str(path.resolve()), stat.st_mtime_ns, stat.st_size, keep_pairs,
+        key = json.dumps([str(path.resolve()), stat.st_mtime_ns, stat.st_size, encoder_decoder,
                           {k: v for k, v in config.to_dict().items() if k in DATA_FIELDS}])
     except OSError:
         key = None  # (read_data says what is wrong with it)
@@ -125,12 +122,13 @@ def _read_tokens(config: TrainConfig, keep_pairs: bool) -> tuple:
         if key is not None and key in _reads:
             return _reads[key]
     notes: list[str] = []
-    data = read_data(config, keep_pairs, notes.append)
-    sample = _sample_texts(data)
-    tokenizer = train_tokenizer(config.tokenizer, sample, config.bpe_vocab_size)
+    data = read_data(config, encoder_decoder, notes.append)
+    samples = _first_samples(data)
+    tokenizer = train_tokenizer(config.tokenizer, data.task.training_texts(samples), config.bpe_vocab_size)
+    sample = [text for one in samples for text in data.task.sample_texts(one)]
     sample_chars = sum(len(text) for text in sample)
     per_char = sum(len(ids) for ids in tokenizer.encode_batch(sample)) / max(1, sample_chars)
-    found = (tuple(notes), data, tokenizer, per_char, sample_chars, sample_chars >= _training_chars(data))
+    found = (tuple(notes), data, tokenizer, per_char, sample_chars, len(samples) == len(data.splits["train"]))
     with _read_lock:
         if key is not None:
             _reads[key] = found
@@ -139,32 +137,15 @@ def _read_tokens(config: TrainConfig, keep_pairs: bool) -> tuple:
     return found
 
 
-def _sample_texts(data: SplitData) -> list[str]:
-    """The first SAMPLE_CHARS or so of the training texts (both sides of a pair)."""
-    texts, size = [], 0
+def _first_samples(data: SplitData) -> list:
+    """The first training samples, of SAMPLE_CHARS or so (both sides of a pair counted)."""
+    samples, size = [], 0
     for sample in data.splits["train"]:
-        for text in (sample if data.format == PAIRS else (sample,)):
-            texts.append(text)
-            size += len(text)
         if size >= SAMPLE_CHARS:
             break
-    return texts
-
-
-def _training_chars(data: SplitData) -> int:
-    if data.format == PAIRS:
-        return sum(len(source) + len(target) for source, target in data.splits["train"])
-    return sum(len(text) for text in data.splits["train"])
-
-
-def _estimated_tokens(data: SplitData, split: str, per_char: float, context: int) -> int:
-    """Tokens of a split as the trainer counts them: text samples with their BOS and EOS (a contiguous
-    split has none), pairs' targets with their EOS within the context."""
-    samples = data.splits[split]
-    if data.format == PAIRS:
-        return sum(min(context, round(len(target) * per_char) + 1) for _, target in samples)
-    marks = 0 if data.record["contiguous"] else 2 * len(samples)
-    return round(sum(len(text) for text in samples) * per_char) + marks
+        samples.append(sample)
+        size += sum(len(text) for text in data.task.sample_texts(sample))
+    return samples
 
 
 def step_seconds(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
@@ -174,7 +155,8 @@ def step_seconds(model_config: ModelConfig, config: TrainConfig, device: torch.d
     The global random generators are left alone (a training may be running in another thread): the weights
     and tokens come from local generators, and dropout is off while timing."""
     timed_rows = max(1, min(config.batch_size, int(MAX_TIMED_FLOPS // max(1, 6 * parameters * seq_len))))
-    key = json.dumps([model_config.to_dict(), timed_rows, seq_len, str(device), config.dtype], sort_keys=True)
+    key = json.dumps([model_config.to_dict(), timed_rows, seq_len, str(device), config.dtype, config.optimizer],
+                     sort_keys=True)
     with _step_times_lock:
         if key not in _step_times:
             _step_times[key] = _time_steps(model_config.replace(dropout=0.0), config, device, seq_len, timed_rows)
@@ -182,21 +164,42 @@ def step_seconds(model_config: ModelConfig, config: TrainConfig, device: torch.d
     return seconds * config.batch_size / timed_rows * config.grad_accum_steps, timed_rows
 
 
-def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
-                rows: int) -> float:
+def timing_setup(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
+                 rows: int) -> tuple[torch.nn.Module, list[torch.optim.Optimizer], dict[str, torch.Tensor]]:
+    """(model, its optimizers, a batch of `rows` windows of random tokens): what a timed step runs. The
+    optimizers are the run's own (make_optimizers, as the trainer makes them: Muon with --optimizer muon)."""
     generator = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = build_model(model_config)
-    model = model.to_empty(device=device)
+    model = _on_device(model, device)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
     tokens = np.random.default_rng(0).integers(3, model_config.vocab_size, size=rows * (seq_len + 1) + 1)
     batches = LMBatches(tokens, seq_len, is_encoder_decoder(model_config), config.source_fraction,
-                        model_config.bos_id, model_config.pad_id)
+                        model_config.bos_id)
     batch = batches.batch_at(torch.arange(rows) * (seq_len + 1), device)
-    optimizer = make_optimizer(model, config, device)
+    return model, make_optimizers(model, config, device), batch
+
+
+def _on_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A meta-device model's uninitialised copy on `device`, with its tied weights still one parameter
+    (Module.to_empty gives each name of a shared parameter its own tensor: the head would come untied)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    model = model.to_empty(device=device)
+    for first, *aliases in names.values():
+        for alias in aliases:
+            owner, _, attribute = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, model.get_parameter(first))
+    return model
+
+
+def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.device, seq_len: int,
+                rows: int) -> float:
+    model, optimizers, batch = timing_setup(model_config, config, device, seq_len, rows)
     dtype = autocast_dtype(config.dtype, device)
     model.train()
     times = []
@@ -206,8 +209,9 @@ def _time_steps(model_config: ModelConfig, config: TrainConfig, device: torch.de
         with autocast(device, dtype):
             _, loss = model(**batch)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         _synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times[1:])

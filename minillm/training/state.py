@@ -1,19 +1,45 @@
-"""What last.pt holds: a trainer's whole state, every random number generator's included, as tensors and
-plain types, so that it loads with weights_only=True and a resumed run draws exactly the numbers the
-uninterrupted run would have drawn."""
+"""What last.pt holds: a trainer's whole state (its TrainState, the weights, the optimizers, every random
+number generator's), as tensors and plain types, so that it loads with weights_only=True and a resumed run
+draws exactly the numbers the uninterrupted run would have drawn. The configs are not in it: the run folder
+holds them (train_config.json, best_model_config.json)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from minillm.checkpoint import clean_state_dict
-from minillm.version import __version__
+from minillm.version import stamp
 
 CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    """Where a training is: the counters and the history that a resumed run continues from."""
+
+    step: int = 0  # optimizer steps taken
+    best_val_loss: float = math.inf
+    best_step: int = 0  # the step of the best model (best_model.pt)
+    evals_since_best: int = 0  # evaluations without a better validation loss (early stopping counts them)
+    elapsed: float = 0.0  # training seconds, summed over resumed sessions
+    tokens_seen: float = 0  # training tokens (for pairs: the predicted tokens) of all the steps so far
+    overfitting: bool = False  # the overfitting warning was given
+    history: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, train_loss, val_loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> TrainState:
+        """The TrainState saved in a last.pt (its fields sit beside the weights, as in every last.pt)."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
 
 
 def rng_state(batch_generator: torch.Generator) -> dict[str, Any]:
@@ -53,22 +79,16 @@ def trainer_state(trainer: Any, rank_rng: list[torch.Tensor] | None = None) -> d
     """
     return {
         "format": CHECKPOINT_FORMAT,
-        "minillm_version": __version__,
+        **stamp(),
         "model": clean_state_dict(trainer.model.state_dict()),
         "optimizer": trainer.optimizer.state_dict(),
         "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers[1:]],  # Muon, when used
         "scaler": trainer.scaler.state_dict(),
-        **{name: getattr(trainer, name) for name in COUNTERS},
-        "history": trainer.history,
+        **trainer.state.to_dict(),
         "rng": rng_state(trainer.batch_generator),
         "rank_rng": rank_rng or [],
         "world_size": trainer.world_size,
-        "model_config": trainer.model_config.to_dict(),
-        "train_config": trainer.config.to_dict(),
     }
-
-
-COUNTERS = ("step", "best_val_loss", "best_step", "evals_since_best", "elapsed", "tokens_seen", "overfitting")
 
 
 def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
@@ -79,9 +99,7 @@ def restore_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved)
     if state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
-    for name in COUNTERS:
-        setattr(trainer, name, state[name])
-    trainer.history = list(state["history"])
+    trainer.state = TrainState.from_checkpoint(state)
     restore_rng_state(state["rng"], trainer.batch_generator)
     rank_rng = state.get("rank_rng") or []
     if trainer.ddp is not None and len(rank_rng) == trainer.world_size:  # same world size: exactly as it was

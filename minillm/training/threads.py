@@ -1,9 +1,9 @@
 """How many CPU threads a training should use: all the cores, unless other processes keep some busy.
 
 PyTorch's thread pool spins and waits for all its threads at every operation; when another job holds a
-core, each operation waits for the thread that core cannot run, and training slows many times over (we
-measured 0.13 s/step alone, 1.2-7 s beside another PyTorch job on 2 cores, 3-6 steps/s with one thread).
-So when other processes are using the CPU at the start of a run, the run leaves their cores to them.
+core, each operation waits for the thread that core cannot run, and training slows many times over (fewer
+threads on the free cores are then faster than all of them). So when other processes are using the CPU at
+the start of a run, the run leaves their cores to them.
 """
 
 from __future__ import annotations

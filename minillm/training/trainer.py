@@ -1,6 +1,7 @@
-"""The training loop: AdamW, warmup + cosine learning rate, gradient clipping and accumulation, AMP,
-periodic evaluation with best-model and resume checkpoints, early stopping, a time budget, a stop hook,
-and a final test-set evaluation.
+"""The training loop: the run's optimizers (AdamW, or Muon for the hidden matrices: optimizer.py) on its
+learning-rate schedule (warmup, then cosine or warm-down), gradient clipping and accumulation, AMP, periodic
+evaluation with best-model and resume checkpoints, early stopping, a time budget, a stop hook, and a final
+test-set evaluation.
 
     from minillm.training import train
     result = train(model_config, train_config, "runs/mine")   # -> TrainResult
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,9 @@ from tqdm.auto import tqdm
 
 from minillm.checkpoint import clean_state_dict, save_best
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.batches import data_notes, open_split
-from minillm.data.corpus import PAIRS
+from minillm.data.batches import Batches, scored_tokens
+from minillm.data.split_record import SplitRecord
+from minillm.data.tasks import task_for
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, save_torch, write_json
 from minillm.models import build_model, count_parameters, is_encoder_decoder, pick_device
@@ -49,7 +52,7 @@ from minillm.training.metrics import MetricsLog, plot_loss_curve
 from minillm.training.optimizer import lr_at, make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
-from minillm.training.state import restore_trainer_state, trainer_state
+from minillm.training.state import TrainState, restore_trainer_state, trainer_state
 from minillm.training.threads import ThroughputWatch, leave_busy_cores
 
 EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generator, seeded seed + this
@@ -66,6 +69,18 @@ def default_log(message: str) -> None:
         tqdm.write(message, file=sys.stderr if message.startswith("warning:") else sys.stdout)
 
 
+class StopReason(str, Enum):
+    """Why a training ended (Trainer.fit, TrainResult.stop_reason)."""
+
+    MAX_STEPS = "max_steps"  # it took all its steps
+    MAX_TIME = "max_time"  # its time budget ran out
+    EARLY_STOPPING = "early_stopping"  # --patience evaluations without a better validation loss
+    STOPPED = "stopped"  # asked to (the stop hook: Ctrl-C, a Stop button): saved, and `resume` continues it
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class TrainResult:
     """What a finished run reports."""
@@ -75,7 +90,7 @@ class TrainResult:
     best_step: int
     best_val_loss: float
     test_metrics: dict[str, Any]
-    stop_reason: str
+    stop_reason: StopReason
     parameters: int
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -89,7 +104,7 @@ class Trainer:
 
     _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
 
-    def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
+    def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: SplitRecord,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None):
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
         self.model_config, self.config = model_config, config
@@ -125,6 +140,7 @@ class Trainer:
         self.eval_model = self.model if self.ddp else self.forward_model  # the same windows on every rank
 
         self.split_record = split_record
+        self.task = task_for(split_record.task, is_encoder_decoder(model_config))  # how its data is batched
         self.tokenizer = load_tokenizer(self.files.tokenizer)  # for bits per byte
         self.tokenizer_fingerprint = self.tokenizer.fingerprint()  # saved with the model
         self.train_data = self.open_split("train")
@@ -135,18 +151,13 @@ class Trainer:
         self.eval_batches = []
         for _ in range(config.eval_batches):
             batch = val_data.batch_at(val_data.sample_starts(config.batch_size, eval_generator), self.device)
-            self.eval_batches.append((batch, int((batch["targets"] != model_config.pad_id).sum())))
+            self.eval_batches.append((batch, scored_tokens(batch)))
 
-        self.tokens_per_step = self._tokens_per_step()
-        self.max_steps = planned_steps(config, self._epoch_tokens(), self.tokens_per_step)
-        self.step = 0
-        self.best_val_loss = math.inf
-        self.best_step = 0
-        self.evals_since_best = 0
-        self.history: list[dict[str, float]] = []  # one row per evaluation: step, train_loss, val_loss
-        self.elapsed = 0.0  # training seconds, summed over resumed sessions
-        self.tokens_seen = 0
-        self.overfitting = False
+        self.epoch_tokens = self.task.epoch_tokens(self.train_data, split_record)
+        self.tokens_per_step = self.task.step_tokens(self.global_batch, self.epoch_tokens,
+                                                     split_record.samples["train"], model_config.max_seq_len)
+        self.max_steps = planned_steps(config, self.epoch_tokens, self.tokens_per_step)
+        self.state = TrainState()
         self.last_saved_step = 0
         self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
         self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
@@ -157,9 +168,9 @@ class Trainer:
         if note := leave_busy_cores():
             self.log(note)
 
-    def open_split(self, split: str):
-        return open_split(self.run_dir, split, self.model_config, is_encoder_decoder(self.model_config),
-                          self.config.source_fraction)
+    def open_split(self, split: str) -> Batches:
+        return self.task.open_batches(self.run_dir, split, self.split_record, self.model_config,
+                                      self.config.source_fraction)
 
     # -- planning ------------------------------------------------------------------------------------
 
@@ -168,22 +179,10 @@ class Trainer:
         """Sequences per optimizer step, over all accumulation steps and all processes."""
         return self.config.batch_size * self.config.grad_accum_steps * self.world_size
 
-    def _tokens_per_step(self) -> float:
-        rows = self.global_batch
-        if self.split_record["format"] == PAIRS:
-            return rows * self._epoch_tokens() / max(1, self.train_data.n_pairs)
-        return rows * self.train_data.seq_len
-
-    def _epoch_tokens(self) -> int:
-        """The tokens one pass over the training data trains on: for pairs, target + EOS within the context
-        (what a cut pair loses beyond it is never seen)."""
-        if self.split_record["format"] == PAIRS:
-            return self.train_data.fit().kept_target_tokens
-        return self.split_record["tokens"]["train"]
-
     def plan(self) -> RunPlan:
-        data = data_notes(self.split_record, self.train_data, self.open_split("test"), self.config.test_tokens)
-        return RunPlan(self.model_config, self.config, self.n_params, self._epoch_tokens(), self.tokens_per_step,
+        data = self.task.data_notes(self.split_record, self.train_data, self.open_split("test"),
+                                    self.config.test_tokens)
+        return RunPlan(self.model_config, self.config, self.n_params, self.epoch_tokens, self.tokens_per_step,
                        self.max_steps, str(self.device), self.world_size, tuple(data))
 
     def describe(self) -> None:
@@ -193,47 +192,46 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def fit(self, should_stop: StopHook | None = None) -> str:
-        """Train until max_steps, the time budget, early stopping or `should_stop()`; returns why it stopped
-        ("max_steps", "max_time", "early_stopping" or "stopped").
+    def fit(self, should_stop: StopHook | None = None) -> StopReason:
+        """Train until max_steps, the time budget, early stopping or `should_stop()`; returns why it stopped.
 
         `should_stop` is asked after every step; once it says True the run evaluates, saves its checkpoints
         and returns, and can be continued with `resume`. A KeyboardInterrupt ends it at once instead (the
         last checkpoint is the one saved at the last evaluation).
         """
         config = self.config
-        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=self.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                    disable=not (self.progress and self.main), desc="training")
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync per step
         eval_loss_sum = torch.zeros((), device=self.device)
         n_log = n_eval = tokens_since_log = 0
         session_start = last_log = time.monotonic()
-        elapsed_before = self.elapsed
-        stop_reason = "max_steps"
+        elapsed_before = self.state.elapsed
+        stop_reason = StopReason.MAX_STEPS
         try:
-            while self.step < self.max_steps:
+            while self.state.step < self.max_steps:
                 lr = lr_at(self.scheduled_step(), config, self.max_steps)
                 for group in (g for optimizer in self.optimizers for g in optimizer.param_groups):
                     group["lr"] = lr
                 loss = self._train_step()
-                self.step += 1
+                self.state.step += 1
                 loss_sum += loss
                 eval_loss_sum += loss
                 n_log += 1
                 n_eval += 1
                 tokens_since_log += self.tokens_per_step
-                self.tokens_seen += self.tokens_per_step
+                self.state.tokens_seen += self.tokens_per_step
                 bar.update(1)
-                self.elapsed = elapsed_before + time.monotonic() - session_start
+                self.state.elapsed = elapsed_before + time.monotonic() - session_start
 
-                if self.step % config.log_interval == 0:
+                if self.state.step % config.log_interval == 0:
                     now = time.monotonic()
                     train_loss = distributed.mean_over_ranks(loss_sum).item() / n_log
                     tokens_per_s = tokens_since_log / max(now - last_log, 1e-9)
-                    self._record({"kind": "train", "step": self.step, "train_loss": train_loss, "lr": lr,
-                                  "tokens_per_s": tokens_per_s, "tokens_seen": self.tokens_seen,
-                                  "elapsed": self.elapsed})
+                    self._record({"kind": "train", "step": self.state.step, "train_loss": train_loss, "lr": lr,
+                                  "tokens_per_s": tokens_per_s, "tokens_seen": self.state.tokens_seen,
+                                  "elapsed": self.state.elapsed})
                     if warning := self.throughput.check(tokens_per_s):
                         self.log(warning)
                     bar.set_postfix(self._postfix(train_loss, lr, tokens_per_s, now - last_log), refresh=False)
@@ -244,31 +242,31 @@ class Trainer:
                 # Every rank must take the same branch (an evaluation is collective): the time budget runs on
                 # rank 0's clock, and a stop asked on any rank counts for all.
                 out_of_time, stop_asked, budget_eval = distributed.any_rank(
-                    [self.main and config.max_time is not None and self.elapsed >= config.max_time,
+                    [self.main and config.max_time is not None and self.state.elapsed >= config.max_time,
                      should_stop is not None and bool(should_stop()), self.main and self._budget_eval_due()],
                     self.device)
-                if (self.step % config.eval_interval == 0 or self.step == self.max_steps or out_of_time
+                if (self.state.step % config.eval_interval == 0 or self.state.step == self.max_steps or out_of_time
                         or stop_asked or budget_eval):
                     self._evaluate_and_save(distributed.mean_over_ranks(eval_loss_sum).item() / max(1, n_eval))
                     eval_loss_sum.zero_()
                     n_eval = 0
-                    if config.patience is not None and self.evals_since_best >= config.patience:
-                        stop_reason = "early_stopping"
+                    if config.patience is not None and self.state.evals_since_best >= config.patience:
+                        stop_reason = StopReason.EARLY_STOPPING
                         self.log(f"early stopping: no improvement in {config.patience} evaluations; "
-                                 f"best val loss {self.best_val_loss:.4f} at step {self.best_step}")
+                                 f"best val loss {self.state.best_val_loss:.4f} at step {self.state.best_step}")
                         break
                     if stop_asked:
-                        stop_reason = "stopped"
-                        self.log(f"stopped at step {self.step} as asked; the run is saved: continue it "
+                        stop_reason = StopReason.STOPPED
+                        self.log(f"stopped at step {self.state.step} as asked; the run is saved: continue it "
                                  "with --resume")
                         break
                     if out_of_time:
-                        stop_reason = "max_time"
-                        self.log(f"time budget of {config.max_time:g} s reached at step {self.step}")
+                        stop_reason = StopReason.MAX_TIME
+                        self.log(f"time budget of {config.max_time:g} s reached at step {self.state.step}")
                         break
         except KeyboardInterrupt:
             bar.close()
-            self.log(f"interrupted at step {self.step}; the last checkpoint is step {self.last_saved_step}: "
+            self.log(f"interrupted at step {self.state.step}; the last checkpoint is step {self.last_saved_step}: "
                      "continue with --resume")
             raise
         bar.close()
@@ -278,14 +276,14 @@ class Trainer:
         """Where the learning-rate schedule is: the step, or with a time budget the share of the budget
         spent (in steps) if that is further, so that warmup and decay fit the budget on a slow machine."""
         if self.config.max_time is None:
-            return self.step
-        return max(self.step, self.elapsed / self.config.max_time * self.max_steps)
+            return self.state.step
+        return max(self.state.step, self.state.elapsed / self.config.max_time * self.max_steps)
 
     def _budget_eval_due(self) -> bool:
         """With a time budget: another 1/BUDGET_EVALS of it passed since the last such evaluation."""
         if self.config.max_time is None:
             return False
-        passed = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
+        passed = int(self.state.elapsed / (self.config.max_time / BUDGET_EVALS))
         due = passed > self.budget_evals
         self.budget_evals = max(self.budget_evals, passed)
         return due
@@ -293,14 +291,14 @@ class Trainer:
     def _postfix(self, train_loss: float, lr: float, tokens_per_s: float, seconds: float) -> dict[str, str]:
         """What the progress bar shows beside the step count; with a time budget, when the run will end."""
         postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tokens_per_s:,.0f}"}
-        if self.best_val_loss < math.inf:
-            postfix["val"] = f"{self.best_val_loss:.3f}"
+        if self.state.best_val_loss < math.inf:
+            postfix["val"] = f"{self.state.best_val_loss:.3f}"
             postfix["val bpb"] = f"{self.best_val_bpb:.3f}"
         if self.config.max_time is not None:
             step_seconds = seconds / self.config.log_interval
-            left = min((self.max_steps - self.step) * step_seconds, self.config.max_time - self.elapsed)
+            left = min((self.max_steps - self.state.step) * step_seconds, self.config.max_time - self.state.elapsed)
             postfix["ends in"] = tqdm.format_interval(max(0.0, left))
-        if self.overfitting:
+        if self.state.overfitting:
             postfix["warn"] = "overfitting"
         return postfix
 
@@ -351,29 +349,30 @@ class Trainer:
         rank_rng = distributed.gather_to_all(torch.get_rng_state()) if self.ddp else None
         if not math.isfinite(val_loss):
             raise MiniLLMError(
-                f"training diverged at step {self.step} (validation loss is {val_loss}); "
+                f"training diverged at step {self.state.step} (validation loss is {val_loss}); "
                 f"lower --learning-rate (now {self.config.learning_rate:g}) or keep --grad-clip on"
             )
-        improved = val_loss < self.best_val_loss
+        improved = val_loss < self.state.best_val_loss
         if improved:
-            self.best_val_loss, self.best_step, self.evals_since_best = val_loss, self.step, 0
+            self.state.best_val_loss, self.state.best_step, self.state.evals_since_best = val_loss, self.state.step, 0
             if self.main:
-                summary = {"step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
-                           "train_loss": train_loss, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                           "parameters": self.n_params, "data": self.split_record.get("source")}
+                summary = {"step": self.state.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
+                           "train_loss": train_loss, "tokens_seen": self.state.tokens_seen,
+                           "elapsed": self.state.elapsed, "parameters": self.n_params,
+                           "data": self.split_record.source}
                 save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, summary,
                           tokenizer_fingerprint=self.tokenizer_fingerprint)
         else:
-            self.evals_since_best += 1
-        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": val_loss,
+            self.state.evals_since_best += 1
+        self.state.history.append({"step": self.state.step, "train_loss": train_loss, "val_loss": val_loss,
                              "val_bits_per_byte": val_bpb})
         self._check_overfitting()
-        self._record({"kind": "eval", "step": self.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
+        self._record({"kind": "eval", "step": self.state.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
                       "train_loss": train_loss,
-                      "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-                      "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                      "overfitting": self.overfitting})
-        self.last_saved_step = self.step
+                      "best_val_loss": self.state.best_val_loss, "best_step": self.state.best_step,
+                      "tokens_seen": self.state.tokens_seen, "elapsed": self.state.elapsed,
+                      "overfitting": self.state.overfitting})
+        self.last_saved_step = self.state.step
         if self.main:
             self.save_last(rank_rng)
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
@@ -383,8 +382,8 @@ class Trainer:
     @property
     def best_val_bpb(self) -> float:
         """Validation bits per byte of the best model so far (nan before the first evaluation)."""
-        return next((row.get("val_bits_per_byte", math.nan) for row in reversed(self.history)
-                     if row["step"] == self.best_step), math.nan)
+        return next((row.get("val_bits_per_byte", math.nan) for row in reversed(self.state.history)
+                     if row["step"] == self.state.best_step), math.nan)
 
     def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
         if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
@@ -393,26 +392,26 @@ class Trainer:
 
     def _check_overfitting(self) -> None:
         """Warn once when val loss has risen OVERFIT_EVALS evaluations in a row while train loss fell."""
-        if not self.overfitting and is_overfitting(self.history):
-            self.overfitting = True
+        if not self.state.overfitting and is_overfitting(self.state.history):
+            self.state.overfitting = True
             self.log(
                 f"warning: overfitting: validation loss rose for {OVERFIT_EVALS} evaluations while training "
                 f"loss fell; the model ({self.n_params:,} parameters) is memorising its "
-                f"{self.split_record['tokens']['train']:,} training tokens. What usually helps: a smaller "
+                f"{self.split_record.tokens['train']:,} training tokens. What usually helps: a smaller "
                 "model (--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping "
-                f"keeps the best model (step {self.best_step}, val loss {self.best_val_loss:.4f})."
+                f"keeps the best model (step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})."
             )
 
     def save_last(self, rank_rng: list[torch.Tensor] | None = None) -> None:
         save_torch(self.files.last_checkpoint, trainer_state(self, rank_rng))
-        self.last_saved_step = self.step
+        self.last_saved_step = self.state.step
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a last.pt written by save_last()."""
         restore_trainer_state(self, state)
-        self.last_saved_step = self.step
+        self.last_saved_step = self.state.step
         if self.config.max_time is not None:  # the budget evaluations already made count as made
-            self.budget_evals = int(self.elapsed / (self.config.max_time / BUDGET_EVALS))
+            self.budget_evals = int(self.state.elapsed / (self.config.max_time / BUDGET_EVALS))
 
     # -- the end -------------------------------------------------------------------------------------
 
@@ -423,14 +422,14 @@ class Trainer:
         self.model.load_state_dict(clean_state_dict(best))
         metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
                         self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main)
-        metrics.update(best_step=self.best_step, best_val_loss=self.best_val_loss)
+        metrics.update(best_step=self.state.best_step, best_val_loss=self.state.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
         self.log(f"test: {describe_score(metrics)} "
-                 f"(best model: step {self.best_step}, val loss {self.best_val_loss:.4f})")
+                 f"(best model: step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})")
         return metrics
 
-    def result(self, stop_reason: str, test_metrics: dict[str, Any]) -> TrainResult:
-        return TrainResult(run_dir=self.run_dir, steps=self.step, best_step=self.best_step,
-                           best_val_loss=self.best_val_loss, test_metrics=test_metrics,
-                           stop_reason=stop_reason, parameters=self.n_params, history=list(self.history))
+    def result(self, stop_reason: StopReason, test_metrics: dict[str, Any]) -> TrainResult:
+        return TrainResult(run_dir=self.run_dir, steps=self.state.step, best_step=self.state.best_step,
+                           best_val_loss=self.state.best_val_loss, test_metrics=test_metrics,
+                           stop_reason=stop_reason, parameters=self.n_params, history=list(self.state.history))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from minillm.checkpoint import Run, read_run_config
+from minillm.checkpoint import Run, read_model_config
 from minillm.config import TOKENIZER_TYPES
 from minillm.errors import MiniLLMError
 from minillm.files import read_json
@@ -39,7 +39,7 @@ def run_choices(runs_dir: str | Path, extra: str | None = None) -> list[str]:
 def run_paths(run_dir: str | Path) -> tuple[str, str, str, str]:
     """(model path, tokenizer path, model type, tokenizer type) of a run folder, from its config."""
     files = RunFolder(run_dir)
-    config, meta = read_run_config(files.best_config)
+    config, meta = read_model_config(files.best_config)
     tokenizer_type = meta.get("tokenizer_type")
     if tokenizer_type not in TOKENIZER_TYPES:
         tokenizer_type = TOKENIZER_TYPES[0]

@@ -14,7 +14,7 @@ from minillm.config import PRESETS, ModelConfig, TrainConfig, preset_configs
 from minillm.data.prepare import bundled_data_path
 from minillm.errors import MiniLLMError
 from minillm.run_folder import RunFolder, default_run_name
-from minillm.training import resume, train
+from minillm.training import check_resumable, resume, train
 from minillm.training.preview import describe_seconds, preview_run
 from minillm.ui.loading import run_choices, run_paths
 from minillm.ui.session import Session, error_box, no_error, warning_box
@@ -137,9 +137,7 @@ def resume_training(manager: TrainingManager, session: Session, runs_dir: str, *
         last = manager.status()
         if last is not None and last.state == STOPPED and not (name or "").strip():
             folder = last.run_dir  # the run just stopped (the form's blank name may mean another)
-        if not RunFolder(folder).last_checkpoint.is_file():
-            raise MiniLLMError(f"nothing to resume in {folder}: it has no {RunFolder(folder).last_checkpoint.name}"
-                               " (training saves one at the first evaluation); start a new run instead")
+        check_resumable(folder)
         overrides = {"max_steps": config.max_steps, "max_time": config.max_time}
 
         def work(job):

@@ -1,4 +1,4 @@
-"""Starting a run and continuing one: `train` (a new run in a folder) and `resume` (from its last.pt).
+"""Starting a training: `train` (a new run in a folder) and `resume` (an interrupted run, from its last.pt).
 
 The folder is checked before anything is written, prepared in a staging folder and swapped in, and locked
 for the life of the training; the loop itself is trainer.Trainer.
@@ -12,7 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import check_compatible, write_train_config
+from minillm.checkpoint import check_compatible, read_model_config, read_train_config, write_train_config
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
@@ -29,6 +29,7 @@ from minillm.training.trainer import (
     LogFn,
     MetricsCallback,
     StopHook,
+    StopReason,
     Trainer,
     TrainResult,
     default_log,
@@ -77,7 +78,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
                 tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar,
                                                      imported)
                 trained_config = with_tokenizer(model_config, tokenizer)
-                write_train_config(staged, trained_config, config)
+                write_train_config(staged, config)
                 replaced = folder.replace_with(staged)
             if replaced:
                 log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
@@ -90,7 +91,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
         return finish(trainer, trainer.fit(should_stop))
 
 
-def finish(trainer: Trainer, stop_reason: str) -> TrainResult:
+def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
     """The result of a run, with the best model's test metrics (scored by rank 0 alone; the other ranks wait
     for it, so that no rank leaves the process group while another still uses it)."""
     result = trainer.result(stop_reason, trainer.test() if is_main_process() else {})
@@ -103,6 +104,18 @@ RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interva
                     "compile", "dtype", "threads", "test_tokens")
 
 
+def check_resumable(run_dir: str | Path) -> RunFolder:
+    """The run folder, if it has a last.pt to resume from; else the one error that says so (the CLI's and
+    the UI's)."""
+    folder = RunFolder(run_dir)
+    if not folder.last_checkpoint.is_file():
+        raise MiniLLMError(
+            f"nothing to resume in {run_dir}: it has no {folder.last_checkpoint.name} (training saves one at the "
+            "first evaluation); start a new run instead (the CLI: --overwrite rather than --resume)"
+        )
+    return folder
+
+
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
            model_overrides: dict[str, Any] | None = None, progress: bool = True, log: LogFn = default_log,
            on_metrics: MetricsCallback | None = None, should_stop: StopHook | None = None) -> TrainResult:
@@ -111,12 +124,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
     `overrides` may change RESUMABLE_FIELDS (e.g. a longer max_time); any other field, of the training
     or (`model_overrides`) the model config, must equal what the run was trained with.
     """
-    folder = RunFolder(run_dir)
-    if not folder.last_checkpoint.is_file():
-        raise MiniLLMError(
-            f"nothing to resume in {run_dir}: it has no {folder.last_checkpoint.name} (training saves one at the "
-            "first evaluation); start again with --overwrite"
-        )
+    folder = check_resumable(run_dir)
     with folder.lock() if is_main_process() else contextlib.nullcontext():
         state = load_torch(folder.last_checkpoint)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -127,8 +135,8 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
                                "cannot be resumed; its best model still loads (generate, evaluate, export); start "
                                "again with --overwrite to train on")
         overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
-        saved_train = TrainConfig.from_dict(state["train_config"]).to_dict()  # (old field names renamed)
-        saved_model = state["model_config"]
+        saved_train = read_train_config(run_dir).to_dict()
+        saved_model = read_model_config(folder.best_config)[0].to_dict()
         changed = [k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved_train.get(k) != v]
         changed += [k for k, v in model_overrides.items() if saved_model.get(k) != v]
         if changed:
@@ -145,7 +153,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         trainer.load_state(state)
         del state
         if is_main_process():
-            trainer.metrics.truncate_after(trainer.step)
-            write_train_config(run_dir, model_config, config)
-        log(f"resuming {run_dir} at step {trainer.step} of {trainer.max_steps}")
+            trainer.metrics.truncate_after(trainer.state.step)
+            write_train_config(run_dir, config)
+        log(f"resuming {run_dir} at step {trainer.state.step} of {trainer.max_steps}")
         return finish(trainer, trainer.fit(should_stop))
