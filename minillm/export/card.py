@@ -48,7 +48,7 @@ def model_card(run: Run, usage: str, library: str = "transformers") -> str:
         f"- validation loss {_loss(training.get('val_loss'))}; test loss {_loss(test.get('loss'))} "
         f"over {test.get('tokens', 0):,} tokens", "",
         "## A sample", "",
-        *_sample(run, folder), "",
+        *_sample(run), "",
         "## Use it", "", usage.strip(), "",
     ]
     return "\n".join(lines)
@@ -58,10 +58,17 @@ def _loss(loss: float | None) -> str:
     return "unknown" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):.2f})"
 
 
-def _sample(run: Run, folder: RunFolder) -> list[str]:
+def example_prompt(run: Run) -> str:
+    """A prompt in the style of the run's data (the start of its test split; "" when the run folder lacks
+    it): the card's sample and its how-to begin with it."""
+    folder = Path(run.info["model_path"]).parent
+    return _optional(lambda: sample_prompt(folder, run.tokenizer,
+                                           min(CARD_PROMPT_TOKENS, run.config.max_seq_len // 2)), "")
+
+
+def _sample(run: Run) -> list[str]:
     sampling = SamplingConfig(max_new_tokens=CARD_SAMPLE_TOKENS, seed=CARD_SAMPLE_SEED)
-    prompt = _optional(lambda: sample_prompt(folder.path, run.tokenizer,
-                                             min(CARD_PROMPT_TOKENS, run.config.max_seq_len // 2)), "")
+    prompt = example_prompt(run)
     prefix, source = generation_inputs(is_encoder_decoder(run.config), prompt, None) if prompt.strip() else (
         prompt, None)
     text = _optional(lambda: generate_text(run.model, run.tokenizer, prefix, sampling, source=source), "")
