@@ -13,6 +13,9 @@
       test_metrics.json       the best model's loss on the test split
       {split}.bin             the prepared tokens of a plain-text split (train, val, test)
       {split}.src.bin, {split}.tgt.bin, {split}.offsets.npy   the same for a file of pairs
+      .minillm.lock           held by the process training here
+      .staging-*/             a new run being prepared (and, replacing a run, trained until its first model)
+      .swapping-*/            a new run being moved in (RunFolder.swap_in); finished by the next load
 
 Everybody asks a `RunFolder` where a file is (`RunFolder(path).best_model`); adding a file to a run is
 one edit here. Imports nothing of ours but errors, so any layer may use it.

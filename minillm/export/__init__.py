@@ -6,7 +6,8 @@
 
 A format is asked what it can do (`refusal(run)`: why it cannot take this run, or None); the CLI never
 names a format. The libraries a format writes with (transformers, safetensors, gguf) are the optional
-`export` extra, imported here only; a missing one is one line saying what to install.
+`export` extra, imported here only; a missing one is one line saying what to install. Where the output
+goes, and what --overwrite may replace, is export.target's: the same for every format.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import check_compatible, write_train_config
+from minillm.checkpoint import check_compatible, check_finite, write_train_config
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
@@ -146,6 +146,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MiniLLMError(f"{folder.last_checkpoint} is not a Mini LLM resume checkpoint; start again with "
                                "--overwrite")
+        check_finite(state["model"], folder.last_checkpoint)
         if fuse_split(state["model"]).keys() != state["model"].keys():
             raise MiniLLMError(f"{folder.last_checkpoint} was written by an older Mini LLM (unfused layers) and "
                                "cannot be resumed; its best model still loads (generate, evaluate, export); start "
