@@ -89,7 +89,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
 
         trained, split_record, workdir = distributed.run_on_main(prepare)
 
-        def swap_in_first_model() -> None:
+        def swap_in_first_model(trainer: Trainer) -> None:  # (the trainer as an argument: no reference cycle)
             """Once the new run has a model (and last.pt) in its staging folder, it replaces the old run."""
             if trainer.run_dir == folder.path:
                 return

@@ -91,7 +91,7 @@ class Trainer:
 
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: dict,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None,
-                 after_save: Callable[[], None] | None = None):
+                 after_save: Callable[[Trainer], None] | None = None):
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
         self.model_config, self.config = model_config, config
         self.log, self.progress, self.on_metrics = log, progress, on_metrics
@@ -385,7 +385,7 @@ class Trainer:
         if self.main:
             self.save_last(rank_rng)
         if self.after_save is not None:
-            self.after_save()
+            self.after_save(self)
         if self.main:
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
