@@ -94,6 +94,17 @@ def check_compatible(config: ModelConfig, tokenizer: Tokenizer, where: str = "")
         )
 
 
+def check_finite(state: dict[str, Any], path: str | Path) -> None:
+    """Refuse weights holding NaN or Inf (a damaged file, or a diverged training): they would generate
+    garbage, and an export would carry them on, without a word."""
+    bad = [name for name, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise MiniLLMError(f"checkpoint {path} holds weights that are not numbers (NaN or Inf) in {listed}: the "
+                           "file is damaged; restore it from a copy, or retrain")
+
+
 def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_path: str | Path | None = None,
                      device: str | torch.device | None = None) -> Run:
     """Load a model from explicit paths; the config defaults to best_model_config.json beside the weights."""
@@ -120,6 +131,7 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
     if not isinstance(state, dict):
         raise MiniLLMError(f"checkpoint {model_path} does not hold a state_dict; retrain or pick another file")
     state = fuse_split(clean_state_dict(state))  # (checkpoints from before the projections were fused)
+    check_finite(state, model_path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -140,6 +152,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
     folder = RunFolder(run_dir)
     if not folder.path.is_dir():
         raise MiniLLMError(f"run folder not found: {run_dir}; train one with `minillm train --out {run_dir}`")
+    folder.finish_swaps_for_reading()  # a new run that a killed training had begun to move in
     if not folder.best_model.is_file():
         raise MiniLLMError(f"{run_dir} has no {folder.best_model.name}: training has not saved a model there yet")
     return load_model_files(folder.best_model, folder.tokenizer, folder.best_config, device)

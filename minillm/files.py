@@ -8,14 +8,17 @@ and torch only when a torch file is read or written, so the tokenizers can use i
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from minillm.errors import MiniLLMError
 
 MIN_FREE_BYTES = 1 << 20  # a failed write with less than this free on the disk: the disk is full
 NEW_FILE_MODE = 0o666  # what open() asks for; the user's umask takes bits away
+NEW_FOLDER_MODE = 0o777  # what mkdir() asks for
 
 
 def _umask_by_setting() -> int:
@@ -47,6 +51,12 @@ def current_umask() -> int:
     return _UMASK_AT_IMPORT
 
 
+def follow_umask(path: str | Path) -> None:
+    """Give a file or folder the permissions open() or mkdir() would have given it (0666 or 0777 less the
+    umask): for what mkstemp, mkdtemp or a library made private (0600, 0700)."""
+    os.chmod(path, (NEW_FOLDER_MODE if Path(path).is_dir() else NEW_FILE_MODE) & ~current_umask())
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call `write(file)` on a temporary file beside `path`, then move it into place.
 
@@ -56,29 +66,94 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, NEW_FILE_MODE & ~current_umask())
+        follow_umask(tmp)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # Ctrl-C included: never leave the temporary file behind
-        # A full disk shows as ENOSPC, or (torch.save) as a RuntimeError of its own: look before the
-        # temporary file goes and gives the space back.
-        full = isinstance(e, OSError) and e.errno in DISK_FULL
-        full = full or (isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < MIN_FREE_BYTES)
+        full = is_disk_full(e, path.parent)  # (asked before the temporary file goes and gives the space back)
         Path(tmp).unlink(missing_ok=True)
         if full:
-            raise MiniLLMError(disk_full_message(path)) from None
+            raise DiskFullError(path) from None
         raise
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# How libraries that do not raise an OSError with its errno word it (safetensors: "... No space left on
+# device (os error 28)").
+DISK_FULL_TEXTS = tuple(os.strerror(code) for code in DISK_FULL)
 
 
-def disk_full_message(path: Path) -> str:
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether `error`, raised while writing into `folder`, means the disk (or the user's quota) is full."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            return True
+        if any(text in str(cause) for text in DISK_FULL_TEXTS):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    # torch.save (a RuntimeError) and numpy's tofile ("16384 requested and 13184 written", an OSError without
+    # an errno) report a short write in words of their own: look at the space left.
+    if isinstance(error, RuntimeError) or (isinstance(error, OSError) and error.errno is None):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < MIN_FREE_BYTES
+    return False
+
+
+class DiskFullError(MiniLLMError):
+    """A write that failed because the disk was full; `path` is the file that was being written."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(disk_full_message(path))
+        self.path = path
+
+
+def disk_full_message(path: Path, kept: str | None = None) -> str:
     return (f"no space left on the disk to write {path}; free some space or use a folder on another disk "
-            f"(--out); {path.name} was left as it was")
+            f"(--out); {kept or path.name} was left as it was")
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path: str | Path) -> Iterator[None]:
+    """Turn a full disk while the block writes `path` (with a library's own writer) into a DiskFullError."""
+    path = Path(path)
+    try:
+        yield
+    except MiniLLMError:
+        raise
+    except Exception as e:
+        if is_disk_full(e, path.parent):
+            raise DiskFullError(path) from None
+        raise
+
+
+# renameat2's flag that swaps two paths in one step (Linux 3.15+, glibc 2.28+); where it is missing, a
+# caller falls back to moving files one by one.
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two folders (or files) atomically, each name then holding what the other held; False where the
+    system or file system cannot (nothing was changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rename = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if rename(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EBUSY, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

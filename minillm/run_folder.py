@@ -14,6 +14,9 @@
       test_metrics.json       the best model's loss on the test split
       {split}.bin             the prepared tokens of a plain-text split (train, val, test)
       {split}.src.bin, {split}.tgt.bin, {split}.offsets.npy   the same for a file of pairs
+      .minillm.lock           held by the process training here
+      .staging-*/             a new run being prepared (and, replacing a run, trained until its first model)
+      .swapping-*/            a new run being moved in (RunFolder.swap_in); finished by the next load
 
 Everybody asks a `RunFolder` where a file is (`RunFolder(path).best_model`); adding a file to a run is
 one edit here. Imports nothing of ours but errors and the version, so any layer may use it.
@@ -26,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,7 +54,10 @@ TEST_METRICS_FILE = "test_metrics.json"
 
 INCOMPLETE_FIX = "train it again with --overwrite"  # what to do about a run folder whose files are damaged
 LOCK_FILE = ".minillm.lock"  # held (flock) by the process training into the folder
-STAGING_PREFIX = ".staging-"  # a new run's files are written here, then moved in
+STAGING_PREFIX = ".staging-"  # a new run's files are written (and, if it replaces a run, trained) here
+SWAPPING_PREFIX = ".swapping-"  # a staged run being moved in (see RunFolder.swap_in)
+SWAP_MANIFEST = "swap.json"  # in a .swapping- folder: the names of the files it moves in
+SWAP_WAIT_SECONDS = 10.0  # how long a reader waits for a live training to finish moving its new run in
 
 SPLITS = ("train", "val", "test")
 PAIR_SIDES = ("src", "tgt")  # the source and target token streams of a pair file
@@ -205,25 +212,87 @@ class RunFolder:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
-        """A fresh folder inside this one to write a new run into; removed afterwards (what was not moved
-        in with `replace_with` is lost, so a failed preparation leaves the old run as it was)."""
-        for old in self.path.glob(f"{STAGING_PREFIX}*"):  # left by a process that died while preparing
-            shutil.rmtree(old, ignore_errors=True)
+        """A fresh folder inside this one to write a new run into (call `clean_leftovers` first); removed
+        afterwards unless `swap_in` took it, so a failed preparation leaves the old run as it was."""
+        self.path.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
         try:
             yield staged
         finally:
             shutil.rmtree(staged, ignore_errors=True)
 
-    def replace_with(self, staged: Path) -> list[str]:
-        """Delete this run's own files (by exact name; nothing else in the folder), then move the staged
-        run's files in. Returns the names of the files that were replaced."""
+    def swap_in(self, staged: Path) -> list[str]:
+        """Replace this folder's run with the staged one; returns the names of the files that were replaced.
+
+        The staged folder is renamed `.swapping-*` first, with the list of its files (one atomic step: from
+        then on the new run is the one), then its files are moved in and the old run's other files deleted,
+        by exact name (nothing else in the folder). A process killed in between leaves the `.swapping-*`
+        folder, and the next `load_run`, `train` or `--resume` here finishes the swap (`finish_swaps`).
+        """
         replaced = [p.name for p in self.existing_files()]
-        for path in self.existing_files():
-            path.unlink()
-        for path in sorted(staged.iterdir()):
-            os.replace(path, self.path / path.name)
+        names = sorted(p.name for p in staged.iterdir() if p.is_file())
+        with open(staged / SWAP_MANIFEST, "w", encoding="utf-8") as f:
+            json.dump({"files": names}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        swapping = self.path / (SWAPPING_PREFIX + staged.name.removeprefix(STAGING_PREFIX))
+        os.rename(staged, swapping)  # the commit
+        self._finish_swap(swapping)
         return replaced
+
+    def _finish_swap(self, swapping: Path) -> None:
+        """Move a committed run's files in (what is still in `swapping`) and delete the old run's others."""
+        names = json.loads((swapping / SWAP_MANIFEST).read_text(encoding="utf-8"))["files"]
+        for name in names:
+            if (swapping / name).exists():
+                os.replace(swapping / name, self.path / name)
+        for path in self.existing_files():
+            if path.name not in names:
+                path.unlink(missing_ok=True)
+        shutil.rmtree(swapping)
+
+    def pending_swaps(self) -> list[Path]:
+        """`.swapping-*` folders: a new run that a killed process had begun to move in."""
+        return sorted(self.path.glob(f"{SWAPPING_PREFIX}*")) if self.path.is_dir() else []
+
+    def finish_swaps(self) -> list[str]:
+        """Finish the swaps that killed processes left half done (the caller holds the lock); one message each."""
+        messages = []
+        for swapping in self.pending_swaps():
+            if not (swapping / SWAP_MANIFEST).is_file():  # (emptied, not yet removed)
+                shutil.rmtree(swapping, ignore_errors=True)
+                continue
+            self._finish_swap(swapping)
+            messages.append(f"finished moving the new run into {self.path} (its training was stopped while "
+                            f"it replaced the run that was there)")
+        return messages
+
+    def clean_leftovers(self) -> list[str]:
+        """What a killed process left (the caller holds the lock): finish its swap, remove its staging folder
+        (a new run stopped before its first model: the old run, if any, was never touched). One message each."""
+        messages = self.finish_swaps()
+        for staged in sorted(self.path.glob(f"{STAGING_PREFIX}*")) if self.path.is_dir() else []:
+            size = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+            shutil.rmtree(staged, ignore_errors=True)
+            messages.append(f"removed {staged.name} from {self.path} ({size / 2**20:.1f} MB): a new run that a "
+                            "stopped training left before its first model; the run that was there is kept")
+        return messages
+
+    def finish_swaps_for_reading(self) -> None:
+        """Before a run is read: finish a swap that a killed training left half done, so that the new run
+        loads whole. A live training that is swapping right now holds the lock: wait for it."""
+        deadline = time.monotonic() + SWAP_WAIT_SECONDS
+        while self.pending_swaps():
+            try:
+                with self.lock():
+                    self.finish_swaps()
+                return
+            except OSError:  # a folder we may not write: read it as it is
+                return
+            except MiniLLMError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(SWAP_WAIT_SECONDS / 100)
 
 
 def default_run_name(data: str | Path | None, model_type: str, tokenizer: str) -> str:

@@ -189,3 +189,32 @@ def test_files_are_written_with_the_users_umask(tmp_path, umask, expected):
     assert current_umask() == previous
     for name in ("a.json", "b.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_that_are_not_numbers_are_refused_everywhere(tmp_path, tiny_run, capsys, bad):
+    """A bit-rotted checkpoint (a valid file whose weights hold NaN or Inf) is refused by every load: it would
+    generate garbage, export the NaNs, or train on from them, without a word."""
+    from minillm.cli import main
+
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    state = load_torch(run_dir / "best_model.pt")
+    state["layers.1.mlp.down_proj.weight"][3, 5] = bad
+    save_torch(run_dir / "best_model.pt", state)
+    with pytest.raises(MiniLLMError, match=r"best_model.pt holds weights that are not numbers \(NaN or Inf\) in "
+                                           r"layers.1.mlp.down_proj.weight: the file is damaged"):
+        load_run(run_dir)
+    for argv in (["generate", str(run_dir), "--prompt", "the", "--max-new-tokens", "3"],
+                 ["export", str(run_dir), "--format", "safetensors", "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not numbers (NaN or Inf)" in err
+    assert not (tmp_path / "out").exists()
+
+    last = load_torch(run_dir / "last.pt")
+    last["model"]["embed_tokens.weight"][0, 0] = bad
+    save_torch(run_dir / "last.pt", last)
+    from minillm.training import resume
+
+    with pytest.raises(MiniLLMError, match="last.pt holds weights that are not numbers"):
+        resume(run_dir, progress=False, log=lambda m: None)

@@ -18,6 +18,7 @@ from minillm.config import ModelConfig
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.export import EXPORT_FORMATS, export_run
+from minillm.export.card import example_prompt
 from minillm.export.gguf import TENSOR_NAMES, gguf_name, unpermute_for_rope
 from minillm.models import build_model
 from minillm.models.llama import split_fused
@@ -103,7 +104,7 @@ def test_hf_export_is_the_same_model_in_transformers(runs, kind, tmp_path, one_t
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (roles["pad"], roles["bos"], roles["eos"])
 
 
-def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_path):
+def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_path, corpus_file):
     run = load_run(runs["bpe"], "cpu")
     out = export_run(runs["bpe"], "hf", tmp_path / "demo-hf", dtype="float16")
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
@@ -119,6 +120,12 @@ def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_p
     generation = transformers.GenerationConfig.from_pretrained(out)
     assert (generation.temperature, generation.top_k, generation.do_sample) == (
         SamplingConfig().temperature, SamplingConfig().top_k, True)
+    # Its length stays within the context (transformers has no sliding window), the prompt included.
+    assert (generation.max_length, generation.max_new_tokens) == (c.max_seq_len, None)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    model.generation_config.eos_token_id = None  # (no early end: the length is the one to see)
+    ids = prompt_ids(run)
+    assert model.generate(ids, attention_mask=torch.ones_like(ids)).shape[1] == c.max_seq_len
     weights = safetensors_torch.load_file(out / "model.safetensors")
     assert "lm_head.weight" not in weights and weights["model.embed_tokens.weight"].dtype == torch.float16
     card = (out / "README.md").read_text(encoding="utf-8")
@@ -126,6 +133,9 @@ def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_p
     assert f"validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})" in card
     assert "corpus.txt" in card and "tokens seen" in card and "test loss" in card and "temperature 0.8" in card
     assert 'AutoModelForCausalLM.from_pretrained("demo-hf")' in card
+    prompt = example_prompt(run)  # the how-to's prompt comes from the run's data, not another corpus's
+    assert prompt.strip() and prompt in corpus_file.read_text() and f"tokenizer({prompt!r}" in card
+    assert "ROMEO" not in card and "model.generate(**inputs)" in card
 
 
 # ---- GGUF -----------------------------------------------------------------------------------------------
@@ -310,6 +320,6 @@ def test_an_existing_output_is_replaced_only_when_asked_and_only_if_it_is_an_exp
     gguf_args = ["export", str(runs["bpe"]), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--overwrite"]
     assert main(gguf_args) == 0 and main(gguf_args) == 0  # an earlier GGUF file is replaced
     (tmp_path / "m.gguf").write_text("not a model")
-    assert main(gguf_args) == 2 and "is not a gguf file" in capsys.readouterr().err
+    assert main(gguf_args) == 2 and "is not a gguf file that Mini LLM exported" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing"), "--format", "hf", "--out", str(tmp_path / "x")]) == 2
     assert "run folder not found" in capsys.readouterr().err

@@ -3,17 +3,24 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from conftest import tiny_configs
 
+from minillm.checkpoint import load_run
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
+from minillm.generation import generate_text
 from minillm.run_folder import RUN_MARKERS, RunFolder
+from minillm.sampling import SamplingConfig
 from minillm.training import resume, train
 
 # Tiny models run on one CPU thread (see conftest.single_thread).
@@ -186,3 +193,121 @@ def test_the_memory_floor_counts_the_state_the_run_s_optimizers_keep(optimizer):
     assert estimate.weights_and_optimizer == (weights + gradients + state) * BYTES_PER_FLOAT
     adamw = estimate_training_memory(model_config, config.replace(optimizer="adamw"))
     assert (estimate.weights_and_optimizer < adamw.weights_and_optimizer) == (optimizer == "muon")
+
+
+# ---- --overwrite: the old run loads until the new one has a model, then the new one --------------------
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory, corpus_file):
+    """A run that differs from tiny_run in every file a load reads (BPE, another width)."""
+    path = tmp_path_factory.mktemp("other") / "run"
+    model_config, train_config = tiny_configs(tokenizer="bpe", data=corpus_file, max_steps=5, eval_interval=5)
+    train(model_config.replace(d_model=48), train_config, path, progress=False, log=quiet)
+    return path
+
+
+def run_files(path):
+    """{name: bytes} of a run's own files in a folder."""
+    return {p.name: p.read_bytes() for p in RunFolder(path).existing_files()}
+
+
+def test_overwrite_keeps_the_old_run_loadable_until_the_new_one_has_a_model(tmp_path, tiny_run, corpus_file):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    old = run_files(run_dir)
+    seen = []
+
+    def look() -> bool:  # asked after every step: which run loads now?
+        run = load_run(run_dir)
+        seen.append("old" if run_files(run_dir) == old else run.config.d_model)
+        return False
+
+    messages = []
+    model_config, train_config = tiny_configs(data=corpus_file, max_steps=8, eval_interval=4)
+    train(model_config.replace(d_model=48), train_config, run_dir, overwrite=True, progress=False,
+          log=messages.append, should_stop=look)
+    assert seen == ["old"] * 4 + [48] * 4  # (asked before the evaluation of its step) swapped at step 4
+    assert any(m.startswith(f"replaced the run that was in {run_dir}") for m in messages)
+    assert not list(run_dir.glob(".staging-*")) and not list(run_dir.glob(".swapping-*"))
+    assert load_run(run_dir).config.d_model == 48 and "test_metrics.json" in run_files(run_dir)
+
+
+def test_an_overwrite_interrupted_before_its_first_model_keeps_the_old_run_and_says_so(tmp_path, tiny_run,
+                                                                                        corpus_file):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    old = run_files(run_dir)
+    steps = iter(range(1, 100))
+
+    def ctrl_c() -> bool:
+        if next(steps) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(*tiny_configs(data=corpus_file, max_steps=8, eval_interval=4), run_dir, overwrite=True,
+              progress=False, log=messages.append, should_stop=ctrl_c)
+    assert run_files(run_dir) == old and not list(run_dir.glob(".staging-*"))
+    assert f"the run that was in {run_dir} is kept: the new one had not saved a model yet" in messages
+
+
+KILL_AT_CALL = """
+import os, signal, sys
+from minillm.run_folder import RunFolder
+calls = iter(range(1, 10**6))
+def dying(real):
+    def call(*args, **kwargs):
+        if next(calls) == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+for name in ("rename", "replace", "unlink"):
+    setattr(os, name, dying(getattr(os, name)))
+RunFolder(sys.argv[1]).swap_in(RunFolder(sys.argv[2]).path)
+"""
+
+
+def test_a_swap_killed_at_any_step_leaves_the_old_run_or_the_new_one(tmp_path, tiny_run, other_run):
+    """A real process swaps a new run in and is SIGKILLed at its n-th rename or deletion, for every n: the
+    folder then loads as the old run (killed before the commit) or the new one (after it), whole."""
+    old, new = run_files(tiny_run), run_files(other_run)
+    outcomes = []
+    for step in range(1, 100):
+        run_dir = shutil.copytree(tiny_run, tmp_path / f"run{step}")
+        staged = shutil.copytree(other_run, run_dir / ".staging-test", ignore=shutil.ignore_patterns(".*"))
+        done = subprocess.run([sys.executable, "-c", KILL_AT_CALL, str(run_dir), str(staged), str(step)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr
+        run = load_run(run_dir)  # finishes a swap that was committed
+        generate_text(run.model, run.tokenizer, "the", SamplingConfig(max_new_tokens=4, seed=0))
+        outcomes.append("old" if run_files(run_dir) == old else "new" if run_files(run_dir) == new else "mixed")
+        assert outcomes[-1] != "mixed", step
+        assert not list(run_dir.glob(".swapping-*"))
+        with RunFolder(run_dir).lock():
+            messages = RunFolder(run_dir).clean_leftovers()  # what the next train or --resume does first
+        assert not list(run_dir.glob(".staging-*")) and run_files(run_dir) in (old, new)
+        assert (outcomes[-1] == "old") == any("removed .staging-test" in m for m in messages)
+        if done.returncode == 0:
+            break
+    assert outcomes[0] == "old" and set(outcomes[1:]) == {"new"} and len(outcomes) > len(new)
+
+
+def test_the_next_training_finishes_a_swap_or_removes_a_staging_folder_and_says_so(tmp_path, tiny_run,
+                                                                                    other_run, corpus_file):
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    swapping = shutil.copytree(other_run, run_dir / ".swapping-x", ignore=shutil.ignore_patterns(".*"))
+    (swapping / "swap.json").write_text(json.dumps({"files": sorted(run_files(other_run))}))
+    (swapping / "best_model.pt").rename(run_dir / "best_model.pt")  # killed after its first move
+    messages = []
+    resume(run_dir, {"max_steps": 6}, progress=False, log=messages.append)
+    assert f"finished moving the new run into {run_dir} (its training was stopped while it replaced the run " \
+           "that was there)" in messages
+    assert load_run(run_dir).config.d_model == 48
+
+    (run_dir / ".staging-y").mkdir()
+    (run_dir / ".staging-y" / "train.bin").write_bytes(bytes(2**20))
+    messages = []
+    train(*tiny_configs(data=corpus_file, max_steps=2, eval_interval=1), run_dir, overwrite=True,
+          progress=False, log=messages.append)
+    assert any(m.startswith(f"removed .staging-y from {run_dir} (1.0 MB): a new run that a stopped training "
+                            "left before its first model") for m in messages)
+    assert not (run_dir / ".staging-y").exists()

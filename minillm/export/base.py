@@ -28,8 +28,9 @@ class ExportFormat:
     write: Callable[[Run, Path, str], None]  # (run, out, dtype): writes `out` (a folder or a file)
     refusal: Callable[[Run], str | None]  # why this run cannot be exported so (None: it can)
     folder: bool  # True: `out` is a folder of files; False: one file
-    file_names: tuple[str, ...] = ()  # the files a folder format writes (an --overwrite replaces only these)
-    file_magic: bytes = b""  # how a one-file format's file begins (an --overwrite replaces only such a file)
+    # A one-file format: whether a file is one of its exports (by a marker it writes in it): an --overwrite
+    # replaces nothing else. A folder format's exports are recognised by export.target's marker file.
+    is_export: Callable[[Path], bool] = lambda path: False
 
 
 def require(*modules: str) -> list[ModuleType]:

@@ -55,6 +55,13 @@ def _loss(loss: float | None) -> str:
     return "unknown" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):.2f})"
 
 
+def example_prompt(run: Run) -> str:
+    """A prompt in the style of the run's data (the showcase's: the start of its test split; "" when the run
+    folder lacks it): the card's sample and its how-to begin with it."""
+    sample = _optional(lambda: showcase(run, CARD_SAMPLE_TOKENS, CARD_PROMPT_TOKENS), None)
+    return "" if sample is None else sample.prompt
+
+
 def _sample(run: Run) -> list[str]:
     """The run's showcase sample (generation.showcase), or a line saying why there is none."""
     sample = _optional(lambda: showcase(run, CARD_SAMPLE_TOKENS, CARD_PROMPT_TOKENS), None)

@@ -11,6 +11,7 @@ norms stay float32 whatever --dtype, as llama.cpp expects.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,17 @@ import torch
 
 from minillm.checkpoint import Run
 from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
+from minillm.files import reporting_full_disk
 from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
+from minillm.version import __version__
 
 # llama.cpp's architectures that rotate adjacent pairs (its "normal" RoPE), for which q and k are permuted.
 PAIRWISE_ROPE = ("llama",)
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's byte-level BPE
 PRE_TOKENIZER = "gpt-2"  # GPT-2's split regex: what pre_tokenizers.ByteLevel(use_regex=True) applies
+EXPORT_KEY = "minillm.version"  # the marker of a Mini LLM export (llama.cpp ignores keys it does not know)
+GGUF_MAGIC = b"GGUF"
 # Our names -> llama.cpp's ({i}: the layer).
 TENSOR_NAMES = {
     "embed_tokens.weight": "token_embd.weight",
@@ -153,14 +158,33 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     defaults = SamplingConfig()
     writer.add_sampling_temp(defaults.temperature)
     writer.add_sampling_top_k(defaults.top_k)
+    writer.add_string(EXPORT_KEY, __version__)
     for name, array in gguf_tensors(run, dtype).items():
         writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with reporting_full_disk(out):
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close()  # (gives the file back; the first error is the one to report)
+            raise
+        writer.close()
+
+
+def is_gguf_export(path: Path) -> bool:
+    """Whether `path` is a GGUF file that Mini LLM exported (it has the EXPORT_KEY)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                return False
+        (gguf,) = require("gguf")
+        return EXPORT_KEY in gguf.GGUFReader(path).fields
+    except Exception:  # unreadable, or not a GGUF file after all: not ours
+        return False
 
 
 GGUF_FORMAT = ExportFormat(
     name="gguf", description="one GGUF file for llama.cpp, Ollama, LM Studio (Llama or Qwen3 architecture)",
-    write=write_gguf, refusal=gguf_refusal, folder=False, file_magic=b"GGUF")
+    write=write_gguf, refusal=gguf_refusal, folder=False, is_export=is_gguf_export)

@@ -4,9 +4,10 @@
     DIR/config.json             LlamaConfig or Qwen3Config (sizes, RoPE theta, RMSNorm eps, vocabulary, tying,
                                 special ids)
     DIR/model.safetensors       the weights, named as in LlamaForCausalLM (Qwen3ForCausalLM)
-    DIR/generation_config.json  Mini LLM's sampling defaults
+    DIR/generation_config.json  Mini LLM's sampling defaults, and a length that stays within the context
     DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds)
     DIR/README.md               the model card
+    DIR/minillm_export.json     the marker of an export (export.target)
 
 Our layers already have Llama's names, shapes and RoPE layout (rotate-half), so the weights are copied as
 they are: `model.` in front of every name but the LM head, which is left out when it is the embedding.
@@ -20,8 +21,8 @@ import torch
 
 from minillm.checkpoint import Run
 from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
-from minillm.export.card import model_card
-from minillm.files import atomic_write, write_json
+from minillm.export.card import example_prompt, model_card
+from minillm.files import atomic_write, reporting_full_disk, write_json
 from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
 
@@ -34,8 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{out}")
 model = AutoModelForCausalLM.from_pretrained("{out}")
-inputs = tokenizer("ROMEO:", return_tensors="pt")  # BOS first, as in training
-output = model.generate(**inputs, max_new_tokens=100)  # sampling settings from generation_config.json
+inputs = tokenizer({prompt!r}, return_tensors="pt")  # BOS first, as in training
+output = model.generate(**inputs)  # sampling and length (the {context}-token context): generation_config.json
 print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```
 """
@@ -74,11 +75,14 @@ def llama_config(run: Run, dtype: str) -> dict:
 
 
 def generation_config(run: Run) -> dict:
-    """generation_config.json: the sampling defaults of `minillm generate` and the UI."""
+    """generation_config.json: the sampling defaults of `minillm generate` and the UI, and a length within
+    the context: transformers has no sliding window, so past max_length the model would see positions it
+    was never trained on (and the text degenerate). max_length counts the prompt: no max_new_tokens, which
+    would take precedence."""
     c = run.config
     defaults = SamplingConfig()
     return {"do_sample": True, "temperature": defaults.temperature, "top_k": defaults.top_k,
-            "max_new_tokens": defaults.max_new_tokens, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+            "max_length": c.max_seq_len, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
             "pad_token_id": c.pad_id}
 
 
@@ -100,13 +104,14 @@ def write_hf(run: Run, out: Path, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", llama_config(run, dtype))
     weights = llama_state_dict(run, torch_dtype(dtype))
-    safetensors_torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with reporting_full_disk(out / "model.safetensors"):
+        safetensors_torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "generation_config.json", generation_config(run))
     write_tokenizer(run, out)
-    card = model_card(run, USAGE.format(out=out.name))
-    atomic_write(out / "README.md", lambda f: f.write(card), mode="w")
+    usage = USAGE.format(out=out.name, prompt=example_prompt(run), context=run.config.max_seq_len)
+    atomic_write(out / "README.md", lambda f: f.write(model_card(run, usage)), mode="w")
 
 
 HF_FORMAT = ExportFormat(
     name="hf", description="a Hugging Face transformers folder (Llama or Qwen3 architecture, safetensors)",
-    write=write_hf, refusal=not_llama, folder=True, file_names=HF_FILES)
+    write=write_hf, refusal=not_llama, folder=True)

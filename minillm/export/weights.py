@@ -5,6 +5,7 @@
     DIR/config.json         {"format": "minillm", "model": ModelConfig, "tokenizer_type", ...}
     DIR/tokenizer.json, special_tokens.json   the run's tokenizer, as in the run folder
     DIR/README.md           the model card, with the lines that load it back
+    DIR/minillm_export.json the marker of an export (export.target)
 
 This is the format for the encoder-decoder, which has no standard Hugging Face or llama.cpp architecture.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from minillm.checkpoint import Run
 from minillm.export.base import ExportFormat, require, torch_dtype
 from minillm.export.card import model_card
-from minillm.files import atomic_write, write_json
+from minillm.files import atomic_write, reporting_full_disk, write_json
 from minillm.run_folder import SPECIAL_TOKENS_FILE, TOKENIZER_FILE
 from minillm.version import stamp
 
@@ -52,7 +53,8 @@ def write_safetensors(run: Run, out: Path, dtype: str) -> None:
     state = {name: tensor.detach().to("cpu", torch_dtype(dtype)).contiguous()
              for name, tensor in run.model.state_dict().items()
              if not (name == "lm_head.weight" and run.config.tie_embeddings)}
-    safetensors_torch.save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    with reporting_full_disk(out / WEIGHTS_FILE):
+        safetensors_torch.save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     write_json(out / CONFIG_FILE, {
         "format": FORMAT_MARK, **stamp(), "model": run.config.to_dict(), "dtype": dtype,
         "tokenizer_type": run.tokenizer.kind, "tokenizer_fingerprint": run.tokenizer.fingerprint()})
@@ -66,4 +68,4 @@ def write_safetensors(run: Run, out: Path, dtype: str) -> None:
 
 SAFETENSORS_FORMAT = ExportFormat(
     name="safetensors", description="safetensors weights and Mini LLM's config (any model kind)",
-    write=write_safetensors, refusal=lambda run: None, folder=True, file_names=SAFETENSORS_FILES)
+    write=write_safetensors, refusal=lambda run: None, folder=True)

@@ -1,7 +1,8 @@
 """Starting a training: `train` (a new run in a folder) and `resume` (an interrupted run, from its last.pt).
 
-The folder is checked before anything is written, prepared in a staging folder and swapped in, and locked
-for the life of the training; the loop itself is trainer.Trainer.
+The folder is checked before anything is written, prepared (and, replacing a run, trained until its first
+model) in a staging folder and swapped in, and locked for the life of the training; the loop itself is
+trainer.Trainer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import check_compatible, read_model_config, read_train_config, write_train_config
+from minillm.checkpoint import check_compatible, check_finite, read_model_config, read_train_config, write_train_config
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
@@ -49,10 +50,12 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     config.tokenizer_file).
 
     Everything that can be checked is checked before the folder is touched (model kind, device, data).
-    The new run is prepared beside the old one (in a staging folder) and swapped in only once its data
-    and tokenizer are written; `overwrite` is needed to replace a run, and only a run's own files go.
-    The folder is locked for the life of the training. `should_stop`: see Trainer.fit.
-    Under torchrun, rank 0 prepares the data and the others wait for it (its error is theirs too).
+    The new run is prepared in a staging folder inside the old one; replacing a run (`overwrite`; only a
+    run's own files go) it also trains there until its first best model and last.pt are saved, and only
+    then is swapped in (RunFolder.swap_in), so that at every moment the old run or the new one loads.
+    The folder is locked for the life of the training; what a killed training left is cleaned up first.
+    `should_stop`: see Trainer.fit. Under torchrun, rank 0 prepares the data and the others wait for it
+    (its error is theirs too).
     """
     folder = RunFolder(run_dir)
     model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
@@ -65,30 +68,47 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
             + ", ".join(f"{role} {token} = {i}" for role, (token, i) in imported.tokenizer.role_tokens().items())
             + (f"; added {', '.join(imported.added)}" if imported.added else "") + ")")
     with contextlib.ExitStack() as held:
-        def prepare() -> tuple[dict[str, Any], dict[str, Any]]:
+        def prepare() -> tuple[dict[str, Any], dict[str, Any], str]:
             folder.check_new_run(overwrite)
             data = read_data(config, is_encoder_decoder(model_config), log)
             vocab = (imported.tokenizer.vocab_size if imported else
                      TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size))
             check_memory(model_config, config, device, vocab)  # before anything is written or allocated
             held.enter_context(folder.lock())
+            for message in folder.clean_leftovers():
+                log(message)
             folder.check_new_run(overwrite)  # again, now that no other training can start here
-            with folder.staging() as staged:
-                bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress else None
-                tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar,
-                                                     imported)
-                trained_config = with_tokenizer(model_config, tokenizer)
-                write_train_config(staged, config)
-                replaced = folder.replace_with(staged)
-            if replaced:
-                log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
-            return trained_config.to_dict(), split_record
+            staged = held.enter_context(folder.staging())
+            bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress else None
+            tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar, imported)
+            trained_config = with_tokenizer(model_config, tokenizer)
+            write_train_config(staged, config)
+            if not folder.holds_run():  # nothing to keep: the run trains in its folder from the start
+                folder.swap_in(staged)
+                staged = folder.path
+            return trained_config.to_dict(), split_record, str(staged)
 
-        trained, split_record = distributed.run_on_main(prepare)
-        trainer = Trainer(folder.path, ModelConfig.from_dict(trained), config, split_record, log, progress,
-                          on_metrics)
+        trained, split_record, workdir = distributed.run_on_main(prepare)
+
+        def swap_in_first_model(trainer: Trainer) -> None:  # (the trainer as an argument: no reference cycle)
+            """Once the new run has a model (and last.pt) in its staging folder, it replaces the old run."""
+            if trainer.run_dir == folder.path:
+                return
+            if is_main_process():
+                replaced = folder.swap_in(trainer.run_dir)
+                log(f"replaced the run that was in {folder.path} ({len(replaced)} files)")
+            trainer.move_to(folder.path)
+
+        trainer = Trainer(Path(workdir), ModelConfig.from_dict(trained), config, split_record, log, progress,
+                          on_metrics, after_save=swap_in_first_model)
         trainer.describe()
-        return finish(trainer, trainer.fit(should_stop))
+        try:
+            stop_reason = trainer.fit(should_stop)
+        except KeyboardInterrupt:
+            if trainer.run_dir != folder.path:
+                log(f"the run that was in {folder.path} is kept: the new one had not saved a model yet")
+            raise
+        return finish(trainer, stop_reason)
 
 
 def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
@@ -124,12 +144,18 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
     `overrides` may change RESUMABLE_FIELDS (e.g. a longer max_time); any other field, of the training
     or (`model_overrides`) the model config, must equal what the run was trained with.
     """
+    folder = RunFolder(run_dir)
+    if is_main_process() and folder.path.is_dir():
+        with folder.lock():  # (and again below, for the life of the training)
+            for message in folder.clean_leftovers():
+                log(message)
     folder = check_resumable(run_dir)
     with folder.lock() if is_main_process() else contextlib.nullcontext():
         state = load_torch(folder.last_checkpoint)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise MiniLLMError(f"{folder.last_checkpoint} is not a Mini LLM resume checkpoint; start again with "
                                "--overwrite")
+        check_finite(state["model"], folder.last_checkpoint)
         if fuse_split(state["model"]).keys() != state["model"].keys():
             raise MiniLLMError(f"{folder.last_checkpoint} was written by an older Mini LLM (unfused layers) and "
                                "cannot be resumed; its best model still loads (generate, evaluate, export); start "

@@ -105,10 +105,12 @@ class Trainer:
     _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
 
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: SplitRecord,
-                 log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None):
+                 log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None,
+                 after_save: Callable[[Trainer], None] | None = None):
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
         self.model_config, self.config = model_config, config
         self.log, self.progress, self.on_metrics = log, progress, on_metrics
+        self.after_save = after_save  # called on every rank after each evaluation's checkpoints are saved
         self.main = is_main_process()
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         self.device = distributed.setup(pick_device(config.device))
@@ -162,6 +164,12 @@ class Trainer:
         self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
         self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
         self.throughput = ThroughputWatch()
+
+    def move_to(self, run_dir: Path) -> None:
+        """Go on in `run_dir`, where this run's files have just been moved (from the staging folder it was
+        trained in until its first model; see training.start.train)."""
+        self.run_dir, self.files = run_dir, RunFolder(run_dir)
+        self.metrics.path = self.files.metrics
 
     def _leave_busy_cores(self) -> None:
         """Without --threads: if other processes keep cores busy, train on the others (see threads.py)."""
@@ -375,6 +383,9 @@ class Trainer:
         self.last_saved_step = self.state.step
         if self.main:
             self.save_last(rank_rng)
+        if self.after_save is not None:
+            self.after_save(self)
+        if self.main:
             plot_loss_curve(self.files.metrics, self.files.loss_curve,
                             title=f"{self.run_dir.name}: {self.model_config.model_type}, "
                                   f"{self.n_params / 1e6:.2f}M parameters")
