@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import importlib.util
 import signal
 import sys
@@ -35,12 +34,12 @@ from minillm.config import (
     field_help,
     preset_configs,
 )
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, describe_error, is_expected
 from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
 from minillm.run_folder import default_run_name
 from minillm.sampling import SamplingConfig
-from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR, MAX_PORT, MIN_PORT, check_port_number
+from minillm.serve.address import DEFAULT_HOST, DEFAULT_RUNS_DIR, DEFAULT_UI_PORT, MAX_PORT, MIN_PORT, check_port_number
 from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -206,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default=DEFAULT_HOST,
                     help=f"address to serve on (default {DEFAULT_HOST}: this machine only; any other address lets "
                          "anyone on the network load any model file the server can read)")
-    ui.add_argument("--port", type=_port, default=DEFAULT_PORT,
-                    help=f"port to serve on, {MIN_PORT}-{MAX_PORT} (default {DEFAULT_PORT})")
+    ui.add_argument("--port", type=_port, default=DEFAULT_UI_PORT,
+                    help=f"port to serve on, {MIN_PORT}-{MAX_PORT} (default {DEFAULT_UI_PORT})")
     ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)
@@ -367,12 +366,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
-    text = str(error).lower()
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
     try:
@@ -381,19 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     try:
         return args.func(args)
-    except MiniLLMError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as e:  # permission denied, disk full, ...: name the file, no traceback
-        where = f": {e.filename}" if e.filename else ""
-        hint = "; free some space or use a folder on another disk" if e.errno == errno.ENOSPC else ""
-        print(f"error: {e.strerror or e}{where}{hint}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except (MemoryError, RuntimeError) as e:  # RuntimeError: torch's out-of-memory errors (CPU and CUDA)
-        if not isinstance(e, MemoryError) and not is_out_of_memory(e):
+    except Exception as e:  # a user error, a file or memory problem: one line (a bug keeps its traceback)
+        if not is_expected(e):
             raise
-        print(f"error: out of memory ({type(e).__name__}); use a smaller --batch-size, --block-size or model "
-              "(--d-model, --n-layers), or --grad-accum-steps to keep the batch", file=sys.stderr)
+        print(f"error: {describe_error(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = " (continue training with the same command plus --resume)" if args.command == "train" else ""

@@ -1,4 +1,5 @@
-"""The run cache: one shared read-only copy per run, at most N of them, released when their users go."""
+"""The run cache: one shared read-only copy per run (with its engines), at most N of them, released when their
+clients go."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import weakref
 import pytest
 import torch
 
-from minillm import run_cache
 from minillm.checkpoint import save_best
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
 from minillm.generation import stream_text
 from minillm.models import build_model
-from minillm.run_cache import RunCache, RunFiles
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
+from minillm.serve import run_cache
+from minillm.serve.run_cache import RunCache, RunKey
 from minillm.tokenizers import CharacterTokenizer
 
 TEXT = "the cat sees the moon.\na dog runs to the river.\n"
@@ -52,7 +53,7 @@ class CountingLoads:
 
     def __call__(self, files):
         self.loads.append(files.model.parent.name)
-        return run_cache._load_read_only(files)
+        return run_cache.load_read_only(files)
 
 
 def test_users_of_the_same_files_share_one_read_only_model(runs):
@@ -63,10 +64,14 @@ def test_users_of_the_same_files_share_one_read_only_model(runs):
     assert same is first and cache.run_of("a") is cache.run_of("b") is first
     assert loads.loads == ["run0"] and len(cache) == 1
     # Read-only: eval mode, no gradients; generating leaves every weight as it was.
-    before = {k: v.clone() for k, v in first.model.state_dict().items()}
-    assert not first.model.training and not any(p.requires_grad for p in first.model.parameters())
-    "".join(stream_text(first.model, first.tokenizer, "the", SamplingConfig(max_new_tokens=10, seed=0)))
-    assert all(torch.equal(before[k], v) for k, v in first.model.state_dict().items())
+    model = first.run.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    sampling = SamplingConfig(max_new_tokens=10, seed=0)
+    text = "".join(chunk for _, chunk in first.stream("the", sampling))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Its own engine makes the library's text.
+    assert text == "".join(stream_text(model, first.run.tokenizer, "the", sampling)) and text
 
 
 def test_many_users_on_many_runs_keep_at_most_n_models_least_recently_used_out(runs):
@@ -93,7 +98,7 @@ def test_a_run_pushed_out_is_loaded_again_for_its_user(runs):
     cache.claim("b", *paths(runs[1]))
     again = cache.run_of("a")  # loaded again (pushing out b's), the same weights
     assert again is not a and loads.loads == ["run0", "run1", "run0"] and len(cache) == 1
-    assert all(torch.equal(a.model.state_dict()[k], v) for k, v in again.model.state_dict().items())
+    assert all(torch.equal(a.run.model.state_dict()[k], v) for k, v in again.run.model.state_dict().items())
 
 
 def test_a_pushed_out_run_whose_files_changed_is_an_error_not_another_model(runs, tmp_path):
@@ -108,7 +113,7 @@ def test_a_pushed_out_run_whose_files_changed_is_an_error_not_another_model(runs
     with pytest.raises(MiniLLMError, match="changed on disk.*press Load model"):
         cache.run_of("a")
     # Loading it again on purpose gives the new files (a new key: the old copy is never mixed in).
-    assert RunFiles.of(*paths(changed)) != cache._claims["a"]
+    assert RunKey.of(*paths(changed)) != cache._claims["a"]
     cache.claim("a", *paths(changed))
     assert cache.run_of("a") is not None
 
@@ -117,7 +122,10 @@ def test_users_that_go_away_release_their_models(runs):
     cache = RunCache(4)
     alive = []
     for i in range(40):
-        alive.append(weakref.ref(cache.claim(f"tab{i}", *paths(runs[i % 3])).model))
+        served = cache.claim(f"tab{i}", *paths(runs[i % 3]))
+        served.engine(compile=True)  # its engines (made, not used) go with it
+        alive.append(weakref.ref(served.run.model))
+    del served
     assert len(cache) == 3
     for i in range(40):
         cache.release(f"tab{i}")

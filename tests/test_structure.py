@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -107,6 +109,81 @@ def test_the_export_extra_is_imported_by_the_exporter_only_and_hf_tokenizers_by_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert {name for name, found in users.items() if "tokenizers" in found} == {"minillm.tokenizers.bpe_tokenizer"}
+
+
+def function_level_imports(path: Path) -> dict[str, set[str]]:
+    """The minillm modules each function of `path` imports inside its body, by function name."""
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.module and inner.module.startswith("minillm"):
+                    found.setdefault(node.name, set()).add(inner.module)
+                elif isinstance(inner, ast.Import):
+                    found.setdefault(node.name, set()).update(a.name for a in inner.names)
+    return found
+
+
+def is_ui(name: str) -> bool:
+    return name == "minillm.ui" or name.startswith("minillm.ui.")
+
+
+def test_the_serving_core_is_gradio_free_and_only_the_cli_ui_command_imports_the_ui():
+    modules = package_modules()
+    graph = {name: imported_modules(path, set(modules)) for name, path in modules.items()}
+    serve = [name for name in modules if name.startswith("minillm.serve")]
+    assert "minillm.serve.run_cache" in serve and "minillm.serve.training_manager" in serve
+    # The serving core (what any server needs) imports nothing of the UI, nor gradio.
+    assert {name: sorted(filter(is_ui, graph[name])) for name in serve if any(map(is_ui, graph[name]))} == {}
+    assert {name for name in modules if "gradio" in third_party_imports(modules[name]) and not is_ui(name)} == set()
+    # The UI may import the core; nothing but the UI itself and the CLI's `ui` command (lazily, in the
+    # function) imports the UI.
+    importers = {name for name, targets in graph.items() if not is_ui(name) and any(map(is_ui, targets))}
+    assert importers == {"minillm.cli"}
+    lazily = {function for function, targets in function_level_imports(modules["minillm.cli"]).items()
+              if any(map(is_ui, targets))}
+    assert lazily == {"cmd_ui"}
+    top_level = {node.module for node in ast.parse(modules["minillm.cli"].read_text(encoding="utf-8")).body
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(map(is_ui, top_level))
+    # The ground floor imports nothing of ours.
+    assert graph["minillm.errors"] == set()
+
+
+def test_gradio_state_is_never_defeated_by_a_deepcopy_override():
+    """A server-wide object (the run cache, the training manager) is closed over by the handlers, not put in
+    a per-session gr.State whose deep copy it then has to refuse."""
+    offenders = [name for name, path in package_modules().items()
+                 if any(isinstance(node, ast.FunctionDef) and node.name == "__deepcopy__"
+                        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))]
+    assert offenders == []
+
+
+def test_importing_the_cli_imports_no_ui_nor_gradio_and_sets_no_environment_variable():
+    code = ("import os, sys, json; before = dict(os.environ); known = set(sys.modules); import minillm.cli; "
+            "print(json.dumps({'modules': sorted(m for m in set(sys.modules) - known if m.split('.')[0] == 'gradio' "
+            "or m == 'minillm.ui' or m.startswith('minillm.ui.')), "
+            "'changed': sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert json.loads(out) == {"modules": [], "changed": []}
+
+
+def test_the_ui_sets_gradios_offline_variables_before_gradio_is_imported():
+    """What `minillm ui` imports: the variables must be in the environment when gradio reads them, at its import."""
+    code = ("import importlib.abc, os, sys, json; seen = {}\n"
+            "class Watch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'gradio' and not seen:\n"
+            "            seen.update({k: os.environ.get(k) for k in ('GRADIO_ANALYTICS_ENABLED', "
+            "'HF_HUB_DISABLE_TELEMETRY')})\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "import minillm.ui.app\n"
+            "print(json.dumps(seen))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {"GRADIO_ANALYTICS_ENABLED": "False",
+                                                          "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 class BigramModel(nn.Module):

@@ -29,6 +29,7 @@ from conftest import require_browser
 from minillm.checkpoint import load_run
 from minillm.models import count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
+from minillm.serve.limits import ServerLimits
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT_ENV = "MINILLM_SCREENSHOT"  # where to save the page's picture (default: the test's tmp_path)
@@ -330,7 +331,7 @@ def big_runs(run_dir):
     return runs, (first / BEST_MODEL_FILE).stat().st_size / 2**20
 
 
-MAX_LOADED_RUNS = 4  # minillm.ui.app.MAX_LOADED_RUNS (not imported: that would import gradio here)
+MAX_LOADED_RUNS = ServerLimits().max_loaded_runs  # the server's (`minillm ui` keeps the defaults)
 RELEASE_TIMEOUT_S = 60
 
 

@@ -3,17 +3,19 @@ one training at a time, Stop and Resume, live progress, and the form's errors.""
 
 from __future__ import annotations
 
+import errno
+import html
 import threading
 
+import gradio as gr
 import pytest
 
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, describe_error
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
+from minillm.serve.training_manager import FAILED, FINISHED, RUNNING, STOPPED, TrainingManager
 from minillm.training import train
 from minillm.training.preview import preview_run
-from minillm.ui import app, training
-from minillm.ui.session import Session
-from minillm.ui.training_manager import FAILED, FINISHED, RUNNING, STOPPED, TrainingManager
+from minillm.ui import app, generate_tab, train_tab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN_IDS = ["train_tab", "train_file", "train_data_path", "train_tokenizer", "train_vocab_size", "train_model_type",
@@ -24,13 +26,51 @@ WAIT_S = 120
 
 def form(data, out="run", preset="tiny", tokenizer="char", model_type="decoder_only", **changes):
     """The form's values in FORM order: the preset's, with `changes` (by elem_id without "train_")."""
-    values = dict(zip(training.FORM[4:-1], training.preset_values(preset), strict=True))
+    values = dict(zip(train_tab.PRESET_FIELDS, train_tab.preset_values(preset), strict=True))
     values.update({f"train_{k}": v for k, v in changes.items()})
     return [str(data), tokenizer, model_type, preset, *values.values(), out]
 
 
 def shown(update) -> str:
-    return update.get("value", "") if update.get("visible") else ""
+    return update.get("value", "") if update and update.get("visible") else ""
+
+
+class FakeRequest:
+    """What Gradio passes a handler that asks for a gr.Request: the client's session hash."""
+
+    def __init__(self, session_hash):
+        self.session_hash = session_hash
+
+
+POLLED = ["train_status", "train_plot", "train_error", "train_warning", "train_start", "train_stop", "train_resume",
+          "train_load", "seen"]
+
+
+class TrainPage:
+    """A page on a training manager, its Train tab's handlers called as Gradio would, outputs by name."""
+
+    def __init__(self, runs_dir, manager=None):
+        self.page = app.build_page(runs_dir=runs_dir, trainings=manager or TrainingManager())
+        self.tab, self.manager = self.page.train, self.page.trainings
+
+    def named(self, update):
+        if update == gr.skip():
+            return {}
+        components = {getattr(self.tab, name): name for name in POLLED + ["train_plan"]}
+        components[self.page.generate.run_picker] = "run_picker"
+        return {components[component]: value for component, value in update.items()}
+
+    def show_plan(self, values):
+        return self.named(self.tab.show_plan(*values))
+
+    def start(self, values, client="tab-1"):
+        return self.named(self.tab.start_training(*values, request=FakeRequest(client)))
+
+    def resume(self, values, client="tab-1"):
+        return self.named(self.tab.resume_training(*values, request=FakeRequest(client)))
+
+    def poll(self, seen=None, picked=None):
+        return self.named(self.tab.poll(seen, picked))
 
 
 def finish(manager):
@@ -47,7 +87,7 @@ def test_the_page_has_the_train_tab_with_its_fixed_ids(tmp_path):
 
 
 def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
-    model, config = training.form_configs(*form(corpus_file)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file)[:-1])
     preview = preview_run(model, config)
     printed = []
     train(model, config, tmp_path / "run", progress=False, log=printed.append)
@@ -56,13 +96,15 @@ def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
         assert [line for line in preview.lines() if line.startswith(prefix)] == [
             line for line in printed if line.startswith(prefix)]
     assert preview.seconds > 0 and "estimated time: about" in preview.lines()[-1]
-    plan, error = training.show_plan(str(tmp_path), *form(corpus_file, out="next"))
-    assert "plan: 60 steps x 256 tokens" in plan and not shown(error)
+    out = TrainPage(tmp_path).show_plan(form(corpus_file, out="next"))
+    assert "plan: 60 steps x 256 tokens" in out["train_plan"] and not shown(out["train_error"])
+    assert f"Run folder `{tmp_path / 'next'}`" in out["train_plan"]
 
 
 def test_a_bpe_plan_says_its_tokens_are_estimated(corpus_file, tmp_path):
-    plan, error = training.show_plan(str(tmp_path), *form(corpus_file, tokenizer="bpe", model_type="transformer"))
-    assert "tokens per character" in plan and "transformer" in plan and not shown(error)
+    out = TrainPage(tmp_path).show_plan(form(corpus_file, tokenizer="bpe", model_type="transformer"))
+    assert "tokens per character" in out["train_plan"] and "transformer" in out["train_plan"]
+    assert not shown(out["train_error"])
 
 
 @pytest.mark.parametrize("content, changes, message", [
@@ -76,19 +118,18 @@ def test_bad_input_shows_the_cli_message_and_starts_nothing(corpus_file, tmp_pat
     if content is not None:
         data = tmp_path / "data.txt"
         data.write_bytes(content if isinstance(content, bytes) else content.encode())
-    manager = TrainingManager()
+    page = TrainPage(tmp_path)
     values = form(data, **changes)
-    plan, error = training.show_plan(str(tmp_path), *values)
-    assert message in shown(error)
-    error, _ = training.start_training(manager, Session(), str(tmp_path), *values)
-    assert message in shown(error) and "Traceback" not in shown(error)
-    assert manager.status() is None and not (tmp_path / "run").exists()
+    assert message in shown(page.show_plan(values)["train_error"])
+    out = page.start(values)
+    assert message in shown(out["train_error"]) and "Traceback" not in shown(out["train_error"])
+    assert "train_status" not in out and page.manager.status() is None and not (tmp_path / "run").exists()
 
 
 def test_a_run_folder_that_exists_is_refused(tiny_run, corpus_file):
-    manager = TrainingManager()
-    error, _ = training.start_training(manager, Session(), str(tiny_run.parent), *form(corpus_file, out=tiny_run.name))
-    assert "already holds a run" in shown(error) and manager.status() is None
+    page = TrainPage(tiny_run.parent)
+    out = page.start(form(corpus_file, out=tiny_run.name))
+    assert "already holds a run" in shown(out["train_error"]) and page.manager.status() is None
 
 
 def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
@@ -104,88 +145,118 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     manager.start(tmp_path / "a", "tab-1", work, max_steps=100)
     with pytest.raises(MiniLLMError, match=r"already running on this server .*step 5 of 100, started by another"):
         manager.start(tmp_path / "b", "tab-2", work)
-    # Another tab's Start shows the running one's progress; any tab's poll shows it.
-    owner, other = Session(), Session()
-    error, _ = training.start_training(manager, other, str(tmp_path), *form(tmp_path / "x.txt", out="b"))
-    assert "data file not found" in shown(error)  # (the form is checked first)
-    outputs = training.poll(manager, None, str(tmp_path), None)
-    assert "**Training**" in outputs[0] and "5 / 100" in outputs[0]
-    assert outputs[1]["caption"] == "1 train and 0 validation points"
-    assert outputs[5]["interactive"] and not outputs[4]["interactive"]  # Stop on, Start off
-    assert "overfitting: validation loss rose" in shown(outputs[3])  # the trainer's warning, in the page
+    # Another tab's Start shows the running one's progress; any tab's poll shows it. Two pages (two servers'
+    # worth of handlers) on one manager see the same training.
+    page, other_page = TrainPage(tmp_path, manager), TrainPage(tmp_path, manager)
+    out = page.start(form(tmp_path / "x.txt", out="b"), client="tab-2")
+    assert "data file not found" in shown(out["train_error"])  # (the form is checked first)
+    for polled in (page.poll(), other_page.poll()):
+        assert "**Training**" in polled["train_status"] and "5 / 100" in polled["train_status"]
+        assert polled["train_plot"]["caption"] == "1 train and 0 validation points"
+        assert polled["train_stop"]["interactive"] and not polled["train_start"]["interactive"]  # Stop on, Start off
+        assert "overfitting: validation loss rose" in shown(polled["train_warning"])  # the trainer's, in the page
+    outputs = page.poll()
     # Nothing changed: the next tick sends nothing.
-    assert all(update == {"__type__": "update"} for update in training.poll(manager, outputs[-1], str(tmp_path),
-                                                                             None)[:-1])
+    assert page.poll(outputs["seen"]) == {}
     release.set()
     status = finish(manager)
     assert status.state == FAILED and status.error == "the data went away"
-    outputs = training.poll(manager, outputs[-1], str(tmp_path), None)
-    assert shown(outputs[2]) == "**Error:** the data went away" and outputs[4]["interactive"]
-    manager.start(tmp_path / "b", owner.id, lambda job: release.wait(0))  # free again (it fails at once)
+    outputs = page.poll(outputs["seen"])
+    assert shown(outputs["train_error"]) == "**Error:** the data went away" and outputs["train_start"]["interactive"]
+    manager.start(tmp_path / "b", "tab-1", lambda job: release.wait(0))  # free again (it fails at once)
     assert finish(manager).run_dir == tmp_path / "b"
 
 
 def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_path):
-    manager, session = TrainingManager(), Session()
+    page = TrainPage(tmp_path)
+    manager = page.manager
     values = form(corpus_file, max_steps=5000)
-    error, status = training.start_training(manager, session, str(tmp_path), *values)
-    assert not shown(error) and "**Training**" in status
+    out = page.start(values)
+    assert not shown(out["train_error"]) and "**Training**" in out["train_status"]
     job = manager._job
     for _ in range(WAIT_S * 10):  # until it has trained a little
         if job.status().rows:
             break
         job.thread.join(0.1)
-    assert manager.status().state == RUNNING
+    assert manager.status().state == RUNNING and manager.status().owner == "tab-1"
     # Another tab generates meanwhile: the training holds no lock the generation needs.
-    other = Session()
-    app.load_model(other, str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))
-    *_, (output, stats, error, _) = list(app.generate(other, "the", "", 10, 1.0, 0, 1.0, 1.0, 1))
-    assert "Generated" in stats and not shown(error)
-    assert "stopping" in training.stop_training(manager)
+    generate, other = page.page.generate, FakeRequest("tab-2")
+    generate.load_model(str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE), other)
+    *_, last = generate.generate("the", "", 10, 1.0, 0, 1.0, 1.0, 1, other)
+    assert "Generated" in last[generate.stats] and generate.error not in last
+    assert "stopping" in page.tab.stop_training()
     status = finish(manager)
     folder = RunFolder(tmp_path / "run")
     assert status.state == STOPPED and status.result["stop_reason"] == "stopped"
     stopped_at = status.result["steps"]
     assert 0 < stopped_at < 5000 and folder.last_checkpoint.is_file() and folder.has_best_model()
     assert status.rows[-1]["kind"] == "eval" and status.rows[-1]["step"] == stopped_at  # evaluated at the stop
-    text = training.status_markdown(status)
+    text = train_tab.status_markdown(status)
     assert "**Stopped**" in text and "Resume" in text
 
     # Resume, to a few more steps: it goes on from the stop, its curve keeps the rows before it.
-    values = form(corpus_file, max_steps=stopped_at + 10)
-    error, _ = training.resume_training(manager, session, str(tmp_path), *values)
-    assert not shown(error)
+    out = page.resume(form(corpus_file, max_steps=stopped_at + 10))
+    assert not shown(out["train_error"])
     status = finish(manager)
     assert status.state == FINISHED and status.result["steps"] == stopped_at + 10, status.error
     steps = [row["step"] for row in status.rows if row["kind"] == "train"]
     assert steps == sorted(steps) and steps[0] < stopped_at < steps[-1]
-    assert "**Finished**" in training.status_markdown(status)
-    outputs = training.poll(manager, None, str(tmp_path), None)
-    assert str(folder.path) in outputs[8]["choices"]  # in the run picker
-    picked = training.pick_trained_run(manager, str(tmp_path))
-    assert picked[0]["value"] == str(folder.path) and picked[1] == str(folder.best_model)
+    assert "**Finished**" in train_tab.status_markdown(status)
+    assert str(folder.path) in page.poll()["run_picker"]["choices"]  # in the run picker
+    picked = page.tab.pick_trained_run()
+    assert picked[generate.run_picker]["value"] == str(folder.path)
+    assert picked[generate.model_path] == str(folder.best_model)
 
 
 def test_resume_without_a_checkpoint_says_so(corpus_file, tmp_path):
-    error, _ = training.resume_training(TrainingManager(), Session(), str(tmp_path), *form(corpus_file))
-    assert "nothing to resume" in shown(error)
+    out = TrainPage(tmp_path).resume(form(corpus_file))
+    assert "nothing to resume" in shown(out["train_error"])
 
 
 def test_a_loaded_run_shows_its_test_metrics_and_loss_curve(tiny_run):
-    from minillm.ui import loading
-
-    info = loading.load_model(Session(), str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))[0]
+    generate = app.build_page(runs_dir=tiny_run.parent).generate
+    info = generate.load_model(str(tiny_run / BEST_MODEL_FILE), str(tiny_run / TOKENIZER_FILE))[generate.model_info]
     assert "| Test loss |" in info and "bits per byte" in info
-    curve = loading.run_curve(str(tiny_run / BEST_MODEL_FILE))
+    curve = generate.run_curve(str(tiny_run / BEST_MODEL_FILE))
     assert curve["visible"] is True and curve["value"] == str(RunFolder(tiny_run).loss_curve)
-    assert loading.run_curve("/no/such/best_model.pt")["visible"] == loading.HIDDEN
+    assert generate.run_curve("/no/such/best_model.pt")["visible"] == generate_tab.HIDDEN
 
 
 def test_the_plan_leaves_the_random_generators_alone(corpus_file):
     """A training may be running in another thread: timing the steps must not draw from its generators."""
     import torch
 
-    model, config = training.form_configs(*form(corpus_file, d_model=48, n_heads=4)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file, d_model=48, n_heads=4)[:-1])
     before = torch.get_rng_state()
     preview = preview_run(model, config)
     assert torch.equal(before, torch.get_rng_state()) and preview.seconds_per_step > 0
+
+
+@pytest.mark.parametrize("error, expected", [
+    (MiniLLMError("the data\n  went away"), "the data went away"),
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/a/train.bin"),
+     "No space left on device: /runs/a/train.bin; free some space or use a folder on another disk"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "out of memory (RuntimeError); use a smaller"),
+    (ValueError("a bug\n  File 'x.py'"), "unexpected ValueError: a bug (details are in the server log)"),
+])
+def test_a_failure_is_the_same_one_line_in_the_cli_the_page_and_a_background_training(
+        tmp_path, monkeypatch, capsys, error, expected):
+    import minillm.cli
+
+    line = describe_error(error)
+    assert line.startswith(expected) and "\n" not in line
+    manager = TrainingManager()
+
+    def failing(job):
+        raise error
+
+    manager.start(tmp_path / "a", "tab-1", failing)
+    assert finish(manager).error == line
+    assert shown(TrainPage(tmp_path, manager).poll()["train_error"]) == f"**Error:** {html.escape(line, quote=False)}"
+    monkeypatch.setattr(minillm.cli, "cmd_evaluate", lambda args: failing(None))
+    if isinstance(error, ValueError):  # a bug: the CLI keeps its traceback
+        with pytest.raises(ValueError):
+            minillm.cli.main(["evaluate", str(tmp_path)])
+        return
+    assert minillm.cli.main(["evaluate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {line}\n"

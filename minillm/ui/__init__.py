@@ -1,6 +1,9 @@
 """The Gradio web UI: `minillm ui [RUN_DIR]` calls `launch`; `build_demo` returns the page itself.
 
-Gradio is imported lazily (only when the UI is used), so `import minillm` never needs it.
+Only Gradio lives here: the page (app.py), one module per tab (generate_tab.py, train_tab.py) and the
+message boxes both show (boxes.py). What a server needs besides the page (loaded runs and their engines,
+limits, sessions, the training manager) is minillm.serve's. Nothing imports this package but the CLI's `ui`
+command, when it runs; `import minillm` never needs gradio.
 """
 
 from __future__ import annotations
@@ -8,14 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from minillm.ui.settings import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_RUNS_DIR
-
-# Before gradio is imported (by any module of the UI): no analytics or telemetry calls; it works offline.
+# Before gradio is imported (by any module of the UI, all of which import this package first): no
+# analytics or telemetry calls; it works offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-__all__ = ["build_demo", "launch", "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_RUNS_DIR"]
-
+__all__ = ["build_demo", "launch"]
 
 
 def build_demo(*args: Any, **kwargs: Any):

@@ -1,9 +1,9 @@
 """One training at a time per server, in a background thread, through the library's `train` and `resume`
-(the CLI's trainer, not a subprocess); its progress readable by every tab, so a page opened later shows it.
+(the CLI's trainer, not a subprocess); its progress readable by every client, so a page opened later shows it.
 
-Gradio-free: the Train tab's handlers (training.py) drive it, and the tests drive it directly. The thread
-lives with the server, not with the page that started it: closing the browser neither stops nor harms a
-run. Stop asks the trainer's stop hook: the run evaluates, saves best_model.pt and last.pt, and returns.
+The web UI's Train tab (minillm.ui.train_tab) drives it, and the tests drive it directly. The thread lives
+with the server, not with the page that started it: closing the browser neither stops nor harms a run.
+Stop asks the trainer's stop hook: the run evaluates, saves best_model.pt and last.pt, and returns.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, describe_error
 from minillm.run_folder import RunFolder
 from minillm.training.metrics import read_metrics
-from minillm.ui.messages import describe_error
+from minillm.training.trainer import StopReason
 
 MAX_LOG_LINES = 200  # the trainer's messages kept for the page (the newest)
 RATE_WINDOW = 5  # the last this many train rows give the steps per second behind the ETA
@@ -131,20 +131,11 @@ class TrainingJob:
                        **{k: test.get(k) for k in ("loss", "perplexity", "bits_per_byte")}}
         except BaseException as e:  # whatever it is, the page shows it and the server goes on
             with self._lock:
-                self._status.state, self._status.error = FAILED, _failure(e)
+                self._status.state, self._status.error = FAILED, describe_error(e)
             return
         with self._lock:
-            self._status.state = STOPPED if result.stop_reason == "stopped" else FINISHED
+            self._status.state = STOPPED if result.stop_reason == StopReason.STOPPED else FINISHED
             self._status.result = summary
-
-
-def _failure(error: BaseException) -> str:
-    if isinstance(error, OSError) and not isinstance(error, MiniLLMError):
-        return f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-        return (f"out of memory ({type(error).__name__}); use a smaller batch size, context or model, or "
-                "--grad-accum-steps to keep the batch")
-    return describe_error(error)
 
 
 class TrainingManager:
@@ -153,9 +144,6 @@ class TrainingManager:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._job: TrainingJob | None = None
-
-    def __deepcopy__(self, memo: dict) -> TrainingManager:
-        return self  # one per server: every tab's gr.State holds this same manager
 
     def start(self, run_dir: str | Path, owner: str, work: Work, max_steps: int | None = None,
               max_time: float | None = None, resumed: bool = False) -> TrainingJob:

@@ -1,6 +1,5 @@
-"""Where the UI serves: the defaults, and the checks of an address before serving on it.
-
-Gradio-free, so the CLI can show these in its help and check them without importing gradio.
+"""Where a server listens (the web UI, an HTTP server): the defaults, and the checks of an address before
+serving on it, so that a bad or busy address is one line naming --host or --port, before anything starts.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import socket
 from minillm.errors import MiniLLMError
 
 DEFAULT_HOST = "127.0.0.1"  # local only; a public link needs --share
-DEFAULT_PORT = 7860
+DEFAULT_UI_PORT = 7860  # Gradio's usual port
 DEFAULT_RUNS_DIR = "runs"
 MIN_PORT, MAX_PORT = 1, 65535
 LOCAL_NAMES = ("localhost",)
@@ -25,7 +24,7 @@ def check_port_number(port: int) -> int:
 
 
 def is_local_host(host: str) -> bool:
-    """Whether serving on `host` keeps the UI to this machine (a loopback address such as 127.0.0.1)."""
+    """Whether serving on `host` keeps the server to this machine (a loopback address such as 127.0.0.1)."""
     if host.lower() in LOCAL_NAMES:
         return True
     try:
@@ -39,7 +38,7 @@ def is_local_host(host: str) -> bool:
 
 
 def network_warning(host: str) -> str:
-    """What serving on `host` exposes, or "" for a local address."""
+    """What serving the web UI on `host` exposes, or "" for a local address."""
     if is_local_host(host):
         return ""
     return (f"--host {host} is not local: anyone on the network who can reach this machine can use the UI and "
@@ -66,7 +65,7 @@ def check_can_serve(host: str, port: int) -> None:
 def _bind_problem(host: str, port: int, error: OSError) -> str:
     if error.errno == errno.EADDRINUSE:
         return (f"port {port} is already in use on {host} (another `minillm ui` or another server); "
-                f"choose a free one with --port, e.g. --port {port + 1 if port < MAX_PORT else DEFAULT_PORT}")
+                f"choose a free one with --port, e.g. --port {port + 1 if port < MAX_PORT else DEFAULT_UI_PORT}")
     if error.errno == errno.EACCES:
         return f"port {port} needs administrator rights on this system; choose one above 1023 with --port"
     if error.errno == errno.EADDRNOTAVAIL:
