@@ -22,11 +22,13 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.data import prepare
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
+from minillm.models import build_model
 from minillm.sampling import SamplingConfig
 from minillm.training import Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.evaluation import is_overfitting
 from minillm.training.metrics import read_metrics
+from minillm.training.optimizer import make_optimizers
 
 RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.pt", "metrics.jsonl",
              "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",
@@ -388,6 +390,45 @@ def test_the_warmdown_schedule_is_constant_then_linear_to_the_floor():
     assert all(rate == pytest.approx(1e-3) for rate in rates[10:60])  # constant for the first half
     assert rates[85] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down the line
     assert rates[110] == pytest.approx(1e-4)
+
+
+def test_the_warmdown_schedule_with_the_default_fraction_never_rises_above_the_peak():
+    """The default warmdown_fraction (0.3), where starting the decay at `fraction` instead of `1 - fraction`
+    would differ (at 0.5 both agree): constant for the first 70% of the steps after warmup, then down."""
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, schedule="warmdown")
+    assert config.warmdown_fraction == 0.3
+    rates = [lr_at(step, config, max_steps=110) for step in range(111)]
+    assert max(rates) == pytest.approx(1e-3)
+    assert all(rate == pytest.approx(1e-3) for rate in rates[10:81])  # constant until 70% of the 100 steps
+    assert all(a > b for a, b in zip(rates[80:], rates[81:], strict=False))  # then falling at every step
+    assert rates[95] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down the last 30 steps
+    assert rates[110] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_owns_the_hidden_matrices_and_adamw_everything_else(model_type, tied):
+    """Tied or untied: Muon takes the 2-D weights inside the blocks, AdamW the embedding, the output head and
+    the norms; every parameter is trained by exactly one optimizer. (The vocabulary, 37, is no other width of
+    the model, so the vocabulary-sized matrices are the embedding and the head.)"""
+    vocab = 37
+    model = build_model(ModelConfig(model_type=model_type, vocab_size=vocab, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=8, tie_embeddings=tied))
+    params = {id(p): (name, p) for name, p in model.named_parameters()}
+    vocabulary_sized = {i for i, (_, p) in params.items() if vocab in p.shape}
+    assert len(vocabulary_sized) == (1 if tied else 2)
+
+    def owned(optimizer):
+        return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert type(muon).__name__ == "Muon"
+    assert sorted(owned(adamw) + owned(muon)) == sorted(params)  # each parameter once
+    hidden = {i for i, (_, p) in params.items() if p.dim() == 2 and i not in vocabulary_sized}
+    assert set(owned(muon)) == hidden, sorted(params[i][0] for i in set(owned(muon)) ^ hidden)
+    assert vocabulary_sized <= set(owned(adamw))
+    [only] = make_optimizers(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
+    assert sorted(owned(only)) == sorted(params)
 
 
 def test_muon_trains_the_hidden_matrices_and_resumes_exactly(tmp_path, corpus_file):
