@@ -161,6 +161,42 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["overfitting"] is True
 
 
+def test_the_overfitting_warning_is_said_once_however_long_it_lasts(tmp_path, corpus_file, monkeypatch):
+    # Validation loss scripted to rise at each of 7 evaluations (no early stopping); everything else is real.
+    scripted = iter([2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6])
+    real_mean_loss = trainer_module.mean_loss
+
+    def mean_loss(model, batches, device, dtype):
+        if isinstance(batches, list):  # the fixed validation batches
+            return next(scripted), 1
+        return real_mean_loss(model, batches, device, dtype)  # the final test
+
+    monkeypatch.setattr(trainer_module, "mean_loss", mean_loss)
+    messages = []
+    model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, max_steps=35)
+    train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    evals = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "eval"]
+    flagged = [row["step"] for row in evals if row["overfitting"]]
+    assert flagged[0] == 20 and flagged == list(range(20, 40, 5))  # from the 4th evaluation on, it stays said
+    assert len([m for m in messages if m.startswith("warning: overfitting")]) == 1
+
+
+def test_early_stopping_counts_on_across_a_resume(tmp_path, corpus_file):
+    """The evaluations without improvement are part of the checkpoint: a run stopped and resumed stops early
+    at the same step as one that ran straight. (A learning rate of 1e-12 leaves the weights, and so the
+    validation loss, exactly as they are: no evaluation after the first improves on it.)"""
+    settings = dict(learning_rate=1e-12, min_lr=0.0, eval_interval=5, max_steps=60, patience=2)
+    straight = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "straight", progress=False, log=quiet)
+    assert (straight.stop_reason, straight.steps, straight.best_step) == ("early_stopping", 15, 5)
+
+    asked = iter(range(1, 1000))
+    stopped = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "stopped", progress=False, log=quiet,
+                    should_stop=lambda: next(asked) >= 10)
+    assert (stopped.stop_reason, stopped.steps) == ("stopped", 10)  # one evaluation without improvement so far
+    resumed = resume(tmp_path / "stopped", progress=False, log=quiet)
+    assert (resumed.stop_reason, resumed.steps, resumed.best_step) == ("early_stopping", 15, 5)
+
+
 def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, max_time=1e-6)
     assert result.stop_reason == "max_time" and result.steps == 1
@@ -248,6 +284,22 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
         correct += out == targets[offsets[1, i]:offsets[1, i + 1]].tolist()
     assert n_test == 120
     assert correct / n_test >= 0.9
+
+
+def test_validation_bits_per_byte_are_the_loss_over_every_validation_batchs_bytes(tmp_path, tiny_run):
+    """Counted by hand: the target tokens (not padding) and the UTF-8 bytes they decode to, over all the
+    validation windows that every evaluation scores (a Trainer with the run's settings draws the same ones)."""
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"))
+    tokenizer = load_run(tiny_run).tokenizer
+    targets = [batch["targets"] for batch, _ in trainer.eval_batches]
+    assert len(targets) == trainer.config.eval_batches > 1
+    tokens = sum(int((t != tokenizer.pad_id).sum()) for t in targets)
+    n_bytes = sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for t in targets for row in t)
+    evals = [row for row in read_metrics(tiny_run / "metrics.jsonl") if row["kind"] == "eval"]
+    assert evals and 0.9 * tokens < n_bytes <= tokens  # (ASCII text: a byte per token but BOS and EOS)
+    for row in evals:
+        expected = row["val_loss"] * tokens / math.log(2) / n_bytes
+        assert row["val_bits_per_byte"] == pytest.approx(expected, rel=1e-6), row["step"]
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
