@@ -26,7 +26,7 @@ from minillm.cli import (
     main,
 )
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import STOP_EOS, stream_text
+from minillm.generation import stream_text
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
@@ -265,16 +265,11 @@ def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, 
     assert other_source != target, "the source must matter, or this test could not tell"
 
 
-def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypatch):
-    def three_tokens_then_eos(*args):
-        for letter in "abc":
-            yield 5, letter
-        return STOP_EOS
-
-    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
-    assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0
+def test_generate_says_when_the_model_ended_the_text(ending_run, capsys):
+    # A real model that ends its text (EOS) three tokens after the prompt.
+    assert main(["generate", str(ending_run), "--prompt", "abc", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "the catabc\n"  # stdout stays the text alone
+    assert captured.out == "abcdef\n"  # stdout stays the text alone
     assert captured.err == "(stopped at end of text after 3 tokens)\n"
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import minillm.generation
 from minillm import run_cache
 from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
-from minillm.generation import STOP_EOS, stream_text
+from minillm.generation import stream_text
 from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
@@ -379,17 +378,12 @@ def test_refresh_lists_runs_newest_first(ui_run, tmp_path):
     assert update["choices"] == [str(runs / "b"), str(runs / "c"), str(runs / "a")]
 
 
-def test_the_stats_say_when_the_model_ended_the_text(ui_run, monkeypatch):
-    def three_tokens_then_eos(*args):
-        for letter in "abc":
-            yield 5, letter
-        return STOP_EOS
-
-    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
+def test_the_stats_say_when_the_model_ended_the_text(ending_run):
+    # A real model that ends its text (EOS) three tokens after the prompt.
     session = app.Session()
-    load(session, ui_run)
-    final_text, final_stats, *_ = generate(session, prompt="Speak")[-1]
-    assert final_text == "Speakabc" and final_stats.startswith("Stopped at end of text after 3 tokens. Generated 3")
+    load(session, ending_run)
+    final_text, final_stats, *_ = generate(session, prompt="abc", temperature=0)[-1]
+    assert final_text == "abcdef" and final_stats.startswith("Stopped at end of text after 3 tokens. Generated 3")
 
 
 def test_model_info_shows_bits_per_byte_beside_the_loss(tiny_run):
