@@ -146,3 +146,21 @@ def tiny_run(tmp_path_factory, corpus_file) -> Path:
     with single_thread():
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     return run_dir
+
+
+ENDING_SAMPLE = "abcdef"  # every sample of the ending run's data: after the prompt "abc", "def" then EOS
+
+
+@pytest.fixture(scope="session")
+def ending_run(tmp_path_factory) -> Path:
+    """A char-level run trained (tiny preset, a few seconds) on paragraphs that are all ENDING_SAMPLE: greedy
+    decoding after "abc" writes "def" and then ends the text itself (EOS), a real model where a test needs one
+    that stops early."""
+    from minillm.training import train
+
+    root = tmp_path_factory.mktemp("ending")
+    data = root / "abcdef.txt"
+    data.write_text("\n\n".join([ENDING_SAMPLE] * 200) + "\n", encoding="utf-8")
+    with single_thread():
+        train(*tiny_configs(data=data), root / "run", progress=False, log=lambda message: None)
+    return root / "run"

@@ -21,7 +21,7 @@ import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import FINAL_SAMPLE_TOKENS, SAMPLE_PROMPT_TOKENS, main
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import SHOWCASE_SEED, GenerationStop, stream_text
+from minillm.generation import SHOWCASE_SEED, stream_text
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
@@ -290,16 +290,11 @@ def test_generate_on_an_encoder_decoder_run_prints_only_the_target(seq2seq_run, 
     assert other_source != target, "the source must matter, or this test could not tell"
 
 
-def test_generate_says_when_the_model_ended_the_text(tiny_run, capsys, monkeypatch):
-    def three_tokens_then_eos(*args):
-        for letter in "abc":
-            yield 5, letter
-        return GenerationStop.END_OF_TEXT
-
-    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
-    assert main(["generate", str(tiny_run), "--prompt", "the cat"]) == 0
+def test_generate_says_when_the_model_ended_the_text(ending_run, capsys):
+    # A real model that ends its text (EOS) three tokens after the prompt.
+    assert main(["generate", str(ending_run), "--prompt", "abc", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == "the catabc\n"  # stdout stays the text alone
+    assert captured.out == "abcdef\n"  # stdout stays the text alone
     assert captured.err == "(stopped at end of text after 3 tokens)\n"
 
 

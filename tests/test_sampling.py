@@ -95,6 +95,16 @@ def test_temperature_sharpens_and_flattens():
     assert 0.45 < share_of_1(100.0) < 0.55
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_at_a_temperature_follows_the_softmax_of_the_logits_over_it(temperature):
+    """Not only the extremes: at a moderate temperature the shares are softmax(logits / T), exactly once divided
+    (divided twice, T = 0.5 gives token 0 a share of 0.87 instead of 0.68)."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    tokens = choose(logits.repeat(20_000, 1), torch.Generator().manual_seed(0), temperature=temperature)
+    shares = torch.bincount(tokens, minlength=4).float() / 20_000
+    torch.testing.assert_close(shares, (logits / temperature).softmax(-1), atol=0.015, rtol=0)
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     previous = torch.tensor([[0]])
     # positive: 2.0 / 2 = 1.0 falls below token 1's 1.5

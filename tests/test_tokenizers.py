@@ -279,6 +279,22 @@ def test_huggingface_tokenizers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_pa
     assert hf.encode(SPECIAL_SPELLINGS, add_special_tokens=False).ids == bpe.encode(SPECIAL_SPELLINGS)
 
 
+def test_the_char_tokenizers_hugging_face_form_gives_every_character_its_id(char):
+    """Every character of the vocabulary, the alphabet's last ones included, encodes to our id and decodes back
+    in Hugging Face's tokenizers (what the HF export writes)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_str(json.dumps(char.hugging_face_json()))
+    assert hf.get_vocab_size() == char.vocab_size
+    alphabet = char.alphabet
+    assert len(alphabet) > 50 and any(len(c.encode("utf-8")) == 4 for c in alphabet)
+    ids = char.encode(alphabet)
+    assert hf.encode(alphabet, add_special_tokens=False).ids == ids == list(range(4, char.vocab_size))
+    assert [hf.id_to_token(i) for i in ids] == list(alphabet)
+    assert [hf.decode([i]) for i in ids] == list(alphabet)
+    assert hf.decode(ids) == alphabet and hf.decode(list(reversed(ids))) == alphabet[::-1]
+
+
 def test_transformers_loads_the_bpe_file_with_the_same_ids(bpe, tmp_path):
     transformers = import_dev_dependency("transformers")
 

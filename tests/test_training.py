@@ -18,16 +18,18 @@ import torch
 from conftest import tiny_configs
 
 from minillm.checkpoint import load_run, load_torch, read_model_config, read_train_config
-from minillm.config import TrainConfig
+from minillm.config import ModelConfig, TrainConfig
 from minillm.data.split_record import read_split_record
 from minillm.data.streams import read_stream
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
+from minillm.models import build_model
 from minillm.sampling import SamplingConfig
 from minillm.training import StopReason, Trainer, evaluate_run, lr_at, resume, train
 from minillm.training import trainer as trainer_module
 from minillm.training.evaluation import is_overfitting
 from minillm.training.metrics import read_metrics
+from minillm.training.optimizer import make_optimizers
 
 RUN_FILES = ["tokenizer.json", "best_model.pt", "best_model_config.json", "last.pt", "metrics.jsonl",
              "loss_curve.png", "test_metrics.json", "train_config.json", "split.json",
@@ -178,6 +180,42 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["overfitting"] is True
 
 
+def test_the_overfitting_warning_is_said_once_however_long_it_lasts(tmp_path, corpus_file, monkeypatch):
+    # Validation loss scripted to rise at each of 7 evaluations (no early stopping); everything else is real.
+    scripted = iter([2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6])
+    real_mean_loss = trainer_module.mean_loss
+
+    def mean_loss(model, batches, device, dtype):
+        if isinstance(batches, list):  # the fixed validation batches
+            return next(scripted), 1
+        return real_mean_loss(model, batches, device, dtype)  # the final test
+
+    monkeypatch.setattr(trainer_module, "mean_loss", mean_loss)
+    messages = []
+    model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, max_steps=35)
+    train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
+    evals = [row for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if row["kind"] == "eval"]
+    flagged = [row["step"] for row in evals if row["overfitting"]]
+    assert flagged[0] == 20 and flagged == list(range(20, 40, 5))  # from the 4th evaluation on, it stays said
+    assert len([m for m in messages if m.startswith("warning: overfitting")]) == 1
+
+
+def test_early_stopping_counts_on_across_a_resume(tmp_path, corpus_file):
+    """The evaluations without improvement are part of the checkpoint: a run stopped and resumed stops early
+    at the same step as one that ran straight. (A learning rate of 1e-12 leaves the weights, and so the
+    validation loss, exactly as they are: no evaluation after the first improves on it.)"""
+    settings = dict(learning_rate=1e-12, min_lr=0.0, eval_interval=5, max_steps=60, patience=2)
+    straight = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "straight", progress=False, log=quiet)
+    assert (straight.stop_reason, straight.steps, straight.best_step) == ("early_stopping", 15, 5)
+
+    asked = iter(range(1, 1000))
+    stopped = train(*tiny_configs(data=corpus_file, **settings), tmp_path / "stopped", progress=False, log=quiet,
+                    should_stop=lambda: next(asked) >= 10)
+    assert (stopped.stop_reason, stopped.steps) == ("stopped", 10)  # one evaluation without improvement so far
+    resumed = resume(tmp_path / "stopped", progress=False, log=quiet)
+    assert (resumed.stop_reason, resumed.steps, resumed.best_step) == ("early_stopping", 15, 5)
+
+
 def test_time_budget_stops_and_keeps_a_model(tmp_path, corpus_file):
     result = run_tiny(tmp_path / "run", corpus_file, max_time=1e-6)
     assert result.stop_reason == StopReason.MAX_TIME and result.steps == 1
@@ -321,6 +359,22 @@ def test_the_text_task_keeps_a_pair_file_as_text_samples_and_pairs_need_a_pair_f
     with pytest.raises(MiniLLMError, match="--task pairs needs a file of"):
         train(model_config, pairs_on_text, tmp_path / "refused", progress=False, log=quiet)
     assert not (tmp_path / "refused").exists()
+
+
+def test_validation_bits_per_byte_are_the_loss_over_every_validation_batchs_bytes(tmp_path, tiny_run):
+    """Counted by hand: the target tokens (not padding) and the UTF-8 bytes they decode to, over all the
+    validation windows that every evaluation scores (a Trainer with the run's settings draws the same ones)."""
+    trainer = tiny_trainer(shutil.copytree(tiny_run, tmp_path / "run"))
+    tokenizer = load_run(tiny_run).tokenizer
+    targets = [batch["targets"] for batch, _ in trainer.eval_batches]
+    assert len(targets) == trainer.config.eval_batches > 1
+    tokens = sum(int((t != tokenizer.pad_id).sum()) for t in targets)
+    n_bytes = sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for t in targets for row in t)
+    evals = [row for row in read_metrics(tiny_run / "metrics.jsonl") if row["kind"] == "eval"]
+    assert evals and 0.9 * tokens < n_bytes <= tokens  # (ASCII text: a byte per token but BOS and EOS)
+    for row in evals:
+        expected = row["val_loss"] * tokens / math.log(2) / n_bytes
+        assert row["val_bits_per_byte"] == pytest.approx(expected, rel=1e-6), row["step"]
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
@@ -482,6 +536,45 @@ def test_the_warmdown_schedule_is_constant_then_linear_to_the_floor():
     assert all(rate == pytest.approx(1e-3) for rate in rates[10:60])  # constant for the first half
     assert rates[85] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down the line
     assert rates[110] == pytest.approx(1e-4)
+
+
+def test_the_warmdown_schedule_with_the_default_fraction_never_rises_above_the_peak():
+    """The default warmdown_fraction (0.3), where starting the decay at `fraction` instead of `1 - fraction`
+    would differ (at 0.5 both agree): constant for the first 70% of the steps after warmup, then down."""
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, schedule="warmdown")
+    assert config.warmdown_fraction == 0.3
+    rates = [lr_at(step, config, max_steps=110) for step in range(111)]
+    assert max(rates) == pytest.approx(1e-3)
+    assert all(rate == pytest.approx(1e-3) for rate in rates[10:81])  # constant until 70% of the 100 steps
+    assert all(a > b for a, b in zip(rates[80:], rates[81:], strict=False))  # then falling at every step
+    assert rates[95] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway down the last 30 steps
+    assert rates[110] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_owns_the_hidden_matrices_and_adamw_everything_else(model_type, tied):
+    """Tied or untied: Muon takes the 2-D weights inside the blocks, AdamW the embedding, the output head and
+    the norms; every parameter is trained by exactly one optimizer. (The vocabulary, 37, is no other width of
+    the model, so the vocabulary-sized matrices are the embedding and the head.)"""
+    vocab = 37
+    model = build_model(ModelConfig(model_type=model_type, vocab_size=vocab, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=8, tie_embeddings=tied))
+    params = {id(p): (name, p) for name, p in model.named_parameters()}
+    vocabulary_sized = {i for i, (_, p) in params.items() if vocab in p.shape}
+    assert len(vocabulary_sized) == (1 if tied else 2)
+
+    def owned(optimizer):
+        return [id(p) for group in optimizer.param_groups for p in group["params"]]
+
+    adamw, muon = make_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert type(muon).__name__ == "Muon"
+    assert sorted(owned(adamw) + owned(muon)) == sorted(params)  # each parameter once
+    hidden = {i for i, (_, p) in params.items() if p.dim() == 2 and i not in vocabulary_sized}
+    assert set(owned(muon)) == hidden, sorted(params[i][0] for i in set(owned(muon)) ^ hidden)
+    assert vocabulary_sized <= set(owned(adamw))
+    [only] = make_optimizers(model, TrainConfig(optimizer="adamw"), torch.device("cpu"))
+    assert sorted(owned(only)) == sorted(params)
 
 
 def test_muon_trains_the_hidden_matrices_and_resumes_exactly(tmp_path, corpus_file):

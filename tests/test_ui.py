@@ -12,11 +12,10 @@ import gradio as gr
 import pytest
 import torch
 
-import minillm.generation
 from minillm.checkpoint import load_run, save_best
 from minillm.config import ModelConfig
 from minillm.engine import Engine
-from minillm.generation import GenerationStop, stream_text
+from minillm.generation import stream_text
 from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
@@ -462,17 +461,12 @@ def test_refresh_lists_runs_newest_first(tmp_path):
     assert update["choices"] == [str(runs / "b"), str(runs / "c"), str(runs / "a")]
 
 
-def test_the_stats_say_when_the_model_ended_the_text(page, ui_run, monkeypatch):
-    def three_tokens_then_eos(*args):
-        for letter in "abc":
-            yield 5, letter
-        return GenerationStop.END_OF_TEXT
-
-    monkeypatch.setattr(minillm.generation, "_token_steps", three_tokens_then_eos)
+def test_the_stats_say_when_the_model_ended_the_text(page, ending_run):
+    # A real model that ends its text (EOS) three tokens after the prompt.
     tab = Tab(page)
-    tab.load(ui_run)
-    final = tab.generate(prompt="Speak")[-1]
-    assert final["output"] == "Speakabc"
+    tab.load(ending_run)
+    final = tab.generate(prompt="abc", temperature=0)[-1]
+    assert final["output"] == "abcdef"
     assert final["stats"].startswith("Stopped at end of text after 3 tokens. Generated 3")
 
 

@@ -101,6 +101,17 @@ def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
     assert f"Run folder `{tmp_path / 'next'}`" in out["train_plan"]
 
 
+@pytest.mark.parametrize("changes", [dict(grad_accum_steps=3), dict(grad_accum_steps=3, epochs=0.5)])
+def test_the_plan_counts_every_accumulation_step_as_the_trainer_does(corpus_file, tmp_path, changes):
+    model, config = train_tab.form_configs(*form(corpus_file)[:-1])
+    config = config.replace(**changes)
+    plan = [line for line in preview_run(model, config).lines() if line.startswith("plan:")]
+    printed = []
+    train(model, config, tmp_path / "run", progress=False, log=printed.append, should_stop=lambda: True)
+    assert plan == [line for line in printed if line.startswith("plan:")]
+    assert f"x {3 * 8 * 32} tokens" in plan[0]  # 3 accumulation steps x batch 8 x context 32
+
+
 def test_a_bpe_plan_says_its_tokens_are_estimated(corpus_file, tmp_path):
     out = TrainPage(tmp_path).show_plan(form(corpus_file, tokenizer="bpe", model_type="transformer"))
     assert "tokens per character" in out["train_plan"] and "transformer" in out["train_plan"]

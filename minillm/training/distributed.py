@@ -17,6 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists: its functions take `group=group.WORLD` as a default, evaluated at
+# import, and DDP imports it (through torch._dynamo) once the group exists. Imported then, those defaults hold
+# the group for the life of the process, so teardown() cannot free it: its Gloo threads run on into the
+# interpreter's exit, where a rank was seen to abort (SIGABRT) at the end of a run.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
+
 from minillm.errors import MiniLLMError
 
 # How long a collective may wait for the other ranks. A rank that fails ends its process, and torchrun then
