@@ -233,7 +233,7 @@ class BatchedProducts(TorchFunctionMode):
 
     Inductor hands a one-row input (batch 1: one token) to the library's matrix product with a stride of
     0 over its size-1 dimension, and the product then copies it before every call; a batched product
-    takes it as it is. Measured at nanoGPT's CPU shape: 25% less time a token at batch 1, the same at 8.
+    takes it as it is (bench/generation.py --choices times the step without it).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -251,21 +251,21 @@ def compile_step(step: Compilable, device: torch.device) -> Compilable:
     """torch.compile a static-shape decode step for `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # The C++ wrapper calls the kernels without a Python line per op: a block of 4 steps took 150 rather
-    # than 233 microseconds a token (bench/generation.py's CPU shape). Not autotuning: without freezing its
-    # only choice for the matrix products is the library call it would make anyway (measured the same
-    # speed, longer compile). Not freezing, which would let inductor use its own kernels for the products:
-    # the graph would keep serving the old weights after a change, and it measured 5% faster at most.
+    # The C++ wrapper calls the kernels without a Python line per op (bench/generation.py --choices times
+    # the step without it). Not autotuning: without freezing, its only choice for the matrix products is
+    # the library call it would make anyway, after a longer compile. Not freezing, which would let
+    # inductor use its own kernels for the products: the graph would keep serving the old weights after a
+    # change.
     return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def _guards_checked_once(step: Compilable) -> Compilable:
     """`step` for one generation: torch checks its guards (shapes, dtypes, which compiled graph serves the
     inputs) at the first call only. Within a generation the inputs keep their shapes and the model its
-    weights' shapes, so later calls would pass the same checks; skipping them saved about 10% of a token's
-    time at nanoGPT's CPU shape (the block's checks cost about 70 microseconds a call). Inputs no compiled
-    graph was made for still raise rather than run the wrong graph (torch keeps the checks that tell its
-    graphs apart, and a graph checks its inputs' sizes)."""
+    weights' shapes, so later calls would pass the same checks, whose cost a small model's step does not
+    dwarf (bench/generation.py --choices times the step with them). Inputs no compiled graph was made for
+    still raise rather than run the wrong graph (torch keeps the checks that tell its graphs apart, and a
+    graph checks its inputs' sizes)."""
     checked = False
 
     def call(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -165,8 +165,9 @@ class Attention(nn.Module):
         """Self-attention of (B, T, D) x at the positions whose (T, Dh) cos and sin `rope` holds.
 
         mask: a padding mask (B, 1, T, T) (True = may attend), without a cache. With a cache, x holds the new
-        positions only: their keys/values go into the cache, and they attend over the cached ones too.
-        last_only: every position's keys and values, but only the last position's output (B, 1, D).
+        positions only: their keys/values go into the cache, and they attend over the cached ones too (one
+        token over a static cache, the compiled decode step, by one_query_attention). last_only: every
+        position's keys and values, but only the last position's output (B, 1, D).
         """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
@@ -182,6 +183,8 @@ class Attention(nn.Module):
         if last_only:  # the last query: every key it may see is in k and v already
             q, is_causal = q[:, :, -1:], False
             mask = None if mask is None else mask[..., -1:, :]
+        if cache is not None and cache.static and q.size(2) == 1:  # the compiled decode step
+            return self.o_proj(one_query_attention(q, k, v, mask).reshape(B, 1, -1))
         return self._attend(q, k, v, mask, is_causal)
 
     def rotated_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +211,17 @@ class Attention(nn.Module):
         k, v = memory.keys_values[self.layer_idx]
         q = self._heads(self.q_proj(x))
         return self._attend(self.q_norm(q) if self.qk_norm else q, k, v, memory.mask, False)
+
+
+def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        key_mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one (B, H, 1, Dh) query over (B, H, L, Dh) keys/values where `key_mask` (1, L) is True;
+    returns (B, H, Dh). The compiled decode step's attention: written as products and sums, which inductor
+    fuses into the step's own loops, where SDPA stays a kernel call of its own (bench/generation.py
+    --choices times the step both ways)."""
+    scores = (q * keys).sum(dim=-1) * q.size(-1) ** -0.5  # (B, H, L)
+    weights = scores.masked_fill(~key_mask, -math.inf).softmax(dim=-1)
+    return (weights.unsqueeze(-1) * values).sum(dim=2)
 
 
 class SwiGLU(nn.Module):
@@ -283,7 +297,8 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor,
 
     last_only: (B, 1, D), the last position only. Only the last block computes its output for the last position
     alone: before it, every position's output is the next block's keys and values. In a 4-layer model's
-    prefill for the next token, that is about a fifth less arithmetic.
+    prefill for the next token, that is about a fifth less arithmetic (bench/generation.py times the first
+    token both ways).
     """
     T, last = x.size(1), len(blocks) - 1
     for i, block in enumerate(blocks):
