@@ -165,7 +165,8 @@ class Engine:
 
     def _refill(self, window: torch.Tensor, cache: KVCache | None, seen: torch.Tensor | None,
                 noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
-        """Empty the cache, prefill it with the (B, T) window and sample the token after it (eager)."""
+        """Empty the cache, prefill it with the (B, T) window (without a cache: run the window) and sample the
+        token after it (eager)."""
         if cache is not None:
             cache.reset()
         return sample_next_token(next_logits(self.model, window, cache), sampling, seen, noise)
