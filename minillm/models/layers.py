@@ -13,7 +13,9 @@ logit soft-capping (`cap_logits`, called by the models wherever they make logits
 
 Every layer runs the same code to train, to prefill and to decode: with a KVCache, a self-attention layer
 writes its new keys/values into the cache at the new tokens' positions and attends over what the cache
-returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when the model is built.
+returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when the model is built. One
+second path stays, where the benchmark shows it pays: one token over a static cache (the compiled decode
+step) attends by `one_query_attention` rather than SDPA.
 
 Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
 """
