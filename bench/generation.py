@@ -9,21 +9,33 @@ overhead (recomputing a short window is cheap); at 256 recomputation grows with 
 to the first new token after a 200-token prompt, and how long compiling took (once per shape; torch keeps
 it on disk, so a second run of this script compiles faster), and whether the fast path gave the eager
 path's tokens for the same seed. Modes alternate repeat by repeat, so background load hits them alike.
+The first-token table also times the prefill without its last-position saving and with the model left
+in training mode (the engine then switches it to eval mode and back).
+
+--choices (CPU) adds what each choice of the compiled path is worth, at batch 1, contexts 64 and 256: the
+path as it is against the same path with one choice undone (4 decode steps per graph call rather than 1
+or 8, linear layers as batched products, guards checked at a generation's first call only, the C++
+wrapper, the decode step's one-query attention rather than SDPA). Each undone choice compiles its own
+graphs (tens of seconds each, cold).
 Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from reference_gpt import ReferenceGPT
 
+from minillm import engine as engine_module
 from minillm.config import ModelConfig
 from minillm.engine import Engine
-from minillm.models import DecoderOnlyTransformer, count_parameters
+from minillm.models import DecoderOnlyTransformer, count_parameters, layers
 from minillm.sampling import SamplingConfig
 
 VOCAB = 65
@@ -77,19 +89,109 @@ def modes(ours, reference, device: torch.device):
     }
 
 
+def all_positions_logits(model, ids, cache):
+    """The engine's next_logits without the last-position saving: every position through every layer."""
+    return model(ids, cache=cache)[0][:, -1]
+
+
 def first_token_seconds(ours, reference, repeats: int, device: torch.device) -> dict[str, float]:
     prompt = torch.randint(3, VOCAB, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)).to(device)
     engine = Engine(ours)
-    times: dict[str, list[float]] = {"Mini LLM (prefill into the cache)": [], "reference (one forward)": []}
+
+    def first_token() -> int:
+        return int(next(iter(engine.stream(prompt, SamplingConfig(max_new_tokens=1, **SAMPLING))))[0])
+
+    def every_position() -> int:
+        with mock.patch.object(engine_module, "next_logits", all_positions_logits):
+            return first_token()
+
+    def in_training_mode() -> int:
+        ours.train()
+        try:
+            return first_token()
+        finally:
+            ours.eval()
+
+    runs = {"Mini LLM (prefill into the cache)": first_token,
+            "Mini LLM, prefill of every position's logits (no last-position saving)": every_position,
+            "Mini LLM, model left in training mode (switched to eval and back)": in_training_mode,
+            "reference (one forward)": lambda: int(reference.generate(prompt, 1, **SAMPLING)[0, -1])}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        int(next(iter(engine.stream(prompt, SamplingConfig(max_new_tokens=1, **SAMPLING))))[0])
-        times["Mini LLM (prefill into the cache)"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        int(reference.generate(prompt, 1, **SAMPLING)[0, -1])
-        times["reference (one forward)"].append(time.perf_counter() - start)
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values[1:]) for name, values in times.items()}  # the first run warms up
+
+
+def sdpa_one_query(q, keys, values, key_mask):
+    """layers.one_query_attention as SDPA: (B, H, 1, Dh) query over (B, H, L, Dh) -> (B, H, Dh)."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=key_mask).squeeze(2)
+
+
+def guards_every_call(step):
+    """engine._guards_checked_once undone: torch checks the graph's guards at every call."""
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=engine_module.COMPILED_GRAPHS):
+            return step(*args)
+    return call
+
+
+def python_wrapper_step(step, device):
+    """engine.compile_step without the C++ wrapper (inductor's Python wrapper calls the kernels)."""
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+AS_IT_IS = "as it is (4 steps per graph call)"
+CHOICES = {  # the compiled path with one choice undone, by name: what undoes it
+    AS_IT_IS: contextlib.nullcontext,
+    "1 step per graph call": lambda: mock.patch.object(engine_module, "COMPILED_BLOCK", 1),
+    "8 steps per graph call": lambda: mock.patch.object(engine_module, "COMPILED_BLOCK", 8),
+    "linear layers as plain products (no BatchedProducts)": lambda: mock.patch.object(
+        engine_module, "BatchedProducts", contextlib.nullcontext),
+    "guards checked at every call": lambda: mock.patch.object(engine_module, "_guards_checked_once",
+                                                              guards_every_call),
+    "no C++ wrapper": lambda: mock.patch.object(engine_module, "compile_step", python_wrapper_step),
+    "SDPA in the decode step (no one_query_attention)": lambda: mock.patch.object(layers, "one_query_attention",
+                                                                                  sdpa_one_query),
+}
+
+
+def choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Tokens/s of the compiled path as it is and with each choice undone, alternating, batch 1."""
+    print(f"\nWhat each choice of the compiled path is worth (batch 1, {args.new_tokens} new tokens, median of "
+          f"{args.repeats}; compile: the seconds of the first run, compiling included):\n")
+    print("| context | compiled path | tokens/s | vs as it is | compile s | eager's tokens |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    prompt = torch.ones((1, 1), dtype=torch.long, device=device)
+    for context in (64, 256):
+        ours, _ = models(context, device, dtype)
+        eager = Engine(ours).generate(prompt, SamplingConfig(max_new_tokens=50, seed=1, **SAMPLING))
+        generators, compile_s, same = {}, {}, {}
+        for name, undo in CHOICES.items():
+            fast = Engine(ours, compile=True)
+
+            def generate(p, n, seed, fast=fast, undo=undo):
+                with undo():
+                    return fast.generate(p, SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING))
+
+            start = time.perf_counter()
+            rate(generate, 1, args.new_tokens, 0, device)  # every graph the timed runs use (a slide's too)
+            compile_s[name] = time.perf_counter() - start
+            same[name] = torch.equal(generate(prompt, 50, 1), eager)
+            generators[name] = generate
+        rates: dict[str, list[float]] = {name: [] for name in generators}
+        for repeat in range(args.repeats):
+            for name, generate in generators.items():
+                rates[name].append(rate(generate, 1, args.new_tokens, repeat, device))
+        baseline = statistics.median(rates[AS_IT_IS])
+        for name, values in rates.items():
+            median = statistics.median(values)
+            print(f"| {context} | {name} | {median:,.0f} | {median / baseline:.2f}x | {compile_s[name]:.1f} | "
+                  f"{'same' if same[name] else 'DIFFERENT'} |")
 
 
 def main() -> None:
@@ -97,6 +199,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode; the median is reported")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--choices", action="store_true", help="also time the compiled path with each of its "
+                                                               "choices undone (CPU; minutes of compiling)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -136,6 +240,8 @@ def main() -> None:
     print("| --- | --- |")
     for name, seconds in first_token_seconds(ours, reference, args.repeats, device).items():
         print(f"| {name} | {seconds * 1000:.1f} |")
+    if args.choices and device.type == "cpu":  # batched products and the C++ wrapper are the CPU path's
+        choices_table(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,26 @@ At nanoGPT's CPU configuration (character vocabulary 65, 4 layers, 4 heads, widt
 AdamW, no dropout), or with --device cuda at its Shakespeare GPU configuration (6 layers, 6 heads, 384 wide,
 context 256, batch 64, bf16 autocast): the median time of a forward + backward + optimizer step, the ratio
 to the reference, and model FLOP utilisation against the matmul rate (fp32 on the CPU, bf16 on a GPU)
-measured in the same run. The two models alternate repeat by repeat, so a busy machine slows both alike.
+measured in the same run. The models alternate repeat by repeat, so a busy machine slows them alike. A third
+row is Mini LLM with its RMSNorms on F.rms_norm and autograd rather than models.layers' hand-written backward
+(what that backward is worth).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 from reference_gpt import ReferenceGPT
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.models import build_model, count_parameters
+from minillm.models.layers import RMSNorm
 from minillm.training.optimizer import make_optimizers
 from minillm.training.precision import autocast
 
@@ -44,6 +50,16 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, re
         a @ b
     synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def with_autograd_rms_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose RMSNorms run F.rms_norm (autograd's backward, not the hand-written one)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = types.MethodType(lambda self, x: F.rms_norm(x, (x.size(-1),), self.weight, self.eps),
+                                              module)
+    return model
 
 
 def step_function(model: torch.nn.Module, optimizer: torch.optim.Optimizer, minillm: bool, device: torch.device,
@@ -90,10 +106,12 @@ def main() -> None:
     config = TrainConfig(learning_rate=1e-3, optimizer="adamw")  # nanoGPT's optimizer: AdamW alone
     (ours_optimizer,) = make_optimizers(ours, config, device)
     fused = {"fused": True} if device.type == "cuda" else {}  # nanoGPT's train.py fuses AdamW on CUDA
+    plain = with_autograd_rms_norm(ours)
     models = {
         "reference (nanoGPT-style GPT)": (reference, torch.optim.AdamW(reference.parameters(), lr=1e-3, **fused),
                                           False),
         "Mini LLM": (ours, ours_optimizer, True),
+        "Mini LLM, RMSNorm by F.rms_norm": (plain, make_optimizers(plain, config, device)[0], True),
     }
     steps, compile_s = {}, {}
     for name, (model, optimizer, is_ours) in models.items():

@@ -6,21 +6,21 @@
     new_ids = engine.generate(prompt_ids, SamplingConfig(temperature=0))   # (B, n)
 
 The engine owns the KV cache, the loop, the sliding window, the stop conditions and the random draws; a
-model only exposes the steps (see DecoderOnlyTransformer): `decoder_context` (the checked ids to continue),
-`new_cache`, `window_logits` (a full recompute, for checks and benchmarks), and the two over the cache that
-both kinds get from models.layers.CachedDecoding: `forward_cached` (prefill: many tokens into the cache;
-also the eager one-token step) and `decode_step` (one token at a tensor position over the whole static
-cache). Three ways to make each token, the same tokens for the same seed:
-  eager      forward_cached over the filled part of the cache: always correct, the default
-  compiled   COMPILED_BLOCK decode_steps, each with the sampler, as one torch.compile'd graph whose shapes
-             never change, so it is compiled once (the refill after a slide, always the same length, is a
-             second graph) and, on CUDA, captured as a CUDA graph (mode "reduce-overhead"); on the CPU
-             inductor's C++-wrapped code. A block's tokens stream one by one as usual; where
-             fewer than a block's tokens are left before the window slides or the generation ends, a
-             third graph of one step makes them (compiled at its first use). Compiling takes seconds to a
-             minute (cached on disk by torch afterwards), so it pays off for long generations only. The
-             graphs read the model's weights as they are at each call
-  recompute  use_cache=False: the whole window through the model at each token (slow; for tests)
+model is a minillm.models.decoding.DecodingModel: `decoder_context` (the checked ids to continue),
+`new_cache`, and its one forward pass, which the engine calls with the cache for the logits of the last
+position (a prefill: many tokens into the cache; a step: one). Three ways to make each token, the same
+tokens for the same seed:
+  eager      the forward over the filled part of the cache: always correct, the default
+  compiled   COMPILED_BLOCK forward steps over a static view of the cache, each with the sampler, as one
+             torch.compile'd graph whose shapes never change, so it is compiled once (the refill after a
+             slide, always the same length, is a second graph) and, on CUDA, captured as a CUDA graph
+             (mode "reduce-overhead"); on the CPU inductor's C++-wrapped code. A block's tokens stream one
+             by one as usual; where fewer than a block's tokens are left before the window slides or the
+             generation ends, a third graph of one step makes them (compiled at its first use). Compiling
+             takes seconds to a minute (cached on disk by torch afterwards), so it pays off for long
+             generations only. The graphs read the model's weights as they are at each call
+  recompute  use_cache=False, or a kind with no cache: the whole window through the model at each token
+             (slow; for tests)
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, eval_mode
+from minillm.models.decoding import DecodingModel, KVCache, eval_mode
 from minillm.sampling import SamplingConfig, draw_noise, sample_next_token, seen_tokens
 
 # When the context fills the model's window (max_seq_len), the oldest tokens are dropped so that this
@@ -44,10 +43,9 @@ from minillm.sampling import SamplingConfig, draw_noise, sample_next_token, seen
 CONTEXT_KEEP_FRACTION = 0.75
 
 # Tokens per call of the compiled decode graph. A call has a fixed cost (torch's guard checks, the wrapper,
-# the engine's Python) that one token's arithmetic, for a small model, does not dwarf: 4 steps per call
-# took a token from about 250 to 160 microseconds at nanoGPT's CPU shape (8 steps: 137), while compiling
-# the graph, unrolled 4 times, takes about 4 times as long as one step's (cold: about 50 s rather than 13 s
-# on 2 cores; torch's disk cache then makes it seconds).
+# the engine's Python) that one token's arithmetic, for a small model, does not dwarf, while compiling the
+# graph, unrolled, takes about as many times as long as one step's (torch's disk cache then makes it
+# seconds). bench/generation.py --choices times blocks of 1, 4 and 8 steps.
 COMPILED_BLOCK = 4
 
 # How many compiled graphs torch may keep for the decode functions (torch's default is 8 per function, and
@@ -63,7 +61,11 @@ Compilable = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]  # a Block o
 class Engine:
     """Generates from one model; keeps its compiled decode steps (one per sampling setting) between calls."""
 
-    def __init__(self, model: nn.Module, compile: bool = False) -> None:
+    def __init__(self, model: DecodingModel, compile: bool = False) -> None:
+        if not isinstance(model, DecodingModel):
+            raise MiniLLMError(f"a {type(model).__name__} cannot generate: it is not a DecodingModel (it needs "
+                               "decoder_context, new_cache and a forward that takes a cache; see "
+                               "minillm.models.decoding)")
         self.model = model
         self.compile = compile
         self._compiled: dict[tuple, tuple[dict[int, Block], Refill]] = {}
@@ -113,15 +115,14 @@ class Engine:
         start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
         keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
         with eval_mode(model):
-            cache = model.new_cache(batch, source_ids, source_mask) if use_cache else None
-            block, refill = self._compiled_steps(sampling, cache) if self.compile and use_cache else (None, None)
+            # Recomputing still makes a cache (a kind that reads a source keeps it there) and refills it per token.
+            cache = model.new_cache(batch, source_ids, source_mask)
+            recompute = cache is None or not use_cache
+            block, refill = self._compiled_steps(sampling, cache) if self.compile and not recompute else (None, None)
 
             def first_token(slid: bool) -> torch.Tensor:
-                """Prefill the window into the cache (without one: recompute it) and sample after it."""
+                """Prefill the window into the cache (or run it, without one) and sample the token after it."""
                 window = tokens[:, start:length]
-                if cache is None:
-                    return sample_next_token(model.window_logits(window, source_ids, source_mask), sampling,
-                                             seen, noise())
                 if slid and refill is not None:  # always `keep` tokens: the compiled refill's one shape
                     return refill(window.clone(memory_format=torch.contiguous_format), cache, seen, noise())
                 return self._refill(window, cache, seen, noise(), sampling)
@@ -147,7 +148,7 @@ class Engine:
                 if length - start > max_seq_len:  # the window slid: rebuild the cache over the kept tokens
                     start = length - keep
                     pending.append(first_token(slid=True))
-                elif cache is None:  # recompute the window
+                elif recompute:
                     pending.append(first_token(slid=False))
                 elif block is None:
                     pending.append(self._eager_step(token.view(batch, 1), cache, seen, noise(), sampling))
@@ -160,15 +161,15 @@ class Engine:
     def _eager_step(self, token: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
                     noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
         """The token after the (B, 1) `token`, over the filled part of the cache (eager)."""
-        return sample_next_token(self.model.forward_cached(token, cache), sampling, seen, noise)
+        return sample_next_token(next_logits(self.model, token, cache), sampling, seen, noise)
 
-    def _refill(self, window: torch.Tensor, cache: KVCache, seen: torch.Tensor | None,
+    def _refill(self, window: torch.Tensor, cache: KVCache | None, seen: torch.Tensor | None,
                 noise: torch.Tensor | None, sampling: SamplingConfig) -> torch.Tensor:
-        """Empty the cache, prefill it with the (B, T) window and sample the token after it (eager)."""
-        cache.reset()
-        logits = self.model.forward_cached(window, cache)
-        cache.sync_position()
-        return sample_next_token(logits, sampling, seen, noise)
+        """Empty the cache, prefill it with the (B, T) window (without a cache: run the window) and sample the
+        token after it (eager)."""
+        if cache is not None:
+            cache.reset()
+        return sample_next_token(next_logits(self.model, window, cache), sampling, seen, noise)
 
     def _compiled_steps(self, sampling: SamplingConfig, cache: KVCache) -> tuple[Block, Refill]:
         """The compiled block ((B, 1) last token, cache, seen mask, COMPILED_BLOCK or 1 noises -> as many
@@ -185,10 +186,10 @@ class Engine:
             # torch to check at every call.
             def fast_block(token: torch.Tensor, seen: torch.Tensor | None, noises: list[torch.Tensor | None],
                            *cache_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                view, made = KVCache.over(*cache_tensors), []
+                view, made = KVCache.over(*cache_tensors, static=True), []
                 with BatchedProducts() if device.type == "cpu" else contextlib.nullcontext():
                     for noise in noises:  # unrolled: COMPILED_BLOCK steps
-                        made.append(sample_next_token(model.decode_step(token, view), sampling, seen, noise))
+                        made.append(sample_next_token(next_logits(model, token, view), sampling, seen, noise))
                         token = made[-1].view(-1, 1)
                         if seen is not None:
                             seen.scatter_(1, token, True)
@@ -196,10 +197,8 @@ class Engine:
 
             def fast_refill(window: torch.Tensor, seen: torch.Tensor | None, noise: torch.Tensor | None,
                             *cache_tensors: torch.Tensor) -> torch.Tensor:
-                view = KVCache.over(*cache_tensors)
-                logits = model.forward_cached(window, view)
-                view.position.fill_(window.size(1))
-                return sample_next_token(logits, sampling, seen, noise)
+                view = KVCache.over(*cache_tensors, static=False)  # empty: the window refills it from 0
+                return sample_next_token(next_logits(model, window, view), sampling, seen, noise)
 
             compiled_block = compile_step(fast_block, device)  # a graph per block length: 1, COMPILED_BLOCK
             self._compiled[key] = ({steps: _checked_first_call(compiled_block) for steps in (1, COMPILED_BLOCK)},
@@ -212,7 +211,7 @@ class Engine:
                   noises: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
             # The position tensor is the host's count already: the prefill set it, and each graph moves it.
             made = blocks[len(noises)](token, seen, noises, *cache.tensors())
-            cache.advance(len(made))  # decode_step moved the position tensor; the host's count follows
+            cache.advance(len(made))  # the graph moved the position tensor; the host's count follows
             # A CUDA graph's outputs are overwritten by its next run: the tokens the caller keeps are copies.
             return tuple(t.clone() for t in made) if device.type == "cuda" else made
 
@@ -225,12 +224,17 @@ class Engine:
         return block, refill
 
 
+def next_logits(model: DecodingModel, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """(B, V) logits of the token after the (B, T) ids, which follow the cache's positions (if any)."""
+    return model(ids, cache=cache, last_only=True)[0][:, -1]
+
+
 class BatchedProducts(TorchFunctionMode):
     """Linear layers as batched matrix products, while a CPU decode step is traced for compiling.
 
     Inductor hands a one-row input (batch 1: one token) to the library's matrix product with a stride of
     0 over its size-1 dimension, and the product then copies it before every call; a batched product
-    takes it as it is. Measured at nanoGPT's CPU shape: 25% less time a token at batch 1, the same at 8.
+    takes it as it is (bench/generation.py --choices times the step without it).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -248,21 +252,21 @@ def compile_step(step: Compilable, device: torch.device) -> Compilable:
     """torch.compile a static-shape decode step for `device` (see the module docstring)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    # The C++ wrapper calls the kernels without a Python line per op: a block of 4 steps took 150 rather
-    # than 233 microseconds a token (bench/generation.py's CPU shape). Not autotuning: without freezing its
-    # only choice for the matrix products is the library call it would make anyway (measured the same
-    # speed, longer compile). Not freezing, which would let inductor use its own kernels for the products:
-    # the graph would keep serving the old weights after a change, and it measured 5% faster at most.
+    # The C++ wrapper calls the kernels without a Python line per op (bench/generation.py --choices times
+    # the step without it). Not autotuning: without freezing, its only choice for the matrix products is
+    # the library call it would make anyway, after a longer compile. Not freezing, which would let
+    # inductor use its own kernels for the products: the graph would keep serving the old weights after a
+    # change.
     return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def _guards_checked_once(step: Compilable) -> Compilable:
     """`step` for one generation: torch checks its guards (shapes, dtypes, which compiled graph serves the
     inputs) at the first call only. Within a generation the inputs keep their shapes and the model its
-    weights' shapes, so later calls would pass the same checks; skipping them saved about 10% of a token's
-    time at nanoGPT's CPU shape (the block's checks cost about 70 microseconds a call). Inputs no compiled
-    graph was made for still raise rather than run the wrong graph (torch keeps the checks that tell its
-    graphs apart, and a graph checks its inputs' sizes)."""
+    weights' shapes, so later calls would pass the same checks, whose cost a small model's step does not
+    dwarf (bench/generation.py --choices times the step with them). Inputs no compiled graph was made for
+    still raise rather than run the wrong graph (torch keeps the checks that tell its graphs apart, and a
+    graph checks its inputs' sizes)."""
     checked = False
 
     def call(*args: object) -> torch.Tensor | tuple[torch.Tensor, ...]:

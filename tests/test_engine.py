@@ -10,8 +10,10 @@ import torch
 from test_models import BOS, PAD, VOCAB, random_ids, tiny_model
 
 from minillm import engine as engine_module
+from minillm.config import ModelConfig
 from minillm.engine import COMPILED_BLOCK, CONTEXT_KEEP_FRACTION, BatchedProducts, Engine
 from minillm.errors import MiniLLMError
+from minillm.models.decoding import DecodingModel, KVCache, check_token_ids
 from minillm.sampling import MAX_NEW_TOKENS, SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +62,7 @@ def sampled_logits(monkeypatch) -> list[torch.Tensor]:
 def full_recompute_logits(model: torch.nn.Module, window: torch.Tensor, src: torch.Tensor | None) -> torch.Tensor:
     """(B, V) logits after `window`, from a plain forward pass over it alone."""
     with torch.no_grad():
-        logits = model(window)[0] if src is None else model(src, window)[0]
+        logits = model(window)[0] if src is None else model(window, src_ids=src)[0]
     return logits[:, -1]
 
 
@@ -222,6 +224,82 @@ def test_each_model_kind_refuses_the_other_kinds_input():
 def test_a_source_longer_than_the_context_is_a_clear_error():
     with pytest.raises(MiniLLMError, match="max_seq_len"):
         Engine(tiny_model("transformer")).generate(None, GREEDY, source_ids=random_ids(1, 17))
+
+
+# ---- the decoding contract -------------------------------------------------------------------------------
+
+class BagOfTokens:
+    """A throwaway model kind that implements DecodingModel and nothing else (not even nn.Module): the next
+    token's logits are a fixed matrix times the sum of the embeddings of every token in the window, so they
+    depend on the whole window. Its cache (one layer, one head) keeps each position's embedding as a value;
+    `keeps_cache=False` makes it a kind with no cache."""
+
+    WIDTH = 8
+
+    def __init__(self, max_seq_len: int, keeps_cache: bool = True) -> None:
+        self.config = ModelConfig(vocab_size=VOCAB, d_model=self.WIDTH, n_layers=1, n_heads=1,
+                                  max_seq_len=max_seq_len)
+        generator = torch.Generator().manual_seed(0)
+        self.embedding = torch.randn(VOCAB, self.WIDTH, generator=generator)
+        self.head = torch.randn(self.WIDTH, VOCAB, generator=generator)
+        self.keeps_cache, self.training = keeps_cache, True
+
+    def __call__(self, ids: torch.Tensor, /, *, cache: KVCache | None = None,
+                 last_only: bool = False) -> tuple[torch.Tensor, None]:
+        new = self.embedding[ids]  # (B, T, E)
+        if cache is None:
+            sums = new.cumsum(dim=1)
+        else:
+            T = ids.size(1)
+            mask, _ = cache.attention_mask(T)  # None: causal, aligned to the last key
+            _, values = cache.store(0, new[:, None], new[:, None])  # (B, 1, S, E)
+            S = values.size(2)
+            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T) if mask is None else mask
+            sums = mask.float() @ values[:, 0]
+            cache.advance(T)
+        logits = sums @ self.head  # (B, T, V)
+        return (logits[:, -1:] if last_only else logits), None
+
+    def decoder_context(self, prompt_ids: torch.Tensor, source_ids: None = None, source_mask: None = None):
+        return check_token_ids(prompt_ids, VOCAB, "prompt", torch.device("cpu"))
+
+    def new_cache(self, batch_size: int, source_ids: None = None, source_mask: None = None) -> KVCache | None:
+        if not self.keeps_cache:
+            return None
+        return KVCache(1, batch_size, 1, self.config.max_seq_len, self.WIDTH, torch.float32, torch.device("cpu"))
+
+    def modules(self):
+        yield self
+
+    def train(self, mode: bool = True) -> BagOfTokens:
+        self.training = mode
+        return self
+
+
+@pytest.mark.parametrize("keeps_cache", [True, False])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_engine_drives_any_model_kind_through_the_decoding_contract_alone(keeps_cache, use_cache,
+                                                                               sampled_logits):
+    max_seq_len, n_new = 8, 20
+    model = BagOfTokens(max_seq_len, keeps_cache)
+    assert isinstance(model, DecodingModel)
+    prompt, settings = random_ids(2, 3), sampled(n_new, seed=3, repetition_penalty=1.3)
+    steps = list(Engine(model).stream(prompt, settings, use_cache=use_cache))
+    assert model.training, "the model's mode is restored"
+    new = torch.stack(steps, dim=1)
+    history = torch.cat([prompt, new], dim=1)
+    windows = expected_windows(3, n_new, max_seq_len)
+    assert windows[-1][0] > 0 and len(sampled_logits) == n_new, "the test must cover a slide"
+    for i, (start, end) in enumerate(windows):
+        expected = model.embedding[history[:, start:end]].sum(dim=1) @ model.head
+        torch.testing.assert_close(sampled_logits[i], expected, atol=1e-4, rtol=1e-5, msg=f"token {i}")
+    reference = Engine(BagOfTokens(max_seq_len)).generate(prompt, settings)  # eager, over a cache
+    assert torch.equal(new, reference)
+
+
+def test_a_model_that_is_not_a_decoding_model_is_refused_with_one_clear_error():
+    with pytest.raises(MiniLLMError, match="a Linear cannot generate: it is not a DecodingModel"):
+        Engine(torch.nn.Linear(2, 2))
 
 
 # ---- the compiled fast path -----------------------------------------------------------------------------

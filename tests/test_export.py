@@ -282,7 +282,7 @@ def test_safetensors_export_of_an_encoder_decoder_loads_back_as_the_same_model(s
     assert missing == ["lm_head.weight"] and unexpected == []  # tied: it is embed_tokens.weight
     src, tgt = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 9, 10]])
     with torch.no_grad():
-        assert torch.equal(model(src, tgt)[0], run.model(src, tgt)[0])
+        assert torch.equal(model(tgt, src_ids=src)[0], run.model(tgt, src_ids=src)[0])
     assert load_tokenizer(out).fingerprint() == run.tokenizer.fingerprint()
     assert "load_file" in (out / "README.md").read_text(encoding="utf-8")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import import_dev_dependency, single_thread, tiny_configs
-from test_models import VOCAB, assert_matches_hugging_face, random_ids, tiny_config, tiny_model
+from test_models import VOCAB, assert_matches_hugging_face, random_ids, static_view, tiny_config, tiny_model
 
 from minillm.checkpoint import load_run, load_torch
 from minillm.config import ModelConfig
@@ -33,7 +33,7 @@ def logits(m: torch.nn.Module, kind: str, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits of the tokens (the encoder-decoder's target, against a fixed source)."""
     source = random_ids(tokens.size(0), 6, seed=7, vocab=m.config.vocab_size)
     with torch.no_grad():
-        return m(source, tokens)[0] if kind == "transformer" else m(tokens)[0]
+        return m(tokens, src_ids=source)[0] if kind == "transformer" else m(tokens)[0]
 
 
 def quiet(message: str) -> None:
@@ -111,8 +111,7 @@ def test_softcap_bounds_the_logits_smoothly_in_the_forward_pass_and_when_decodin
     # Generation reads the cached path's logits: capped there too.
     with torch.no_grad():
         cache = capped.new_cache(2, random_ids(2, 6, seed=7) if kind == "transformer" else None)
-        torch.testing.assert_close(capped.forward_cached(tokens, cache, all_positions=True), soft,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(capped(tokens, cache=cache)[0], soft, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -166,11 +165,11 @@ def test_cached_and_static_decoding_equal_the_full_forward_with_every_option(kin
     with torch.no_grad():
         source = random_ids(2, 6, seed=7) if kind == "transformer" else None
         cache, static = m.new_cache(2, source), m.new_cache(2, source)
-        steps = [m.forward_cached(tokens[:, :4], cache, all_positions=True)]
-        steps += [m.forward_cached(tokens[:, t:t + 1], cache)[:, None] for t in range(4, 10)]
-        m.forward_cached(tokens[:, :4], static)
-        static.sync_position()
-        fast = [m.decode_step(tokens[:, t:t + 1], static)[:, None] for t in range(4, 10)]  # the static step
+        steps = [m(tokens[:, :4], cache=cache)[0]]
+        steps += [m(tokens[:, t:t + 1], cache=cache)[0] for t in range(4, 10)]
+        m(tokens[:, :4], cache=static, last_only=True)
+        view = static_view(static)  # as the compiled decode step sees the cache
+        fast = [m(tokens[:, t:t + 1], cache=view)[0] for t in range(4, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(fast, dim=1), full[:, 4:], atol=1e-5, rtol=1e-5)
 

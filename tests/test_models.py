@@ -20,7 +20,8 @@ from minillm.models import (
     count_parameters,
     pick_device,
 )
-from minillm.models.layers import RMSNorm
+from minillm.models.decoding import KVCache
+from minillm.models.layers import Block, RMSNorm
 from minillm.models.llama import fuse_split, split_fused
 
 VOCAB = 40
@@ -81,7 +82,7 @@ def test_weight_names_and_shapes_are_llama_style():
     assert state["layers.0.input_layernorm.weight"].shape == (D,)
     assert state["layers.0.post_attention_layernorm.weight"].shape == (D,)
     assert not any("bias" in k for k in state), "Llama-style layers have no biases"
-    assert not any("rotary" in k or "eps_tensor" in k for k in state), "derived buffers are not saved"
+    assert not any("rotary" in k for k in state), "derived buffers are not saved"
 
 
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
@@ -140,7 +141,7 @@ def test_transformer_forward_shapes_and_loss_skips_ignored_targets():
     src, tgt = random_ids(3, 7), random_ids(3, 5, seed=2)
     targets = random_ids(3, 5, seed=3)
     targets[1, 2:] = IGNORE_INDEX
-    logits, loss = model(src, tgt, targets=targets)
+    logits, loss = model(tgt, src_ids=src, targets=targets)
     assert logits.shape == (3, 5, VOCAB)
     keep = targets != IGNORE_INDEX
     assert loss.item() == pytest.approx(F.cross_entropy(logits[keep], targets[keep]).item(), rel=1e-6)
@@ -161,10 +162,10 @@ def test_transformer_decoder_is_causal_and_encoder_sees_the_whole_source():
     src, tgt = random_ids(1, 6), random_ids(1, 8, seed=2)
     changed_tgt = tgt.clone()
     changed_tgt[0, 5] = (tgt[0, 5] + 1) % VOCAB
-    torch.testing.assert_close(model(src, tgt)[0][:, :5], model(src, changed_tgt)[0][:, :5])
+    torch.testing.assert_close(model(tgt, src_ids=src)[0][:, :5], model(changed_tgt, src_ids=src)[0][:, :5])
     changed_src = src.clone()
     changed_src[0, -1] = (src[0, -1] + 1) % VOCAB  # the last source token changes every target position
-    assert not torch.allclose(model(src, tgt)[0][:, 0], model(changed_src, tgt)[0][:, 0])
+    assert not torch.allclose(model(tgt, src_ids=src)[0][:, 0], model(tgt, src_ids=changed_src)[0][:, 0])
 
 
 def test_decoder_padding_mask_leaves_real_positions_unchanged_and_never_nan():
@@ -183,16 +184,18 @@ def test_transformer_source_padding_mask_matches_the_unpadded_source():
     src, tgt = random_ids(1, 5), random_ids(1, 4, seed=2)
     padded = torch.cat([src, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     src_mask = torch.tensor([[1] * 5 + [0] * 3])
-    torch.testing.assert_close(model(padded, tgt, src_mask=src_mask)[0], model(src, tgt)[0])
+    torch.testing.assert_close(model(tgt, src_ids=padded, src_mask=src_mask)[0], model(tgt, src_ids=src)[0])
     all_pad = torch.zeros(1, 5, dtype=torch.bool)
-    assert torch.isfinite(model(src, tgt, src_mask=all_pad)[0]).all()
+    assert torch.isfinite(model(tgt, src_ids=src, src_mask=all_pad)[0]).all()
 
 
 def test_sequence_longer_than_the_context_is_a_clear_error():
     with pytest.raises(MiniLLMError, match="max_seq_len"):
         tiny_model()(random_ids(1, 17))
     with pytest.raises(MiniLLMError, match="max_seq_len"):
-        tiny_model("transformer")(random_ids(1, 17), random_ids(1, 3))
+        tiny_model("transformer")(random_ids(1, 3), src_ids=random_ids(1, 17))
+    with pytest.raises(MiniLLMError, match="give src_ids"):
+        tiny_model("transformer")(random_ids(1, 3))
 
 
 # ---- learning -------------------------------------------------------------------------------------------
@@ -225,7 +228,14 @@ def test_transformer_overfits_a_tiny_batch():
     assert loss < 0.05
 
 
-# ---- KV cache -------------------------------------------------------------------------------------------
+# ---- KV cache ----------------------------------------------------------------------------------------
+# The one forward pass with a cache: the ids follow the cache's positions (eager: attention over the filled
+# part; over a static view, as in the compiled decode step: over the whole cache under a mask).
+
+def static_view(cache: KVCache) -> KVCache:
+    """The view of `cache` that a compiled decode step works on (its tensors, at its position tensor)."""
+    return KVCache.over(*cache.tensors(), static=True)
+
 
 @pytest.mark.parametrize("prompt_len", [1, 6])
 def test_decoder_only_cached_decoding_equals_full_forward(prompt_len):
@@ -234,11 +244,11 @@ def test_decoder_only_cached_decoding_equals_full_forward(prompt_len):
     full = model(ids)[0]  # (B, 16, V)
     with torch.no_grad():
         cache = model.new_cache(2)
-        prefill = model.forward_cached(ids[:, :prompt_len], cache, all_positions=True)
-        steps = [model.forward_cached(ids[:, t:t + 1], cache) for t in range(prompt_len, 16)]
-    incremental = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+        prefill = model(ids[:, :prompt_len], cache=cache)[0]
+        steps = [model(ids[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 16)]
+    incremental = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
-    assert cache.length == 16
+    assert cache.length == int(cache.position) == 16
 
 
 @pytest.mark.parametrize("prompt_len", [1, 6])
@@ -247,12 +257,12 @@ def test_transformer_cached_decoding_equals_full_forward(prompt_len):
     src, tgt = random_ids(2, 9), random_ids(2, 16, seed=2)
     src_mask = torch.ones(2, 9, dtype=torch.bool)
     src_mask[1, 6:] = False
-    full = model(src, tgt, src_mask=src_mask)[0]
+    full = model(tgt, src_ids=src, src_mask=src_mask)[0]
     with torch.no_grad():
         cache = model.new_cache(2, src, src_mask)
-        prefill = model.forward_cached(tgt[:, :prompt_len], cache, all_positions=True)
-        steps = [model.forward_cached(tgt[:, t:t + 1], cache) for t in range(prompt_len, 16)]
-    incremental = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+        prefill = model(tgt[:, :prompt_len], cache=cache)[0]
+        steps = [model(tgt[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, 16)]
+    incremental = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0)
 
 
@@ -261,9 +271,20 @@ def test_cached_chunks_after_a_prefix_use_the_right_causal_mask():
     ids = random_ids(1, 12)
     with torch.no_grad():
         cache = model.new_cache(1)
-        first = model.forward_cached(ids[:, :5], cache, all_positions=True)
-        second = model.forward_cached(ids[:, 5:], cache, all_positions=True)  # 7 queries over 12 keys
+        first = model(ids[:, :5], cache=cache)[0]
+        second = model(ids[:, 5:], cache=cache)[0]  # 7 queries over 12 keys
     torch.testing.assert_close(torch.cat([first, second], dim=1), model(ids)[0], atol=1e-5, rtol=0)
+
+
+def test_a_cache_refuses_positions_past_its_end_and_the_forward_a_padding_mask():
+    model = tiny_model(max_seq_len=16)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model(random_ids(1, 10), cache=cache)
+        with pytest.raises(MiniLLMError, match="KV cache overflow: 17 positions for a cache of 16"):
+            model(random_ids(1, 7), cache=cache)
+        with pytest.raises(MiniLLMError, match="padding mask"):
+            model(random_ids(1, 2), torch.ones(1, 2, dtype=torch.bool), cache=model.new_cache(1))
 
 
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
@@ -274,14 +295,14 @@ def test_a_prefill_for_the_next_token_runs_the_last_layers_feed_forward_on_the_l
     src = random_ids(2, 9, seed=3) if model_type == "transformer" else None
     ids = random_ids(2, 10)
     rows = []
-    last_layer = model.decoder_stack()[0][-1]
+    last_layer = [module for module in model.modules() if isinstance(module, Block)][-1]  # the decoder's
     last_layer.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].size(1)))
     with torch.no_grad():
         every_cache, next_cache = model.new_cache(2, src), model.new_cache(2, src)
-        every = model.forward_cached(ids, every_cache, all_positions=True)
-        next_logits = model.forward_cached(ids, next_cache)
-    assert rows == [10, 1]
-    torch.testing.assert_close(next_logits, every[:, -1], atol=1e-5, rtol=0)
+        every = model(ids, cache=every_cache)[0]
+        next_logits = model(ids, cache=next_cache, last_only=True)[0]
+    assert rows == [10, 1] and next_logits.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(next_logits, every[:, -1:], atol=1e-5, rtol=0)
     for a, b in zip(every_cache.keys + every_cache.values, next_cache.keys + next_cache.values,
                     strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -289,19 +310,19 @@ def test_a_prefill_for_the_next_token_runs_the_last_layers_feed_forward_on_the_l
 
 @pytest.mark.parametrize("model_type", ["decoder_only", "transformer"])
 def test_static_decode_steps_equal_the_cached_forward(model_type):
-    """decode_step (a tensor position, attention over the whole preallocated cache under a mask) gives the
-    logits of forward_cached, which attends over the filled part only."""
+    """The forward over a static view (a tensor position, attention over the whole preallocated cache
+    under a mask) gives the logits of the eager forward, which attends over the filled part only."""
     model = tiny_model(model_type, max_seq_len=16)
     src = random_ids(2, 9, seed=3) if model_type == "transformer" else None
     ids = random_ids(2, 16)
     with torch.no_grad():
         eager, static = model.new_cache(2, src), model.new_cache(2, src)
-        prefill = model.forward_cached(ids[:, :5], eager)
-        model.forward_cached(ids[:, :5], static)
-        static.sync_position()
-        steps = [model.forward_cached(ids[:, t:t + 1], eager) for t in range(5, 16)]
-        fast = [model.decode_step(ids[:, t:t + 1], static) for t in range(5, 16)]
-    assert prefill.shape == (2, VOCAB) and int(static.position) == 16
+        prefill = model(ids[:, :5], cache=eager, last_only=True)[0]
+        model(ids[:, :5], cache=static, last_only=True)
+        view = static_view(static)
+        steps = [model(ids[:, t:t + 1], cache=eager)[0] for t in range(5, 16)]
+        fast = [model(ids[:, t:t + 1], cache=view)[0] for t in range(5, 16)]
+    assert prefill.shape == (2, 1, VOCAB) and int(static.position) == 16
     torch.testing.assert_close(torch.stack(fast), torch.stack(steps), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack(static.keys), torch.stack(eager.keys), atol=1e-6, rtol=0)
 

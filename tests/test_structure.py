@@ -17,6 +17,7 @@ from torch import nn
 
 from minillm import models
 from minillm.config import IGNORE_INDEX, ModelConfig, preset_configs
+from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, model_kinds
 
@@ -229,6 +230,10 @@ def test_a_third_kind_is_one_registry_line_and_trains(bigram_kind, corpus_file, 
     assert result.best_val_loss < result.history[0]["val_loss"] or result.best_step == result.history[0]["step"]
     assert any("no layers (a bigram table)" in line for line in lines)
     assert isinstance(load_run(tmp_path / "run").model, BigramModel)
+    # It implements training only, not the decoding contract (minillm.models.decoding.DecodingModel;
+    # test_engine.py runs the engine over a kind that implements only that): generating is one clear error.
+    with pytest.raises(MiniLLMError, match="a BigramModel cannot generate: it is not a DecodingModel"):
+        Engine(model)
 
 
 def test_an_unknown_kind_is_refused_with_the_known_ones():

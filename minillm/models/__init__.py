@@ -2,11 +2,10 @@
 
 Code that must treat the kinds differently asks the class what it can do (`is_encoder_decoder`,
 `layers_description`), never compares kind names, so a third kind is a new file plus one
-`register_model_kind` line. A model class takes a ModelConfig and implements the interface of
-DecoderOnlyTransformer: forward returning (logits, loss), and the decoding steps minillm.engine.Engine drives
-(decoder_context, new_cache, window_logits, and forward_cached and decode_step, which a kind with a decoder
-stack gets by mixing in layers.CachedDecoding and naming the stack in `decoder_stack`).
-"""
+`register_model_kind` line. A model class takes a ModelConfig; its forward returns (logits, loss) for
+training, and to generate from it (minillm.engine.Engine) it is a decoding.DecodingModel: that forward also
+runs over a KV cache, plus `decoder_context` and `new_cache`. A kind that only trains is refused by the
+engine with one clear error."""
 
 from __future__ import annotations
 

@@ -10,18 +10,21 @@ from minillm.errors import MiniLLMError
 from minillm.models.decoding import KVCache, check_token_ids
 from minillm.models.layers import (
     Block,
-    CachedDecoding,
     RMSNorm,
     RotaryEmbedding,
     cap_logits,
     init_weights,
     lm_loss,
     padding_attention_mask,
+    run_blocks,
 )
 
 
-class DecoderOnlyTransformer(CachedDecoding, nn.Module):
-    """Predicts each next token from the tokens before it (causal self-attention, RoPE positions)."""
+class DecoderOnlyTransformer(nn.Module):
+    """Predicts each next token from the tokens before it (causal self-attention, RoPE positions).
+
+    A DecodingModel (minillm.models.decoding): its forward trains, prefills and decodes.
+    """
 
     is_encoder_decoder = False
 
@@ -34,7 +37,7 @@ class DecoderOnlyTransformer(CachedDecoding, nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, {"layers.": 2 * config.n_layers}, config.zero_init_head)
@@ -44,25 +47,28 @@ class DecoderOnlyTransformer(CachedDecoding, nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) ids -> ((B, T, V) logits, loss or None). attention_mask: (B, T), True/1 = real token.
 
         loss is the mean cross-entropy against (B, T) targets, skipping targets equal to IGNORE_INDEX (-100).
+        cache: the ids follow the cache's positions, and the cache holds them too afterwards (no padding
+        mask then). last_only: the last position's logits only, (B, 1, V) (targets must match).
         """
         T = input_ids.size(1)
-        if T > self.config.max_seq_len:
+        if cache is None and T > self.config.max_seq_len:
             raise MiniLLMError(f"sequence of {T} tokens is longer than the model's max_seq_len "
                                f"({self.config.max_seq_len}); cut it into windows")
-        cos, sin = self.rotary(0, T)
+        if cache is not None and attention_mask is not None:
+            raise MiniLLMError("a padding mask cannot be used with a KV cache; decode unpadded rows")
         mask = None if attention_mask is None else padding_attention_mask(attention_mask.bool(), causal=True)
-        x = self.embed_tokens(input_ids)  # (B, T, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None)
+        x = run_blocks(self.layers, self.embed_tokens(input_ids), self.rotary(T, cache), mask, cache,
+                       last_only=last_only)  # (B, T, D)
         logits = cap_logits(self.lm_head(self.norm(x)), self.config.logit_softcap)  # (B, T, V)
         loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 
-    # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------
+    # ---- the rest of the decoding contract (DecodingModel) ---------------------------------------------
 
     def decoder_context(self, prompt_ids: torch.Tensor | list, source_ids: torch.Tensor | None = None,
                         source_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,12 +82,3 @@ class DecoderOnlyTransformer(CachedDecoding, nn.Module):
         """An empty KV cache for `batch_size` rows and up to max_seq_len positions."""
         weight, c = self.embed_tokens.weight, self.config
         return KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype, weight.device)
-
-    def window_logits(self, window: torch.Tensor, source_ids: torch.Tensor | None = None,
-                      source_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, V) logits after the (B, T) window, recomputed from nothing (no cache)."""
-        return self(window)[0][:, -1]
-
-    def decoder_stack(self) -> tuple[nn.ModuleList, nn.Module]:
-        """The blocks and final norm that CachedDecoding's forward_cached and decode_step run."""
-        return self.layers, self.norm

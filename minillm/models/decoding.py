@@ -1,4 +1,5 @@
-"""Incremental decoding shared by both models: the KV cache, and checks of the ids they are given.
+"""Incremental decoding: the contract a model kind offers the engine (`DecodingModel`), the KV cache it
+decodes over, and checks of the ids it is given.
 
 The loop that uses them (prefill, decode steps, sampling, stopping) is `minillm.engine.Engine`.
 """
@@ -7,23 +8,70 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
 
 
+@runtime_checkable
+class DecodingModel(Protocol):
+    """What minillm.engine.Engine needs of a model kind to generate from it (both built-in kinds are one).
+
+    The model's one forward pass trains, prefills and decodes: called on (B, T) ids it returns
+    ((B, T, V) logits, loss or None); with `cache`, the ids are the tokens that follow the cache's positions
+    and the cache holds them too afterwards (the forward moves it on by T); with `last_only`, the logits of
+    the last position only, (B, 1, V). A static cache (`KVCache.static`, the compiled decode step) must be
+    read and written at its position tensor, never at the host's count (see KVCache).
+    """
+
+    config: ModelConfig  # the engine reads vocab_size, max_seq_len and pad_id
+
+    def __call__(self, ids: torch.Tensor, /, *, cache: KVCache | None = None,
+                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def decoder_context(self, prompt_ids: torch.Tensor | list | None, source_ids: torch.Tensor | None = None,
+                        source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The checked (B, T >= 1) ids that generation continues, on the model's device (a kind that reads a
+        (B, S) source checks it here too)."""
+        ...
+
+    def new_cache(self, batch_size: int, source_ids: torch.Tensor | None = None,
+                  source_mask: torch.Tensor | None = None) -> KVCache | None:
+        """An empty cache for `batch_size` rows (holding the encoded source, for a kind that reads one); None
+        for a kind that keeps no cache: the engine then runs the whole window for every token."""
+        ...
+
+    # The engine generates in eval mode (no dropout) and restores the model's mode afterwards (eval_mode).
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def train(self, mode: bool = True) -> object: ...
+
+
+@dataclass
+class Memory:
+    """What an encoder-decoder's decoder reads of the source: each decoder layer's cross-attention keys and
+    values of the encoder output, (B, H, S, Dh) each, by layer index, and the (B, 1, 1, S) mask of the
+    source positions they may see (None: all)."""
+
+    keys_values: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    mask: torch.Tensor | None
+
+
 class KVCache:
-    """Keys and values of every layer's past positions, preallocated to the context length.
+    """Keys and values of every layer's past positions, preallocated to the context length (nothing is
+    concatenated or reallocated) and written in place at the positions of the new tokens.
 
-    Each decoding step writes its new keys/values in place (no torch.cat, no reallocation). The
-    encoder-decoder also keeps here its cross-attention keys/values of the encoder output, computed once.
-
-    Two ways in: `update` (prefill and the eager path: the host knows `length` and attends over the
-    filled part) and `write` (the static decode step: the position is the 0-dim tensor `position` and
-    attention covers the whole cache under `key_mask`, so shapes never change and the step can be
-    compiled or captured as a CUDA graph). `sync_position` hands the host's length to the tensor.
+    One cache, read two ways. The eager forward (`static` False) knows on the host how many positions are
+    stored (`length`) and attends over that filled part. A compiled decode step works on a static view
+    (`over(..., static=True)`): it reads the count from the 0-dim tensor `position`, writes there and
+    attends over the whole cache under a mask of the filled slots, so its shapes are the same at every
+    position and it compiles once (and can be captured as a CUDA graph). `length` and `position` always
+    hold the same count. The encoder-decoder also keeps here the source it decodes against (`memory`).
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_seq_len: int, head_dim: int,
@@ -36,68 +84,85 @@ class KVCache:
         self.length = 0  # positions stored so far
         self.position = torch.zeros((), dtype=torch.long, device=device)  # the same, as a tensor
         self.slots = torch.arange(max_seq_len, device=device)
-        self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per decoder layer
-        self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S) cross-attention mask
+        self.static = False
+        self.memory: Memory | None = None
 
     @classmethod
     def over(cls, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...], position: torch.Tensor,
-             slots: torch.Tensor, memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
-             memory_mask: torch.Tensor | None = None) -> KVCache:
-        """A cache over existing tensors (no allocation): how a compiled decode step, which takes tensors
-        rather than this object (fewer guards to check per call), rebuilds the cache it was handed."""
+             slots: torch.Tensor, memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None,
+             memory_mask: torch.Tensor | None, *, static: bool) -> KVCache:
+        """A cache over existing tensors (no allocation): how a compiled function, which takes tensors rather
+        than this object (fewer guards to check per call), rebuilds the cache it was handed. A static view
+        continues at `position`; the other starts empty (a refill)."""
         cache = cls.__new__(cls)
         cache.keys, cache.values, cache.position, cache.slots = keys, values, position, slots
-        cache.length = 0  # a refill starts from position 0; the decode step reads `position` instead
-        cache.memory_kv = None if memory_kv is None else list(memory_kv)
-        cache.memory_mask = memory_mask
+        cache.length, cache.static = 0, static
+        cache.memory = None if memory_kv is None else Memory(memory_kv, memory_mask)
         return cache
+
+    def tensors(self) -> tuple:
+        """What `over` takes before `static`: the cache's tensors, as a compiled function's arguments."""
+        memory = (None, None) if self.memory is None else (self.memory.keys_values, self.memory.mask)
+        return self.keys, self.values, self.position, self.slots, *memory
 
     @property
     def capacity(self) -> int:
         """The positions the cache holds (the model's max_seq_len)."""
         return self.slots.size(0)
 
-    def tensors(self) -> tuple:
-        """What `over` takes: the arguments of a compiled decode step."""
-        memory = None if self.memory_kv is None else tuple(self.memory_kv)
-        return self.keys, self.values, self.position, self.slots, memory, self.memory_mask
+    def next_positions(self, n: int) -> torch.Tensor:
+        """The (n,) positions of n new tokens: the slots they are written to, and the angles RoPE gives them."""
+        if self.static:
+            return self.slots[:n] + self.position
+        if self.length + n > self.capacity:
+            raise MiniLLMError(f"KV cache overflow: {self.length + n} positions for a cache of {self.capacity}")
+        return self.slots.narrow(0, self.length, n)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, Dh) new keys/values after the cached ones; return all of them (B, H, length+T, Dh).
+    def attention_mask(self, n: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for n new queries over the keys `store` returns."""
+        if self.static:  # (n, L): the slots written so far and up to each query's own
+            return self.slots <= self.next_positions(n)[:, None], False
+        return causal_mask_for_cache(n, self.length, self.slots.device)
 
-        `length` moves on only in `advance`, once every layer has stored the same new positions.
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H, n, Dh) new keys/values of layer `layer_idx` at their positions; return the keys and
+        values the new queries attend over: the filled part (B, H, length + n, Dh), or, static, all of it.
+
+        The count moves on only in `advance`, once every layer has stored the same new positions.
         """
+        positions = self.next_positions(k.size(2))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]  # (B, H, max_seq_len, Dh)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
+        if self.static:
+            return keys, values
         end = self.length + k.size(2)
-        if end > self.capacity:
-            raise MiniLLMError(f"KV cache overflow: {end} positions for a cache of {self.capacity}")
-        keys, values = self.keys[layer], self.values[layer]  # (B, H, max_seq_len, Dh)
-        keys.narrow(2, self.length, k.size(2)).copy_(k)
-        values.narrow(2, self.length, v.size(2)).copy_(v)
         return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
-    def write(self, layer: int, position: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, 1, Dh) keys/values at the 0-dim `position`; return the layer's whole cache."""
-        keys, values = self.keys[layer], self.values[layer]
-        index = position.view(1)
-        keys.index_copy_(2, index, k)
-        values.index_copy_(2, index, v)
-        return keys, values
-
-    def key_mask(self, position: torch.Tensor) -> torch.Tensor:
-        """(1, L) True for the slots a query at `position` may see: those written so far and its own."""
-        return (self.slots <= position).view(1, -1)
-
     def advance(self, n: int) -> None:
-        self.length += n
-
-    def sync_position(self) -> None:
-        """Set `position` to `length`, before static decode steps continue what `update` filled."""
-        self.position.fill_(self.length)
+        """Count n more stored positions (called by the forward pass after its last layer)."""
+        if self.static:
+            self.position.add_(n)
+        else:
+            self.length += n
+            self.position.fill_(self.length)
 
     def reset(self) -> None:
-        """Forget the stored positions (the cross-attention keys/values stay: the source is unchanged)."""
+        """Forget the stored positions (the source's memory stays: the source is unchanged)."""
         self.length = 0
+        self.position.zero_()
+
+
+def causal_mask_for_cache(length: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for `length` new queries at positions start.. over start+length cached keys."""
+    if length == 1:
+        return None, False  # one new token may see everything before it
+    if start == 0:
+        return None, True  # square: SDPA's own causal mask is right
+    # SDPA's is_causal aligns the mask top-left, which is wrong when there are more keys than queries.
+    query_pos = torch.arange(start, start + length, device=device)[:, None]
+    key_pos = torch.arange(start + length, device=device)[None, :]
+    return key_pos <= query_pos, False
 
 
 def check_token_ids(ids: torch.Tensor | list, vocab_size: int, what: str, device: torch.device,
@@ -123,16 +188,17 @@ def check_token_ids(ids: torch.Tensor | list, vocab_size: int, what: str, device
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: DecodingModel) -> Iterator[None]:
     """Eval mode (no dropout) inside the block; the model's previous mode afterwards.
 
-    A model already in eval mode is left alone: switching every module there and back took 0.3 ms, about
-    5% of the time to the first token after a 200-token prompt."""
-    if not any(module.training for module in model.modules()):
+    A model already in eval mode is left alone: switching every module there and back is a visible part of
+    the time to the first token (bench/generation.py times both)."""
+    modules = list(model.modules())  # the model itself first
+    if not any(module.training for module in modules):
         yield
         return
-    was_training = model.training
-    model.eval()
+    was_training = modules[0].training
+    model.train(False)
     try:
         yield
     finally:

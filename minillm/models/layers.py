@@ -9,8 +9,13 @@ needs Llama's own names (the Hugging Face export).
 
 Options beyond Llama (ModelConfig fields, off by default; the cpu preset turns QK-norm on): QK-norm
 (`Attention.rotated_qk`, `Attention.memory_keys_values`, `Attention.cross`), the relu2 feed-forward (`MLPS`),
-logit soft-capping (`cap_logits`, called by the models wherever they make logits). A decoding path that
-computes q/k or logits itself must call these.
+logit soft-capping (`cap_logits`, called by the models wherever they make logits).
+
+Every layer runs the same code to train, to prefill and to decode: with a KVCache, a self-attention layer
+writes its new keys/values into the cache at the new tokens' positions and attends over what the cache
+returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when the model is built. One
+second path stays, where the benchmark shows it pays: one token over a static cache (the compiled decode
+step) attends by `one_query_attention` rather than SDPA.
 
 Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
 """
@@ -24,14 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillm.config import IGNORE_INDEX, ModelConfig
-from minillm.models.decoding import KVCache
+from minillm.models.decoding import KVCache, Memory
 
 INIT_STD = 0.02  # GPT-2 / Llama initialisation of every weight matrix and of the embedding
 
 
 class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm with its backward written out: on the CPU, F.rms_norm is a composite of small kernels whose
-    autograd graph costs about a third more than these few ops (measured at the cpu preset's shapes)."""
+    autograd graph costs more than these few ops (bench/train_step.py times a step with each)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,18 +61,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.register_buffer("eps_tensor", torch.full((1, 1, 1), eps), persistent=False)  # for decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D)."""
-        if x.dim() == 3 and x.size(1) == 1 and not torch.compiler.is_compiling():
-            # One position per row (decoding): a batched dot product gives mean(x^2) + eps in one op,
-            # about half the time of F.rms_norm's several small kernels at this size (compiled, the plain
-            # form fuses into one loop instead).
-            mean_square = torch.baddbmm(self.eps_tensor, x, x.transpose(1, 2), alpha=1.0 / x.size(-1))
-            return x * mean_square.rsqrt_() * self.weight  # (B, 1, D)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled():
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
+            return _RMSNormFunction.apply(x, self.weight, self.eps)  # training on the CPU
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
@@ -89,14 +87,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for positions start .. start+length-1, each (length, Dh)."""
-        return self.cos[start:start + length], self.sin[start:start + length]
-
-    def at(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (1, Dh) at a 0-dim position tensor (no host read: a static decode step)."""
-        index = position.view(1)
-        return self.cos.index_select(0, index), self.sin.index_select(0, index)
+    def forward(self, length: int, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin, each (length, Dh), for `length` new tokens: at positions 0.. without a cache,
+        else at the positions that follow the cache's."""
+        if cache is None:
+            return self.cos[:length], self.sin[:length]
+        positions = cache.next_positions(length)
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -128,24 +125,14 @@ def memory_attention_mask(src_mask: torch.Tensor) -> torch.Tensor:
     return (src_mask | empty)[:, None, None, :]
 
 
-def causal_mask_for_cache(length: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for `length` new queries at positions start.. over start+length cached keys."""
-    if length == 1:
-        return None, False  # one new token may see everything before it
-    if start == 0:
-        return None, True  # square: SDPA's own causal mask is right
-    # SDPA's is_causal aligns the mask top-left, which is wrong when there are more keys than queries.
-    query_pos = torch.arange(start, start + length, device=device)[:, None]
-    key_pos = torch.arange(start + length, device=device)[None, :]
-    return key_pos <= query_pos, False
-
-
 class Attention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention: self-attention (causal or bidirectional,
-    optionally with a KV cache) or cross-attention over an encoder's output."""
+    optionally over a KV cache) or cross-attention over an encoder's output. `layer_idx` is the layer's
+    place in its stack: its slot in a KVCache, its entry in a Memory."""
 
-    def __init__(self, config: ModelConfig, cross: bool = False) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, causal: bool = True, cross: bool = False) -> None:
         super().__init__()
+        self.layer_idx, self.causal = layer_idx, causal
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.dropout = config.dropout
         d = config.d_model
@@ -175,32 +162,32 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
-                layer: int = 0, position: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Self-attention of (B, T, D) x; with a cache, x holds only the new positions and the keys/values
-        of earlier positions come from `cache` (this layer's slot `layer`). last_only: every position's
-        keys and values, but only the last position's output (B, 1, D).
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Self-attention of (B, T, D) x at the positions whose (T, Dh) cos and sin `rope` holds.
 
-        With a 0-dim `position` tensor (the static decode step): x is one token at that position, written
-        into the cache there, and it attends over the whole preallocated cache with `attn_mask` (1, L)
-        hiding the slots not yet written, so every shape is the same at every step.
+        mask: a padding mask (B, 1, T, T) (True = may attend), without a cache. With a cache, x holds the new
+        positions only: their keys/values go into the cache, and they attend over the cached ones too (one
+        token over a static cache, the compiled decode step, by one_query_attention). last_only: every
+        position's keys and values, but only the last position's output (B, 1, D).
         """
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         # split and unbind, not qkv[:2] and qkv[2]: their backward is one cat / stack, where indexing's
         # backward zero-fills a tensor of qkv's size per slice and adds them.
         qk, v = qkv.split((2, 1))
-        q, k = self.rotated_qk(qk, cos, sin)
+        q, k = self.rotated_qk(qk, *rope)
         v = v.squeeze(0)
-        if position is not None:
-            keys, values = cache.write(layer, position, k, v)  # (B, H, L, Dh)
-            return self.o_proj(_one_query_attention(q, keys, values, attn_mask).reshape(B, 1, -1))
+        is_causal = self.causal and mask is None
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, cached + T, Dh)
-        if last_only:  # the last query sees every key: no mask
-            q, attn_mask, is_causal = q[:, :, -1:], None, False
-        return self._attend(q, k, v, attn_mask, is_causal)
+            mask, is_causal = cache.attention_mask(T)
+            k, v = cache.store(self.layer_idx, k, v)  # (B, H, S, Dh): S = what the new queries attend over
+        if last_only:  # the last query: every key it may see is in k and v already
+            q, is_causal = q[:, :, -1:], False
+            mask = None if mask is None else mask[..., -1:, :]
+        if cache is not None and cache.static and q.size(2) == 1:  # the compiled decode step
+            return self.o_proj(one_query_attention(q, k, v, mask).reshape(B, 1, -1))
+        return self._attend(q, k, v, mask, is_causal)
 
     def rotated_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The queries and keys of a (2, B, H, T, Dh) q/k stack, QK-normed (with qk_norm) then rotated."""
@@ -210,33 +197,30 @@ class Attention(nn.Module):
         q, k = apply_rotary(qk, cos, sin).unbind(0)  # q and k rotated together: one op, not two
         return q, k
 
-    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory_keys_values(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values of the (B, S, D) encoder output, each (B, H, S, Dh).
 
-        Computed once per generation: the source does not change while the target grows.
+        Computed once per forward pass, or per generation (the source does not change while the target grows).
         """
-        B, S, _ = memory.shape
-        k, v = self.kv_proj(memory).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        B, S, _ = encoded.shape
+        k, v = self.kv_proj(encoded).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return (self.k_norm(k) if self.qk_norm else k), v
 
-    def cross(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
-              memory_mask: torch.Tensor | None) -> torch.Tensor:
-        """Cross-attention of (B, T, D) decoder states over the encoder output (no positions: the source
-        and target position spaces are unrelated, and self-attention already encoded both)."""
-        k, v = memory_kv
+    def cross(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Cross-attention of (B, T, D) decoder states over the encoder output, this layer's keys/values in
+        `memory` (no positions: the source and target position spaces are unrelated, and self-attention
+        already encoded both)."""
+        k, v = memory.keys_values[self.layer_idx]
         q = self._heads(self.q_proj(x))
-        return self._attend(self.q_norm(q) if self.qk_norm else q, k, v, memory_mask, False)
+        return self._attend(self.q_norm(q) if self.qk_norm else q, k, v, memory.mask, False)
 
 
-def _one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         key_mask: torch.Tensor) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        key_mask: torch.Tensor) -> torch.Tensor:
     """Attention of one (B, H, 1, Dh) query over (B, H, L, Dh) keys/values where `key_mask` (1, L) is True;
-    returns (B, H, Dh).
-
-    Written as plain elementwise products and sums rather than scaled_dot_product_attention: for one
-    query that is a few hundred multiply-adds per head, and torch.compile fuses these ops into one loop
-    where SDPA would stay a separate kernel call with its own overhead.
-    """
+    returns (B, H, Dh). The compiled decode step's attention: written as products and sums, which inductor
+    fuses into the step's own loops, where SDPA stays a kernel call of its own (bench/generation.py
+    --choices times the step both ways)."""
     scores = (q * keys).sum(dim=-1) * q.size(-1) ** -0.5  # (B, H, L)
     weights = scores.masked_fill(~key_mask, -math.inf).softmax(dim=-1)
     return (weights.unsqueeze(-1) * values).sum(dim=2)
@@ -277,90 +261,53 @@ class Block(nn.Module):
     """A pre-norm residual block: x + attn(norm(x)) [+ cross_attn(norm(x))] + mlp(norm(x)).
 
     Pre-norm keeps a clean residual path from the embedding to the output, which is what lets deep stacks
-    train without warmup tricks. `cross_attention=True` makes it an encoder-decoder decoder block.
+    train without warmup tricks. `causal=False` makes it an encoder block; `cross_attention=True` an
+    encoder-decoder's decoder block.
     """
 
-    def __init__(self, config: ModelConfig, cross_attention: bool = False) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, causal: bool = True,
+                 cross_attention: bool = False) -> None:
         super().__init__()
         self.dropout = config.dropout
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx, causal)
         if cross_attention:
             self.cross_attn_layernorm = RMSNorm(config.d_model, config.norm_eps)
-            self.cross_attn = Attention(config, cross=True)
+            self.cross_attn = Attention(config, layer_idx, cross=True)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLPS[config.mlp](config)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, is_causal: bool = False, cache: KVCache | None = None,
-                layer: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                memory_mask: torch.Tensor | None = None, position: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D). memory_kv/memory_mask: the encoder output's keys/values, decoder only;
-        position: the static decode step (see Attention.forward). last_only: (B, 1, D), the last position
-        only, as the last layer of a prefill, whose other positions are needed only as keys and values."""
-        h = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, cache, layer, position,
-                           last_only)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, memory: Memory | None = None, last_only: bool = False) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); see Attention.forward. memory: the encoder output's keys/values (a decoder
+        block of the encoder-decoder). last_only: (B, 1, D), the last position only, as the last layer of a
+        prefill, whose other positions are needed only as keys and values."""
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only)
         x = (x[:, -1:] if last_only else x) + self._residual(h)
-        if memory_kv is not None:
-            h = self.cross_attn.cross(self.cross_attn_layernorm(x), memory_kv, memory_mask)
-            x = x + self._residual(h)
+        if memory is not None:
+            x = x + self._residual(self.cross_attn.cross(self.cross_attn_layernorm(x), memory))
         return x + self._residual(self.mlp(self.post_attention_layernorm(x)))
 
 
-class CachedDecoding:
-    """The two steps over a KV cache that minillm.engine.Engine drives, for a model with a decoder stack.
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               mask: torch.Tensor | None = None, cache: KVCache | None = None, memory: Memory | None = None,
+               last_only: bool = False) -> torch.Tensor:
+    """(B, T, D) embeddings through a stack of blocks; the cache, if any, then counts the T new positions.
 
-    A model kind mixes it in and names the stack's layers and final norm in `decoder_stack`; it also has
-    `embed_tokens`, `rotary`, `lm_head` and `config`. The encoder-decoder's cache carries the encoder
-    output's cross-attention keys/values (`KVCache.memory_kv`), which each layer then reads.
+    last_only: (B, 1, D), the last position only. Only the last block computes its output for the last position
+    alone: before it, every position's output is the next block's keys and values. In a 4-layer model's
+    prefill for the next token, that is about a fifth less arithmetic (bench/generation.py times the first
+    token both ways).
     """
-
-    def decoder_stack(self) -> tuple[nn.ModuleList, nn.Module]:
-        """The decoder's blocks and the norm after them."""
-        raise NotImplementedError
-
-    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, all_positions: bool = False) -> torch.Tensor:
-        """Logits for (B, T) new tokens that follow the cache's positions; the cache then holds them too.
-
-        Returns (B, V) for the last position, or (B, T, V) with all_positions=True. For the last position
-        only, the last layer's output projection and feed-forward run on that one position (the others are
-        needed only as keys and values, which go in the cache): about a fifth less arithmetic in a
-        4-layer model's prefill.
-        """
-        layers, norm = self.decoder_stack()
-        T, start = input_ids.size(1), cache.length
-        cos, sin = self.rotary(start, T)
-        mask, is_causal = causal_mask_for_cache(T, start, input_ids.device)
-        memory = cache.memory_kv or [None] * len(layers)
-        x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(layers):
-            x = layer(x, cos, sin, attn_mask=mask, is_causal=is_causal, cache=cache, layer=i, memory_kv=memory[i],
-                      memory_mask=cache.memory_mask, last_only=i == len(layers) - 1 and not all_positions)
+    T, last = x.size(1), len(blocks) - 1
+    for i, block in enumerate(blocks):
+        x = block(x, rope, mask, cache, memory, last_only and i == last)
+    if cache is not None:
         cache.advance(T)
-        logits = cap_logits(self.lm_head(norm(x)), self.config.logit_softcap)
-        return logits if all_positions else logits[:, 0]
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """(B, V) logits after one (B, 1) token at `cache.position`, which then moves on by one.
-
-        The static-shape step (see KVCache): the same shapes at every position, no host read, so that
-        torch.compile / CUDA graphs can run it without re-tracing. `cache.length` is the caller's to keep.
-        """
-        layers, norm = self.decoder_stack()
-        position = cache.position
-        cos, sin = self.rotary.at(position)
-        mask = cache.key_mask(position)
-        memory = cache.memory_kv or [None] * len(layers)
-        x = self.embed_tokens(token)
-        for i, layer in enumerate(layers):
-            x = layer(x, cos, sin, attn_mask=mask, cache=cache, layer=i, memory_kv=memory[i],
-                      memory_mask=cache.memory_mask, position=position)
-        position.add_(1)
-        return cap_logits(self.lm_head(norm(x)), self.config.logit_softcap)[:, 0]
+    return x
 
 
 def init_weights(model: nn.Module, stacks: dict[str, int], zero_head: bool = False) -> None:

@@ -3,6 +3,10 @@
 The encoder reads the source bidirectionally; the decoder predicts the target causally, each block also
 cross-attending over the encoder output. Encoder and decoder share one token embedding (one tokenizer,
 one vocabulary), which is also the LM head when tie_embeddings is set.
+
+    logits, loss = model(tgt_ids, src_ids=src_ids, targets=targets)   # training: the target's ids first
+    cache = model.new_cache(batch_size, src_ids)                       # decoding: the source, encoded once
+    logits, _ = model(tgt_ids, cache=cache, last_only=True)
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from torch import nn
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.models.decoding import KVCache, check_token_ids
+from minillm.models.decoding import KVCache, Memory, check_token_ids
 from minillm.models.layers import (
     Block,
-    CachedDecoding,
     RMSNorm,
     RotaryEmbedding,
     cap_logits,
@@ -24,11 +27,16 @@ from minillm.models.layers import (
     lm_loss,
     memory_attention_mask,
     padding_attention_mask,
+    run_blocks,
 )
 
 
-class TransformerModel(CachedDecoding, nn.Module):
-    """Encoder-decoder: forward(src_ids, tgt_ids) gives the next target token's logits at each position."""
+class TransformerModel(nn.Module):
+    """Encoder-decoder: forward(tgt_ids, src_ids=...) gives the next target token's logits at each position.
+
+    A DecodingModel (minillm.models.decoding): its forward trains, prefills and decodes; its cache holds the
+    encoded source.
+    """
 
     is_encoder_decoder = True
 
@@ -41,10 +49,10 @@ class TransformerModel(CachedDecoding, nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.encoder_layers = nn.ModuleList(Block(config) for _ in range(config.n_encoder_layers))
+        self.encoder_layers = nn.ModuleList(Block(config, i, causal=False) for i in range(config.n_encoder_layers))
         self.encoder_norm = RMSNorm(config.d_model, config.norm_eps)
         self.decoder_layers = nn.ModuleList(
-            Block(config, cross_attention=True) for _ in range(config.n_decoder_layers))
+            Block(config, i, cross_attention=True) for i in range(config.n_decoder_layers))
         self.decoder_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Residual branches per stack: attention + MLP per encoder layer; self-, cross-attention + MLP per
@@ -62,39 +70,50 @@ class TransformerModel(CachedDecoding, nn.Module):
     def encode(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S) source ids -> (B, S, D) encoder output. src_mask: (B, S), True/1 = real token."""
         self._check_length(src_ids, "source")
-        cos, sin = self.rotary(0, src_ids.size(1))
         mask = None if src_mask is None else padding_attention_mask(src_mask.bool(), causal=False)
-        x = self.embed_tokens(src_ids)
-        for layer in self.encoder_layers:
-            x = layer(x, cos, sin, attn_mask=mask)
+        x = run_blocks(self.encoder_layers, self.embed_tokens(src_ids), self.rotary(src_ids.size(1)), mask)
         return self.encoder_norm(x)
 
-    def memory_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder layer's cross-attention keys/values of the (B, S, D) encoder output."""
-        return [layer.cross_attn.memory_keys_values(memory) for layer in self.decoder_layers]
+    def memory(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None = None, pad_to: int | None = None) -> Memory:
+        """What the decoder reads of a (B, S) source: its encoding as each decoder layer's cross-attention
+        keys/values, and the mask of its real positions. pad_to: keys/values padded (masked) to this many
+        positions, so that a decode step's shapes do not depend on S."""
+        real = torch.ones_like(src_ids, dtype=torch.bool) if src_mask is None else src_mask.bool()
+        encoded = self.encode(src_ids, None if src_mask is None else real)
+        keys_values = tuple(layer.cross_attn.memory_keys_values(encoded) for layer in self.decoder_layers)
+        if pad_to is None:
+            return Memory(keys_values, None if src_mask is None else memory_attention_mask(real))
+        pad = pad_to - src_ids.size(1)
+        keys_values = tuple((F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) for k, v in keys_values)
+        return Memory(keys_values, memory_attention_mask(F.pad(real, (0, pad))))
 
-    def forward(self, src_ids: torch.Tensor, tgt_ids: torch.Tensor, src_mask: torch.Tensor | None = None,
-                tgt_mask: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S) source and (B, T) decoder input (BOS + target[:-1]) -> ((B, T, V) logits, loss or None).
+    def forward(self, tgt_ids: torch.Tensor, *, src_ids: torch.Tensor | None = None,
+                src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) decoder input (BOS + target[:-1]) and the (B, S) source -> ((B, T, V) logits, loss or None).
 
         Masks are (B, S) / (B, T), True/1 = real token; loss skips targets equal to IGNORE_INDEX.
+        cache (from new_cache, which encoded the source): no src_ids; the ids follow the cache's positions,
+        and the cache holds them too afterwards. last_only: the last position's logits only, (B, 1, V).
         """
-        self._check_length(tgt_ids, "target")
-        memory = self.encode(src_ids, src_mask)
-        memory_mask = None if src_mask is None else memory_attention_mask(src_mask.bool())
-        memory_kv = self.memory_keys_values(memory)
-        cos, sin = self.rotary(0, tgt_ids.size(1))
+        if cache is None:
+            if src_ids is None:
+                raise MiniLLMError("this is an encoder-decoder model: give src_ids (or a cache made from them)")
+            self._check_length(tgt_ids, "target")
+            memory = self.memory(src_ids, src_mask)
+        else:
+            if src_ids is not None or tgt_mask is not None:
+                raise MiniLLMError("with a KV cache, the source is the cache's (new_cache) and the target unpadded")
+            memory = cache.memory
         mask = None if tgt_mask is None else padding_attention_mask(tgt_mask.bool(), causal=True)
-        x = self.embed_tokens(tgt_ids)
-        for layer, kv in zip(self.decoder_layers, memory_kv, strict=True):
-            x = layer(x, cos, sin, attn_mask=mask, is_causal=mask is None, memory_kv=kv,
-                      memory_mask=memory_mask)
+        x = run_blocks(self.decoder_layers, self.embed_tokens(tgt_ids), self.rotary(tgt_ids.size(1), cache), mask,
+                       cache, memory, last_only)
         logits = cap_logits(self.lm_head(self.decoder_norm(x)), self.config.logit_softcap)
         loss = None if targets is None else lm_loss(logits, targets)
         return logits, loss
 
-    # ---- incremental decoding: the interface minillm.engine.Engine drives ------------------------------
+    # ---- the rest of the decoding contract (DecodingModel) ---------------------------------------------
 
     def decoder_context(self, prompt_ids: torch.Tensor | list | None, source_ids: torch.Tensor | None = None,
                         source_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,22 +137,9 @@ class TransformerModel(CachedDecoding, nn.Module):
         """A KV cache for decoding against this (B, S) source: encoded and projected to cross-attention
         keys/values once, padded to max_seq_len (masked) so the decode step's shapes do not depend on S."""
         weight, c = self.embed_tokens.weight, self.config
-        src = source_ids.to(weight.device)
         cache = KVCache(c.n_decoder_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim,
                         weight.dtype, weight.device)
+        src = source_ids.to(weight.device)
         real = torch.ones_like(src, dtype=torch.bool) if source_mask is None else source_mask.to(src.device).bool()
-        pad = c.max_seq_len - src.size(1)
-        cache.memory_kv = [(F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)))
-                           for k, v in self.memory_keys_values(self.encode(src, real))]
-        cache.memory_mask = memory_attention_mask(F.pad(real, (0, pad)))
+        cache.memory = self.memory(src, real, pad_to=c.max_seq_len)
         return cache
-
-    def window_logits(self, window: torch.Tensor, source_ids: torch.Tensor | None = None,
-                      source_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, V) logits after the (B, T) decoder window, recomputed from nothing, the encoder included."""
-        mask = None if source_mask is None else source_mask.to(window.device)
-        return self(source_ids.to(window.device), window, src_mask=mask)[0][:, -1]
-
-    def decoder_stack(self) -> tuple[nn.ModuleList, nn.Module]:
-        """The blocks and final norm that CachedDecoding's forward_cached and decode_step run."""
-        return self.decoder_layers, self.decoder_norm
