@@ -5,7 +5,8 @@ the progress bar, kept in samples.jsonl and sent to the experiment log (loggers.
 The prompt is the start of the run's test split (a pair run: its first test source), as the showcase sample's
 at the end of `minillm train`; every sample is drawn with the same seed, so two samples differ only by what
 the model learned in between. The library's generation (minillm.generation) makes it on the training model,
-in eval mode for the sample only (the engine's own seeded generator: the training's random state is untouched).
+in eval mode for the sample only and in the training's precision (the engine's own seeded generator: the
+training's random state is untouched).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from minillm.models import is_encoder_decoder
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import Tokenizer
 from minillm.training.loggers import RunRecords
+from minillm.training.precision import autocast, autocast_dtype
 
 SAMPLE_TOKENS = 48  # new tokens per sample: a glance at what the model writes, cheap next to an evaluation
 SAMPLE_PROMPT_TOKENS = 16  # the prompt's tokens at most (and at most half the context)
@@ -37,7 +39,7 @@ class TrainingSamples:
 
     def __init__(self, run_dir: Path, tokenizer: Tokenizer, model_config: ModelConfig, config: TrainConfig,
                  log: Callable[[str], None], records: RunRecords, enabled: bool = True) -> None:
-        self.interval, self.max_time = config.sample_interval, config.max_time
+        self.interval, self.max_time, self.dtype = config.sample_interval, config.max_time, config.dtype
         self.enabled = enabled and self.interval != 0
         self.tokenizer, self.log, self.records = tokenizer, log, records
         self.encoder_decoder = is_encoder_decoder(model_config)
@@ -67,8 +69,10 @@ class TrainingSamples:
         """Sample from `model` (the training one, in eval mode meanwhile), say it and record it; returns the
         seconds it took (which are not training's: the trainer leaves them out of its tokens/s)."""
         start = time.monotonic()
+        device = next(model.parameters()).device
         try:
-            text = generate_text(model, self.tokenizer, self.prefix, self.sampling, self.source)
+            with autocast(device, autocast_dtype(self.dtype, device)):  # (the training's precision)
+                text = generate_text(model, self.tokenizer, self.prefix, self.sampling, self.source)
         except (MiniLLMError, AttributeError, NotImplementedError) as e:  # (a model kind that cannot generate)
             self.enabled = False
             self.log(f"warning: no more samples during training: the model cannot generate ({type(e).__name__}: "
