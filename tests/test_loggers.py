@@ -124,12 +124,13 @@ def wandb_history(run_dir):
 
 
 def test_wandb_offline_logs_the_metrics_series(tmp_path, corpus_file, monkeypatch):
-    import_dev_dependency("wandb")
+    wandb = import_dev_dependency("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     model_config, train_config = tiny_configs(data=corpus_file, max_steps=10, eval_interval=5, log_interval=5,
                                               log="wandb")
     train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
+    wandb.teardown()  # W&B's service writes the file on its own time: its teardown (at exit, or here) waits for it
     history = wandb_history(tmp_path / "run")
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert {step: values["train/loss"] for step, values in history.items() if "train/loss" in values} == \
