@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from minillm.config import ModelConfig, TrainConfig
+from minillm.config import TOKENIZER_FIELDS, ModelConfig, TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch, read_json, save_torch, write_json
 from minillm.models import build_model, pick_device
@@ -158,10 +158,12 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> R
     return load_model_files(folder.best_model, folder.tokenizer, folder.best_config, device)
 
 
-def write_train_config(run_dir: str | Path, config: TrainConfig) -> None:
-    """Record the TrainConfig a run is trained with (train_config.json); resume and evaluate read it back. (The
-    model's config is best_model_config.json's; runs before 0.2 also kept a copy here, which is not read.)"""
-    write_json(RunFolder(run_dir).train_config, {**stamp(), "train": config.to_dict()})
+def write_train_config(run_dir: str | Path, config: TrainConfig, model_config: ModelConfig) -> None:
+    """Record the TrainConfig a run is trained with (train_config.json); resume and evaluate read it back. With it
+    the model's shape as asked (its options: no tokenizer fields), so that the file is a recipe that repeats
+    the run (`minillm train --config`). The model config a run loads is best_model_config.json's."""
+    model = {k: v for k, v in model_config.to_dict().items() if k not in TOKENIZER_FIELDS}
+    write_json(RunFolder(run_dir).train_config, {**stamp(), "model": model, "train": config.to_dict()})
 
 
 def read_train_config(run_dir: str | Path) -> TrainConfig:

@@ -1,10 +1,12 @@
 """The `minillm` command: train, generate, evaluate, ui. A thin layer: parse arguments, call the library.
 
-    minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
+    minillm train [DATA ...] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
+    minillm train --config RECIPE.yaml [options that override it]
     minillm generate RUN_DIR --prompt "ROMEO:"
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
+    minillm runs [FOLDER] [--json]
 
 `train` has an option for every ModelConfig and TrainConfig field (generated from the dataclasses,
 `--d-model`, `--learning-rate`, ...); explicit options override the --preset. A problem the user can fix
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import signal
 import sys
 import textwrap
@@ -28,15 +31,18 @@ from typing import Any
 from minillm.config import (
     DEFAULT_PRESET,
     PRESETS,
+    TOKENIZER_FIELDS,
     ModelConfig,
     TrainConfig,
     field_choices,
     field_help,
+    field_none_word,
     preset_configs,
 )
 from minillm.errors import MiniLLMError, describe_error, is_expected
 from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
+from minillm.recipe import FIELD_ALIASES, with_recipe
 from minillm.run_folder import default_run_name
 from minillm.sampling import SamplingConfig
 from minillm.serve.address import DEFAULT_HOST, DEFAULT_RUNS_DIR, DEFAULT_UI_PORT, MAX_PORT, MIN_PORT, check_port_number
@@ -48,9 +54,10 @@ FINAL_SAMPLE_TOKENS = 200  # the showcase sample printed at the end of `minillm 
 SAMPLE_PROMPT_TOKENS = 24  # ... its prompt's tokens at most (and at most half the context)
 
 # ModelConfig fields that come from the trained tokenizer or have their own option, not a generated one.
-MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos_id")
+MODEL_FIELDS_NOT_OPTIONS = ("model_type", *TOKENIZER_FIELDS)
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
-OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
+OPTION_ALIASES = {field: [f"--{alias.replace('_', '-')}"] for alias, field in FIELD_ALIASES.items()
+                  if field != "model_type"}  # (--model has its own option)
 NONE_WORDS = ("none", "off")
 PRESET_HELP_WIDTH = 100
 
@@ -93,9 +100,9 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be from {MIN_PORT} to {MAX_PORT}, got {text}") from None
 
 
-def _converter(base: type, optional: bool) -> Callable[[str], Any]:
+def _converter(base: type, optional: bool, none_words: Sequence[str] = NONE_WORDS) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
-        if optional and text.strip().lower() in NONE_WORDS:
+        if optional and text.strip().lower() in none_words:
             return None
         return base(text)
 
@@ -124,7 +131,8 @@ def _add_config_options(group: argparse._ArgumentGroup, cls: type, prefix: str, 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             base = {"int": int, "float": float, "str": str}[base_name]
-            kwargs["type"] = _converter(base, "None" in annotation)
+            none_word = field_none_word(cls, f.name)
+            kwargs["type"] = _converter(base, "None" in annotation, (none_word,) if none_word else NONE_WORDS)
             kwargs["metavar"] = base_name.upper()
             if field_choices(cls, f.name):
                 kwargs["choices"] = field_choices(cls, f.name)
@@ -140,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on a text file (default: Tiny Shakespeare)",
                                 description="Train a tokenizer and a model on DATA into a run folder.",
                                 epilog=presets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("data", nargs="?", metavar="DATA",
-                       help="UTF-8 text file, or TSV/JSONL pairs for the encoder-decoder "
-                            "(default: the bundled Tiny Shakespeare)")
+    train.add_argument("data", nargs="*", metavar="DATA",
+                       help="UTF-8 text files, TSV/JSONL pairs, folders or globs of them, parquet or arrow files, "
+                            "a folder saved by datasets' save_to_disk (default: the bundled Tiny Shakespeare)")
+    train.add_argument("--config", type=Path, metavar="RECIPE",
+                       help="a JSON or YAML file of options (any run's train_config.json is one); explicit options "
+                            "override it")
     train.add_argument("--tokenizer", dest="train__tokenizer", choices=field_choices(TrainConfig, "tokenizer"),
                        default=argparse.SUPPRESS,
                        help=f"{field_help(TrainConfig, 'tokenizer')} (default: {TrainConfig().tokenizer})")
@@ -151,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decoder-only (GPT-style) or encoder-decoder transformer (default: decoder_only)")
     train.add_argument("--out", type=Path,
                        help=f"run folder (default: {DEFAULT_RUNS_DIR}/<data>-<model>-<tokenizer>)")
-    train.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                       help=f"starting settings, overridden by explicit options (default {DEFAULT_PRESET}; "
-                            "each preset's values are listed at the end)")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help=f"starting settings, overridden by a recipe and explicit options (default: the "
+                            f"recipe's, else {DEFAULT_PRESET}; each preset's values are listed at the end)")
     existing = train.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="continue an interrupted run from its last.pt")
@@ -210,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)
+
+    runs = commands.add_parser("runs", help="list the runs in a folder: kind, size, data, steps, losses, date")
+    runs.add_argument("folder", nargs="?", type=Path, default=Path(DEFAULT_RUNS_DIR), metavar="FOLDER",
+                      help=f"where the run folders are (default: {DEFAULT_RUNS_DIR})")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
+    runs.set_defaults(func=cmd_runs)
     return parser
 
 
@@ -251,11 +268,12 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 def cmd_train(args: argparse.Namespace) -> int:
     from minillm.training import StopReason, distributed, resume, train
 
-    model_overrides = _overrides(args, "model__")
     train_overrides = _overrides(args, "train__")
-    if args.data is not None:
-        train_overrides["data"] = args.data
-    model_config, train_config = preset_configs(args.preset, model_overrides, train_overrides)
+    if args.data:
+        train_overrides["data"] = args.data[0] if len(args.data) == 1 else args.data
+    preset, model_overrides, train_overrides = with_recipe(args.config, _overrides(args, "model__"), train_overrides)
+    model_config, train_config = preset_configs(args.preset or preset or DEFAULT_PRESET, model_overrides,
+                                                train_overrides)
     out = args.out or default_run_dir(train_config.data, model_config.model_type, train_config.tokenizer)
     progress = not args.no_progress
     try:
@@ -363,6 +381,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from minillm.ui.app import launch
 
     launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from minillm.runs_list import list_runs, runs_table
+
+    runs = list_runs(args.folder)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    else:
+        print(runs_table(runs) if runs else f"no runs in {args.folder} (a run folder holds a best_model.pt)")
     return 0
 
 

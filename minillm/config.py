@@ -23,8 +23,9 @@ OPTIMIZERS = ("adamw", "muon")  # minillm.training.optimizer.OPTIMIZER_RECIPES
 SCHEDULES = ("cosine", "warmdown")  # minillm.training.optimizer.SCHEDULE_SHAPES
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" and minillm.training.precision.AUTOCAST_DTYPES
 MLP_KINDS = ("swiglu", "relu2")  # minillm.models.layers.MLPS
-DATA_FORMATS = ("auto", "text", "tsv", "jsonl")  # "auto" and minillm.data.corpus.FILE_FORMAT_NAMES
+DATA_FORMATS = ("auto", "text", "tsv", "jsonl", "parquet", "arrow")  # "auto" and minillm.data.corpus.FILE_FORMAT_NAMES
 TASKS = ("auto", "text", "pairs")  # "auto" and minillm.data.tasks.TASKS
+LOGGERS = ("none", "tensorboard", "wandb")  # "none" and minillm.training.loggers.LOGGERS
 # The default feed-forward width per MLP kind, as a multiple of d_model: both give about 8 * d_model^2
 # weights per layer (SwiGLU has three matrices of d_ff x d_model, relu2 two).
 MLP_WIDTHS = {"swiglu": Fraction(8, 3), "relu2": Fraction(4)}
@@ -32,6 +33,8 @@ MAX_THREADS = 1024
 MAX_VOCAB_SIZE = 2**20  # token ids must fit the uint32 token files and the embedding comfortably
 MAX_STEPS = 10**12
 MAX_COLUMN = 10**6  # a TSV column number (from 1) beyond any real file's
+# ModelConfig fields a run takes from its tokenizer, never from the user (no option, not in a recipe).
+TOKENIZER_FIELDS = ("vocab_size", "pad_id", "bos_id", "eos_id")
 # The target id the loss skips (padding, a prompt's tokens, a window's already-scored tokens): PyTorch's and
 # Hugging Face's value, never a token id.
 IGNORE_INDEX = -100
@@ -70,12 +73,19 @@ class _JSONConfig:
 
 
 def option(default: Any, help: str, low: float | None = None, high: float | None = None, *,
-           choices: tuple[str, ...] | None = None, low_open: bool = False, high_open: bool = False) -> Any:
+           choices: tuple[str, ...] | None = None, low_open: bool = False, high_open: bool = False,
+           none_word: str | None = None) -> Any:
     """A config field with its help text (shown by `--help`) and what a value must be, kept next to the field:
     for a number the sane range it must lie in (inclusive, unless `low_open` / `high_open`; numbers must also
-    be finite), for a kind the names it may take (`choices`). `check_fields` enforces them all."""
+    be finite), for a kind the names it may take (`choices`). `check_fields` enforces them all. `none_word`:
+    how None is spelled on the command line when it does not mean "none" or "off" (e.g. "auto")."""
     bounds = {"low": low, "high": high, "low_open": low_open, "high_open": high_open}
-    return field(default=default, metadata={"help": help, "choices": choices, **bounds})
+    return field(default=default, metadata={"help": help, "choices": choices, "none_word": none_word, **bounds})
+
+
+def field_none_word(cls: type, name: str) -> str | None:
+    """How None is spelled for this field on the command line, when not "none" / "off" (see `option`)."""
+    return _field(cls, name).metadata.get("none_word")
 
 
 def field_choices(cls: type, name: str) -> tuple[str, ...] | None:
@@ -216,23 +226,31 @@ class TrainConfig(_JSONConfig):
     RENAMED_FIELDS: ClassVar[dict[str, str]] = {"vocab_size": "bpe_vocab_size"}  # before 0.2
 
     # Data
-    data: str | None = option(None, "text file (or TSV/JSONL pairs); none trains on the bundled Tiny Shakespeare")
+    data: str | list[str] | None = option(None, "the data: a text file (or TSV/JSONL pairs), a folder or a glob of "
+                                                "them, a parquet or arrow file, a folder saved by datasets' "
+                                                "save_to_disk, or a list of these; none trains on the bundled Tiny "
+                                                "Shakespeare")
     tokenizer: str = option("char", "byte-level BPE or characters", choices=TOKENIZER_TYPES)
     tokenizer_file: str | None = option(None, "an existing tokenizer.json to use instead of training one: a Hugging "
                                               "Face BPE tokenizer (GPT-2's, Llama's) or another run's; the "
                                               "vocabulary comes from it")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
-    data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
-                                      "its content), text, tsv or jsonl", choices=DATA_FORMATS)
+    data_format: str = option("auto", "how to read the data files: auto (by the extension: .tsv, .jsonl, "
+                                      ".parquet, .arrow; else by the content), text, tsv, jsonl, parquet or arrow",
+                              choices=DATA_FORMATS)
     task: str = option("auto", "what the model learns: text (continue text; a pair is the text "
                                "\"source\\ntarget\") or pairs (source in, target out: the loss on the target "
                                "only; a decoder-only model reads \"source\\n\" and learns the target after it); "
                                "auto: pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
-    source_column: int | None = option(None, "TSV: the column (1 = first) that holds the sources (default: 1)", 1,
-                                       MAX_COLUMN)
-    target_column: int | None = option(None, "TSV: the column that holds the targets (default: 2; with more "
-                                             "than two columns the rest are left out, with a warning)", 1, MAX_COLUMN)
+    text_column: str | None = option(None, "JSONL, parquet, arrow: the column that holds the texts (default: "
+                                           "\"text\"), one sample per row")
+    source_column: str | None = option(None, "the column that holds the sources: a number for a TSV file (1 = "
+                                             "first; default 1), a name for JSONL, parquet or arrow (default "
+                                             "\"input\")")
+    target_column: str | None = option(None, "the column that holds the targets: a number for a TSV file (default "
+                                             "2; with more than two columns the rest are left out, with a warning), "
+                                             "a name for JSONL, parquet or arrow (default \"output\")")
     split_mode: str = option("paragraph", "how the file becomes samples: blank-line paragraphs, lines, or a "
                                           "separator string", choices=SPLIT_MODES)
     separator: str = option("<|endoftext|>", "sample separator for --split-mode separator")
@@ -275,6 +293,12 @@ class TrainConfig(_JSONConfig):
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)", 1, 10**9)
     max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
                                            "('none': no budget)", 1e-6, 1e9)
+    sample_interval: int | None = option(None, "print a short sample from a fixed prompt every N steps, kept in "
+                                               "samples.jsonl (0: never; 'auto': at each evaluation while the run "
+                                               "is expected to take under an hour)", 0, MAX_STEPS, none_word="auto")
+    log: str = option("none", "an experiment log beside metrics.jsonl: tensorboard (event files in the run's logs/; "
+                              "pip install 'mini-llm[logs]') or wandb (Weights & Biases; WANDB_MODE=offline needs no "
+                              "account)", choices=LOGGERS)
     # Runtime
     seed: int = option(1337, "random seed (same seed, same run on CPU)", 0, 2**63 - 1)
     device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: the best available)")
@@ -285,7 +309,16 @@ class TrainConfig(_JSONConfig):
                         choices=DTYPES)
 
     def __post_init__(self) -> None:
+        for name in ("source_column", "target_column"):  # a number before 0.3 (TSV columns only)
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, str(value))
         check_fields(self)  # types, ranges and kinds; what follows relates fields to each other
+        _check(self.data is None or isinstance(self.data, str) or (
+            isinstance(self.data, list) and self.data and all(isinstance(p, str) and p for p in self.data)),
+            f"data must be a path, a list of paths or none, got {self.data!r}")
+        for name in ("text_column", "source_column", "target_column"):
+            _check(getattr(self, name) != "", f"{name} must name a column, got ''")
         _check(bool(self.separator), "separator must not be empty")
         _check(self.tokenizer_file != "", "tokenizer_file must be the path of a tokenizer.json, got ''")
         _check(self.min_lr <= self.learning_rate,

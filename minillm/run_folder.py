@@ -10,6 +10,9 @@
       train_config.json       the TrainConfig the run is trained with
       split.json              how the data was split (and its token counts), so evaluation reuses it
       metrics.jsonl           one JSON row per log step and per evaluation
+      samples.jsonl           the short samples made during training (step, prompt, text)
+      logs/                   the experiment log (--log tensorboard: TensorBoard's event files; --log wandb:
+                              Weights & Biases' folder), when asked for
       loss_curve.png          train and validation loss by step
       test_metrics.json       the best model's loss on the test split
       {split}.bin             the prepared tokens of a plain-text split (train, val, test)
@@ -51,6 +54,8 @@ SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 TEST_METRICS_FILE = "test_metrics.json"
+SAMPLES_FILE = "samples.jsonl"
+LOGS_DIR = "logs"  # the experiment log's folder (its files are the logger's: the folder is the run's, whole)
 
 INCOMPLETE_FIX = "train it again with --overwrite"  # what to do about a run folder whose files are damaged
 LOCK_FILE = ".minillm.lock"  # held (flock) by the process training into the folder
@@ -114,6 +119,19 @@ class RunFolder:
     def test_metrics(self) -> Path:
         return self.path / TEST_METRICS_FILE
 
+    @property
+    def samples(self) -> Path:
+        return self.path / SAMPLES_FILE
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS_DIR
+
+    @property
+    def is_staging(self) -> bool:
+        """True for a new run's staging folder (inside the run folder it will be moved into)."""
+        return self.path.name.startswith(STAGING_PREFIX)
+
     def tokens(self, split: str) -> Path:
         """The token stream of a plain-text split."""
         return self.path / f"{split}.bin"
@@ -165,7 +183,7 @@ class RunFolder:
     def file_names(self) -> list[str]:
         """The name of every file a run writes."""
         names = [TOKENIZER_FILE, SPECIAL_TOKENS_FILE, BEST_MODEL_FILE, BEST_CONFIG_FILE, LAST_CHECKPOINT_FILE,
-                 TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE]
+                 TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE, SAMPLES_FILE]
         for split in SPLITS:
             names += [self.tokens(split).name, self.pair_offsets(split).name]
             names += [self.pair_tokens(split, side).name for side in PAIR_SIDES]
@@ -249,6 +267,7 @@ class RunFolder:
         for path in self.existing_files():
             if path.name not in names:
                 path.unlink(missing_ok=True)
+        shutil.rmtree(self.logs, ignore_errors=True)  # the old run's experiment log (the new one's starts after)
         shutil.rmtree(swapping)
 
     def pending_swaps(self) -> list[Path]:
@@ -295,10 +314,14 @@ class RunFolder:
                 time.sleep(SWAP_WAIT_SECONDS / 100)
 
 
-def default_run_name(data: str | Path | None, model_type: str, tokenizer: str) -> str:
-    """The folder name of a run when none is given: DATA-MODEL-TOKENIZER (the CLI's and the UI's)."""
-    stem = Path(data).stem if data else "tinyshakespeare"
-    return f"{stem}-{model_type}-{tokenizer}"
+def default_run_name(data: str | Path | list[str] | None, model_type: str, tokenizer: str) -> str:
+    """The folder name of a run when none is given: DATA-MODEL-TOKENIZER (the CLI's and the UI's). DATA is the
+    data file's name without its extension (of several, the first's; of a glob, its folder's)."""
+    first = Path(data[0] if isinstance(data, list) else data) if data else Path("tinyshakespeare")
+    plain = [part for part in first.parts[:next((i for i, part in enumerate(first.parts)
+                                                  if any(c in part for c in "*?[")), len(first.parts))]]
+    stem = Path(*plain).stem if plain else "data"
+    return f"{stem or 'data'}-{model_type}-{tokenizer}"
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:

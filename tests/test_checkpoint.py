@@ -97,9 +97,12 @@ def test_a_run_loaded_from_its_files_knows_the_folder_of_its_model(tmp_path, tin
 
 
 def test_the_model_config_is_stored_once_in_a_run(tiny_run):
-    """best_model_config.json holds the model's config; train_config.json the training's; last.pt neither."""
-    assert set(read_json(tiny_run / "train_config.json", "")) == {"minillm_version", "train"}
-    assert "model" in read_json(tiny_run / "best_model_config.json", "")
+    """best_model_config.json holds the model's config (what loads); train_config.json the training's and, as a
+    recipe (`train --config`), the model's options only (no tokenizer fields); last.pt neither."""
+    recipe = read_json(tiny_run / "train_config.json", "")
+    assert set(recipe) == {"minillm_version", "model", "train"}
+    loaded = read_json(tiny_run / "best_model_config.json", "")["model"]
+    assert recipe["model"] == {k: v for k, v in loaded.items() if k not in ("vocab_size", "pad_id", "bos_id", "eos_id")}
     last = load_torch(tiny_run / "last.pt")
     assert not {"model_config", "train_config"} & set(last)
 

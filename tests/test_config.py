@@ -111,7 +111,8 @@ def test_unknown_preset_names_the_choices():
     (TrainConfig, dict(val_fraction=0.0), "val_fraction must be above 0 and below 0.5, got 0.0"),
     (TrainConfig, dict(test_fraction=0.5), "test_fraction must be above 0 and below 0.5, got 0.5"),
     (TrainConfig, dict(beta2=1.0), "beta2 must be at least 0 and below 1, got 1.0"),
-    (TrainConfig, dict(source_column=0), "source_column must be between 1 and"),
+    (TrainConfig, dict(source_column=""), "source_column must name a column"),  # (a TSV column: test_data)
+    (TrainConfig, dict(sample_interval=-1), "sample_interval must be between 0 and"),
     (TrainConfig, dict(schedule="linear"), r"schedule must be one of \('cosine', 'warmdown'\), got 'linear'"),
 ])
 def test_numbers_outside_their_documented_range_are_refused(cls, values, message):
@@ -134,13 +135,15 @@ def registries() -> list[tuple[type, str, set[str]]]:
     from minillm.data.tasks import TASKS
     from minillm.models.layers import MLPS
     from minillm.tokenizers import TOKENIZER_KINDS
+    from minillm.training.loggers import LOGGERS
     from minillm.training.optimizer import OPTIMIZER_RECIPES, SCHEDULE_SHAPES
     from minillm.training.precision import AUTOCAST_DTYPES
 
     return [(ModelConfig, "mlp", set(MLPS)), (TrainConfig, "tokenizer", set(TOKENIZER_KINDS)),
             (TrainConfig, "optimizer", set(OPTIMIZER_RECIPES)), (TrainConfig, "schedule", set(SCHEDULE_SHAPES)),
             (TrainConfig, "split_mode", set(SPLITTERS)), (TrainConfig, "dtype", {"auto", *AUTOCAST_DTYPES}),
-            (TrainConfig, "data_format", {"auto", *FILE_FORMAT_NAMES}), (TrainConfig, "task", {"auto", *TASKS})]
+            (TrainConfig, "data_format", {"auto", *FILE_FORMAT_NAMES}), (TrainConfig, "task", {"auto", *TASKS}),
+            (TrainConfig, "log", {"none", *LOGGERS})]
 
 
 def test_every_kind_a_config_may_name_is_one_its_registry_builds_and_the_other_way():

@@ -21,15 +21,14 @@ from minillm.data.corpus import (
     TEXT_FILE,
     TSV_FILE,
     contiguous_split,
-    describe_samples,
     detect_format,
-    load_samples,
     parse_pairs,
     read_text_file,
     shuffled_split,
     split_data,
     split_samples,
 )
+from minillm.data.sources import describe_samples, load_samples
 from minillm.data.split_record import SplitRecord
 from minillm.data.streams import read_stream, token_dtype, write_pair_streams, write_token_stream
 from minillm.data.tasks import task_for
@@ -138,8 +137,12 @@ def test_parse_pairs_tsv_and_jsonl(tmp_path):
         parse_pairs("p.tsv", "ab\tba\nno tab here\ncd\tdc\n", TSV_FILE)
     with pytest.raises(MiniLLMError, match="line 1 has no tab.*--format text"):
         parse_pairs("p.tsv", "no tab\nat all\nhere\n", TSV_FILE)
-    with pytest.raises(MiniLLMError, match="line 1"):
-        parse_pairs("p.jsonl", '{"input": 1}\n', JSONL_FILE)
+    with pytest.raises(MiniLLMError, match="line 3: column 'input' holds 1, not text"):
+        parse_pairs("p.jsonl", '{"input": "a", "output": "b"}\n\n{"input": 1, "output": "c"}\n', JSONL_FILE)
+    with pytest.raises(MiniLLMError, match="line 1 is not a JSON object"):
+        parse_pairs("p.jsonl", '["input", "output"]\n', JSONL_FILE)
+    with pytest.raises(MiniLLMError, match=r"no column 'output'; its columns are \['input'\]"):
+        parse_pairs("p.jsonl", '{"input": "a"}\n', JSONL_FILE)
 
 
 TATOEBA = "Hi.\tSalut.\tCC-BY 2.0 (France) Attribution: tatoeba.org #538123\n" * 3 + "Run!\tCours !\tCC-BY\n"
@@ -158,6 +161,10 @@ def test_extra_tsv_columns_are_left_out_with_a_warning_or_chosen():
         parse_pairs("fra.tsv", TATOEBA, TSV_FILE, target_column=4)
     with pytest.raises(MiniLLMError, match="both 1"):
         parse_pairs("fra.tsv", TATOEBA, TSV_FILE, 1, 1)
+    assert parse_pairs("fra.tsv", TATOEBA, TSV_FILE, "2", "1")[-1] == ("Cours !", "Run!")  # (as the option gives it)
+    for column in ("0", "first"):
+        with pytest.raises(MiniLLMError, match=f"--source-column of a TSV file is a column number from 1.*'{column}'"):
+            parse_pairs("fra.tsv", TATOEBA, TSV_FILE, column)
 
 
 def test_every_target_empty_is_refused():
@@ -190,7 +197,7 @@ def test_the_format_is_said_and_can_be_overridden(tmp_path):
     path.write_text("ab\tba\ncd\tdc\nef\tfe\n", encoding="utf-8")
     loaded = load_samples(path, AUTO_TASK, "paragraph", "")
     assert (loaded.task, loaded.file_format) == (PAIRS, TSV_FILE)
-    said = describe_samples(path, loaded, "paragraph")
+    said = describe_samples(loaded, "paragraph")
     assert said == ("data file: pairs.txt read as tab-separated pairs (by its content: every line has 2 tab-separated "
                     "columns; --format text|tsv|jsonl overrides): 3 pairs, 12 characters")
     as_text = load_samples(path, AUTO_TASK, "line", "", file_format=TEXT_FILE)
@@ -198,7 +205,7 @@ def test_the_format_is_said_and_can_be_overridden(tmp_path):
     tsv = tmp_path / "prose.tsv"
     tsv.write_text("no tabs\n\nin here\n", encoding="utf-8")
     assert load_samples(tsv, AUTO_TASK, "paragraph", "", file_format=TEXT_FILE).samples == ["no tabs", "in here"]
-    with pytest.raises(MiniLLMError, match="for TSV pair files"):
+    with pytest.raises(MiniLLMError, match="are for pair files"):
         load_samples(tsv, AUTO_TASK, "paragraph", "", file_format=TEXT_FILE, target_column=2)
 
 
@@ -209,7 +216,7 @@ def test_a_pair_file_is_pairs_by_default_and_text_samples_for_the_text_task(tmp_
     assert load_samples(path, PAIRS, "paragraph", "").task == PAIRS
     loaded = load_samples(path, TEXT, "paragraph", "")
     assert loaded.task == TEXT and loaded.samples[0] == "ab\nba"
-    assert "3 pairs, as text samples" in describe_samples(path, loaded, "paragraph")
+    assert "3 pairs, as text samples" in describe_samples(loaded, "paragraph")
     text = tmp_path / "prose.txt"
     text.write_text("a paragraph\n\nanother one\n", encoding="utf-8")
     assert load_samples(text, AUTO_TASK, "paragraph", "").task == TEXT

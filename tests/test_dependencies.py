@@ -59,3 +59,13 @@ def test_no_module_asks_for_a_newer_torch_than_declared():
              for a, b in re.findall(r"(?:PyTorch|torch) ([0-9]+)\.([0-9]+) or newer", path.read_text(encoding="utf-8"))
              if (int(a), int(b)) > floor}
     assert named == set()
+
+
+def test_the_license_file_pyproject_and_what_exports_carry_agree():
+    from minillm.version import LICENSE
+
+    declared = re.findall(r'^license = "([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), flags=re.M)
+    assert declared == [LICENSE] == ["MIT"]
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text
+    assert "exports/" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()

@@ -136,6 +136,7 @@ def test_hf_export_describes_the_model_its_sampling_and_its_training(runs, tmp_p
     prompt = example_prompt(run)  # the how-to's prompt comes from the run's data, not another corpus's
     assert prompt.strip() and prompt in corpus_file.read_text() and f"tokenizer({prompt!r}" in card
     assert "ROMEO" not in card and "model.generate(**inputs)" in card
+    assert "\nlicense: mit\n" in card.split("\n---\n")[0]  # (the hub's front matter: the project's license)
 
 
 # ---- GGUF -----------------------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ def test_gguf_file_holds_the_runs_tensors_and_tokenizer(runs, kind, dtype, tmp_p
                 "llama.attention.head_count_kv": c.n_heads, "llama.rope.dimension_count": c.head_dim,
                 "llama.vocab_size": c.vocab_size, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
                 "tokenizer.ggml.bos_token_id": c.bos_id, "tokenizer.ggml.eos_token_id": c.eos_id,
-                "tokenizer.ggml.padding_token_id": c.pad_id, "tokenizer.ggml.add_bos_token": True}
+                "tokenizer.ggml.padding_token_id": c.pad_id, "tokenizer.ggml.add_bos_token": True,
+                "general.license": "MIT"}
     assert {name: gguf_field(reader, name) for name in expected} == expected
     assert gguf_field(reader, "llama.rope.freq_base") == pytest.approx(c.rope_theta)
     assert gguf_field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(c.norm_eps)

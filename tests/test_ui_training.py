@@ -88,6 +88,7 @@ def test_the_page_has_the_train_tab_with_its_fixed_ids(tmp_path):
 
 def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
     model, config = train_tab.form_configs(*form(corpus_file)[:-1])
+    assert config.sample_interval == 0  # (no samples from the page: it shows none)
     preview = preview_run(model, config)
     printed = []
     train(model, config, tmp_path / "run", progress=False, log=printed.append)

@@ -1,11 +1,13 @@
 """From the user's file to samples: read it, cut it into samples, split them into train/val/test.
 
 Plain text is cut into samples (paragraphs, lines, or by a separator). A file of (source, target) pairs
-(TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs.
-The file format is taken from --format, else from the extension (.tsv, .jsonl), else from the content, and
-always said (`describe_samples`). The task (--task) says what the samples are: pairs for the pairs task
-(the default for a pair file), texts for the text task (a pair becomes the text "source\ntarget"). A file
-with few samples is cut into contiguous train/val/test stretches instead of being shuffled by sample.
+(TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs; JSON
+Lines, parquet and arrow tables give texts or pairs by their columns (data.tables). The file format is taken
+from --format, else from the extension (.tsv, .jsonl, .parquet, .arrow), else from the content, and always
+said (data.sources.describe_samples; data.sources also reads several files into one list of samples). The
+task (--task) says what the samples are: pairs for the pairs task (the default for a pair file), texts for the
+text task (a pair becomes the text "source\ntarget"). A file with few samples is cut into contiguous
+train/val/test stretches instead of being shuffled by sample.
 """
 
 from __future__ import annotations
@@ -17,17 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minillm.config import DATA_FORMATS, TASKS
+from minillm.config import DATA_FORMATS, MAX_COLUMN, TASKS
 from minillm.data.split_record import SplitRecord
+from minillm.data.tables import arrow_table, is_dataset_folder, jsonl_table, table_samples
 from minillm.errors import MiniLLMError
 from minillm.run_folder import SPLITS
 
 AUTO_TASK, TEXT, PAIRS = TASKS  # what a run's samples are (--task; "auto": pairs for a pair file, else text)
 # Between a source and its target: in a pair file read as text samples, and in a decoder-only pairs sample.
 PAIR_SEPARATOR = "\n"
-AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE = DATA_FORMATS  # how a data file is read (--format)
+AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE, PARQUET_FILE, ARROW_FILE = DATA_FORMATS  # how a file is read (--format)
 FILE_FORMATS = DATA_FORMATS[1:]
-FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON-lines pairs"}
+FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON lines",
+                     PARQUET_FILE: "a parquet table", ARROW_FILE: "an arrow table"}
+BINARY_FORMATS = {".parquet": PARQUET_FILE, ".arrow": ARROW_FILE}  # read by extension, never sniffed as text
 FORMAT_HINT = "--format text|tsv|jsonl overrides"
 DEFAULT_COLUMNS = (1, 2)  # the source and target columns of a TSV file (1-based, as `cut -f` counts)
 # Fewer samples than this and a shuffled split by sample is too coarse (a single paragraph could be the whole
@@ -94,8 +99,8 @@ def detect_format(path: str | Path, text: str) -> tuple[str, str]:
     lines = [line for line in text[:200_000].split("\n")[:PAIR_DETECT_LINES * 4] if line.strip()]
     lines = lines[:PAIR_DETECT_LINES]
     if len(lines) >= 2:
-        if all(_json_pair(line) is not None for line in lines):
-            return JSONL_FILE, "by its content: every line is a JSON pair"
+        if all(_json_object(line) for line in lines):
+            return JSONL_FILE, "by its content: every line is a JSON object"
         tabs = {line.count("\t") for line in lines}
         indented = any(not line.split("\t", 1)[0].strip() for line in lines)  # tabs as indentation: text
         if len(tabs) == 1 and min(tabs) >= 1 and not indented:
@@ -103,59 +108,58 @@ def detect_format(path: str | Path, text: str) -> tuple[str, str]:
     return TEXT_FILE, "by its content: not every line is a pair"
 
 
-def _json_pair(line: str) -> tuple[str, str] | None:
+def _json_object(line: str) -> bool:
     try:
-        obj = json.loads(line)
+        return isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("input"), str) and isinstance(obj.get("output"), str):
-        return obj["input"], obj["output"]
-    return None
+        return False
 
 
-def parse_pairs(path: str | Path, text: str, file_format: str, source_column: int | None = None,
-                target_column: int | None = None, notes: list[str] | None = None) -> list[tuple[str, str]]:
+def parse_pairs(path: str | Path, text: str, file_format: str, source_column: int | str | None = None,
+                target_column: int | str | None = None, notes: list[str] | None = None) -> list[tuple[str, str]]:
     """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number.
 
     TSV: every line has the same columns; the source and target are columns `source_column` and
     `target_column` (1-based; default 1 and 2; other columns are left out, with a warning added to `notes`).
+    JSONL: the fields named so (default "input" and "output").
     """
     if file_format == JSONL_FILE:
-        if source_column is not None or target_column is not None:
-            raise MiniLLMError(f"{path} is read as JSON lines (\"input\", \"output\"): --source-column and "
-                               "--target-column are for TSV files; leave them out")
-        pairs = _jsonl_pairs(path, text)
+        _, pairs, _ = table_samples(path, jsonl_table(path, text), True, None, _name(source_column),
+                                    _name(target_column))
     else:
         pairs = _tsv_pairs(path, text, source_column, target_column, notes if notes is not None else [])
+    which = f"column {target_column or DEFAULT_COLUMNS[1]}" if file_format == TSV_FILE else None
+    check_pairs(str(path), pairs, which)
+    return pairs
+
+
+def check_pairs(label: str, pairs: list[tuple[str, str]], which: str | None = None) -> None:
+    """Refuse too few pairs, or pairs whose targets (`which`: where they come from) are all empty."""
     if len(pairs) < MIN_PAIRS:
-        raise MiniLLMError(
-            f"{path} has {len(pairs)} pair(s); at least {MIN_PAIRS} are needed (train, val, test)"
-        )
+        raise MiniLLMError(f"{label} has {len(pairs)} pair(s); at least {MIN_PAIRS} are needed (train, val, test)")
     if not any(target.strip() for _, target in pairs):
-        which = "\"output\"" if file_format == JSONL_FILE else f"column {target_column or DEFAULT_COLUMNS[1]}"
         raise MiniLLMError(
-            f"every target ({which}) in {path} is empty: there is nothing to learn to produce; "
-            "pick the target with --target-column, or read the file as plain text with --format text"
+            f"every target{f' ({which})' if which else ''} in {label} is empty: there is nothing to learn to "
+            "produce; pick the target with --target-column, or read the file as plain text with --format text"
         )
-    return pairs
 
 
-def _jsonl_pairs(path: str | Path, text: str) -> list[tuple[str, str]]:
-    pairs = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        pair = _json_pair(line)
-        if pair is None:
-            raise MiniLLMError(
-                f"{path} line {number} is not a JSON object with string \"input\" and \"output\"; "
-                "fix or remove that line (or read the file as plain text with --format text)"
-            )
-        pairs.append(pair)
-    return pairs
+def _name(column: int | str | None) -> str | None:
+    return None if column is None else str(column)
 
 
-def _tsv_pairs(path: str | Path, text: str, source_column: int | None, target_column: int | None,
+def _column_number(name: str, column: int | str | None, default: int) -> int:
+    """A TSV column as a number from 1 (an option's text, "2", or a number)."""
+    if column is None:
+        return default
+    if isinstance(column, int) or str(column).strip().isdigit():
+        number = int(column)
+        if 1 <= number <= MAX_COLUMN:
+            return number
+    raise MiniLLMError(f"{name} of a TSV file is a column number from 1 (1 = first), got {column!r}")
+
+
+def _tsv_pairs(path: str | Path, text: str, source_column: int | str | None, target_column: int | str | None,
                notes: list[str]) -> list[tuple[str, str]]:
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     first_number, first = lines[0]
@@ -163,7 +167,8 @@ def _tsv_pairs(path: str | Path, text: str, source_column: int | None, target_co
     if n_columns < 2:
         raise MiniLLMError(f"{path} line {first_number} has no tab; a TSV pair file needs `source<TAB>target` "
                            "on every line (or read the file as plain text with --format text)")
-    columns = (source_column or DEFAULT_COLUMNS[0], target_column or DEFAULT_COLUMNS[1])
+    columns = (_column_number("--source-column", source_column, DEFAULT_COLUMNS[0]),
+               _column_number("--target-column", target_column, DEFAULT_COLUMNS[1]))
     for name, column in zip(("--source-column", "--target-column"), columns, strict=True):
         if not 1 <= column <= n_columns:
             raise MiniLLMError(f"{name} {column} is not a column of {path}: its lines have {n_columns} "
@@ -241,44 +246,73 @@ def chunk_text(text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> list[str]:
 
 @dataclass
 class Samples:
-    """The samples of a data file and how it was read."""
+    """The samples of a data file (or of several, merged by data.sources) and how they were read."""
 
     task: str  # TEXT or PAIRS: what the samples are
     samples: list  # texts, or (source, target) pairs
-    file_format: str  # TEXT_FILE, TSV_FILE or JSONL_FILE: how the file was read
+    file_format: str  # one of FILE_FORMATS: how the file was read
     how: str  # why it was read so ("by its .tsv extension", "as --format says", ...)
     notes: list[str] = field(default_factory=list)  # warnings about the reading ("warning: ...")
+    from_pairs: bool = False  # read as pairs (kept as pairs, or made text samples "source\ntarget")
+    columns: str = ""  # which columns of a table were read ("column 'text'")
+    target: str | None = None  # where the targets come from, for messages ("column 2")
+    label: str = ""  # the data as the user gave it (a file, a folder, a glob, a list), for messages
+    files: list[Path] = field(default_factory=list)  # the files read
 
 
-def load_samples(path: str | Path, task: str, split_mode: str, separator: str, file_format: str = AUTO_FORMAT,
-                 source_column: int | None = None, target_column: int | None = None) -> Samples:
-    """The samples of a data file for `task` (AUTO_TASK, TEXT or PAIRS): text samples, or (source, target)
-    pairs. `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read the file.
+def _file_format(path: Path, file_format: str) -> tuple[str, str]:
+    """(format, why) as far as the name tells ("" for a text file whose content decides)."""
+    if file_format in FILE_FORMATS:
+        return file_format, "as --format says"
+    if file_format != AUTO_FORMAT:
+        raise MiniLLMError(f"--format must be {AUTO_FORMAT} or one of {FILE_FORMATS}, got {file_format!r}")
+    if is_dataset_folder(path):
+        return ARROW_FILE, "a folder saved by datasets' save_to_disk"
+    suffix = path.suffix.lower()
+    return (BINARY_FORMATS[suffix], f"by its {suffix} extension") if suffix in BINARY_FORMATS else ("", "")
+
+
+def read_samples(path: str | Path, task: str, split_mode: str, separator: str, file_format: str = AUTO_FORMAT,
+                 source_column: int | str | None = None, target_column: int | str | None = None,
+                 text_column: str | None = None) -> Samples:
+    """The samples of one data file for `task` (AUTO_TASK, TEXT or PAIRS): text samples, or (source, target)
+    pairs (how many is for the caller to check: data.sources.load_samples). `file_format` (AUTO_FORMAT or one
+    of FILE_FORMATS) says how to read the file.
 
     AUTO_TASK is PAIRS for a pair file and TEXT otherwise; TEXT on a pair file makes each pair the text
     sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain text is refused.
     """
-    text = read_text_file(path)
-    if file_format == AUTO_FORMAT:
+    path = Path(path)
+    file_format, how = _file_format(path, file_format)
+    notes: list[str] = []
+    text = None if file_format in (PARQUET_FILE, ARROW_FILE) else read_text_file(path)
+    if not file_format:
         file_format, how = detect_format(path, text)
-    elif file_format in FILE_FORMATS:
-        how = "as --format says"
-    else:
-        raise MiniLLMError(f"--format must be {AUTO_FORMAT} or one of {FILE_FORMATS}, got {file_format!r}")
-    if file_format != TEXT_FILE:
-        notes: list[str] = []
-        pairs = parse_pairs(path, text, file_format, source_column, target_column, notes)
-        if task in (AUTO_TASK, PAIRS):
-            return Samples(PAIRS, pairs, file_format, how, notes)
-        return Samples(TEXT, [f"{source}{PAIR_SEPARATOR}{target}" for source, target in pairs], file_format, how,
-                       notes)
+    if file_format in (JSONL_FILE, PARQUET_FILE, ARROW_FILE):
+        table = jsonl_table(path, text) if text is not None else arrow_table(path, file_format == PARQUET_FILE,
+                                                                              notes)
+        pairs, samples, columns = table_samples(path, table, task == PAIRS, text_column, _name(source_column),
+                                                _name(target_column))
+        target = f"column {columns.split(' and ')[-1]}" if pairs else None
+        if pairs:
+            return _pairs_for(task, samples, file_format, how, notes, columns, target)
+        if task == PAIRS:
+            raise MiniLLMError(f"--task pairs needs (source, target) pairs, but {path} is read as texts ({columns}); "
+                               "choose --source-column and --target-column, or use --task text")
+        return Samples(TEXT, samples, file_format, how, notes, columns=columns)
+    if text_column is not None:
+        raise MiniLLMError(f"{path} is read as {FILE_FORMAT_NAMES[file_format]} ({how}): --text-column is for JSON "
+                           "lines, parquet and arrow data; leave it out")
+    if file_format == TSV_FILE:
+        pairs = _tsv_pairs(path, text, source_column, target_column, notes)
+        return _pairs_for(task, pairs, file_format, how, notes, "", f"column {target_column or DEFAULT_COLUMNS[1]}")
     if task == PAIRS:
         raise MiniLLMError(f"--task pairs needs a file of (source, target) pairs, but {path} is read as plain "
                            f"text ({how}); give a TSV or JSONL pair file (or --format tsv|jsonl), or use --task "
                            "text")
     if source_column is not None or target_column is not None:
         raise MiniLLMError(f"{path} is read as plain text ({how}): --source-column and --target-column are "
-                           "for TSV pair files; leave them out, or read it as pairs with --format tsv")
+                           "for pair files; leave them out, or read it as pairs with --format tsv")
     samples = split_samples(text, split_mode, separator)
     if not samples:
         raise MiniLLMError(
@@ -287,18 +321,30 @@ def load_samples(path: str | Path, task: str, split_mode: str, separator: str, f
     return Samples(TEXT, samples, file_format, how)
 
 
-def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
-    """One line for the user: how the file was read and how many samples it gave."""
-    n = len(loaded.samples)
+def _pairs_for(task: str, pairs: list[tuple[str, str]], file_format: str, how: str, notes: list[str],
+               columns: str, target: str | None) -> Samples:
+    """Pairs as the task wants them: pairs, or (--task text) text samples "source\\ntarget"."""
+    if task in (AUTO_TASK, PAIRS):
+        return Samples(PAIRS, pairs, file_format, how, notes, True, columns, target)
+    return Samples(TEXT, [f"{source}{PAIR_SEPARATOR}{target}" for source, target in pairs], file_format, how,
+                   notes, True, columns, target)
+
+
+def sample_unit(loaded: Samples, split_mode: str) -> str:
+    """What one of the samples is, in words: "paragraphs", "pairs", "rows", ..."""
+    if loaded.from_pairs:
+        return "pairs" if loaded.task == PAIRS else 'pairs, as text samples "source\\ntarget" (--task text)'
     if loaded.file_format == TEXT_FILE:
-        unit = {"paragraph": "paragraphs", "line": "lines", "separator": "samples"}[split_mode]
-        chars = sum(len(sample) for sample in loaded.samples)
-    else:
-        unit = "pairs" if loaded.task == PAIRS else 'pairs, as text samples "source\\ntarget" (--task text)'
-        chars = sum(len(s) + len(t) for s, t in loaded.samples) if loaded.task == PAIRS else sum(
-            len(sample) - len(PAIR_SEPARATOR) for sample in loaded.samples)
-    return (f"data file: {Path(path).name} read as {FILE_FORMAT_NAMES[loaded.file_format]} ({loaded.how}; "
-            f"{FORMAT_HINT}): {n:,} {unit}, {chars:,} characters")
+        return {"paragraph": "paragraphs", "line": "lines", "separator": "samples"}[split_mode]
+    return "rows"
+
+
+def sample_chars(loaded: Samples) -> int:
+    """The characters of the samples (a pair's two sides; not the separator a text sample puts between them)."""
+    if loaded.task == PAIRS:
+        return sum(len(s) + len(t) for s, t in loaded.samples)
+    return sum(len(sample) for sample in loaded.samples) - len(PAIR_SEPARATOR) * len(loaded.samples) * \
+        loaded.from_pairs
 
 
 def split_data(task: str, samples: list, path: str | Path, val_fraction: float, test_fraction: float,

@@ -18,7 +18,8 @@ from typing import Any
 
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.batches import Batches
-from minillm.data.corpus import describe_samples, load_samples, split_data
+from minillm.data.corpus import split_data
+from minillm.data.sources import describe_samples, load_samples
 from minillm.data.split_record import SplitRecord, read_split_record
 from minillm.data.streams import token_dtype
 from minillm.data.tasks import Task, task_for
@@ -42,21 +43,22 @@ def bundled_data_path() -> Path:
 class SplitData:
     """A data file read and split in memory, checked, before any file of the run is written."""
 
-    path: Path
+    path: Path  # the data, as messages name it (a file, a folder, a glob; several: the first and how many more)
     task: Task  # what the run learns from it (TrainConfig.task, "auto" decided by the file)
     splits: dict[str, list]  # split name -> samples (texts, or (source, target) pairs)
     record: SplitRecord  # what split.json records about the split itself (the rest is filled in by write_data)
+    source: str = ""  # what split.json records as the data's source (data.sources.data_label)
 
 
 def read_data(config: TrainConfig, encoder_decoder: bool, log: LogFn) -> SplitData:
-    """Read the data file of a TrainConfig (the bundled corpus when None) for its task, say how it was read,
-    and split it; a bad file is a MiniLLMError here, before anything is written."""
-    path = Path(config.data) if config.data else bundled_data_path()
-    loaded = load_samples(path, config.task, config.split_mode, config.separator, config.data_format,
-                          config.source_column, config.target_column)
+    """Read the data of a TrainConfig (the bundled corpus when None: one file or many, see data.sources) for its
+    task, say how it was read, and split it; bad data is a MiniLLMError here, before anything is written."""
+    loaded = load_samples(config.data or str(bundled_data_path()), config.task, config.split_mode, config.separator,
+                          config.data_format, config.source_column, config.target_column, config.text_column)
+    path = Path(loaded.label)
     splits, record = split_data(loaded.task, loaded.samples, path, config.val_fraction, config.test_fraction,
                                 config.seed, config.holdout)
-    log(describe_samples(path, loaded, config.split_mode))
+    log(describe_samples(loaded, config.split_mode))
     for note in loaded.notes:
         log(note)
     if record.holdout == "tail":
@@ -67,7 +69,7 @@ def read_data(config: TrainConfig, encoder_decoder: bool, log: LogFn) -> SplitDa
             f"train/val/test stretches instead of by sample")
     task = task_for(loaded.task, encoder_decoder)
     task.check_training_split(splits["train"], path)
-    return SplitData(path=path, task=task, splits=splits, record=record)
+    return SplitData(path=path, task=task, splits=splits, record=record, source=loaded.label)
 
 
 def write_splits(folder: str | Path, task: Task, splits: dict[str, list], tokenizer: Tokenizer, contiguous: bool,
@@ -121,7 +123,7 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
         raise MiniLLMError(f"the training split of {data.path} has 0 tokens: there is nothing to train on; "
                            "add data")
     record = data.record.written(dtype, tokens, {name: len(part) for name, part in data.splits.items()},
-                                 str(data.path.resolve()), data.task.separator_ids(tokenizer))
+                                 data.source or str(data.path.resolve()), data.task.separator_ids(tokenizer))
     record.save(folder)
     return tokenizer, record
 

@@ -14,7 +14,7 @@ from minillm.errors import MiniLLMError
 from minillm.files import read_json
 from minillm.generation import showcase
 from minillm.models import count_parameters
-from minillm.version import __version__
+from minillm.version import LICENSE, __version__
 
 CARD_SAMPLE_TOKENS = 120  # the card's showcase sample
 CARD_PROMPT_TOKENS = 16  # ... its prompt's tokens at most (and at most half the context)
@@ -32,7 +32,8 @@ def model_card(run: Run, usage: str, library: str = "transformers") -> str:
     tokens = split.tokens if split else {}
     c = run.config
     lines = [
-        "---", f"library_name: {library}", "pipeline_tag: text-generation", "tags: [minillm]", "---", "",
+        "---", f"library_name: {library}", f"license: {LICENSE.lower()}", "pipeline_tag: text-generation",
+        "tags: [minillm]", "---", "",
         f"# {folder.path.name}", "",
         f"A small {c.model_type} language model trained from scratch with Mini LLM {__version__}: "
         f"{count_parameters(run.model):,} parameters, {c.n_layers} layers, {c.n_heads} heads, width {c.d_model}, "

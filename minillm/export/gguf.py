@@ -23,7 +23,7 @@ from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.files import reporting_full_disk
 from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
-from minillm.version import __version__
+from minillm.version import LICENSE, __version__
 
 # llama.cpp's architectures that rotate adjacent pairs (its "normal" RoPE), for which q and k are permuted.
 PAIRWISE_ROPE = ("llama",)
@@ -133,6 +133,7 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), standard_architecture(c))  # the metadata keys' prefix, too
     writer.add_name(run.folder.path.name)
+    writer.add_license(LICENSE)
     writer.add_context_length(c.max_seq_len)
     writer.add_embedding_length(c.d_model)
     writer.add_block_count(c.n_layers)

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from minillm.checkpoint import load_run, read_train_config
 from minillm.config import IGNORE_INDEX
 from minillm.data.batches import Batch, Batches
-from minillm.data.corpus import FILE_FORMAT_NAMES, load_samples
+from minillm.data.corpus import FILE_FORMAT_NAMES
 from minillm.data.prepare import open_split, write_splits
+from minillm.data.sources import load_samples
 from minillm.data.split_record import SplitRecord, read_split_record
 from minillm.data.tasks import task_for
 from minillm.models import is_encoder_decoder
@@ -60,6 +61,14 @@ def mean_loss(model: torch.nn.Module, batches: list[tuple[Batch, int]], device: 
         tokens += n_tokens
     model.train(was_training)
     return (total.item() / tokens if tokens else float("nan")), tokens
+
+
+def overfitting_warning(parameters: int, train_tokens: int, best_step: int, best_val_loss: float) -> str:
+    """What the run says, once, when it starts overfitting (see is_overfitting), and what usually helps."""
+    return (f"warning: overfitting: validation loss rose for {OVERFIT_EVALS} evaluations while training loss "
+            f"fell; the model ({parameters:,} parameters) is memorising its {train_tokens:,} training tokens. "
+            "What usually helps: a smaller model (--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more "
+            f"data. Early stopping keeps the best model (step {best_step}, val loss {best_val_loss:.4f}).")
 
 
 def text_sizes(tokenizer: Tokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +201,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
         return {**metrics, "data": f"{run_dir} test split"}
     run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
     loaded = load_samples(data, run_task.scores_files_as, config.split_mode, config.separator, config.data_format,
-                          config.source_column, config.target_column)
+                          config.source_column, config.target_column, config.text_column)
     task = task_for(loaded.task, encoder_decoder)
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
         token_type, tokens = write_splits(tmp, task, {"test": loaded.samples}, run.tokenizer, contiguous=False)
@@ -201,4 +210,5 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
         batches = task.open_batches(tmp, "test", record, run.config, config.source_fraction)
         metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
         del batches  # release the memmaps before the folder goes
-    return {**metrics, "data": f"{data} (read as {FILE_FORMAT_NAMES[loaded.file_format]}, {loaded.how})"}
+    read_as = FILE_FORMAT_NAMES.get(loaded.file_format, "each file by its format")
+    return {**metrics, "data": f"{data} (read as {read_as}, {loaded.how})"}

@@ -12,7 +12,6 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.batches import LMBatches
 from minillm.data.prepare import SplitData, bundled_data_path, read_data
+from minillm.data.sources import data_files_key
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
 from minillm.tokenizers import train_tokenizer
 from minillm.training.memory import check_memory
@@ -38,8 +38,8 @@ EVAL_COST = 1 / 3  # an evaluation batch (forward only) costs about a third of a
 # What a plan reads of a data file is kept for the next plan of the same file and settings (the form
 # asks for a plan at every change): at most this many files' worth.
 MAX_KEPT_READS = 2
-DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "task", "source_column", "target_column",
-               "split_mode", "separator", "val_fraction", "test_fraction", "seed", "holdout")
+DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "task", "text_column", "source_column",
+               "target_column", "split_mode", "separator", "val_fraction", "test_fraction", "seed", "holdout")
 _reads: dict[str, tuple] = {}
 _read_lock = threading.Lock()
 _step_times: dict[str, float] = {}  # measured seconds per step, by shape and device
@@ -111,13 +111,9 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
 def _read_tokens(config: TrainConfig, encoder_decoder: bool) -> tuple:
     """(notes, data, tokenizer, tokens per character, sample characters, whether the sample is all of it):
     the data read and split, and a tokenizer trained on its sample; kept for the same file and settings."""
-    path = Path(config.data) if config.data else bundled_data_path()
-    try:
-        stat = path.stat()
-        key = json.dumps([str(path.resolve()), stat.st_mtime_ns, stat.st_size, encoder_decoder,
-                          {k: v for k, v in config.to_dict().items() if k in DATA_FIELDS}])
-    except OSError:
-        key = None  # (read_data says what is wrong with it)
+    files = data_files_key(config.data or str(bundled_data_path()))
+    key = None if files is None else json.dumps([files, encoder_decoder, {  # (None: read_data says what is wrong)
+        k: v for k, v in config.to_dict().items() if k in DATA_FIELDS}])
     with _read_lock:
         if key is not None and key in _reads:
             return _reads[key]

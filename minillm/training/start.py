@@ -24,6 +24,7 @@ from minillm.run_folder import RunFolder
 from minillm.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
+from minillm.training.loggers import check_logger
 from minillm.training.memory import check_memory
 from minillm.training.state import CHECKPOINT_FORMAT
 from minillm.training.trainer import (
@@ -58,7 +59,8 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     (its error is theirs too).
     """
     folder = RunFolder(run_dir)
-    model_class(model_config.model_type)  # an unknown kind, or an unavailable device, fails before any file
+    model_class(model_config.model_type)  # an unknown kind, a missing logger or an unavailable device fails
+    check_logger(config.log)  # before any file
     device = distributed.setup(pick_device(config.device))
     imported = None
     if config.tokenizer_file:  # its kind, not --tokenizer's, is the run's
@@ -82,7 +84,7 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
             bar = (lambda **kw: tqdm(unit="sample", leave=False, **kw)) if progress else None
             tokenizer, split_record = write_data(staged, data, config.tokenizer, config.bpe_vocab_size, bar, imported)
             trained_config = with_tokenizer(model_config, tokenizer)
-            write_train_config(staged, config)
+            write_train_config(staged, config, trained_config)
             if not folder.holds_run():  # nothing to keep: the run trains in its folder from the start
                 folder.swap_in(staged)
                 staged = folder.path
@@ -102,26 +104,28 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
         trainer = Trainer(Path(workdir), ModelConfig.from_dict(trained), config, split_record, log, progress,
                           on_metrics, after_save=swap_in_first_model)
         trainer.describe()
-        try:
-            stop_reason = trainer.fit(should_stop)
-        except KeyboardInterrupt:
-            if trainer.run_dir != folder.path:
-                log(f"the run that was in {folder.path} is kept: the new one had not saved a model yet")
-            raise
-        return finish(trainer, stop_reason)
+        with trainer.metrics:  # (closes the experiment log however the training ends)
+            try:
+                stop_reason = trainer.fit(should_stop)
+            except KeyboardInterrupt:
+                if trainer.run_dir != folder.path:
+                    log(f"the run that was in {folder.path} is kept: the new one had not saved a model yet")
+                raise
+            return finish(trainer, stop_reason)
 
 
 def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
     """The result of a run, with the best model's test metrics (scored by rank 0 alone; the other ranks wait
     for it, so that no rank leaves the process group while another still uses it)."""
     result = trainer.result(stop_reason, trainer.test() if is_main_process() else {})
+    trainer.metrics.test(result.test_metrics, result.steps)
     distributed.barrier()
     return result
 
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
-                    "compile", "dtype", "threads", "test_tokens")
+                    "compile", "dtype", "threads", "test_tokens", "sample_interval", "log")
 
 
 def check_resumable(run_dir: str | Path) -> RunFolder:
@@ -173,6 +177,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         model_config = ModelConfig.from_dict(saved_model)
         allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
         config = TrainConfig.from_dict({**saved_train, **allowed})
+        check_logger(config.log)
         check_compatible(model_config, load_tokenizer(folder.tokenizer), f" ({run_dir})")
         trainer = Trainer(folder.path, model_config, config, read_split_record(run_dir), log, progress,
                           on_metrics)
@@ -180,6 +185,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
         del state
         if is_main_process():
             trainer.metrics.truncate_after(trainer.state.step)
-            write_train_config(run_dir, config)
+            write_train_config(run_dir, config, model_config)
         log(f"resuming {run_dir} at step {trainer.state.step} of {trainer.max_steps}")
-        return finish(trainer, trainer.fit(should_stop))
+        with trainer.metrics:
+            return finish(trainer, trainer.fit(should_stop))

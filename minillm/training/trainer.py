@@ -39,19 +39,21 @@ from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import (
-    OVERFIT_EVALS,
     bits_per_unit,
     describe_score,
     is_overfitting,
     mean_loss,
+    overfitting_warning,
     score,
     target_bytes,
 )
+from minillm.training.loggers import RunRecords
 from minillm.training.memory import check_memory
-from minillm.training.metrics import MetricsLog, plot_loss_curve
+from minillm.training.metrics import plot_loss_curve
 from minillm.training.optimizer import lr_at, make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
+from minillm.training.samples import TrainingSamples
 from minillm.training.state import TrainState, restore_trainer_state, trainer_state
 from minillm.training.threads import ThroughputWatch, leave_busy_cores
 
@@ -161,7 +163,9 @@ class Trainer:
         self.max_steps = planned_steps(config, self.epoch_tokens, self.tokens_per_step)
         self.state = TrainState()
         self.last_saved_step = 0
-        self.metrics = MetricsLog(self.files.metrics, enabled=self.main)
+        self.metrics = RunRecords(self.files, config.log, {"model": model_config.to_dict(), "train": config.to_dict()},
+                                  enabled=self.main)  # metrics.jsonl, samples.jsonl, the experiment log
+        self.samples = TrainingSamples(run_dir, self.tokenizer, model_config, config, self.log, self.metrics, self.main)
         self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
         self.throughput = ThroughputWatch()
 
@@ -169,7 +173,7 @@ class Trainer:
         """Go on in `run_dir`, where this run's files have just been moved (from the staging folder it was
         trained in until its first model; see training.start.train)."""
         self.run_dir, self.files = run_dir, RunFolder(run_dir)
-        self.metrics.path = self.files.metrics
+        self.metrics.move_to(self.files)
 
     def _leave_busy_cores(self) -> None:
         """Without --threads: if other processes keep cores busy, train on the others (see threads.py)."""
@@ -253,8 +257,11 @@ class Trainer:
                     [self.main and config.max_time is not None and self.state.elapsed >= config.max_time,
                      should_stop is not None and bool(should_stop()), self.main and self._budget_eval_due()],
                     self.device)
-                if (self.state.step % config.eval_interval == 0 or self.state.step == self.max_steps or out_of_time
-                        or stop_asked or budget_eval):
+                evaluating = (self.state.step % config.eval_interval == 0 or self.state.step == self.max_steps
+                              or out_of_time or stop_asked or budget_eval)
+                if self.samples.due(self.state.step, evaluating, self.state.elapsed, self.max_steps):
+                    last_log += self.samples.make(self.model, self.state.step)  # (not training time: tok/s)
+                if evaluating:
                     self._evaluate_and_save(distributed.mean_over_ranks(eval_loss_sum).item() / max(1, n_eval))
                     eval_loss_sum.zero_()
                     n_eval = 0
@@ -374,7 +381,10 @@ class Trainer:
             self.state.evals_since_best += 1
         self.state.history.append({"step": self.state.step, "train_loss": train_loss, "val_loss": val_loss,
                              "val_bits_per_byte": val_bpb})
-        self._check_overfitting()
+        if not self.state.overfitting and is_overfitting(self.state.history):  # (said once)
+            self.state.overfitting = True
+            self.log(overfitting_warning(self.n_params, self.split_record.tokens["train"], self.state.best_step,
+                                         self.state.best_val_loss))
         self._record({"kind": "eval", "step": self.state.step, "val_loss": val_loss, "val_bits_per_byte": val_bpb,
                       "train_loss": train_loss,
                       "best_val_loss": self.state.best_val_loss, "best_step": self.state.best_step,
@@ -400,18 +410,6 @@ class Trainer:
         if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
             self._eval_bytes = target_bytes(self.eval_batches, self.tokenizer, self.device)
         return bits_per_unit(val_loss, tokens, self._eval_bytes)
-
-    def _check_overfitting(self) -> None:
-        """Warn once when val loss has risen OVERFIT_EVALS evaluations in a row while train loss fell."""
-        if not self.state.overfitting and is_overfitting(self.state.history):
-            self.state.overfitting = True
-            self.log(
-                f"warning: overfitting: validation loss rose for {OVERFIT_EVALS} evaluations while training "
-                f"loss fell; the model ({self.n_params:,} parameters) is memorising its "
-                f"{self.split_record.tokens['train']:,} training tokens. What usually helps: a smaller "
-                "model (--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping "
-                f"keeps the best model (step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})."
-            )
 
     def save_last(self, rank_rng: list[torch.Tensor] | None = None) -> None:
         save_torch(self.files.last_checkpoint, trainer_state(self, rank_rng))

@@ -66,8 +66,9 @@ def form_configs(data_path: str, tokenizer: str, model_type: str, preset: str,
     trained = {key: _number(key, v) for key, v in zip(TRAIN_FIELDS.values(), train_values, strict=True)}
     model = {k: v for k, v in model.items() if v is not None}
     data = (data_path or "").strip() or None
+    # No samples during training (the page shows none): a run asks for them in its recipe or the CLI.
     return preset_configs(preset, {**model, "model_type": model_type},
-                          {**trained, "tokenizer": tokenizer, "data": data})
+                          {"sample_interval": 0, **trained, "tokenizer": tokenizer, "data": data})
 
 
 def form_run_dir(runs_dir: str, name: str, config: TrainConfig, model_type: str) -> Path:
