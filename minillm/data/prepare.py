@@ -10,7 +10,9 @@ File names come from minillm.run_folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,9 @@ from minillm.run_folder import RunFolder
 from minillm.tokenizers import Tokenizer, import_tokenizer, save_special_tokens, train_tokenizer
 
 LogFn = Callable[[str], None]
+MAX_UNSPELLED_SHARE = 0.01  # an imported tokenizer that cannot spell more of the training text is refused
+HASH_CHUNK_BYTES = 1 << 20  # a data file is hashed a mebibyte at a time
+SHOWN_CHARACTERS = 8  # the characters named in that refusal (or warning), most frequent first
 
 
 def bundled_data_path() -> Path:
@@ -89,6 +94,39 @@ def write_splits(folder: str | Path, task: Task, splits: dict[str, list], tokeni
 
 
 @dataclass
+class Spelling:
+    """What a tokenizer cannot spell of some texts: the characters it drops or maps to its unknown token."""
+
+    missing: Counter[str]  # character -> how often
+    text_bytes: int  # UTF-8 bytes of the texts
+
+    @classmethod
+    def measure(cls, tokenizer: Tokenizer, texts: Iterable[str]) -> Spelling:
+        missing: Counter[str] = Counter()
+        text_bytes = 0
+        for text in texts:
+            text_bytes += _utf8_size(text)
+            if not tokenizer.spells_every_text:
+                missing.update(tokenizer.unspelled(text))
+        return cls(missing, text_bytes)
+
+    @property
+    def unspelled_bytes(self) -> int:
+        return sum(_utf8_size(char) * n for char, n in self.missing.items())
+
+    @property
+    def share(self) -> float:
+        """The share of the texts' bytes that no token spells."""
+        return self.unspelled_bytes / self.text_bytes if self.text_bytes else 0.0
+
+    def characters(self) -> str:
+        """The most frequent missing characters: "'世' x120, '界' x118 and 40 other characters"."""
+        shown = ", ".join(f"{char!r} x{n:,}" for char, n in self.missing.most_common(SHOWN_CHARACTERS))
+        others = len(self.missing) - SHOWN_CHARACTERS
+        return shown + (f" and {others:,} other characters" if others > 0 else "")
+
+
+@dataclass
 class ImportedTokenizer:
     """An existing tokenizer a run uses instead of training one (TrainConfig.tokenizer_file)."""
 
@@ -100,6 +138,21 @@ class ImportedTokenizer:
     def read(cls, path: str | Path) -> ImportedTokenizer:
         tokenizer, added = import_tokenizer(path)
         return cls(tokenizer, added, Path(path).resolve())
+
+    def check_spelling(self, data: SplitData, log: LogFn) -> None:
+        """Refuse a tokenizer that cannot spell more than MAX_UNSPELLED_SHARE of the training text (the model
+        would never see it, and its scores would be of another text); warn when it cannot spell some."""
+        spelling = Spelling.measure(self.tokenizer, data.task.training_texts(data.splits["train"]))
+        if spelling.share > MAX_UNSPELLED_SHARE:
+            raise MiniLLMError(
+                f"tokenizer {self.source} cannot spell {spelling.share:.1%} of the training text of {data.path} "
+                f"(it drops them or maps them to its unknown token): {spelling.characters()}; use a tokenizer "
+                "with byte fallback or a byte-level pre-tokenizer (GPT-2's, Llama's), or train one on the data "
+                "(leave out --tokenizer-file)")
+        if spelling.missing:
+            log(f"warning: tokenizer {self.source} cannot spell {spelling.share:.2%} of the training text "
+                f"({spelling.characters()}): the model never sees them, and bits per byte count each of their "
+                "bytes as 8 bits")
 
 
 def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_vocab_size: int,
@@ -122,8 +175,48 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
                            "add data")
     record = data.record.written(dtype, tokens, {name: len(part) for name, part in data.splits.items()},
                                  str(data.path.resolve()), data.task.separator_ids(tokenizer))
+    record.unspelled = unspelled_bytes(tokenizer, data.task, data.splits)
+    record.source_size, record.source_hash = file_identity(data.path)
     record.save(folder)
     return tokenizer, record
+
+
+def unspelled_bytes(tokenizer: Tokenizer, task: Task, splits: dict[str, list]) -> dict[str, list[int]]:
+    """Split -> [bytes no token spells, bytes of its text], for the splits where any is unspelled (bits per
+    byte count them: evaluation.honest_bits_per_byte)."""
+    if tokenizer.spells_every_text:
+        return {}
+    spellings = {name: Spelling.measure(tokenizer, task.training_texts(samples)) for name, samples in splits.items()}
+    return {name: [s.unspelled_bytes, s.text_bytes] for name, s in spellings.items() if s.missing}
+
+
+def file_identity(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256) of a data file, as split.json records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def data_change(record: SplitRecord) -> str | None:
+    """How the data file of a prepared run differs from what it was when the run was prepared (its size, or
+    its contents), or None when it is the same (or the run recorded neither: an older run)."""
+    if record.source is None or record.source_size is None:
+        return None
+    path = Path(record.source)
+    if not path.is_file():
+        return f"{path} is no longer there"
+    size = path.stat().st_size
+    if size != record.source_size:
+        return f"{path} has changed since the run was prepared ({record.source_size:,} bytes then, {size:,} now)"
+    if record.source_hash is not None and file_identity(path)[1] != record.source_hash:
+        return f"{path} has changed since the run was prepared (same size, other contents)"
+    return None
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def run_task(run_dir: str | Path, encoder_decoder: bool) -> Task:
