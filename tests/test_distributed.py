@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,7 +131,23 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     started = time.monotonic()
     result = run(torchrun(str(tmp_path / "missing.txt"), *TINY, "--out", str(tmp_path / "run")))
     assert result.returncode != 0
-    assert "error: data file not found" in result.stderr
+    assert result.stderr.count("error: data file not found") == 1  # said by rank 0 alone
     assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if "error:" in line)
     assert time.monotonic() - started < TIMEOUT_S  # (it ends; no rank waits in a collective)
     assert not (tmp_path / "run" / "train_config.json").exists()
+
+
+def test_resuming_with_another_number_of_processes_says_the_global_batch_and_keeps_it_when_asked(tmp_path,
+                                                                                                corpus_file,
+                                                                                                reference):
+    """The reference ran as 1 process x 2 accumulation steps x 4 (global batch 8): 2 processes double it unless
+    --grad-accum-steps 1 keeps it, which resume accepts."""
+    changed, kept = (shutil.copytree(reference, tmp_path / name) for name in ("changed", "kept"))
+    more = ["--max-steps", "122", "--eval-interval", "2"]
+    result = run(torchrun(str(corpus_file), *TINY, *more, "--out", str(changed), "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("warning: the global batch changes from 8 sequences (1 process(es) x 4 x 2 accumulation steps) to 16 "
+            "(2 x 4 x 2)" in result.stderr and "--grad-accum-steps 1 keeps it" in result.stderr)
+    result = run(torchrun(str(corpus_file), *TINY, *more, "--grad-accum-steps", "1", "--out", str(kept), "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "global batch changes" not in result.stderr and load_torch(kept / "last.pt")["step"] == 122
