@@ -14,7 +14,7 @@ from conftest import make_corpus, save_llama_style_tokenizer, tiny_configs
 from minillm.checkpoint import load_run
 from minillm.errors import MiniLLMError
 from minillm.export import export_run
-from minillm.generation import stream_text
+from minillm.generation import stream_text, unknown_characters_warning
 from minillm.sampling import SamplingConfig
 from minillm.training import evaluate_run, train
 from minillm.training.evaluation import RAW_BITS_PER_BYTE, honest_bits_per_byte
@@ -121,6 +121,8 @@ def test_bits_per_byte_count_the_bytes_a_tokenizer_cannot_spell(tmp_path):
     result = train_with(tmp_path / "tokenizer.json", data, tmp_path / "run", log=said.append)
     [warning] = [line for line in said if line.startswith("warning:") and "cannot spell" in line]
     assert "'~' x" in warning and "8 bits" in warning
+    # generate warns about such characters in a prompt, as it does for a character tokenizer's unseen ones
+    assert unknown_characters_warning(load_run(tmp_path / "run").tokenizer, "the hill~").startswith("1 character(s)")
     record = json.loads((tmp_path / "run" / "split.json").read_text(encoding="utf-8"))
     unspelled, total = record["unspelled"]["test"]
     assert 0 < unspelled < total / 100
