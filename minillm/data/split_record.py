@@ -73,7 +73,8 @@ def read_split_record(run_dir: str | Path) -> SplitRecord:
             record = None
     if (record is None or record.task not in TASK_NAMES or not isinstance(record.dtype, str) or not record.dtype
             or not isinstance(record.tokens, dict) or not isinstance(record.samples, dict)
-            or not isinstance(record.separator, list)):
+            or not isinstance(record.separator, list) or not isinstance(record.unspelled, dict)
+            or not all(isinstance(v, list) and len(v) == 2 for v in record.unspelled.values())):
         raise MiniLLMError(f"split record {path} is damaged (it needs a task of {TASK_NAMES}, dtype, tokens and "
                            f"samples): {INCOMPLETE_FIX}")
     return record
