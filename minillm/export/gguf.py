@@ -5,7 +5,9 @@ The file holds Llama architecture metadata (Qwen3's, llama.cpp's "qwen3", for a 
 tensors under llama.cpp's names, the tokenizer and the sampling defaults. A byte-level BPE tokenizer (ours,
 GPT-2's) is llama.cpp's "gpt2" model (vocabulary, merges, special ids); a SentencePiece-style one with byte
 fallback (Llama-2's, Mistral's) is its "llama" model (vocabulary, scores that replay the merges in order,
-byte tokens, the space prefix). Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
+byte tokens, the space prefix; checked in llama.cpp by scripts/check_gguf.py --tokenizer-file). llama.cpp
+always adds its space prefix, where a Metaspace pre-tokenizer (Mistral's) adds none before a leading space:
+such a text's first tokens differ there. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
 dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
 (`permute_for_rope`, as llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and
 norms stay float32 whatever --dtype, as llama.cpp expects.
