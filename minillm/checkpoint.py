@@ -105,18 +105,15 @@ def check_finite(state: dict[str, Any], path: str | Path) -> None:
                            "file is damaged; restore it from a copy, or retrain")
 
 
-def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_path: str | Path | None = None,
-                     device: str | torch.device | None = None) -> Run:
-    """Load a model from explicit paths; the config defaults to best_model_config.json beside the weights."""
-    model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
-    config_path = Path(config_path) if config_path else model_path.parent / BEST_CONFIG_FILE
-    tokenizer = load_tokenizer(tokenizer_path)
-    config, meta = read_model_config(config_path)
+def check_tokenizer(config: ModelConfig, meta: dict[str, Any], tokenizer: Tokenizer, tokenizer_path: Path,
+                    model_path: Path) -> None:
+    """Refuse a tokenizer that is not the one the model was trained with: its size and special ids, its kind,
+    and its fingerprint (recorded in best_model_config.json, `meta`), which tells apart two of the same size."""
     check_compatible(config, tokenizer, f" ({model_path} and {tokenizer_path})")
     expected = meta.get("tokenizer_type")
     if expected is not None and expected != tokenizer.kind:
         raise MiniLLMError(
-            f"{config_path} says the model was trained with a {expected!r} tokenizer but {tokenizer_path} "
+            f"the model in {model_path} was trained with a {expected!r} tokenizer but {tokenizer_path} "
             f"is a {tokenizer.kind!r} tokenizer; use the tokenizer.json from the same run"
         )
     expected_fingerprint = meta.get("tokenizer_fingerprint")
@@ -125,6 +122,16 @@ def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_
             f"{tokenizer_path} is not the tokenizer the model in {model_path} was trained with (same kind and "
             "size, other tokens: its fingerprint differs); use the tokenizer.json saved in the same run folder"
         )
+
+
+def load_model_files(model_path: str | Path, tokenizer_path: str | Path, config_path: str | Path | None = None,
+                     device: str | torch.device | None = None) -> Run:
+    """Load a model from explicit paths; the config defaults to best_model_config.json beside the weights."""
+    model_path, tokenizer_path = Path(model_path), Path(tokenizer_path)
+    config_path = Path(config_path) if config_path else model_path.parent / BEST_CONFIG_FILE
+    tokenizer = load_tokenizer(tokenizer_path)
+    config, meta = read_model_config(config_path)
+    check_tokenizer(config, meta, tokenizer, tokenizer_path, model_path)
     device = pick_device(device)
     model = build_model(config)
     state = load_torch(model_path)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -395,6 +396,17 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def error_line(error: BaseException) -> str | None:
+    """The line this process prints for `error`, or None. Under torchrun a user error (a MiniLLMError) is the
+    same on every rank (the same files and options; rank 0's data error is shared with all), so rank 0 alone
+    says it; a rank's own trouble (its disk, its memory) is said by that rank, with its number. Every rank exits
+    with the same status either way (torchrun then reports the failed processes itself)."""
+    rank = os.environ.get("RANK", "0")  # (distributed.rank(), without importing torch for an error line)
+    if rank == "0":
+        return f"error: {describe_error(error)}"
+    return None if isinstance(error, MiniLLMError) else f"error: rank {rank}: {describe_error(error)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
     try:
@@ -406,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a user error, a file or memory problem: one line (a bug keeps its traceback)
         if not is_expected(e):
             raise
-        print(f"error: {describe_error(e)}", file=sys.stderr)
+        if line := error_line(e):
+            print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = " (continue training with the same command plus --resume)" if args.command == "train" else ""

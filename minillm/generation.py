@@ -45,12 +45,15 @@ def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | N
 
 
 def unknown_characters_warning(tokenizer: Tokenizer, text: str) -> str:
-    """A warning when `text` has characters a character-level tokenizer never saw ("" when none)."""
+    """A warning when `text` has characters the run's tokenizer cannot spell ("" when none): a character
+    tokenizer never saw them, or an imported BPE without byte fallback drops them or makes them unknown."""
     unknown = tokenizer.count_unknown(text)
     if not unknown:
         return ""
-    return (f"{unknown} character(s) of the input are not in this run's character vocabulary; they become "
-            "<|unk|> and the model has never seen them")
+    becomes = ("drops them" if tokenizer.unk_id is None else
+               f"makes them its unknown token {tokenizer.token_text(tokenizer.unk_id)}")
+    return (f"{unknown} character(s) of the input are not in this run's vocabulary; the tokenizer {becomes}, and "
+            "the model has never seen them")
 
 
 def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,

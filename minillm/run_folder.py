@@ -74,6 +74,9 @@ class RunFolder:
     """The paths of one run's files (they need not exist yet)."""
 
     def __init__(self, path: str | Path) -> None:
+        if "\0" in str(path):  # the OS would refuse it at the first file, with a bare ValueError
+            raise MiniLLMError(f"the run folder {str(path)!r} has a null byte in its name, which no file name "
+                               "can hold; pick another name")
         self.path = Path(path)
 
     def __repr__(self) -> str:

@@ -5,8 +5,10 @@ Trains a small byte-level BPE run on the bundled Tiny Shakespeare (or uses RUN_D
 the prompt's token ids, the logits of its positions, and the greedy continuation (at least MIN_MATCHING
 tokens must agree; a different token after a near-tie of two logits is reported, not hidden).
 
-Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm]
-(--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3.)
+Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm] [--tokenizer-file PATH]
+(--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3;
+--tokenizer-file trains it with that tokenizer.json: a Llama-2 or Mistral one exports as llama.cpp's
+SentencePiece "llama" tokenizer.)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=40, help="greedy tokens to compare")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the export's weights")
     parser.add_argument("--qk-norm", action="store_true", help="train the run with QK-norm (llama.cpp's qwen3)")
+    parser.add_argument("--tokenizer-file", help="train the run with this tokenizer.json (e.g. a Llama-2 one)")
     args = parser.parse_args()
     try:
         from llama_cpp import GGML_TYPE_F32, Llama
@@ -50,7 +53,7 @@ def main() -> int:
     if run_dir is None:
         run_dir = work / "run"
         model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm},
-                                                    CHECK_RUN["train"])
+                                                    {**CHECK_RUN["train"], "tokenizer_file": args.tokenizer_file})
         print(f"training a small BPE run into {run_dir} ...", flush=True)
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     path = export_run(run_dir, "gguf", work / "model.gguf", dtype=args.dtype)
@@ -65,7 +68,8 @@ def main() -> int:
     print(f"prompt {PROMPT!r}: {len(ours_ids)} ids; llama.cpp's tokenizer gives the same ids: {their_ids == ours_ids}")
     mixed = run.tokenizer.encode(MIXED_TEXT)
     same_mixed = llm.tokenize(MIXED_TEXT.encode("utf-8"), add_bos=False, special=False) == mixed
-    round_trip = llm.detokenize(mixed).decode("utf-8") == MIXED_TEXT
+    # BOS first, as the model reads text (llama.cpp's SentencePiece keeps its space prefix without it).
+    round_trip = llm.detokenize([run.tokenizer.bos_id, *mixed]).decode("utf-8") == MIXED_TEXT
     print(f"mixed Unicode text ({len(mixed)} ids): same ids {same_mixed}, llama.cpp decodes it back {round_trip}")
 
     llm.reset()

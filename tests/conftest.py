@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import random
 from pathlib import Path
@@ -55,6 +56,49 @@ def save_gpt2_style_tokenizer(path: Path, texts: list[str], vocab_size: int = 40
     hf.add_special_tokens(["<|endoftext|>"])
     path.parent.mkdir(parents=True, exist_ok=True)
     hf.save(str(path))
+    return path
+
+
+SENTENCEPIECE_SPACE = "\u2581"
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+
+
+def save_llama_style_tokenizer(path: Path, texts: list[str], vocab_size: int = 400, alphabet: int = 40,
+                               style: str = "llama2") -> Path:
+    """A BPE tokenizer.json laid out like Llama-2's (style "llama2": a Prepend + Replace normaliser that writes
+    spaces as "▁") or Mistral's ("metaspace": a Metaspace pre-tokenizer): <unk>, <s>, </s> at 0, 1, 2, the 256
+    byte-fallback tokens <0x00>..<0xFF> after them, then merges learned from `texts` on at most `alphabet`
+    characters (the others are spelled by their bytes), and BOS added in front. Built with `tokenizers` itself."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    learner = HFTokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SENTENCEPIECE_SPACE, prepend_scheme="always")
+    learner.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *BYTE_TOKENS], limit_alphabet=alphabet,
+        show_progress=False))
+    raw = json.loads(learner.to_str())
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    raw["model"].update(byte_fallback=True, fuse_unk=True, unk_token="<unk>")
+    metaspace = {"type": "Metaspace", "replacement": SENTENCEPIECE_SPACE, "prepend_scheme": "first", "split": False}
+    if style == "llama2":
+        raw["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": SENTENCEPIECE_SPACE},
+            {"type": "Replace", "pattern": {"String": " "}, "content": SENTENCEPIECE_SPACE}]}
+        raw["pre_tokenizer"] = None
+        first = [{"type": "Replace", "pattern": {"String": SENTENCEPIECE_SPACE}, "content": " "}]
+        last = [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
+    else:
+        raw["normalizer"], raw["pre_tokenizer"] = None, metaspace
+        first, last = [metaspace], []
+    raw["decoder"] = {"type": "Sequence", "decoders": [*first, {"type": "ByteFallback"}, {"type": "Fuse"}, *last]}
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    raw["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    HFTokenizer.from_str(json.dumps(raw)).save(str(path))
     return path
 
 

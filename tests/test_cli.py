@@ -559,3 +559,14 @@ def test_a_tokenizer_file_that_is_not_a_tokenizer_is_one_clear_error(tmp_path, c
     code = main(["train", str(corpus_file), *TINY, "--out", str(tmp_path / "run"), "--tokenizer-file", str(path)])
     assert_one_line_error(capsys, code, needle, str(path))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_during_training_starts_a_line_of_its_own_after_the_progress_bar(tmp_path, corpus_file, capsys):
+    # An absurd learning rate (and no clipping) diverges at the first evaluation, with the progress bar on.
+    code = main(["train", str(corpus_file), "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "10",
+                 "--eval-interval", "2", "--learning-rate", "1e8", "--min-lr", "0", "--warmup-steps", "0",
+                 "--grad-clip", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training:" in err  # (the bar was drawn)
+    before, error, after = err.partition("error: training diverged")
+    assert error and before.endswith("\n") and after.count("\n") == 1 and after.endswith("\n"), err[-600:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     started = time.monotonic()
     result = run(torchrun(tmp_path / "logs", str(tmp_path / "missing.txt"), *TINY, "--out", str(tmp_path / "run")))
     assert result.returncode != 0
-    assert "error: data file not found" in result.stderr
+    assert result.stderr.count("error: data file not found") == 1  # said by rank 0 alone
     assert "Traceback" not in "".join(line for line in result.stderr.splitlines(True) if "error:" in line)
     assert time.monotonic() - started < TIMEOUT_S  # (it ends; no rank waits in a collective)
     assert not (tmp_path / "run" / "train_config.json").exists()
@@ -207,3 +208,22 @@ def test_leaving_the_process_group_stops_its_threads(tmp_path):
     logs = tmp_path / "logs"
     result = run(torchrun(logs, program=(str(script),)))
     assert result.returncode == 0, outputs(result, logs)
+
+
+def test_resuming_with_another_number_of_processes_says_the_global_batch_and_keeps_it_when_asked(tmp_path,
+                                                                                                corpus_file,
+                                                                                                reference):
+    """The reference ran as 1 process x 4 accumulation steps x 2 (global batch 8): 2 processes double it unless
+    --grad-accum-steps 2 keeps it, which resume accepts."""
+    changed, kept = (shutil.copytree(reference, tmp_path / name) for name in ("changed", "kept"))
+    more = ["--max-steps", "42", "--eval-interval", "2"]
+    logs = tmp_path / "logs"
+    result = run(torchrun(logs / "changed", str(corpus_file), *TINY, *REFERENCE_ACCUMULATION, *more, "--out",
+                          str(changed), "--resume"))
+    assert result.returncode == 0, outputs(result, logs / "changed")
+    assert ("warning: the global batch changes from 8 sequences (1 process(es) x 2 x 4 accumulation steps) to 16 "
+            "(2 x 2 x 4)" in result.stderr and "--grad-accum-steps 2 keeps it" in result.stderr)
+    result = run(torchrun(logs / "kept", str(corpus_file), *TINY, *more, *ACCUMULATION, "--out", str(kept),
+                          "--resume"))
+    assert result.returncode == 0, outputs(result, logs / "kept")
+    assert "global batch changes" not in result.stderr and load_torch(kept / "last.pt")["step"] == 42

@@ -5,10 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import subprocess
+import sys
 import unicodedata
 
 import pytest
-from conftest import import_dev_dependency, save_gpt2_style_tokenizer
+from conftest import import_dev_dependency, save_gpt2_style_tokenizer, save_llama_style_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,7 +135,7 @@ def test_char_token_bytes_add_up_to_the_texts_utf8(char, data):
     text = data.draw(st.text(alphabet=st.sampled_from(char.alphabet)))
     table = char.token_bytes()
     assert b"".join(table[i] for i in char.encode(text, add_special_tokens=True)) == text.encode("utf-8")
-    assert table[char.unk_id] == "\N{REPLACEMENT CHARACTER}".encode()
+    assert table[char.unk_id] == b""  # it spells no character of the text (bits per byte count those apart)
 
 
 @FAST
@@ -478,3 +480,104 @@ def test_bpe_refuses_lone_surrogates_clearly(bpe):
         bpe.encode("a\ud800b")
     with pytest.raises(MiniLLMError, match="lone surrogate"):
         bpe.encode_batch(["ok", "a\udfffb"])
+
+
+def test_a_failure_that_is_not_a_surrogate_is_reported_as_what_it_is(tmp_path):
+    """The Rust library calls every failure to read a str "must be str": under a memory limit, valid text is
+    out of memory, not a lone surrogate (a real limit, in a process of its own)."""
+    script = """
+import resource
+from minillm.errors import MiniLLMError
+from minillm.tokenizers import BPETokenizer
+tok = BPETokenizer.train(["h\u00e9llo w\u00f6rld " * 100], vocab_size=300)
+text = "\u00e9" * 30_000_000  # 30 MB as a str, 60 MB more once copied as UTF-8
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 20 * 2**20, size + 20 * 2**20))
+for encode in (tok.encode, lambda t: tok.encode_batch(["ok", t])):
+    try:
+        encode(text)
+    except MiniLLMError as e:
+        print(e)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    for line in lines:
+        assert "out of memory while tokenizing" in line and "surrogate" not in line
+
+
+# --- imported tokenizers that spell text otherwise ------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["llama2", "metaspace"])
+def llama_style(request, tmp_path_factory) -> BPETokenizer:
+    path = save_llama_style_tokenizer(tmp_path_factory.mktemp(request.param) / "tokenizer.json", TRAIN_TEXTS,
+                                      style=request.param)
+    return import_tokenizer(path)[0]
+
+
+@FAST
+@given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\u2581")))
+def test_a_llama_style_tokenizer_spells_any_text_in_its_token_bytes(llama_style, text):
+    """Bits per byte count what the tokens spell: "▁" is a space, <0xNN> the byte NN (no KeyError), and the
+    space these tokenizers put before a text (SentencePiece's dummy prefix) is spelled too. (Any text but one
+    holding "▁" itself: these tokenizers write a space as "▁", so a "▁" in the text reads back as a space, in
+    SentencePiece as here.)"""
+    table = llama_style.token_bytes()
+    ids = llama_style.encode(text)
+    spelled = b"".join(table[i] for i in ids)
+    assert spelled in (text.encode("utf-8"), b" " + text.encode("utf-8"))  # (no prefix before a space in Mistral's)
+    decoded = llama_style.decode(ids)  # (Mistral's decoder drops the space a text begins with: its way, kept)
+    assert decoded in (text, text.removeprefix(" ")) and not llama_style.unspelled(text)
+    assert "".join(filter(None, map(llama_style.decode_stream().step, ids))) == decoded
+
+
+def test_a_llama_style_tokenizer_falls_back_to_bytes(llama_style):
+    assert llama_style.spells_every_text and llama_style.role_tokens()["bos"] == ("<s>", 1)
+    ids = llama_style.encode("🦀")  # (not in its training text)
+    assert [llama_style.token_text(i) for i in ids][-4:] == ["<0xF0>", "<0x9F>", "<0xA6>", "<0x80>"]
+
+
+def word_level_bpe(path, with_unknown: bool):
+    """A BPE that splits on whitespace and knows only the characters of its training text: no byte fallback,
+    no byte level. With an unknown token, other characters become it; without, they are dropped."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>") if with_unknown else models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(["the cat sees the moon"] * 20, trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False))
+    hf.save(str(path))
+    return import_tokenizer(path)[0]
+
+
+@pytest.mark.parametrize("with_unknown", [True, False])
+def test_what_a_tokenizer_cannot_spell_is_counted(tmp_path, char, with_unknown):
+    tok = word_level_bpe(tmp_path / "tokenizer.json", with_unknown)
+    assert not tok.spells_every_text
+    text = "the cat sees 世界, the moon"
+    # Spaces are split away, and 世, 界 and "," are not in its alphabet.
+    assert tok.unspelled(text) == {" ": 5, "世": 1, "界": 1, ",": 1}
+    assert tok.count_unknown(text) == 8
+    table = tok.token_bytes()
+    spelled = b"".join(table[i] for i in tok.encode(text))
+    assert spelled == b"thecatseesthemoon" and (not with_unknown or table[tok.unk_id] == b"")
+    assert char.unspelled("héllo ∑ 🦀 x") == {"∑": 1, "🦀": 1}
+
+
+def test_bpe_dropout_is_turned_off_when_a_tokenizer_is_loaded(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = save_gpt2_style_tokenizer(tmp_path / "gpt2" / "tokenizer.json", TRAIN_TEXTS)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["model"]["dropout"] = 0.5
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    with_dropout = HFTokenizer.from_file(str(path))
+    text = TRAIN_TEXTS[0] * 3
+    assert len({tuple(with_dropout.encode(text).ids) for _ in range(10)}) > 1  # as written: random merges
+    tok, _ = import_tokenizer(path)
+    assert len({tuple(tok.encode(text)) for _ in range(10)}) == 1
+    assert len(tok.encode(text)) < len(with_dropout.encode(text).ids)  # every merge, as without dropout
+    assert tok.notes and "dropout 0.5" in tok.notes[0] and "turned off" in tok.notes[0]
+    tok.save(tmp_path / "tokenizer.json")  # the run's copy
+    assert json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))["model"]["dropout"] is None

@@ -538,3 +538,14 @@ def test_encoder_decoder_page_shows_the_source_first_and_the_prefix_as_optional(
     # Loading a decoder-only run turns the box back into the prompt and hides the source.
     out = Tab(page).load(make_run(tmp_path / "plain"))
     assert out["prompt"]["label"] == "Prompt" and out["source"]["visible"] is False
+
+
+def test_a_seed_is_the_number_typed_or_refused_with_its_bounds():
+    """Through a float, 9007199254740993 (2**53 + 1) became 9007199254740992: another seed than the one shown."""
+    from minillm.errors import MiniLLMError
+
+    for typed in ("9007199254740993", " 9223372036854775807 ", "0", "42"):
+        assert generate_tab.form_sampling(10, 0.8, 50, 1.0, 1.0, typed).seed == int(typed)
+    with pytest.raises(MiniLLMError, match="seed must be a whole number from 0 to 9,223,372,036,854,775,807"):
+        generate_tab.form_sampling(10, 0.8, 50, 1.0, 1.0, "9223372036854775808")
+    assert generate_tab.form_sampling(10, 0.8, 50, 1.0, 1.0, "").seed is None

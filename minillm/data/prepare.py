@@ -10,8 +10,10 @@ File names come from minillm.run_folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 from minillm.config import ModelConfig, TrainConfig
 from minillm.data.batches import Batches
 from minillm.data.corpus import split_data
-from minillm.data.sources import describe_samples, load_samples
+from minillm.data.sources import data_files, describe_samples, load_samples
 from minillm.data.split_record import SplitRecord, read_split_record
 from minillm.data.streams import token_dtype
 from minillm.data.tasks import Task, task_for
@@ -28,6 +30,9 @@ from minillm.run_folder import RunFolder
 from minillm.tokenizers import Tokenizer, import_tokenizer, save_special_tokens, train_tokenizer
 
 LogFn = Callable[[str], None]
+MAX_UNSPELLED_SHARE = 0.01  # an imported tokenizer that cannot spell more of the training text is refused
+HASH_CHUNK_BYTES = 1 << 20  # a data file is hashed a mebibyte at a time
+SHOWN_CHARACTERS = 8  # the characters named in that refusal (or warning), most frequent first
 
 
 def bundled_data_path() -> Path:
@@ -48,6 +53,7 @@ class SplitData:
     splits: dict[str, list]  # split name -> samples (texts, or (source, target) pairs)
     record: SplitRecord  # what split.json records about the split itself (the rest is filled in by write_data)
     source: str = ""  # what split.json records as the data's source (data.sources.data_label)
+    files: list[Path] = field(default_factory=list)  # the files it was read from (data.sources.data_files)
 
 
 def read_data(config: TrainConfig, encoder_decoder: bool, log: LogFn) -> SplitData:
@@ -69,7 +75,8 @@ def read_data(config: TrainConfig, encoder_decoder: bool, log: LogFn) -> SplitDa
             f"train/val/test stretches instead of by sample")
     task = task_for(loaded.task, encoder_decoder)
     task.check_training_split(splits["train"], path)
-    return SplitData(path=path, task=task, splits=splits, record=record, source=loaded.label)
+    return SplitData(path=path, task=task, splits=splits, record=record, source=loaded.label,
+                     files=data_files(config.data or str(bundled_data_path())))
 
 
 def write_splits(folder: str | Path, task: Task, splits: dict[str, list], tokenizer: Tokenizer, contiguous: bool,
@@ -91,6 +98,39 @@ def write_splits(folder: str | Path, task: Task, splits: dict[str, list], tokeni
 
 
 @dataclass
+class Spelling:
+    """What a tokenizer cannot spell of some texts: the characters it drops or maps to its unknown token."""
+
+    missing: Counter[str]  # character -> how often
+    text_bytes: int  # UTF-8 bytes of the texts
+
+    @classmethod
+    def measure(cls, tokenizer: Tokenizer, texts: Iterable[str]) -> Spelling:
+        missing: Counter[str] = Counter()
+        text_bytes = 0
+        for text in texts:
+            text_bytes += _utf8_size(text)
+            if not tokenizer.spells_every_text:
+                missing.update(tokenizer.unspelled(text))
+        return cls(missing, text_bytes)
+
+    @property
+    def unspelled_bytes(self) -> int:
+        return sum(_utf8_size(char) * n for char, n in self.missing.items())
+
+    @property
+    def share(self) -> float:
+        """The share of the texts' bytes that no token spells."""
+        return self.unspelled_bytes / self.text_bytes if self.text_bytes else 0.0
+
+    def characters(self) -> str:
+        """The most frequent missing characters: "'世' x120, '界' x118 and 40 other characters"."""
+        shown = ", ".join(f"{char!r} x{n:,}" for char, n in self.missing.most_common(SHOWN_CHARACTERS))
+        others = len(self.missing) - SHOWN_CHARACTERS
+        return shown + (f" and {others:,} other characters" if others > 0 else "")
+
+
+@dataclass
 class ImportedTokenizer:
     """An existing tokenizer a run uses instead of training one (TrainConfig.tokenizer_file)."""
 
@@ -102,6 +142,21 @@ class ImportedTokenizer:
     def read(cls, path: str | Path) -> ImportedTokenizer:
         tokenizer, added = import_tokenizer(path)
         return cls(tokenizer, added, Path(path).resolve())
+
+    def check_spelling(self, data: SplitData, log: LogFn) -> None:
+        """Refuse a tokenizer that cannot spell more than MAX_UNSPELLED_SHARE of the training text (the model
+        would never see it, and its scores would be of another text); warn when it cannot spell some."""
+        spelling = Spelling.measure(self.tokenizer, data.task.training_texts(data.splits["train"]))
+        if spelling.share > MAX_UNSPELLED_SHARE:
+            raise MiniLLMError(
+                f"tokenizer {self.source} cannot spell {spelling.share:.1%} of the training text of {data.path} "
+                f"(it drops them or maps them to its unknown token): {spelling.characters()}; use a tokenizer "
+                "with byte fallback or a byte-level pre-tokenizer (GPT-2's, Llama's), or train one on the data "
+                "(leave out --tokenizer-file)")
+        if spelling.missing:
+            log(f"warning: tokenizer {self.source} cannot spell {spelling.share:.2%} of the training text "
+                f"({spelling.characters()}): the model never sees them, and bits per byte count each of their "
+                "bytes as 8 bits")
 
 
 def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_vocab_size: int,
@@ -124,8 +179,55 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
                            "add data")
     record = data.record.written(dtype, tokens, {name: len(part) for name, part in data.splits.items()},
                                  data.source or str(data.path.resolve()), data.task.separator_ids(tokenizer))
+    record.unspelled = unspelled_bytes(tokenizer, data.task, data.splits)
+    record.source_size, record.source_hash = data_identity(data.files)
     record.save(folder)
     return tokenizer, record
+
+
+def unspelled_bytes(tokenizer: Tokenizer, task: Task, splits: dict[str, list]) -> dict[str, list[int]]:
+    """Split -> [bytes no token spells, bytes of its text], for the splits where any is unspelled (bits per
+    byte count them: evaluation.honest_bits_per_byte)."""
+    if tokenizer.spells_every_text:
+        return {}
+    spellings = {name: Spelling.measure(tokenizer, task.training_texts(samples)) for name, samples in splits.items()}
+    return {name: [s.unspelled_bytes, s.text_bytes] for name, s in spellings.items() if s.missing}
+
+
+def data_identity(files: list[Path]) -> tuple[int, str]:
+    """(size in bytes, sha256) of a run's data files (a save_to_disk folder: every file in it), in order, as
+    split.json records them."""
+    digest, size = hashlib.sha256(), 0
+    for path in files:
+        for part in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            digest.update(f"{part.relative_to(path) if path.is_dir() else part.name}\n".encode())
+            size += part.stat().st_size
+            with open(part, "rb") as f:
+                while chunk := f.read(HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+    return size, digest.hexdigest()
+
+
+def data_change(record: SplitRecord, data: str | list[str] | None) -> str | None:
+    """How the data (TrainConfig.data) of a prepared run differs from what it was when the run was prepared
+    (its size, or its contents), or None when it is the same (or the run recorded neither: an older run)."""
+    if record.source is None or record.source_size is None:
+        return None
+    try:
+        files = data_files(data or str(bundled_data_path()))
+    except MiniLLMError:
+        return f"{record.source} is no longer there"
+    size, digest = data_identity(files)
+    if size != record.source_size:
+        return (f"{record.source} has changed since the run was prepared ({record.source_size:,} bytes then, "
+                f"{size:,} now)")
+    if record.source_hash is not None and digest != record.source_hash:
+        return f"{record.source} has changed since the run was prepared (same size, other contents)"
+    return None
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def run_task(run_dir: str | Path, encoder_decoder: bool) -> Task:

@@ -34,12 +34,21 @@ class SplitRecord:
     indices: dict[str, list[int]] | None = None  # a split by sample: the val and test samples' indices
     chars: dict[str, int] | None = None  # a contiguous split: the characters of each split
     separator: list[int] = field(default_factory=list)  # pairs: the token ids between a prompt and its answer
+    # split -> [bytes of its text that no token spells, bytes of its text]: splits where any is unspelled
+    unspelled: dict[str, list[int]] = field(default_factory=dict)
+    source_size: int | None = None  # the data file's size in bytes when the run was prepared
+    source_hash: str | None = None  # ... and its sha256 (resume says when the file has changed since)
 
     def written(self, dtype: str, tokens: dict[str, int], samples: dict[str, int], source: str,
                 separator: list[int]) -> SplitRecord:
         """This record with what writing the splits made."""
         return dataclasses.replace(self, dtype=dtype, tokens=tokens, samples=samples, source=source,
                                    separator=separator)
+
+    def unspelled_share(self, split: str) -> float:
+        """The share of a split's text bytes that no token of the run's tokenizer spells (0.0: none)."""
+        unspelled, total = self.unspelled.get(split, (0, 0))
+        return unspelled / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -64,7 +73,8 @@ def read_split_record(run_dir: str | Path) -> SplitRecord:
             record = None
     if (record is None or record.task not in TASK_NAMES or not isinstance(record.dtype, str) or not record.dtype
             or not isinstance(record.tokens, dict) or not isinstance(record.samples, dict)
-            or not isinstance(record.separator, list)):
+            or not isinstance(record.separator, list) or not isinstance(record.unspelled, dict)
+            or not all(isinstance(v, list) and len(v) == 2 for v in record.unspelled.values())):
         raise MiniLLMError(f"split record {path} is damaged (it needs a task of {TASK_NAMES}, dtype, tokens and "
                            f"samples): {INCOMPLETE_FIX}")
     return record

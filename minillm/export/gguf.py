@@ -1,9 +1,13 @@
-"""Export a decoder-only run with a byte-level BPE tokenizer as one GGUF file for llama.cpp (and the tools
-built on it: Ollama, LM Studio), written with the `gguf` package that llama.cpp publishes.
+"""Export a decoder-only BPE run as one GGUF file for llama.cpp (and the tools built on it: Ollama, LM
+Studio), written with the `gguf` package that llama.cpp publishes.
 
 The file holds Llama architecture metadata (Qwen3's, llama.cpp's "qwen3", for a run with QK-norm), the
-tensors under llama.cpp's names, the tokenizer as its "gpt2" model (byte-level vocabulary, merges, special
-ids) and the sampling defaults. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
+tensors under llama.cpp's names, the tokenizer and the sampling defaults. A byte-level BPE tokenizer (ours,
+GPT-2's) is llama.cpp's "gpt2" model (vocabulary, merges, special ids); a SentencePiece-style one with byte
+fallback (Llama-2's, Mistral's) is its "llama" model (vocabulary, scores that replay the merges in order,
+byte tokens, the space prefix; checked in llama.cpp by scripts/check_gguf.py --tokenizer-file). llama.cpp
+always adds its space prefix, where a Metaspace pre-tokenizer (Mistral's) adds none before a leading space:
+such a text's first tokens differ there. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
 dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
 (`permute_for_rope`, as llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and
 norms stay float32 whatever --dtype, as llama.cpp expects.
@@ -23,12 +27,15 @@ from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
 from minillm.files import reporting_full_disk
 from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
+from minillm.tokenizers.spelling import BYTE_ALPHABET_SIZE, BYTE_TOKEN, SENTENCEPIECE_SPACE, space_marker, steps
 from minillm.version import LICENSE, __version__
 
 # llama.cpp's architectures that rotate adjacent pairs (its "normal" RoPE), for which q and k are permuted.
 PAIRWISE_ROPE = ("llama",)
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's byte-level BPE
 PRE_TOKENIZER = "gpt-2"  # GPT-2's split regex: what pre_tokenizers.ByteLevel(use_regex=True) applies
+SENTENCEPIECE_MODEL = "llama"  # llama.cpp's SentencePiece tokenizer (merges by score, byte fallback)
+UNMERGED_SCORE = -1e9  # a multi-character token no merge makes: llama.cpp's "llama" model must never merge into it
 EXPORT_KEY = "minillm.version"  # the marker of a Mini LLM export (llama.cpp ignores keys it does not know)
 GGUF_MAGIC = b"GGUF"
 # Our names -> llama.cpp's ({i}: the layer).
@@ -97,11 +104,37 @@ def byte_level_refusal(tokenizer_json: dict[str, Any]) -> str | None:
     byte_level = (model.get("type") == "BPE" and tokenizer_json.get("normalizer") is None
                   and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space", False)
                   and pre.get("use_regex", True))
-    if not byte_level:
-        return ("its tokenizer is not GPT-2-style byte-level BPE (no normalizer, a ByteLevel pre-tokenizer with "
-                "GPT-2's split), the one kind llama.cpp's 'gpt2' tokenizer is known to reproduce here; "
-                "export --format hf, or train with --tokenizer bpe")
+    if not byte_level and not is_sentencepiece_style(tokenizer_json):
+        return ("its tokenizer is neither GPT-2-style byte-level BPE (no normalizer, a ByteLevel pre-tokenizer "
+                "with GPT-2's split) nor SentencePiece-style BPE with byte fallback (Llama-2's, Mistral's), the "
+                "kinds llama.cpp's 'gpt2' and 'llama' tokenizers reproduce; export --format hf, or train with "
+                "--tokenizer bpe")
     return None
+
+
+def is_sentencepiece_style(tokenizer_json: dict[str, Any]) -> bool:
+    """A BPE that writes the space as "▁" and falls back to <0x00>..<0xFF> (Llama-2, Mistral): what llama.cpp's
+    "llama" tokenizer model does, with nothing else in its pipeline (no ByteLevel, no other normalizer)."""
+    model = tokenizer_json.get("model") or {}
+    vocab = model.get("vocab") or {}
+    normalizers = [step.get("type") for step in steps(tokenizer_json.get("normalizer"))]
+    pre = [step.get("type") for step in steps(tokenizer_json.get("pre_tokenizer"))]
+    return (model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+            and space_marker(tokenizer_json) == SENTENCEPIECE_SPACE
+            and all(f"<0x{b:02X}>" in vocab for b in range(BYTE_ALPHABET_SIZE))
+            and set(normalizers) <= {"Prepend", "Replace"} and set(pre) <= {"Metaspace"})
+
+
+def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" before the text (Llama-2's Prepend normalizer, or a
+    Metaspace pre-tokenizer that prepends): llama.cpp's add_space_prefix."""
+    for step in steps(tokenizer_json.get("normalizer")):
+        if step.get("type") == "Prepend":
+            return True
+    for step in steps(tokenizer_json.get("pre_tokenizer")):
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return False
 
 
 def gguf_refusal(run: Run) -> str | None:
@@ -126,6 +159,51 @@ def vocabulary(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[st
     return tokens, types, merges
 
 
+def merge_scores(tokenizer_json: dict[str, Any], tokens: list[str]) -> list[float]:
+    """llama.cpp's "llama" scores for a BPE tokenizer.json: it merges the adjacent pair whose joined token
+    scores highest, so a merge's token scores minus one more than its rank (the first merge highest, below
+    the single characters and bytes, which score 0), and the merges replay in their order. A longer token that
+    no merge makes scores UNMERGED_SCORE: never merged into."""
+    rank: dict[str, int] = {}
+    for n, merge in enumerate(tokenizer_json["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, n)
+    return [-float(rank[token] + 1) if token in rank else 0.0 if len(token) == 1 or BYTE_TOKEN.fullmatch(token)
+            else UNMERGED_SCORE for token in tokens]
+
+
+def add_tokenizer(writer: Any, run: Run) -> None:
+    """The run's tokenizer, as llama.cpp's "gpt2" model (byte level) or its "llama" model (SentencePiece style)."""
+    (gguf,) = require("gguf")
+    c = run.config
+    tokenizer_json = run.tokenizer.hugging_face_json()
+    tokens, types, merges = vocabulary(tokenizer_json, c.vocab_size)
+    if is_sentencepiece_style(tokenizer_json):
+        unknown = tokenizer_json["model"].get("unk_token")
+        for token_id, token in enumerate(tokens):
+            if BYTE_TOKEN.fullmatch(token) and types[token_id] == gguf.TokenType.NORMAL:
+                types[token_id] = int(gguf.TokenType.BYTE)
+            elif token == unknown:
+                types[token_id] = int(gguf.TokenType.UNKNOWN)
+                writer.add_unk_token_id(token_id)
+        writer.add_tokenizer_model(SENTENCEPIECE_MODEL)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(merge_scores(tokenizer_json, tokens))
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(adds_space_prefix(tokenizer_json))
+    else:
+        writer.add_tokenizer_model(TOKENIZER_MODEL)
+        writer.add_tokenizer_pre(PRE_TOKENIZER)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+    writer.add_bos_token_id(c.bos_id)
+    writer.add_eos_token_id(c.eos_id)
+    writer.add_pad_token_id(c.pad_id)
+    writer.add_add_bos_token(True)  # samples began with BOS in training
+    writer.add_add_eos_token(False)
+
+
 def write_gguf(run: Run, out: Path, dtype: str) -> None:
     """Write the GGUF file `out`: metadata, tokenizer, sampling defaults, then the tensors."""
     (gguf,) = require("gguf")
@@ -145,17 +223,7 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
-    tokens, types, merges = vocabulary(run.tokenizer.hugging_face_json(), c.vocab_size)
-    writer.add_tokenizer_model(TOKENIZER_MODEL)
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(c.bos_id)
-    writer.add_eos_token_id(c.eos_id)
-    writer.add_pad_token_id(c.pad_id)
-    writer.add_add_bos_token(True)  # samples began with BOS in training
-    writer.add_add_eos_token(False)
+    add_tokenizer(writer, run)
     defaults = SamplingConfig()
     writer.add_sampling_temp(defaults.temperature)
     writer.add_sampling_top_k(defaults.top_k)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +53,13 @@ class Tokenizer(ABC):
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
     unk_id: int | None = None
+    spells_every_text: bool = True  # no text loses a character (see unspelled)
+    notes: tuple[str, ...] = ()  # what loading changed in the file, to tell the user (e.g. BPE dropout off)
+
+    def noting(self, notes: Iterable[str]) -> Tokenizer:
+        """This tokenizer, with `notes` about how it was loaded."""
+        self.notes = (*self.notes, *notes)
+        return self
 
     @classmethod
     def planned_vocab_size(cls, vocab_size: int) -> int:
@@ -88,13 +96,20 @@ class Tokenizer(ABC):
     def token_bytes(self) -> list[bytes]:
         """The UTF-8 bytes that each id stands for (b"" for pad/bos/eos), indexed by id.
 
-        Decoding whole texts, the bytes of their tokens add up to the text's UTF-8 bytes: this is what
-        bits per byte are counted against (a BPE token may hold part of a character).
+        Decoding whole texts, the bytes of their tokens add up to the text's UTF-8 bytes, less those of the
+        characters it cannot spell (`unspelled`: the unknown token spells b""): this is what bits per byte
+        are counted against (a BPE token may hold part of a character). A SentencePiece-style tokenizer
+        that puts a space before each text (its dummy prefix) spells that space too.
         """
 
+    def unspelled(self, text: str) -> Counter[str]:
+        """The characters of `text` that no token spells (the tokenizer drops them or encodes them as its
+        unknown token), counted. Empty when the tokenizer spells every text."""
+        return Counter()
+
     def count_unknown(self, text: str) -> int:
-        """How many characters of `text` this tokenizer cannot represent (they encode as unk_id)."""
-        return 0
+        """How many characters of `text` this tokenizer cannot represent (dropped, or encoded as unk_id)."""
+        return sum(self.unspelled(text).values())
 
     def fingerprint(self) -> str:
         """A short hash of what the tokenizer maps (kind, vocabulary, merges), not of how its file is

@@ -1,8 +1,11 @@
 """Byte-level BPE, trained and run by Hugging Face `tokenizers` (Rust).
 
 Byte level means the base alphabet is the 256 byte values, so any Unicode text round-trips exactly and
-there is no unknown token. The saved tokenizer.json is that library's own format: it loads with
-`tokenizers.Tokenizer.from_file(path)` and `transformers.PreTrainedTokenizerFast(tokenizer_file=path)`.
+there is no unknown token. An imported tokenizer.json may spell text otherwise (SentencePiece style with byte
+fallback, as Llama-2's and Mistral's; or plain text, which may drop characters): spelling.py reads how, for
+bits per byte, and `unspelled` measures what a text loses.
+The saved tokenizer.json is that library's own format: it loads with `tokenizers.Tokenizer.from_file(path)`
+and `transformers.PreTrainedTokenizerFast(tokenizer_file=path)`.
 Those loaders treat a special-token spelling in the text ("<|eos|>") as the special token (their
 convention); pass `split_special_tokens=True` to transformers, or set `tok.encode_special_tokens = True`
 on a `tokenizers.Tokenizer`, to get exactly the ids this class gives.
@@ -13,6 +16,8 @@ This is the only module that imports Hugging Face `tokenizers` (our sub-package 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,10 @@ from minillm.tokenizers.base import (
     require_text,
     tokenizer_file,
 )
+from minillm.tokenizers.spelling import BYTE_ALPHABET_SIZE, spells_every_text, token_bytes_table
 
-BYTE_ALPHABET_SIZE = 256
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+UNCOVERED = re.compile(b"\x00+")  # runs of characters no token spells (see unspelled)
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
 
 
@@ -62,9 +69,14 @@ class BPETokenizer(Tokenizer):
         self._hf_special = HFTokenizer.from_str(json_str)
         self._hf_special.encode_special_tokens = False
         # Ids need not be dense in a foreign file: the model needs a row for the largest one.
-        self._vocab_size = max(self._hf.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        vocab = self._hf.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values(), default=-1) + 1
         roles = roles or {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
         self.pad_id, self.bos_id, self.eos_id = (int(roles[role]) for role in ROLES)
+        raw = json.loads(json_str)
+        unknown = (raw.get("model") or {}).get("unk_token")
+        self.unk_id = vocab.get(unknown) if unknown else None
+        self.spells_every_text = spells_every_text(raw, vocab)
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (DataLoader workers, deepcopy) as the JSON: HF's own pickling drops encode_special_tokens.
@@ -125,8 +137,8 @@ class BPETokenizer(Tokenizer):
         """Token ids for `text`; BOS first and EOS last if `add_special_tokens`."""
         try:
             ids = self._backend(allow_special).encode(text, add_special_tokens=False).ids
-        except TypeError:
-            raise _bad_text(text) from None
+        except TypeError as e:
+            raise _encode_failure([text], e) from None
         return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
 
     def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False,
@@ -136,8 +148,8 @@ class BPETokenizer(Tokenizer):
         try:
             # encode_batch_fast skips computing character offsets, which we do not use.
             encodings = self._backend(allow_special).encode_batch_fast(texts, add_special_tokens=False)
-        except TypeError:
-            raise _bad_text(next((t for t in texts if _not_encodable(t)), texts)) from None
+        except TypeError as e:
+            raise _encode_failure(texts, e) from None
         if add_special_tokens:
             return [[self.bos_id, *e.ids, self.eos_id] for e in encodings]
         return [e.ids for e in encodings]
@@ -147,14 +159,25 @@ class BPETokenizer(Tokenizer):
         return self._hf.decode(checked_ids(ids, self._vocab_size), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self) -> list[bytes]:
-        """The bytes of each id (specials: b""), read back through the byte-level alphabet."""
-        byte_of = _byte_level_alphabet()
-        table = [b""] * self._vocab_size
-        special = {token.content for token in self._hf.get_added_tokens_decoder().values()}
-        for token, token_id in self._hf.get_vocab(with_added_tokens=True).items():
-            if token not in special:
-                table[token_id] = bytes(byte_of[char] for char in token)
-        return table
+        """The bytes of each id (specials and the unknown token: b""), as the tokenizer spells text: through
+        the byte-level alphabet, or SentencePiece's space marker and byte tokens (spelling.py)."""
+        return token_bytes_table(json.loads(self._hf.to_str()), self._hf.get_vocab(with_added_tokens=True),
+                                 self._vocab_size)
+
+    def unspelled(self, text: str) -> Counter[str]:
+        """The characters of `text` that no token spells (dropped, or covered by the unknown token), counted;
+        empty for a tokenizer that spells every text (byte level, or complete byte fallback)."""
+        if self.spells_every_text:
+            return Counter()
+        try:
+            encoding = self._hf.encode(text, add_special_tokens=False)
+        except TypeError as e:
+            raise _encode_failure([text], e) from None
+        covered = bytearray(len(text))  # 1 where a token other than the unknown one covers the character
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id != self.unk_id and end > start:
+                covered[start:end] = b"\x01" * (end - start)
+        return Counter(char for run in UNCOVERED.finditer(covered) for char in text[run.start():run.end()])
 
     def decode_stream(self, skip_special_tokens: bool = True) -> _BPEDecodeStream:
         """An incremental decoder that never returns part of a UTF-8 character."""
@@ -187,13 +210,14 @@ class BPETokenizer(Tokenizer):
         `recorded` (role -> (spelling, id), from the run's special_tokens.json) says which tokens are
         pad/bos/eos; without it they are found by their usual spellings, and a tokenizer lacking one is refused.
         """
+        raw, notes = _without_dropout(raw, path)
         hf = _parse(raw, path)
         if recorded is not None:
             wrong = [role for role, (token, token_id) in recorded.items() if hf.token_to_id(token) != token_id]
             if wrong:
                 raise MiniLLMError(f"the special tokens recorded beside {path} ({', '.join(wrong)}) are not in it at "
                                    "the recorded ids; keep the run's tokenizer.json and special_tokens.json together")
-            return cls(hf, {role: token_id for role, (_, token_id) in recorded.items()})
+            return cls(hf, {role: token_id for role, (_, token_id) in recorded.items()}).noting(notes)
         roles = find_roles(hf.token_to_id)
         missing = [role for role, token_id in roles.items() if token_id is None]
         if missing:
@@ -201,7 +225,7 @@ class BPETokenizer(Tokenizer):
                 f"tokenizer {path} has no {'/'.join(missing)} token that Mini LLM recognises; train with "
                 f"`minillm train DATA --tokenizer-file {path}`, which adds the missing ones to the run's copy"
             )
-        return cls(hf, roles)
+        return cls(hf, roles).noting(notes)
 
     @classmethod
     def imported(cls, raw: dict[str, Any], path: Path) -> tuple[BPETokenizer, list[str]]:
@@ -210,6 +234,7 @@ class BPETokenizer(Tokenizer):
 
         Returns (tokenizer, the spellings that were added).
         """
+        raw, notes = _without_dropout(raw, path)
         hf = _parse(raw, path)
         roles = find_roles(hf.token_to_id)
         added = []
@@ -224,7 +249,18 @@ class BPETokenizer(Tokenizer):
             # Declared special (an existing token keeps its id): decoding skips it, as our own do.
             hf.add_special_tokens([AddedToken(token, special=True, normalized=False)])
             roles[role] = hf.token_to_id(token)
-        return cls(hf, roles), added
+        return cls(hf, roles).noting(notes), added
+
+
+def _without_dropout(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
+    """`raw` with BPE dropout off, and the note that says so when it was on: dropout picks merges at random
+    on every encode (a training trick), so the same text would get other ids at each evaluation."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or not model.get("dropout"):
+        return raw, []
+    note = (f"tokenizer {path} had BPE dropout {model['dropout']} on: turned off, so that a text always gets "
+            "the same tokens (the run's copy is saved without it)")
+    return {**raw, "model": {**model, "dropout": None}}, [note]
 
 
 def _parse(raw: dict[str, Any], path: Path) -> HFTokenizer:
@@ -248,31 +284,22 @@ class _BPEDecodeStream:
         return self._stream.step(self._tokenizer._hf, token_id)
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Character -> byte of the ByteLevel pre-tokenizer, which spells each byte as one printable character
-    (GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest are moved to 256+)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(BYTE_ALPHABET_SIZE) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(BYTE_ALPHABET_SIZE + n): b for n, b in enumerate(moved)})
-    return table
-
-
-def _not_encodable(text: Any) -> bool:
-    if not isinstance(text, str):
-        return True
+def _encode_failure(texts: list[Any], error: TypeError) -> MiniLLMError:
+    """What made the Rust library refuse `texts`: a non-string, a lone surrogate, or (it reports every failure
+    to read a str as "must be str") something else, such as no memory to copy the text: the real cause."""
+    for text in texts:
+        if not isinstance(text, str):
+            return MiniLLMError(f"can only encode text (str), got {type(text).__name__}")
+    for text in texts:
+        if LONE_SURROGATE.search(text):  # (a search allocates nothing, unlike text.encode)
+            return MiniLLMError("text contains a lone surrogate character, which is not valid Unicode; read "
+                                "files with encoding='utf-8' (errors='replace' for damaged files)")
+    size = sum(len(text) for text in texts)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _bad_text(text: Any) -> MiniLLMError:
-    """The error for text that the Rust library refused (not a str, or a lone surrogate)."""
-    if not isinstance(text, str):
-        return MiniLLMError(f"can only encode text (str), got {type(text).__name__}")
-    return MiniLLMError(
-        "text contains a lone surrogate character, which is not valid Unicode; "
-        "read files with encoding='utf-8' (errors='replace' for damaged files)"
-    )
+        for text in texts:
+            text.encode("utf-8")  # what the library does first: copy the text as UTF-8
+    except MemoryError:
+        return MiniLLMError(f"out of memory while tokenizing {size:,} characters of text (copying it as UTF-8 "
+                            "failed); free some memory, or split the data into smaller samples")
+    return MiniLLMError(f"the tokenizers library could not read {size:,} characters of valid text ({error}); "
+                        "this usually means it ran out of memory: free some memory and try again")

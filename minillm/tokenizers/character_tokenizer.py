@@ -8,6 +8,7 @@ A character not seen in training encodes as unk_id and decodes as U+FFFD "\N{REP
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class CharacterTokenizer(Tokenizer):
 
     kind = "char"
     unk_id = UNK_ID
+    spells_every_text = False  # a character not seen in training is unknown
 
     def __init__(self, alphabet: str):
         self.alphabet = alphabet  # id of alphabet[i] is i + len(CHAR_SPECIAL_TOKENS)
@@ -90,14 +92,20 @@ class CharacterTokenizer(Tokenizer):
         _require_str(text)
         return sum(c not in self._ids for c in text)
 
+    def unspelled(self, text: str) -> Counter[str]:
+        """The characters of `text` never seen in training (they encode as unk_id), counted."""
+        _require_str(text)
+        return Counter(c for c in text if c not in self._ids)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """The text for `ids`; pad/bos/eos are left out if `skip_special_tokens`; unk_id gives U+FFFD."""
         table = self._decode_tables[bool(skip_special_tokens)]
         return "".join(map(table.__getitem__, checked_ids(ids, self.vocab_size)))
 
     def token_bytes(self) -> list[bytes]:
-        """UTF-8 of each id's character (unk_id: of U+FFFD, what it decodes to; specials: b"")."""
-        return [text.encode("utf-8") for text in self._decode_tables[True]]
+        """UTF-8 of each id's character (specials, and unk_id, which spells no character of the text: b"")."""
+        return [b"" if token_id == UNK_ID else text.encode("utf-8")
+                for token_id, text in enumerate(self._decode_tables[True])]
 
     def decode_stream(self, skip_special_tokens: bool = True) -> _CharDecodeStream:
         """An incremental decoder; every id is a whole character, so only skipped specials give None."""

@@ -17,7 +17,7 @@ from minillm.checkpoint import load_run, read_train_config
 from minillm.config import IGNORE_INDEX
 from minillm.data.batches import Batch, Batches
 from minillm.data.corpus import FILE_FORMAT_NAMES
-from minillm.data.prepare import open_split, write_splits
+from minillm.data.prepare import Spelling, open_split, write_splits
 from minillm.data.sources import load_samples
 from minillm.data.split_record import SplitRecord, read_split_record
 from minillm.data.tasks import task_for
@@ -30,6 +30,7 @@ OVERFIT_EVALS = 3  # val loss rising this many evaluations in a row (train loss 
 UTF8_CONTINUATION_MASK, UTF8_CONTINUATION = 0xC0, 0x80  # a byte 10xxxxxx continues a character
 Z_95 = 1.96  # a 95% confidence interval is +- this many standard errors
 MIN_SAMPLE_ROWS = 30  # a sampled estimate uses at least this many rows (windows or pairs)
+RAW_BITS_PER_BYTE = 8  # what a byte no token spells costs in bits per byte: it can only be sent as it is
 
 
 def perplexity(loss: float) -> float:
@@ -100,6 +101,19 @@ def bits_per_unit(loss: float, tokens: int, units: int) -> float:
     return loss * tokens / math.log(2) / units if units else float("nan")
 
 
+def honest_bits_per_byte(loss: float, tokens: int, spelled_bytes: int, unspelled_share: float = 0.0) -> float:
+    """Bits per byte of the text, counting the bytes that the tokenizer cannot spell (`unspelled_share` of
+    the text: dropped, or encoded as its unknown token) at RAW_BITS_PER_BYTE each. Left out, they would make
+    a tokenizer that drops most of a text look like a good model of it."""
+    if unspelled_share <= 0:
+        return bits_per_unit(loss, tokens, spelled_bytes)
+    if unspelled_share >= 1 or not spelled_bytes:
+        return float(RAW_BITS_PER_BYTE)
+    unspelled_bytes = spelled_bytes * unspelled_share / (1 - unspelled_share)
+    bits = loss * tokens / math.log(2) + RAW_BITS_PER_BYTE * unspelled_bytes
+    return bits / (spelled_bytes + unspelled_bytes)
+
+
 @torch.no_grad()
 def _row_scores(model: torch.nn.Module, batches: Iterable[tuple[Batch, int]], sizes: tuple[torch.Tensor, ...],
                 device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
@@ -133,10 +147,12 @@ def _ratio_ci95(numerator: torch.Tensor, denominator: torch.Tensor, population: 
 
 
 def score(model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device, dtype: torch.dtype | None,
-          tokenizer: Tokenizer, max_tokens: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+          tokenizer: Tokenizer, max_tokens: int | None = None, seed: int = 0, progress: bool = False,
+          unspelled_share: float = 0.0) -> dict[str, Any]:
     """Loss, perplexity, bits per byte and per character over the scored targets of `batches` (a split's, as
     its task batches it): all of them, or, when there are more than `max_tokens`, an estimate from a seeded random
-    sample of rows (windows or pairs) of about that many tokens, with 95% confidence half-widths."""
+    sample of rows (windows or pairs) of about that many tokens, with 95% confidence half-widths.
+    `unspelled_share`: of the split's text, what the tokenizer cannot spell (see honest_bits_per_byte)."""
     n_rows, all_tokens = batches.n_sequential, batches.sequential_tokens
     rows = None
     if max_tokens is not None and all_tokens > max_tokens:
@@ -155,10 +171,12 @@ def score(model: torch.nn.Module, batches: Batches, batch_size: int, device: tor
     total_tokens, total_bytes, total_chars = (int(column.sum()) for column in (tokens, n_bytes, chars))
     loss = float(nats.sum()) / total_tokens if total_tokens else float("nan")
     metrics = {"loss": loss, "perplexity": perplexity(loss),
-               "bits_per_byte": bits_per_unit(loss, total_tokens, total_bytes),
+               "bits_per_byte": honest_bits_per_byte(loss, total_tokens, total_bytes, unspelled_share),
                "bits_per_char": bits_per_unit(loss, total_tokens, total_chars),
                "tokens": total_tokens, "bytes": total_bytes, "chars": total_chars,
                "sampled": rows is not None, "tokens_in_split": all_tokens}
+    if unspelled_share > 0:
+        metrics["unspelled_share"] = unspelled_share
     if rows is not None:
         metrics["loss_ci95"] = _ratio_ci95(nats, tokens, n_rows)
         metrics["bits_per_byte_ci95"] = _ratio_ci95(nats / math.log(2), n_bytes, n_rows)
@@ -178,6 +196,9 @@ def describe_score(metrics: dict[str, Any]) -> str:
                  "(\u00b1: 95% confidence; --test-tokens sets the sample size)")
     else:
         text += f"{metrics['tokens']:,} tokens"
+    if metrics.get("unspelled_share"):
+        text += (f"; {metrics['unspelled_share']:.2%} of the text's bytes, which the tokenizer cannot spell, count "
+                 f"{RAW_BITS_PER_BYTE} bits each")
     if metrics.get("pairs_cut"):
         text += (f"; {metrics['pairs_cut']:,} of {metrics['pairs']:,} pairs are longer than the context, and "
                  f"{metrics['target_tokens_cut']:,} target tokens beyond it are not scored")
@@ -197,12 +218,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: st
                     max_tokens=config.test_tokens if max_tokens == "run" else max_tokens)
     if data is None:
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
-        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
+        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings,
+                        unspelled_share=read_split_record(run_dir).unspelled_share("test"))
         return {**metrics, "data": f"{run_dir} test split"}
     run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
     loaded = load_samples(data, run_task.scores_files_as, config.split_mode, config.separator, config.data_format,
                           config.source_column, config.target_column, config.text_column)
     task = task_for(loaded.task, encoder_decoder)
+    spelling = Spelling.measure(run.tokenizer, task.training_texts(loaded.samples))
+    settings["unspelled_share"] = spelling.share
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
         token_type, tokens = write_splits(tmp, task, {"test": loaded.samples}, run.tokenizer, contiguous=False)
         record = SplitRecord(task.name, token_type, tokens, {"test": len(loaded.samples)},

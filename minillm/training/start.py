@@ -13,9 +13,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from minillm.checkpoint import check_compatible, check_finite, read_model_config, read_train_config, write_train_config
+from minillm.checkpoint import check_finite, check_tokenizer, read_model_config, read_train_config, write_train_config
 from minillm.config import ModelConfig, TrainConfig
-from minillm.data.prepare import ImportedTokenizer, read_data, read_split_record, write_data
+from minillm.data.prepare import ImportedTokenizer, data_change, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
 from minillm.models import is_encoder_decoder, model_class, pick_device
@@ -69,10 +69,14 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
         log(f"tokenizer: {imported.source} ({imported.tokenizer.kind}, {imported.tokenizer.vocab_size:,} ids; "
             + ", ".join(f"{role} {token} = {i}" for role, (token, i) in imported.tokenizer.role_tokens().items())
             + (f"; added {', '.join(imported.added)}" if imported.added else "") + ")")
+        for note in imported.tokenizer.notes:
+            log(note)
     with contextlib.ExitStack() as held:
         def prepare() -> tuple[dict[str, Any], dict[str, Any], str]:
             folder.check_new_run(overwrite)
             data = read_data(config, is_encoder_decoder(model_config), log)
+            if imported:
+                imported.check_spelling(data, log)
             vocab = (imported.tokenizer.vocab_size if imported else
                      TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size))
             check_memory(model_config, config, device, vocab)  # before anything is written or allocated
@@ -123,9 +127,11 @@ def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
     return result
 
 
-# Settings that may change when a run is resumed (the rest would change what is being trained).
+# Settings that may change when a run is resumed (the rest would change what is being trained), and one that
+# may change only to keep the global batch when the number of processes changes (check_global_batch).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
                     "compile", "dtype", "threads", "test_tokens", "sample_interval", "log")
+BATCH_KEEPING_FIELD = "grad_accum_steps"
 
 
 def check_resumable(run_dir: str | Path) -> RunFolder:
@@ -138,6 +144,27 @@ def check_resumable(run_dir: str | Path) -> RunFolder:
             "first evaluation); start a new run instead (the CLI: --overwrite rather than --resume)"
         )
     return folder
+
+
+def check_global_batch(saved: TrainConfig, config: TrainConfig, saved_world_size: int, run_dir: str | Path,
+                       log: LogFn) -> None:
+    """Say when a resumed run's global batch (processes x batch size x accumulation steps) differs from the
+    one it was trained with, and what keeps it; refuse an accumulation change that does not keep it."""
+    world_size = distributed.world_size()
+    before = saved.batch_size * saved.grad_accum_steps * saved_world_size
+    after = config.batch_size * config.grad_accum_steps * world_size
+    if before == after:
+        return
+    per_step = config.batch_size * world_size
+    keeping = (f"--grad-accum-steps {before // per_step} keeps it" if before % per_step == 0 else
+               f"no whole number of accumulation steps keeps it with {world_size} process(es)")
+    if config.grad_accum_steps != saved.grad_accum_steps:
+        raise MiniLLMError(
+            f"--grad-accum-steps {config.grad_accum_steps} would change the global batch of {run_dir} from "
+            f"{before} to {after} sequences; on resume it may change only to keep the global batch: {keeping}")
+    log(f"warning: the global batch changes from {before} sequences ({saved_world_size} process(es) x "
+        f"{saved.batch_size} x {saved.grad_accum_steps} accumulation steps) to {after} ({world_size} x "
+        f"{config.batch_size} x {config.grad_accum_steps}): the run goes on with another batch; {keeping}")
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -166,21 +193,30 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
                                "again with --overwrite to train on")
         overrides, model_overrides = dict(overrides or {}), dict(model_overrides or {})
         saved_train = read_train_config(run_dir).to_dict()
-        saved_model = read_model_config(folder.best_config)[0].to_dict()
-        changed = [k for k, v in overrides.items() if k not in RESUMABLE_FIELDS and saved_train.get(k) != v]
+        saved_model, meta = read_model_config(folder.best_config)
+        saved_model = saved_model.to_dict()
+        resumable = (*RESUMABLE_FIELDS, BATCH_KEEPING_FIELD)
+        changed = [k for k, v in overrides.items() if k not in resumable and saved_train.get(k) != v]
         changed += [k for k, v in model_overrides.items() if saved_model.get(k) != v]
         if changed:
             raise MiniLLMError(
                 f"cannot change {sorted(changed)} when resuming {run_dir} (it was trained with other values); "
-                f"only {list(RESUMABLE_FIELDS)} may change; start a new run with --overwrite to change the rest"
+                f"only {list(RESUMABLE_FIELDS)} may change (and {BATCH_KEEPING_FIELD}, to keep the global batch "
+                "with another number of processes); start a new run with --overwrite to change the rest"
             )
         model_config = ModelConfig.from_dict(saved_model)
-        allowed = {k: v for k, v in overrides.items() if k in RESUMABLE_FIELDS}
+        allowed = {k: v for k, v in overrides.items() if k in resumable}
         config = TrainConfig.from_dict({**saved_train, **allowed})
         check_logger(config.log)
-        check_compatible(model_config, load_tokenizer(folder.tokenizer), f" ({run_dir})")
-        trainer = Trainer(folder.path, model_config, config, read_split_record(run_dir), log, progress,
-                          on_metrics)
+        check_global_batch(TrainConfig.from_dict(saved_train), config, int(state.get("world_size", 1)), run_dir, log)
+        # The tokenizer is the run's own, as every load checks (a swapped file would be trained on, and its
+        # fingerprint recorded as the run's with the next best model).
+        check_tokenizer(model_config, meta, load_tokenizer(folder.tokenizer), folder.tokenizer, folder.best_model)
+        split_record = read_split_record(run_dir)
+        if change := data_change(split_record, config.data):
+            log(f"warning: the data file {change}; the run continues on the tokens prepared from it then (start "
+                "a new run with --overwrite to train on the file as it is now)")
+        trainer = Trainer(folder.path, model_config, config, split_record, log, progress, on_metrics)
         trainer.load_state(state)
         del state
         if is_main_process():

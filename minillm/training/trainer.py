@@ -39,8 +39,8 @@ from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import (
-    bits_per_unit,
     describe_score,
+    honest_bits_per_byte,
     is_overfitting,
     mean_loss,
     overfitting_warning,
@@ -284,7 +284,8 @@ class Trainer:
             self.log(f"interrupted at step {self.state.step}; the last checkpoint is step {self.last_saved_step}: "
                      "continue with --resume")
             raise
-        bar.close()
+        finally:
+            bar.close()  # before any error line, which then starts a line of its own
         return stop_reason
 
     def scheduled_step(self) -> float:
@@ -409,7 +410,7 @@ class Trainer:
     def _val_bits_per_byte(self, val_loss: float, tokens: int) -> float:
         if self._eval_bytes is None:  # the validation batches are fixed: their bytes are counted once
             self._eval_bytes = target_bytes(self.eval_batches, self.tokenizer, self.device)
-        return bits_per_unit(val_loss, tokens, self._eval_bytes)
+        return honest_bits_per_byte(val_loss, tokens, self._eval_bytes, self.split_record.unspelled_share("val"))
 
     def save_last(self, rank_rng: list[torch.Tensor] | None = None) -> None:
         save_torch(self.files.last_checkpoint, trainer_state(self, rank_rng))
@@ -430,7 +431,8 @@ class Trainer:
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
         metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
-                        self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main)
+                        self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main,
+                        self.split_record.unspelled_share("test"))
         metrics.update(best_step=self.state.best_step, best_val_loss=self.state.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)

@@ -10,6 +10,7 @@ up by the request's session hash; the runs are the server's, shared read-only (m
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,8 @@ SLIDER_MAX_REPETITION_PENALTY = 2.0
 # than a small model takes to make the token. Stop is still checked after every token.
 STREAM_INTERVAL_S = 0.05
 NO_MODEL_MESSAGE = "no model loaded yet: pick a run or enter its paths, then press Load model"
+
+WHOLE_NUMBER = re.compile(r"[+-]?\d+")
 
 
 def busy_message(limits: ServerLimits) -> str:
@@ -122,6 +125,8 @@ def form_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
     form sends is turned into numbers (sliders send 3.0 for 3); a blank seed is None."""
 
     def number(name: str, value: Any) -> float | int:
+        if isinstance(value, str) and WHOLE_NUMBER.fullmatch(value.strip()):
+            return int(value)  # exactly as typed: through a float, a seed past 2**53 would become another number
         try:
             value = float(value)
         except (TypeError, ValueError):
