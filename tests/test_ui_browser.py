@@ -273,7 +273,7 @@ def test_bad_path_shows_an_error_and_the_app_keeps_working(page, run_dir):
     field(page, "model_path").fill("/no/such/folder/best_model.pt")
     page.locator("#load_button").click()
     error = page.locator("#error")
-    error.get_by_text("model file not found").wait_for()
+    error.get_by_text("is not the best_model.pt of a run").wait_for()
     assert "/no/such/folder/best_model.pt" in error.inner_text()
     assert "Traceback" not in page.content()
     # The model loaded before is still there: generating works and clears the error.

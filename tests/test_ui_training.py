@@ -15,7 +15,7 @@ from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.serve.training_manager import FAILED, FINISHED, RUNNING, STOPPED, TrainingManager
 from minillm.training import train
 from minillm.training.preview import preview_run
-from minillm.ui import app, generate_tab, train_tab
+from minillm.ui import app, generate_tab, train_tab, train_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN_IDS = ["train_tab", "train_file", "train_data_path", "train_tokenizer", "train_vocab_size", "train_model_type",
@@ -24,11 +24,11 @@ TRAIN_IDS = ["train_tab", "train_file", "train_data_path", "train_tokenizer", "t
 WAIT_S = 120
 
 
-def form(data, out="run", preset="tiny", tokenizer="char", model_type="decoder_only", **changes):
+def form(data, out="run", preset="tiny", tokenizer="char", model_type="decoder_only", upload=None, **changes):
     """The form's values in FORM order: the preset's, with `changes` (by elem_id without "train_")."""
     values = dict(zip(train_tab.PRESET_FIELDS, train_tab.preset_values(preset), strict=True))
     values.update({f"train_{k}": v for k, v in changes.items()})
-    return [str(data), tokenizer, model_type, preset, *values.values(), out]
+    return [upload, str(data), tokenizer, model_type, preset, *values.values(), out]
 
 
 def shown(update) -> str:
@@ -47,10 +47,14 @@ POLLED = ["train_status", "train_plot", "train_error", "train_warning", "train_s
 
 
 class TrainPage:
-    """A page on a training manager, its Train tab's handlers called as Gradio would, outputs by name."""
+    """A page on a training manager, its Train tab's handlers called as Gradio would, outputs by name. It may
+    train on the files under `data_dirs` (by default the tests' temporary folders: see allow_test_files)."""
 
-    def __init__(self, runs_dir, manager=None):
-        self.page = app.build_page(runs_dir=runs_dir, trainings=manager or TrainingManager())
+    data_dirs: tuple = ()
+
+    def __init__(self, runs_dir, manager=None, data_dirs=None):
+        self.page = app.build_page(runs_dir=runs_dir, trainings=manager or TrainingManager(),
+                                   data_dirs=self.data_dirs if data_dirs is None else data_dirs)
         self.tab, self.manager = self.page.train, self.page.trainings
 
     def named(self, update):
@@ -73,6 +77,12 @@ class TrainPage:
         return self.named(self.tab.poll(seen, picked))
 
 
+@pytest.fixture(autouse=True)
+def allow_test_files(tmp_path_factory, monkeypatch):
+    """The pages of these tests may train on the tests' files (as `minillm ui --data-dir BASETEMP` would)."""
+    monkeypatch.setattr(TrainPage, "data_dirs", (tmp_path_factory.getbasetemp(),))
+
+
 def finish(manager):
     status = manager.wait(WAIT_S)
     assert status.ended, status
@@ -87,7 +97,7 @@ def test_the_page_has_the_train_tab_with_its_fixed_ids(tmp_path):
 
 
 def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
-    model, config = train_tab.form_configs(*form(corpus_file)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file)[1:-1])
     preview = preview_run(model, config)
     printed = []
     train(model, config, tmp_path / "run", progress=False, log=printed.append)
@@ -152,7 +162,7 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     assert "data file not found" in shown(out["train_error"])  # (the form is checked first)
     for polled in (page.poll(), other_page.poll()):
         assert "**Training**" in polled["train_status"] and "5 / 100" in polled["train_status"]
-        assert polled["train_plot"]["caption"] == "1 train and 0 validation points"
+        assert "1 train and 0 validation points" in polled["train_plot"]
         assert polled["train_stop"]["interactive"] and not polled["train_start"]["interactive"]  # Stop on, Start off
         assert "overfitting: validation loss rose" in shown(polled["train_warning"])  # the trainer's, in the page
     outputs = page.poll()
@@ -191,7 +201,7 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_pa
     stopped_at = status.result["steps"]
     assert 0 < stopped_at < 5000 and folder.last_checkpoint.is_file() and folder.has_best_model()
     assert status.rows[-1]["kind"] == "eval" and status.rows[-1]["step"] == stopped_at  # evaluated at the stop
-    text = train_tab.status_markdown(status)
+    text = train_view.status_markdown(status)
     assert "**Stopped**" in text and "Resume" in text
 
     # Resume, to a few more steps: it goes on from the stop, its curve keeps the rows before it.
@@ -201,7 +211,7 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_pa
     assert status.state == FINISHED and status.result["steps"] == stopped_at + 10, status.error
     steps = [row["step"] for row in status.rows if row["kind"] == "train"]
     assert steps == sorted(steps) and steps[0] < stopped_at < steps[-1]
-    assert "**Finished**" in train_tab.status_markdown(status)
+    assert "**Finished**" in train_view.status_markdown(status)
     assert str(folder.path) in page.poll()["run_picker"]["choices"]  # in the run picker
     picked = page.tab.pick_trained_run()
     assert picked[generate.run_picker]["value"] == str(folder.path)
@@ -226,7 +236,7 @@ def test_the_plan_leaves_the_random_generators_alone(corpus_file):
     """A training may be running in another thread: timing the steps must not draw from its generators."""
     import torch
 
-    model, config = train_tab.form_configs(*form(corpus_file, d_model=48, n_heads=4)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file, d_model=48, n_heads=4)[1:-1])
     before = torch.get_rng_state()
     preview = preview_run(model, config)
     assert torch.equal(before, torch.get_rng_state()) and preview.seconds_per_step > 0
