@@ -218,6 +218,93 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_pa
     assert picked[generate.model_path] == str(folder.best_model)
 
 
+def settings_shown(page) -> dict:
+    """What a page opening now shows in its form, by field id."""
+    update = page.tab.show_last_settings()
+    return {} if update == gr.skip() else {component.elem_id: value for component, value in update.items()}
+
+
+def test_a_page_opened_later_shows_the_runs_own_settings_and_its_whole_curve(corpus_file, tmp_path):
+    page = TrainPage(tmp_path)
+    assert settings_shown(page) == {}  # nothing trained yet: the defaults stay
+    out = page.start(form(corpus_file, out="mine", max_steps=40, learning_rate=0.002, max_time=""))
+    assert not shown(out["train_error"])
+    status = finish(page.manager)
+    later = TrainPage(tmp_path, page.manager)  # another page of the server (a reload is the same)
+    settings = settings_shown(later)
+    assert (settings["train_out"], settings["train_preset"], settings["train_tokenizer"]) == ("mine", "tiny", "char")
+    assert (settings["train_max_steps"], settings["train_learning_rate"]) == (40, 0.002)
+    assert settings["train_data_path"] == str(corpus_file)
+    # Its first poll draws the run's whole curve, from the job's rows: 8 train points, 2 validation points,
+    # both lines named in the legend.
+    curve = later.poll()["train_plot"]
+    assert "8 train and 2 validation points" in curve and "<svg" in curve
+    assert ">train loss<" in curve and ">val loss<" in curve
+    assert later.poll(later.poll()["seen"]) == {}  # drawn once: the next tick sends nothing
+    # Resumed to more steps, a page shows the limits Resume used and the run's own model, whatever its form.
+    out = page.resume(form(corpus_file, out="mine", max_steps=50, d_model=64, max_time="30"))
+    assert not shown(out["train_error"]) and finish(page.manager).result["steps"] == 50
+    settings = settings_shown(TrainPage(tmp_path, page.manager))
+    assert (settings["train_max_steps"], settings["train_max_time"], settings["train_d_model"]) == (50, "30", 32)
+    assert status.run_dir == tmp_path / "mine"
+
+
+def test_the_warnings_shown_still_hold_and_name_the_forms_fields(tmp_path):
+    manager, release, finish_now = TrainingManager(), threading.Event(), threading.Event()
+
+    def evaluation(step, best_step, overfitting):
+        return {"kind": "eval", "step": step, "val_loss": 2.0, "train_loss": 1.0, "best_val_loss": 1.9,
+                "best_step": best_step, "overfitting": overfitting}
+
+    def work(job):  # the trainer's warnings, worded as it words them, and its evaluations
+        job.log("warning: training slowed to 4,288 tokens/s from 61,299 early on and has stayed that slow for "
+                "20 s: another process is probably using the CPU (stop it, or train with fewer threads, which "
+                "suffer less from sharing: --threads 1; now 2)")
+        job.on_metrics(evaluation(200, 100, False))
+        job.log("warning: overfitting: validation loss rose for 3 evaluations while training loss fell; the model "
+                "(30,000 parameters) is memorising its 14,651 training tokens. What usually helps: a smaller model "
+                "(--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping keeps the best "
+                "model (step 100, val loss 1.9000).")
+        job.on_metrics(evaluation(300, 100, True))
+        release.wait(WAIT_S)
+        job.on_metrics(evaluation(400, 400, True))  # a better model after all: the warning no longer holds
+        finish_now.wait(WAIT_S)
+
+    manager.start(tmp_path / "a", "tab-1", work, max_steps=1000)
+    page = TrainPage(tmp_path, manager)
+    for _ in range(WAIT_S * 10):
+        if len(manager.status().rows) == 2:
+            break
+        threading.Event().wait(0.1)
+    warning = shown(page.poll()["train_warning"])
+    assert "another process is probably using the CPU" in warning and "threads" not in warning
+    assert ("a smaller model (**Width (d_model)**, **Layers**), dropout (**Dropout** 0.1-0.3), or more data. "
+            "Early stopping keeps the best model (step 100, val loss 1.9000)") in warning
+    assert "--" not in warning
+    release.set()
+    for _ in range(WAIT_S * 10):
+        if len(manager.status().rows) == 3:
+            break
+        threading.Event().wait(0.1)
+    warning = shown(page.poll()["train_warning"])
+    assert "overfitting" not in warning and "another process" in warning
+    finish_now.set()
+    finish(manager)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("run\x00one", "the run folder name contains a control character (\\x00); type it again without it"),
+    ("two\nlines", "contains a control character (\\n)"),
+    ("x" * 256, "the run folder name is 256 bytes long; a folder name takes at most 255"),
+])
+def test_a_run_name_no_folder_can_have_is_one_clear_line(corpus_file, tmp_path, name, message):
+    page = TrainPage(tmp_path)
+    for out in (page.show_plan(form(corpus_file, out=name)), page.start(form(corpus_file, out=name)),
+                page.resume(form(corpus_file, out=name))):
+        assert message in shown(out["train_error"])
+    assert page.manager.status() is None
+
+
 def test_resume_without_a_checkpoint_says_so(corpus_file, tmp_path):
     out = TrainPage(tmp_path).resume(form(corpus_file))
     assert "nothing to resume" in shown(out["train_error"])

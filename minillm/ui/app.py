@@ -50,18 +50,23 @@ CSS = """
 #train_plot svg { width: 100%; height: auto; display: block; }
 #train_plot figure { margin: 0; }
 #train_plot .curve-caption { margin: 4px 0 0; font-size: var(--text-sm); color: var(--body-text-color-subdued); }
-/* The progress table has two columns (name, value): a value never breaks inside a number. */
+/* The two-column tables (name, value): a name on one line, a value never broken inside a number (a path
+   may break anywhere). (No selector lists inside :is(): Gradio prefixes each item of a list.) */
 #train_status table { width: auto; }
-#train_status td, #train_status th { overflow-wrap: normal; word-break: normal; }
-#train_status td:first-child, #train_status th:first-child { white-space: nowrap; }
+#train_status td, #train_status th, #model_info td, #model_info th { overflow-wrap: normal; word-break: normal; }
+#train_status td:first-child, #train_status th:first-child, #model_info td:first-child, #model_info th:first-child {
+  white-space: nowrap; }
+#model_info td:last-child, #model_info th:last-child { overflow-wrap: anywhere; }
 /* A phone: the Generate tab's parts in the order they are used (pick and load a run, write a prompt,
    Generate, read the output), then the sampling settings, then the run's files and details. */
 @media (max-width: 640px) {
   #generate_columns > .column { display: contents; }
   #generate_columns > .column > * { flex: 1 1 100%; min-width: 0; }
   #generate_columns > .column > :has(#max_new_tokens) { order: 2; }
-  #generate_columns > .column > :is(:has(#model_type), :has(#model_path), :has(#model_info), :has(#run_curve),
-                                     #model_info, #run_curve) { order: 3; }
+  #generate_columns > .column > :has(#model_type) { order: 3; }
+  #generate_columns > .column > :has(#model_path) { order: 3; }
+  #generate_columns > .column > #model_info { order: 3; }
+  #generate_columns > .column > #run_curve { order: 3; }
 }
 """
 

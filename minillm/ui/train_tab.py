@@ -151,7 +151,8 @@ class TrainTab:
         self.train_file = gr.File(label="Upload a text file (or TSV/JSONL pairs)", type="filepath",
                                   elem_id="train_file", height=120)
         self.train_data_path = gr.Textbox(str(bundled_data_path()), label=f"Data file: {self.access.allowed()}",
-                                          elem_id="train_data_path", max_lines=1)
+                                          elem_id="train_data_path", max_lines=1,
+                                          placeholder="blank = the bundled Tiny Shakespeare")
         with gr.Row():
             self.train_tokenizer = gr.Dropdown(list(TOKENIZER_TYPES), value=TrainConfig().tokenizer,
                                                label="Tokenizer", elem_id="train_tokenizer")
@@ -242,12 +243,20 @@ class TrainTab:
         """(model config, training config, run folder, the data as the form shows it) of the form's values;
         the data only from an upload, the bundled corpus or an allowed folder."""
         upload, data_path, *config_form, name = form
+        if not upload and (data_path or "").endswith(UPLOADED):  # (a run's settings, shown by a page opened later)
+            raise MiniLLMError(f"{data_path.removesuffix(UPLOADED)} was uploaded in another page: upload it "
+                               "here to start a new run on it (Resume needs no data)")
         data = self.access.check_upload(upload) if upload else self.access.check(data_path)
         model, config = form_configs(str(data), *config_form)
         return model, config, form_run_dir(self.runs_dir, name, config, model.model_type), data_shown(data)
 
     def show_plan(self, *form: Any) -> dict:
         """The plan line under the form (the CLI's, naming the form's fields), or the form's error."""
+        upload, data_path = form[:2]
+        if not upload and (data_path or "").endswith(UPLOADED):  # no plan without the data, and no error either
+            return {self.train_plan: f"The run's data, {html.escape(data_path.removesuffix(UPLOADED))}, was "
+                                     "uploaded in another page: upload it here for the plan of a new run on it.",
+                    self.train_error: no_error()}
         try:
             model, config, folder, _ = self._configs(form)
             lines = [for_the_form(line, FLAG_LABELS) for line in preview_run(model, config).lines()]

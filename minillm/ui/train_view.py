@@ -20,7 +20,7 @@ from minillm.serve.training_manager import FAILED, RUNNING, STOPPED, STOPPING, T
 from minillm.training.metrics import loss_figure
 from minillm.training.preview import describe_seconds
 
-CURVE_SIZE_INCHES = (6.4, 3.6)  # drawn at this size, shown at the width of the column
+CURVE_SIZE_INCHES = (5.6, 3.4)  # drawn at this size, shown at the column's width (its text scales)
 _draw_lock = threading.Lock()  # matplotlib's settings are global; one drawing at a time
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 _PARENTHESES = re.compile(r"\s*\(([^()]*)\)")
