@@ -11,7 +11,6 @@ import time
 import urllib.request
 
 import pytest
-from conftest import require_browser
 from test_ui_browser import OFFLINE_ENV, client_for, shown_text, ui_server
 from test_ui_training import TrainPage, form, shown
 
@@ -111,7 +110,6 @@ def test_the_generate_tab_loads_runs_and_nothing_else(tiny_run, tmp_path, files)
 @pytest.fixture(scope="module")
 def live(tiny_run, corpus_file, tmp_path_factory):
     """`minillm ui --runs-dir RUNS --data-dir ALLOWED` in a subprocess: (url, runs, allowed, secret)."""
-    require_browser()  # (gradio_client is a dev dependency like playwright; the server runs as in the browser tests)
     root = tmp_path_factory.mktemp("access")
     runs, allowed, secret = root / "runs", root / "allowed", root / "secret.txt"
     shutil.copytree(tiny_run, runs / "tiny")
