@@ -1,5 +1,7 @@
 # Two commands on a fresh clone: `make demo` (train the default model and print a sample), `make test`.
 PY := .venv/bin/python
+# `make ui PORT=8080` serves the web UI on another port
+PORT ?= 7860
 
 .PHONY: setup demo test lint bench ui screenshot check-gguf clean
 
@@ -35,7 +37,7 @@ check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds l
 	$(PY) scripts/check_gguf.py --qk-norm
 
 ui: setup
-	$(PY) -m minillm ui runs/demo
+	$(PY) -m minillm ui runs/demo --port $(PORT)
 
 clean:
 	rm -rf .venv runs .pytest_cache .hypothesis

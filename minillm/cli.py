@@ -216,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run to load at start")
     ui.add_argument("--host", default=DEFAULT_HOST,
                     help=f"address to serve on (default {DEFAULT_HOST}: this machine only; any other address lets "
-                         "anyone on the network load any model file the server can read)")
+                         "anyone on the network load any run the server can read and train runs into --runs-dir)")
     ui.add_argument("--port", type=_port, default=DEFAULT_UI_PORT,
                     help=f"port to serve on, {MIN_PORT}-{MAX_PORT} (default {DEFAULT_UI_PORT})")
     ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
+    ui.add_argument("--data-dir", type=Path, action="append", default=[], metavar="DIR", dest="data_dirs",
+                    help="a folder whose files the Train tab may train on, given by their path (repeatable; "
+                         "default: none: the page trains on uploads and the bundled corpus only)")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)
 
@@ -381,7 +384,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'")
     from minillm.ui.app import launch
 
-    launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share)
+    launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share,
+           data_dirs=args.data_dirs)
     return 0
 
 

@@ -366,7 +366,18 @@ def test_ui_passes_its_options_to_launch(monkeypatch, tmp_path):
     fake.launch = lambda **kwargs: calls.append(kwargs)
     monkeypatch.setitem(sys.modules, "minillm.ui.app", fake)
     assert main(["ui", str(tmp_path), "--port", "7999", "--runs-dir", str(tmp_path)]) == 0
-    assert calls == [dict(run_dir=tmp_path, host="127.0.0.1", port=7999, runs_dir=tmp_path, share=False)]
+    assert calls == [dict(run_dir=tmp_path, host="127.0.0.1", port=7999, runs_dir=tmp_path, share=False,
+                          data_dirs=[])]
+    assert main(["ui", "--data-dir", str(tmp_path), "--data-dir", "/srv/texts"]) == 0
+    assert calls[-1]["data_dirs"] == [tmp_path, Path("/srv/texts")]
+
+
+def test_ui_refuses_a_data_dir_that_is_not_a_folder(launch_without_serving, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("text")
+    for folder in (tmp_path / "missing", tmp_path / "notes.txt"):
+        assert_one_line_error(capsys, main(["ui", "--data-dir", str(folder), "--port", str(free_port())]),
+                              f"--data-dir {folder} is not a folder")
+    assert launch_without_serving == []
 
 
 def test_ctrl_c_during_training_is_a_clean_message(monkeypatch, corpus_file, tmp_path, capsys):
@@ -503,7 +514,8 @@ def test_ui_on_a_network_address_warns_who_can_load_models(launch_without_servin
     assert main(["ui", "--host", "0.0.0.0", "--port", str(port), "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert out.err.startswith("warning: --host 0.0.0.0 is not local")
-    assert "anyone on the network" in out.err and "any model file the server can read" in out.err
+    assert "anyone on the network" in out.err and "load any run the server can read" in out.err
+    assert "the files under --data-dir" in out.err
     assert out.out == f"Mini LLM UI on http://0.0.0.0:{port} (Ctrl+C to stop)\n"
     assert launch_without_serving[0]["server_name"] == "0.0.0.0"
     # The default stays on this machine: no warning.

@@ -208,8 +208,8 @@ def test_model_and_tokenizer_types_are_shown_from_the_files_not_chosen(page, ui_
 
 @pytest.mark.parametrize("model_path, tokenizer_path, expected", [
     ("", None, "enter the path"),
-    ("/no/such/best_model.pt", None, "model file not found"),
-    (None, "/no/such/tokenizer.json", "tokenizer file not found"),
+    ("/no/such/best_model.pt", None, "/no/such/best_model.pt is not the best_model.pt of a run"),
+    (None, "/no/such/tokenizer.json", "/no/such/tokenizer.json is not the tokenizer.json of a run"),
 ])
 def test_missing_paths_are_readable_errors(page, ui_run, model_path, tokenizer_path, expected):
     out = Tab(page).load(ui_run, model_path=model_path, tokenizer_path=tokenizer_path)
@@ -315,6 +315,16 @@ def test_blank_seed_draws_one_and_reports_it(page, ui_run):
     seed = int(steps[-1]["stats"].rsplit("seed ", 1)[1].rstrip(")"))
     again = tab.generate(seed=seed)
     assert again[-1]["output"] == steps[-1]["output"]
+
+
+def test_a_long_seed_is_used_as_typed_or_refused_with_its_bounds(page, ui_run):
+    tab = Tab(page)
+    tab.load(ui_run)
+    typed = str(2**53 + 1)  # the first whole number a float cannot hold: it became 2**53
+    assert tab.generate(seed=typed)[-1]["stats"].endswith(f"(seed {typed})")
+    [step] = tab.generate(seed=str(2**64))
+    assert "seed must be a whole number from 0 to 9,223,372,036,854,775,807, got 18446744073709551616" in (
+        step["error"]["value"])
 
 
 @pytest.mark.parametrize("setting, value, expected", [
@@ -449,7 +459,7 @@ def test_pick_run_fills_paths_and_types(page, ui_run, tmp_path):
     assert out["model_path"] == str(ui_run / BEST_MODEL_FILE) and out["tokenizer_path"] == str(ui_run / TOKENIZER_FILE)
     assert (out["model_type"], out["tokenizer_type"]) == ("decoder_only", "char") and not shown(out["error"])
     out = named(page.generate, page.generate.pick_run(str(tmp_path / "gone")), ["model_path", "error"])
-    assert "model_path" not in out and shown(out["error"]) and "not found" in out["error"]["value"]
+    assert "model_path" not in out and shown(out["error"]) and "no run in" in out["error"]["value"]
 
 
 def test_refresh_lists_runs_newest_first(tmp_path):

@@ -273,12 +273,27 @@ def test_bad_path_shows_an_error_and_the_app_keeps_working(page, run_dir):
     field(page, "model_path").fill("/no/such/folder/best_model.pt")
     page.locator("#load_button").click()
     error = page.locator("#error")
-    error.get_by_text("model file not found").wait_for()
+    error.get_by_text("is not the best_model.pt of a run").wait_for()
     assert "/no/such/folder/best_model.pt" in error.inner_text()
     assert "Traceback" not in page.content()
     # The model loaded before is still there: generating works and clears the error.
     output, stats = generate_in_page(page, PROMPT, {"max_new_tokens": 8, "seed": 1})
     assert "Generated" in stats and not error.is_visible()
+
+
+def test_a_new_page_lists_the_runs_made_since_the_server_started(browser, server, run_dir):
+    later = Path(shutil.copytree(run_dir, run_dir.parent / "made-later"))  # (the server runs already)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(server)
+        page.locator("#model_info").get_by_text("Parameters").wait_for()  # (the run of `minillm ui RUN_DIR`)
+        page.locator("#run_picker input").first.click()
+        page.get_by_role("option", name=str(later), exact=True).wait_for()  # without pressing Refresh
+    finally:
+        context.close()
+        shutil.rmtree(later)
 
 
 def test_api_is_driven_by_gradio_client(server, run_dir):

@@ -1,9 +1,12 @@
 """End to end, the Train tab: `minillm ui` in a subprocess, driven by a real headless Chromium (Playwright).
 
 A tiny training from an uploaded file runs to its end with its loss curve filling in, and the new run loads
-in the Generate tab and generates; a longer one is stopped (saved), resumed and finishes; a bad file shows
-its error. The picture of the Train tab during a run goes to a temporary folder, or to
-$MINILLM_TRAIN_SCREENSHOT (`make screenshot` refreshes the README's docs/ui_train.png that way).
+in the Generate tab and generates; a page opened afterwards (a reload is the same) shows the whole curve
+with its legend and the run's own settings, and at a phone's width (390 px) the table, the curve and the
+Generate button are usable; a longer one is stopped (saved), resumed and finishes; a bad file shows its
+error. The picture of the Train tab during a run goes to a temporary folder, or to
+$MINILLM_TRAIN_SCREENSHOT (`make screenshot` refreshes the README's docs/ui_train.png that way); the
+pictures of a reopened page and of a phone go to $MINILLM_SCREENSHOT_DIR when it is set.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from test_ui_browser import (
 from minillm.run_folder import RunFolder
 
 SCREENSHOT_ENV = "MINILLM_TRAIN_SCREENSHOT"
+SCREENSHOT_DIR_ENV = "MINILLM_SCREENSHOT_DIR"  # where the reopened and phone-width pictures go (to look at)
+PHONE = {"width": 390, "height": 844}  # an iPhone 12-14's viewport, in CSS pixels
 TRAIN_WAIT_MS = 120_000  # the longest a tiny training (data, steps, final test) may take here
 WAIT_MS = 20_000
 
@@ -52,7 +57,8 @@ def page(browser, server):
     page.set_default_timeout(WAIT_MS)
     page.goto(server)
     page.get_by_role("tab", name="Train").click()
-    page.locator("#train_plan").get_by_text("estimated time").wait_for()  # the default form's plan
+    # The plan of the form as the page opens it (the defaults, or the last run's settings).
+    page.wait_for_function("() => document.querySelector('#train_plan').innerText.trim().length > 0")
     yield page
     context.close()
 
@@ -64,16 +70,81 @@ def choose(page, elem_id: str, value: str) -> None:
 
 
 def fill_form(page, out: str, preset: str = "tiny", **values) -> None:
+    """The tiny preset (its values arrive at once: wait for its width), 60 steps unless `values` say
+    otherwise, and the run's name. (A page may open with the last run's settings, another preset's or not.)"""
     choose(page, "train_preset", preset)
-    page.wait_for_function("() => document.querySelector('#train_max_steps input').value === '60'")
-    for name, value in {"train_out": out, **values}.items():
+    page.wait_for_function("() => document.querySelector('#train_d_model input').value === '32'")
+    for name, value in {"train_max_steps": 60, "train_out": out, **values}.items():
         set_value(page, name, value)
 
 
 def upload(page, path: Path) -> None:
+    """Upload a file: the Data file box names it (not the server's temporary path)."""
     page.locator("#train_file input[type=file]").set_input_files(str(path))
     page.wait_for_function(f"() => document.querySelector('#train_data_path textarea, #train_data_path input')"
-                           f".value.endsWith({path.name!r})")
+                           f".value === {path.name + ' (uploaded)'!r}")
+
+
+def open_train_tab(browser, url: str, viewport: dict):
+    """A new page (as a reload makes one) on the Train tab: (its context, the page)."""
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    return context, page
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    folder = Path(os.environ.get(SCREENSHOT_DIR_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def within_width(locator) -> bool:
+    """Whether an element lies within a phone's screen across (no sideways scrolling to see it)."""
+    box = locator.bounding_box()
+    return box is not None and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+
+
+def legend_boxes(page) -> dict:
+    """The legend's labels in the curve, with their boxes and the plot's (the SVG keeps its text as text)."""
+    return page.evaluate("""() => {
+        const plot = document.querySelector('#train_plot');
+        const box = el => { const r = el.getBoundingClientRect();
+                            return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; };
+        const labels = {};
+        for (const text of plot.querySelectorAll('figure.curve > svg text')) {
+            const words = text.textContent.trim();
+            if (words === 'train loss' || words === 'val loss') labels[words] = box(text);
+        }
+        return {labels, svg: box(plot.querySelector('figure.curve > svg')), plot: box(plot)};
+    }""")
+
+
+def assert_legend_shown(page) -> None:
+    found = legend_boxes(page)
+    assert set(found["labels"]) == {"train loss", "val loss"}, found
+    for label in found["labels"].values():  # drawn, with a size, inside the chart and the page's block
+        assert label["right"] > label["left"] and label["bottom"] > label["top"], found
+        for outer in (found["svg"], found["plot"]):
+            assert outer["left"] <= label["left"] and label["right"] <= outer["right"], found
+            assert outer["top"] <= label["top"] and label["bottom"] <= outer["bottom"], found
+
+
+def broken_cells(page, elem_id: str, first_column_only: bool = False) -> list[str]:
+    """The cells of a table (of its first column) whose text runs over more than one line or out of the cell."""
+    cells = f"#{elem_id} :is(td, th)" + (":first-child" if first_column_only else "")
+    return page.evaluate("""cells => {
+        const broken = [];
+        for (const cell of document.querySelectorAll(cells)) {
+            const range = document.createRange();
+            range.selectNodeContents(cell);
+            const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+            if (tops.size > 1 || cell.scrollWidth > cell.clientWidth + 1) broken.push(cell.innerText);
+        }
+        return broken;
+    }""", cells)
 
 
 def status_text(page) -> str:
@@ -105,6 +176,8 @@ def test_train_to_the_end_then_load_and_generate(page, corpus_file, runs_dir):
     assert train_points == 12 and val_points == 3  # every 5 steps, every 20 steps
     assert not page.locator("#train_error").is_visible()
 
+    assert_legend_shown(page)
+
     # One click: the Generate tab with the new run loaded, its loss curve and test metrics beside it.
     page.locator("#train_load").click()
     info = page.locator("#model_info")
@@ -115,9 +188,65 @@ def test_train_to_the_end_then_load_and_generate(page, corpus_file, runs_dir):
     assert "Generated" in stats and output.startswith("the cat")
 
 
+def test_a_page_opened_later_shows_the_runs_curve_legend_and_settings(browser, server, tmp_path):
+    """(After the run above: the server's last training is browser-tiny, 60 steps, finished.)"""
+    context, page = open_train_tab(browser, server, {"width": 1280, "height": 1000})
+    try:
+        wait_for_status(page, r"Finished[\s\S]*browser-tiny", WAIT_MS)
+        page.wait_for_function("() => document.querySelector('#train_plot figure.curve > svg')")
+        assert curve_points(page) == (12, 3)  # the whole curve, not an empty chart or its first points
+        assert_legend_shown(page)
+        # The form shows that run's settings (the tiny preset's, its name), not the defaults.
+        page.wait_for_function("() => document.querySelector('#train_out input, #train_out textarea').value"
+                               " === 'browser-tiny'")
+        assert page.locator("#train_max_steps input").input_value() == "60"
+        assert page.locator("#train_preset input").first.input_value() == "tiny"
+        assert page.locator("#train_data_path textarea, #train_data_path input").first.input_value() == (
+            "corpus.txt (uploaded)")
+        page.locator("#train_plan").get_by_text("upload it here for the plan of a new run").wait_for()
+        assert not page.locator("#train_error").is_visible()
+        page.mouse.move(0, 0)
+        page.screenshot(path=str(screenshot_path(tmp_path, "train_reopened.png")), full_page=True)
+    finally:
+        context.close()
+
+
+def test_both_tabs_are_usable_at_a_phones_width(browser, server, tmp_path):
+    """(After the first run above.) At 390 px: the progress table's figures whole, the curve and its legend
+    within the screen's width, and in the Generate tab the Generate button on the first screen."""
+    context, page = open_train_tab(browser, server, PHONE)
+    try:
+        wait_for_status(page, r"Finished", WAIT_MS)
+        page.wait_for_function("() => document.querySelector('#train_plot figure.curve > svg')")
+        assert broken_cells(page, "train_status") == []
+        assert within_width(page.locator("#train_status table"))
+        assert_legend_shown(page)
+        assert within_width(page.locator("#train_plot figure.curve > svg"))
+        page.screenshot(path=str(screenshot_path(tmp_path, "train_phone.png")), full_page=True)
+
+        page.locator("#train_load").click()  # the run, loaded in the Generate tab
+        page.locator("#model_info").get_by_text("Test loss").wait_for()
+        page.locator("#run_curve img").wait_for()
+        # Below the output and the settings: the run's details, whole names, all within the width.
+        assert broken_cells(page, "model_info", first_column_only=True) == []
+        assert within_width(page.locator("#model_info table")) and within_width(page.locator("#run_curve img"))
+        assert page.evaluate("() => [...document.querySelectorAll('#model_info, #train_status')]"
+                             ".every(box => box.scrollWidth <= box.clientWidth)")  # nothing to scroll sideways
+        page.evaluate("window.scrollTo(0, 0)")
+        button = page.locator("#generate_button").bounding_box()
+        assert button["y"] + button["height"] <= PHONE["height"], button  # on the first screen
+        prompt = page.locator("#prompt").bounding_box()
+        assert prompt["y"] < button["y"]
+        page.screenshot(path=str(screenshot_path(tmp_path, "generate_phone.png")), full_page=True)
+        output, stats = generate_in_page(page, "the cat", {"max_new_tokens": 10, "seed": 1})
+        assert "Generated" in stats
+    finally:
+        context.close()
+
+
 def test_stop_saves_then_resume_finishes(page, runs_dir, tmp_path):
     # Tiny Shakespeare (the default data), for a run that would take long: stopped once the curve has points.
-    fill_form(page, "browser-stop", train_max_steps=100_000)
+    fill_form(page, "browser-stop", train_max_steps=100_000, train_data_path="")  # blank: the bundled corpus
     page.locator("#train_plan").get_by_text("plan: 100,000 steps").wait_for()
     page.locator("#train_start").click()
     page.wait_for_function("""() => {
@@ -153,6 +282,7 @@ def test_a_bad_file_shows_its_error_and_starts_nothing(page, tmp_path, runs_dir,
     upload(page, bad)
     error = page.locator("#train_error")
     error.get_by_text(message).wait_for()
+    assert f"{bad.name} {message}" in error.inner_text()  # named by its name, not the server's temporary path
     fill_form(page, "browser-bad")
     page.locator("#train_start").click()
     error.get_by_text(message).wait_for()

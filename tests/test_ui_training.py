@@ -15,7 +15,7 @@ from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
 from minillm.serve.training_manager import FAILED, FINISHED, RUNNING, STOPPED, TrainingManager
 from minillm.training import train
 from minillm.training.preview import preview_run
-from minillm.ui import app, generate_tab, train_tab
+from minillm.ui import app, generate_tab, train_tab, train_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN_IDS = ["train_tab", "train_file", "train_data_path", "train_tokenizer", "train_vocab_size", "train_model_type",
@@ -24,11 +24,11 @@ TRAIN_IDS = ["train_tab", "train_file", "train_data_path", "train_tokenizer", "t
 WAIT_S = 120
 
 
-def form(data, out="run", preset="tiny", tokenizer="char", model_type="decoder_only", **changes):
+def form(data, out="run", preset="tiny", tokenizer="char", model_type="decoder_only", upload=None, **changes):
     """The form's values in FORM order: the preset's, with `changes` (by elem_id without "train_")."""
     values = dict(zip(train_tab.PRESET_FIELDS, train_tab.preset_values(preset), strict=True))
     values.update({f"train_{k}": v for k, v in changes.items()})
-    return [str(data), tokenizer, model_type, preset, *values.values(), out]
+    return [upload, str(data), tokenizer, model_type, preset, *values.values(), out]
 
 
 def shown(update) -> str:
@@ -47,10 +47,14 @@ POLLED = ["train_status", "train_plot", "train_error", "train_warning", "train_s
 
 
 class TrainPage:
-    """A page on a training manager, its Train tab's handlers called as Gradio would, outputs by name."""
+    """A page on a training manager, its Train tab's handlers called as Gradio would, outputs by name. It may
+    train on the files under `data_dirs` (by default the tests' temporary folders: see allow_test_files)."""
 
-    def __init__(self, runs_dir, manager=None):
-        self.page = app.build_page(runs_dir=runs_dir, trainings=manager or TrainingManager())
+    data_dirs: tuple = ()
+
+    def __init__(self, runs_dir, manager=None, data_dirs=None):
+        self.page = app.build_page(runs_dir=runs_dir, trainings=manager or TrainingManager(),
+                                   data_dirs=self.data_dirs if data_dirs is None else data_dirs)
         self.tab, self.manager = self.page.train, self.page.trainings
 
     def named(self, update):
@@ -73,6 +77,12 @@ class TrainPage:
         return self.named(self.tab.poll(seen, picked))
 
 
+@pytest.fixture(autouse=True)
+def allow_test_files(tmp_path_factory, monkeypatch):
+    """The pages of these tests may train on the tests' files (as `minillm ui --data-dir BASETEMP` would)."""
+    monkeypatch.setattr(TrainPage, "data_dirs", (tmp_path_factory.getbasetemp(),))
+
+
 def finish(manager):
     status = manager.wait(WAIT_S)
     assert status.ended, status
@@ -87,7 +97,7 @@ def test_the_page_has_the_train_tab_with_its_fixed_ids(tmp_path):
 
 
 def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
-    model, config = train_tab.form_configs(*form(corpus_file)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file)[1:-1])
     assert config.sample_interval == 0  # (no samples from the page: it shows none)
     preview = preview_run(model, config)
     printed = []
@@ -164,7 +174,7 @@ def test_one_training_at_a_time_and_every_tab_sees_it(tmp_path):
     assert "data file not found" in shown(out["train_error"])  # (the form is checked first)
     for polled in (page.poll(), other_page.poll()):
         assert "**Training**" in polled["train_status"] and "5 / 100" in polled["train_status"]
-        assert polled["train_plot"]["caption"] == "1 train and 0 validation points"
+        assert "1 train and 0 validation points" in polled["train_plot"]
         assert polled["train_stop"]["interactive"] and not polled["train_start"]["interactive"]  # Stop on, Start off
         assert "overfitting: validation loss rose" in shown(polled["train_warning"])  # the trainer's, in the page
     outputs = page.poll()
@@ -203,7 +213,7 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_pa
     stopped_at = status.result["steps"]
     assert 0 < stopped_at < 5000 and folder.last_checkpoint.is_file() and folder.has_best_model()
     assert status.rows[-1]["kind"] == "eval" and status.rows[-1]["step"] == stopped_at  # evaluated at the stop
-    text = train_tab.status_markdown(status)
+    text = train_view.status_markdown(status)
     assert "**Stopped**" in text and "Resume" in text
 
     # Resume, to a few more steps: it goes on from the stop, its curve keeps the rows before it.
@@ -213,11 +223,98 @@ def test_stop_saves_the_run_and_resume_finishes_it(corpus_file, tiny_run, tmp_pa
     assert status.state == FINISHED and status.result["steps"] == stopped_at + 10, status.error
     steps = [row["step"] for row in status.rows if row["kind"] == "train"]
     assert steps == sorted(steps) and steps[0] < stopped_at < steps[-1]
-    assert "**Finished**" in train_tab.status_markdown(status)
+    assert "**Finished**" in train_view.status_markdown(status)
     assert str(folder.path) in page.poll()["run_picker"]["choices"]  # in the run picker
     picked = page.tab.pick_trained_run()
     assert picked[generate.run_picker]["value"] == str(folder.path)
     assert picked[generate.model_path] == str(folder.best_model)
+
+
+def settings_shown(page) -> dict:
+    """What a page opening now shows in its form, by field id."""
+    update = page.tab.show_last_settings()
+    return {} if update == gr.skip() else {component.elem_id: value for component, value in update.items()}
+
+
+def test_a_page_opened_later_shows_the_runs_own_settings_and_its_whole_curve(corpus_file, tmp_path):
+    page = TrainPage(tmp_path)
+    assert settings_shown(page) == {}  # nothing trained yet: the defaults stay
+    out = page.start(form(corpus_file, out="mine", max_steps=40, learning_rate=0.002, max_time=""))
+    assert not shown(out["train_error"])
+    status = finish(page.manager)
+    later = TrainPage(tmp_path, page.manager)  # another page of the server (a reload is the same)
+    settings = settings_shown(later)
+    assert (settings["train_out"], settings["train_preset"], settings["train_tokenizer"]) == ("mine", "tiny", "char")
+    assert (settings["train_max_steps"], settings["train_learning_rate"]) == (40, 0.002)
+    assert settings["train_data_path"] == str(corpus_file)
+    # Its first poll draws the run's whole curve, from the job's rows: 8 train points, 2 validation points,
+    # both lines named in the legend.
+    curve = later.poll()["train_plot"]
+    assert "8 train and 2 validation points" in curve and "<svg" in curve
+    assert ">train loss<" in curve and ">val loss<" in curve
+    assert later.poll(later.poll()["seen"]) == {}  # drawn once: the next tick sends nothing
+    # Resumed to more steps, a page shows the limits Resume used and the run's own model, whatever its form.
+    out = page.resume(form(corpus_file, out="mine", max_steps=50, d_model=64, max_time="30"))
+    assert not shown(out["train_error"]) and finish(page.manager).result["steps"] == 50
+    settings = settings_shown(TrainPage(tmp_path, page.manager))
+    assert (settings["train_max_steps"], settings["train_max_time"], settings["train_d_model"]) == (50, "30", 32)
+    assert status.run_dir == tmp_path / "mine"
+
+
+def test_the_warnings_shown_still_hold_and_name_the_forms_fields(tmp_path):
+    manager, release, finish_now = TrainingManager(), threading.Event(), threading.Event()
+
+    def evaluation(step, best_step, overfitting):
+        return {"kind": "eval", "step": step, "val_loss": 2.0, "train_loss": 1.0, "best_val_loss": 1.9,
+                "best_step": best_step, "overfitting": overfitting}
+
+    def work(job):  # the trainer's warnings, worded as it words them, and its evaluations
+        job.log("warning: training slowed to 4,288 tokens/s from 61,299 early on and has stayed that slow for "
+                "20 s: another process is probably using the CPU (stop it, or train with fewer threads, which "
+                "suffer less from sharing: --threads 1; now 2)")
+        job.on_metrics(evaluation(200, 100, False))
+        job.log("warning: overfitting: validation loss rose for 3 evaluations while training loss fell; the model "
+                "(30,000 parameters) is memorising its 14,651 training tokens. What usually helps: a smaller model "
+                "(--d-model, --n-layers), dropout (--dropout 0.1-0.3), or more data. Early stopping keeps the best "
+                "model (step 100, val loss 1.9000).")
+        job.on_metrics(evaluation(300, 100, True))
+        release.wait(WAIT_S)
+        job.on_metrics(evaluation(400, 400, True))  # a better model after all: the warning no longer holds
+        finish_now.wait(WAIT_S)
+
+    manager.start(tmp_path / "a", "tab-1", work, max_steps=1000)
+    page = TrainPage(tmp_path, manager)
+    for _ in range(WAIT_S * 10):
+        if len(manager.status().rows) == 2:
+            break
+        threading.Event().wait(0.1)
+    warning = shown(page.poll()["train_warning"])
+    assert "another process is probably using the CPU" in warning and "threads" not in warning
+    assert ("a smaller model (**Width (d_model)**, **Layers**), dropout (**Dropout** 0.1-0.3), or more data. "
+            "Early stopping keeps the best model (step 100, val loss 1.9000)") in warning
+    assert "--" not in warning
+    release.set()
+    for _ in range(WAIT_S * 10):
+        if len(manager.status().rows) == 3:
+            break
+        threading.Event().wait(0.1)
+    warning = shown(page.poll()["train_warning"])
+    assert "overfitting" not in warning and "another process" in warning
+    finish_now.set()
+    finish(manager)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("run\x00one", "the run folder name contains a control character (\\x00); type it again without it"),
+    ("two\nlines", "contains a control character (\\n)"),
+    ("x" * 256, "the run folder name is 256 bytes long; a folder name takes at most 255"),
+])
+def test_a_run_name_no_folder_can_have_is_one_clear_line(corpus_file, tmp_path, name, message):
+    page = TrainPage(tmp_path)
+    for out in (page.show_plan(form(corpus_file, out=name)), page.start(form(corpus_file, out=name)),
+                page.resume(form(corpus_file, out=name))):
+        assert message in shown(out["train_error"])
+    assert page.manager.status() is None
 
 
 def test_resume_without_a_checkpoint_says_so(corpus_file, tmp_path):
@@ -238,7 +335,7 @@ def test_the_plan_leaves_the_random_generators_alone(corpus_file):
     """A training may be running in another thread: timing the steps must not draw from its generators."""
     import torch
 
-    model, config = train_tab.form_configs(*form(corpus_file, d_model=48, n_heads=4)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file, d_model=48, n_heads=4)[1:-1])
     before = torch.get_rng_state()
     preview = preview_run(model, config)
     assert torch.equal(before, torch.get_rng_state()) and preview.seconds_per_step > 0

@@ -1,6 +1,8 @@
 """The serving core: what any server of Mini LLM models needs, whatever its front (the Gradio web UI in
 minillm.ui, an HTTP API). Gradio-free, and it imports nothing of minillm.ui.
 
+    access.py            what a server's users may name: training data (uploads, the bundled corpus, files
+                         under --data-dir) and runs (a run folder or its files), checked after resolving links
     address.py           where a server listens: default host and ports, the --host/--port checks, the warning
                          for a network address
     limits.py            ServerLimits: what one client may ask for (new tokens, prompt length, generations at

@@ -41,8 +41,9 @@ def network_warning(host: str) -> str:
     """What serving the web UI on `host` exposes, or "" for a local address."""
     if is_local_host(host):
         return ""
-    return (f"--host {host} is not local: anyone on the network who can reach this machine can use the UI and "
-            "load any model file the server can read; keep the default --host 127.0.0.1 to serve this machine only")
+    return (f"--host {host} is not local: anyone on the network who can reach this machine can use the UI: load "
+            "any run the server can read, train on uploads and the files under --data-dir, write runs into "
+            "--runs-dir; keep the default --host 127.0.0.1 to serve this machine only")
 
 
 def check_can_serve(host: str, port: int) -> None:

@@ -25,26 +25,19 @@ from minillm.errors import MiniLLMError
 from minillm.generation import TokenStream, stream_tokens
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
+from minillm.serve.access import run_file
 from minillm.serve.limits import ServerLimits
 
 
 def model_files(model_path: str, tokenizer_path: str = "") -> tuple[Path, Path]:
     """The (model, tokenizer) files a client names: a run folder works as the model path; a blank tokenizer
-    path means the one beside the model. Refused (MiniLLMError) when either file is not there."""
+    path means the one beside the model. Only a run's files (serve.access.run_file): anything else, or a
+    file that is not there, is refused (MiniLLMError)."""
     if not model_path or not model_path.strip():
         raise MiniLLMError(f"enter the path of a model ({BEST_MODEL_FILE}) or a run folder, or pick a run")
-    model = Path(model_path.strip()).expanduser()
-    if model.is_dir():
-        model = model / BEST_MODEL_FILE
-    if not model.is_file():
-        raise MiniLLMError(f"model file not found: {model}; check the path or pick a run from the list")
+    model = run_file(model_path, BEST_MODEL_FILE)
     tokenizer_path = (tokenizer_path or "").strip()
-    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path else model.parent / TOKENIZER_FILE
-    if tokenizer.is_dir():
-        tokenizer = tokenizer / TOKENIZER_FILE
-    if not tokenizer.is_file():
-        raise MiniLLMError(f"tokenizer file not found: {tokenizer}; use the {TOKENIZER_FILE} of the same run")
-    return model, tokenizer
+    return model, run_file(tokenizer_path or model.parent, TOKENIZER_FILE)
 
 
 @dataclass(frozen=True)

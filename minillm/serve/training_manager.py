@@ -45,6 +45,9 @@ class TrainingStatus:
     error: str = ""
     result: dict[str, Any] = field(default_factory=dict)  # stop_reason, best_step, best_val_loss, test metrics
     started: float = field(default_factory=time.time)
+    # The run's settings as the front that started it words them (the web UI: its form's values), so that
+    # a client that comes later can show them beside the progress.
+    form: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ended(self) -> bool:
@@ -146,12 +149,14 @@ class TrainingManager:
         self._job: TrainingJob | None = None
 
     def start(self, run_dir: str | Path, owner: str, work: Work, max_steps: int | None = None,
-              max_time: float | None = None, resumed: bool = False) -> TrainingJob:
-        """Start `work` in the background; refused (MiniLLMError) while another training runs."""
+              max_time: float | None = None, resumed: bool = False,
+              form: dict[str, Any] | None = None) -> TrainingJob:
+        """Start `work` in the background; refused (MiniLLMError) while another training runs. `form`: the
+        run's settings as the caller words them (TrainingStatus.form)."""
         with self._lock:
             if self._job is not None and not self._job.status().ended:
                 raise MiniLLMError(busy_message(self._job.status(), owner))
-            status = TrainingStatus(Path(run_dir), owner, resumed, max_steps, max_time)
+            status = TrainingStatus(Path(run_dir), owner, resumed, max_steps, max_time, form=dict(form or {}))
             self._job = TrainingJob(status, work)
             self._job.thread.start()
             return self._job

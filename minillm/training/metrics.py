@@ -49,37 +49,36 @@ class MetricsLog:
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows)), mode="w")
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
-    """Draw train and validation loss by step from metrics.jsonl into a PNG (written atomically)."""
-    import matplotlib
+def loss_figure(rows: list[dict[str, Any]], title: str = "", size_inches: tuple[float, float] = PLOT_SIZE_INCHES):
+    """Train and validation loss by step, from metrics rows, as a matplotlib Figure (made without pyplot: no
+    global state, so a server may draw in several threads; nothing to close)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
     train = _points(rows, "train", "train_loss")
     val = _points(rows, "eval", "val_loss")
-    fig, ax = plt.subplots(figsize=PLOT_SIZE_INCHES)
-    try:
-        if train:
-            ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
-        if val:
-            ax.plot(*zip(*val, strict=True), label="val loss", color="tab:orange", marker="o", markersize=3)
-            best_step, best = min(val, key=lambda point: point[1])
-            ax.axhline(best, color="tab:orange", linestyle=":", linewidth=1)
-            ax.annotate(f"best {best:.3f}", (best_step, best), textcoords="offset points", xytext=(4, 6),
-                        fontsize=8)
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy loss (nats per token)")
-        ax.set_title(title or "Mini LLM training")
-        ax.grid(alpha=0.3)
-        if train or val:
-            ax.legend()
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=PLOT_DPI)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=size_inches)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
+    if val:
+        ax.plot(*zip(*val, strict=True), label="val loss", color="tab:orange", marker="o", markersize=3)
+        best_step, best = min(val, key=lambda point: point[1])
+        ax.axhline(best, color="tab:orange", linestyle=":", linewidth=1)
+        ax.annotate(f"best {best:.3f}", (best_step, best), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    ax.set_title(title or "Mini LLM training")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> None:
+    """Draw train and validation loss by step from metrics.jsonl into a PNG (written atomically)."""
+    buffer = io.BytesIO()
+    loss_figure(read_metrics(metrics_path), title).savefig(buffer, format="png", dpi=PLOT_DPI)
     atomic_write(png_path, lambda f: f.write(buffer.getvalue()))
 
 

@@ -38,10 +38,18 @@ class RunPlan:
 
     @property
     def epochs(self) -> float:
-        return self.max_steps * self.tokens_per_step / max(1, self.epoch_tokens)
+        return self.epochs_in(self.max_steps)
 
-    def lines(self) -> list[str]:
-        """The plan as the lines the CLI prints (model, data, plan, and notes when something stands out)."""
+    def epochs_in(self, steps: float) -> float:
+        """Passes over the training data that `steps` optimizer steps make."""
+        return steps * self.tokens_per_step / max(1, self.epoch_tokens)
+
+    def lines(self, budget_steps: float | None = None) -> list[str]:
+        """The plan as the lines the CLI prints (model, data, plan, and notes when something stands out).
+
+        `budget_steps`: the steps the time budget is expected to allow (a preview's estimate), when fewer
+        than max_steps; the notes on epochs count those. Without an estimate, a run with a time budget
+        makes *up to* its max_steps' worth of passes, and the notes say so."""
         mc, c = self.model_config, self.config
         layers = model_class(mc.model_type).layers_description(mc)
         shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
@@ -61,11 +69,25 @@ class RunPlan:
             lines.append(f"distributed: {self.world_size} processes ({self.device.split(':')[0]}); global batch "
                          f"{self.global_batch} sequences = {self.world_size} x batch {c.batch_size} x "
                          f"{c.grad_accum_steps} accumulation step(s), {self.tokens_per_step:,.0f} tokens per step")
+        return lines + self._epoch_notes(budget_steps)
+
+    def _epoch_notes(self, budget_steps: float | None) -> list[str]:
+        """A note when the run makes many passes over the data (it will memorise it) or sees little of it."""
+        c = self.config
+        if c.max_time and budget_steps is not None and budget_steps < self.max_steps:
+            epochs = self.epochs_in(budget_steps)
+            passes = (f"about {epochs:.0f} passes (the {budget_steps:,.0f} or so steps the {c.max_time:g} s budget "
+                      "allows)")
+        else:
+            epochs = self.epochs
+            unknown = c.max_time and budget_steps is None  # whether the budget stops the run first is not known
+            passes = (f"up to {epochs:.0f} passes (all {self.max_steps:,} steps, if the {c.max_time:g} s budget "
+                      "allows them)" if unknown else f"{epochs:.0f} passes")
         if epochs > MANY_EPOCHS:
-            lines.append(f"note: {epochs:.0f} passes over {self.epoch_tokens:,} tokens is many epochs: a "
-                         f"{self.parameters / 1e6:.2f}M-parameter model will likely memorise the data "
-                         "(val loss rises); early stopping keeps the best model, and more data helps most")
-        elif epochs < FEW_EPOCHS:
-            lines.append(f"note: the run sees only {epochs:.1%} of one epoch of the data; "
-                         "more --max-steps (or --max-time) would use more of it")
-        return lines
+            return [f"note: {passes} over {self.epoch_tokens:,} tokens is many epochs: a "
+                    f"{self.parameters / 1e6:.2f}M-parameter model will likely memorise the data "
+                    "(val loss rises); early stopping keeps the best model, and more data helps most"]
+        if epochs < FEW_EPOCHS:
+            return [f"note: the run sees only {epochs:.1%} of one epoch of the data; "
+                    "more --max-steps (or --max-time) would use more of it"]
+        return []

@@ -60,13 +60,22 @@ class RunPreview:
         seconds = self.seconds_per_step * (self.plan.max_steps + evals * c.eval_batches * EVAL_COST)
         return min(seconds, c.max_time) if c.max_time else seconds
 
+    @property
+    def steps(self) -> float:
+        """The optimizer steps the run is expected to make: max_steps, or fewer when the time budget ends it
+        first (each step with its share of the evaluations)."""
+        c = self.plan.config
+        step_cost = self.seconds_per_step * (1 + c.eval_batches * EVAL_COST / c.eval_interval)
+        return min(self.plan.max_steps, c.max_time / step_cost) if c.max_time and step_cost > 0 else self.plan.max_steps
+
     def lines(self) -> list[str]:
-        """The CLI's plan lines, then the estimated time."""
+        """The CLI's plan lines (their notes counting the steps the time budget allows), then the estimated
+        time."""
         scaled = (f", timed on {self.timed_rows} of the {self.plan.config.batch_size} rows and scaled"
                   if self.timed_rows < self.plan.config.batch_size else "")
         budget = " (the time budget)" if self.plan.config.max_time and self.seconds >= self.plan.config.max_time \
             else ""
-        return [*self.plan.lines(),
+        return [*self.plan.lines(self.steps),
                 f"estimated time: about {describe_seconds(self.seconds)}{budget} on {self.plan.device} "
                 f"(an estimate: {self.seconds_per_step * 1000:,.1f} ms per step measured here{scaled}; a busy "
                 "machine is slower)"]

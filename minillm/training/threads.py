@@ -9,7 +9,9 @@ the start of a run, the run leaves their cores to them.
 from __future__ import annotations
 
 import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +20,10 @@ SAMPLE_SECONDS = 0.25  # how long the CPU is watched before the run starts
 BUSY_CORE = 0.5  # another process using this share of a core or more counts as holding it
 SLOWDOWN_FACTOR = 3.0  # throughput this many times below the run's early rate: warn (the CPU is shared?)
 WARMUP_LOGS = 2  # log intervals skipped before the reference throughput is taken (first steps are slow)
+REFERENCE_LOGS = 3  # the early rate is the median of this many log intervals (one interval is noisy)
+SLOW_LOGS = 3  # ... and a slowdown counts when this many log intervals in a row are that slow
+SLOW_SECONDS = 20.0  # ... for at least this long: a shorter dip costs the run little, and a run shorter
+#                       than this has nothing to gain from the advice
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -74,21 +80,41 @@ def leave_busy_cores() -> str:
 
 
 class ThroughputWatch:
-    """Warns once when training runs far slower than it did early on (another process on the cores)."""
+    """Warns once when training runs far slower than it did early on (another process on the cores), and
+    only when that is worth saying: the slowdown lasts (SLOW_LOGS intervals, SLOW_SECONDS), so a noisy
+    interval or a short run never warns; the advice to use fewer threads only when the run has more than one.
+    `clock`: seconds, for the tests (time.monotonic by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.logs_seen, self.reference_rate, self.warned = 0, None, False
+        self.early: list[float] = []  # the rates the reference is taken from
+        self.slow_since: float | None = None  # when the current run of slow intervals began
+        self.slow_logs = 0
 
     def check(self, tokens_per_s: float) -> str:
         """The warning to show for this log interval's rate ("" when there is none)."""
         self.logs_seen += 1
-        if self.logs_seen <= WARMUP_LOGS:
+        now = self.clock()
+        if self.logs_seen <= WARMUP_LOGS or self.warned:
             return ""
         if self.reference_rate is None:
-            self.reference_rate = tokens_per_s
-        elif not self.warned and tokens_per_s < self.reference_rate / SLOWDOWN_FACTOR:
-            self.warned = True
-            return (f"warning: training slowed to {tokens_per_s:,.0f} tokens/s from {self.reference_rate:,.0f} "
-                    "early on; another process is probably using the CPU. Stop it, or train with fewer threads "
-                    f"(--threads 1; now {torch.get_num_threads()}), which suffer less from sharing")
-        return ""
+            self.early.append(tokens_per_s)
+            if len(self.early) == REFERENCE_LOGS:
+                self.reference_rate = statistics.median(self.early)
+            return ""
+        if tokens_per_s >= self.reference_rate / SLOWDOWN_FACTOR:
+            self.slow_since, self.slow_logs = None, 0
+            return ""
+        if self.slow_since is None:
+            self.slow_since = now
+        self.slow_logs += 1
+        if self.slow_logs < SLOW_LOGS or now - self.slow_since < SLOW_SECONDS:
+            return ""
+        self.warned = True
+        threads = torch.get_num_threads()
+        advice = (f" (stop it, or train with fewer threads, which suffer less from sharing: --threads 1; now "
+                  f"{threads})" if threads > 1 else " (stop it, or wait for it to end)")
+        return (f"warning: training slowed to {tokens_per_s:,.0f} tokens/s from {self.reference_rate:,.0f} early "
+                f"on and has stayed that slow for {now - self.slow_since:.0f} s: another process is probably "
+                f"using the CPU{advice}")

@@ -59,6 +59,8 @@ from minillm.training.threads import ThroughputWatch, leave_busy_cores
 
 EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generator, seeded seed + this
 BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
+# With a time budget the bar leaves out tqdm's own ETA (steps left at its rate): "ends in" is the one ETA.
+BUDGET_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 
 LogFn = Callable[[str], None]
 MetricsCallback = Callable[[dict[str, Any]], None]
@@ -212,8 +214,8 @@ class Trainer:
         last checkpoint is the one saved at the last evaluation).
         """
         config = self.config
-        bar = tqdm(total=self.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.main), desc="training")
+        bar = tqdm(total=self.max_steps, initial=self.state.step, unit="step", dynamic_ncols=True, desc="training",
+                   disable=not (self.progress and self.main), bar_format=BUDGET_BAR if config.max_time else None)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)  # summed on device: no sync per step
         eval_loss_sum = torch.zeros((), device=self.device)

@@ -1,7 +1,8 @@
 """The Gradio web UI: `minillm ui [RUN_DIR]` calls `launch`; `build_demo` returns the page itself.
 
-Only Gradio lives here: the page (app.py), one module per tab (generate_tab.py, train_tab.py) and the
-message boxes both show (boxes.py). What a server needs besides the page (loaded runs and their engines,
+Only Gradio lives here: the page (app.py), one module per tab (generate_tab.py, train_tab.py, with the
+Train tab's view of a training in train_view.py) and what both tabs use (shared.py: the message boxes, the
+names of uploads). What a server needs besides the page (loaded runs and their engines,
 limits, sessions, the training manager) is minillm.serve's. Nothing imports this package but the CLI's `ui`
 command, when it runs; `import minillm` never needs gradio.
 """

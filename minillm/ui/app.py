@@ -12,6 +12,7 @@ ServerLimits.max_loaded_runs of them, released when the tabs that use them close
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +24,13 @@ try:
 except ImportError:  # gradio is the optional "ui" extra
     raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'") from None
 
+from minillm.serve.access import DataAccess
 from minillm.serve.limits import ServerLimits
 from minillm.serve.run_cache import RunCache
 from minillm.serve.sessions import Sessions
 from minillm.serve.training_manager import TrainingManager
 from minillm.ui.generate_tab import GenerateTab
-from minillm.ui.shared import client_of
+from minillm.ui.shared import client_of, upload_folder
 from minillm.ui.train_tab import TrainTab
 
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
@@ -45,6 +47,27 @@ CSS = """
                background: var(--error-background-fill, #fef2f2); }
 #train_warning { border: 1px solid #f59e0b; border-radius: 8px; padding: 4px 12px; background: #fffbeb; }
 #train_plan pre, #train_plan code { white-space: pre-wrap !important; font-size: 0.85em; }
+#train_plot svg { width: 100%; height: auto; display: block; }
+#train_plot figure { margin: 0; }
+#train_plot .curve-caption { margin: 4px 0 0; font-size: var(--text-sm); color: var(--body-text-color-subdued); }
+/* The two-column tables (name, value): a name on one line, a value never broken inside a number (a path
+   may break anywhere). (No selector lists inside :is(): Gradio prefixes each item of a list.) */
+#train_status table { width: auto; }
+#train_status td, #train_status th, #model_info td, #model_info th { overflow-wrap: normal; word-break: normal; }
+#train_status td:first-child, #train_status th:first-child, #model_info td:first-child, #model_info th:first-child {
+  white-space: nowrap; }
+#model_info td:last-child, #model_info th:last-child { overflow-wrap: anywhere; }
+/* A phone: the Generate tab's parts in the order they are used (pick and load a run, write a prompt,
+   Generate, read the output), then the sampling settings, then the run's files and details. */
+@media (max-width: 640px) {
+  #generate_columns > .column { display: contents; }
+  #generate_columns > .column > * { flex: 1 1 100%; min-width: 0; }
+  #generate_columns > .column > :has(#max_new_tokens) { order: 2; }
+  #generate_columns > .column > :has(#model_type) { order: 3; }
+  #generate_columns > .column > :has(#model_path) { order: 3; }
+  #generate_columns > .column > #model_info { order: 3; }
+  #generate_columns > .column > #run_curve { order: 3; }
+}
 """
 
 
@@ -62,9 +85,10 @@ class Page:
 
 def build_page(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
                trainings: TrainingManager | None = None, limits: ServerLimits | None = None,
-               runs: RunCache | None = None) -> Page:
+               runs: RunCache | None = None, data_dirs: Sequence[str | Path] = ()) -> Page:
     """The page. With `run_dir` the paths are pre-filled and that run loads when the page opens.
-    `trainings`, `runs`: the server's training manager and run cache (new ones by default)."""
+    `trainings`, `runs`: the server's training manager and run cache (new ones by default). `data_dirs`:
+    the folders whose files the Train tab may train on (besides uploads and the bundled corpus)."""
     runs_dir = str(runs_dir)
     run_dir = str(run_dir) if run_dir else None
     limits = limits or ServerLimits()
@@ -76,7 +100,7 @@ def build_page(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
             with gr.Tab("Generate", id="generate", elem_id="generate_tab"):
                 generate = GenerateTab(sessions, limits, runs_dir, run_dir)
             with gr.Tab("Train", id="train", elem_id="train_tab"):
-                train = TrainTab(trainings, runs_dir, generate, tabs)
+                train = TrainTab(trainings, runs_dir, generate, tabs, DataAccess(data_dirs, upload_folder()))
         generate.wire(QUICK)
 
         def close_session(request: gr.Request) -> None:
@@ -85,33 +109,35 @@ def build_page(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
             sessions.close(client_of(request))
 
         demo.unload(close_session)
+        # The run picker as the runs folder is now, not as it was when the server started.
+        demo.load(generate.refresh_runs, generate.run_picker, generate.run_picker, api_name=False, **QUICK)
         if run_dir:  # `minillm ui RUN_DIR`: load that run as soon as the page opens
             generate.load_after(demo.load(generate.start_loading, None, generate.load_button, api_name=False,
                                           **QUICK), QUICK)
-        else:
-            demo.load(generate.refresh_runs, generate.run_picker, generate.run_picker, api_name=False, **QUICK)
         train.wire(QUICK, demo)
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT)
     return Page(demo, generate, train, sessions, trainings)
 
 
 def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
-               trainings: TrainingManager | None = None) -> gr.Blocks:
+               trainings: TrainingManager | None = None, data_dirs: Sequence[str | Path] = ()) -> gr.Blocks:
     """The page as a gr.Blocks; see build_page."""
-    return build_page(run_dir, runs_dir, trainings).demo
+    return build_page(run_dir, runs_dir, trainings, data_dirs=data_dirs).demo
 
 
 def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_UI_PORT,
-           runs_dir: str | Path = DEFAULT_RUNS_DIR, share: bool = False) -> None:
-    """Serve the UI until interrupted: on 127.0.0.1 only, unless `host` or `share` says otherwise."""
+           runs_dir: str | Path = DEFAULT_RUNS_DIR, share: bool = False, data_dirs: Sequence[str | Path] = ()) -> None:
+    """Serve the UI until interrupted: on 127.0.0.1 only, unless `host` or `share` says otherwise. The Train
+    tab trains on uploads, the bundled corpus and the files under `data_dirs` (`--data-dir`) only."""
     if run_dir and not Path(run_dir).is_dir():
         raise MiniLLMError(f"run folder not found: {run_dir}; train one with `minillm train --out {run_dir}`")
+    DataAccess.check_folders(data_dirs)
     check_can_serve(host, port)  # before anything is printed: a busy or bad port is one error line
     warning = network_warning(host)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     trainings = TrainingManager()
-    demo = build_demo(run_dir, runs_dir, trainings)
+    demo = build_demo(run_dir, runs_dir, trainings, data_dirs)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
     try:

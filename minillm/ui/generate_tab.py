@@ -26,6 +26,7 @@ from minillm.generation import generation_inputs, unknown_characters_warning
 from minillm.models import count_parameters, is_encoder_decoder, model_class
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder, find_runs
 from minillm.sampling import SamplingConfig
+from minillm.serve.access import run_folder
 from minillm.serve.limits import ServerLimits
 from minillm.serve.run_cache import model_files
 from minillm.serve.sessions import Session, Sessions
@@ -162,7 +163,7 @@ class GenerateTab:
                 pass  # the load on page open shows what is wrong with it
         self.error = gr.Markdown(visible=False, elem_id="error")
         self.warning = gr.Markdown(visible=False, elem_id="warning")
-        with gr.Row(equal_height=False):
+        with gr.Row(equal_height=False, elem_id="generate_columns"):  # (a phone reorders its parts: app.CSS)
             with gr.Column(scale=2, min_width=320):
                 self._model_column(run_dir, model_path, tokenizer_path, model_type, tokenizer_type)
             with gr.Column(scale=3, min_width=400):
@@ -263,7 +264,7 @@ class GenerateTab:
         if not run_dir:
             return {self.error: no_error()}
         try:
-            paths = run_paths(run_dir)
+            paths = run_paths(run_folder(run_dir))
         except Exception as e:
             return {self.error: error_box(e)}
         return {**dict(zip(self.run_fields, paths, strict=True)), self.error: no_error()}
