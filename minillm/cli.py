@@ -1,7 +1,7 @@
 """The `minillm` command: train, generate, evaluate, ui. A thin layer: parse arguments, call the library.
 
     minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
-    minillm generate RUN_DIR --prompt "ROMEO:"
+    minillm generate RUN_DIR --prompt "ROMEO:" [--num-samples 3] [--stop STRING] [--prompt-file FILE]
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
     generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
+    generate.add_argument("--prompt-file", type=Path, metavar="FILE",
+                          help="generate for each line of FILE (the prompt; an encoder-decoder's source) and write "
+                               "JSON Lines: each line's samples, their token counts and stop reasons, the settings")
+    generate.add_argument("--num-samples", type=int, default=1, metavar="N",
+                          help="N samples of the prompt, decoded as one batch drawn from --seed (default 1)")
+    generate.add_argument("--stop", action="append", default=[], metavar="STRING",
+                          help="end a sample where its text reaches STRING, which is left out (repeatable; a "
+                               "blank line in bash: --stop $'\\n\\n')")
     _add_config_options(generate.add_argument_group("sampling options"), SamplingConfig, "sampling__",
                         show_defaults=True)
     generate.add_argument("--compile", action="store_true",
@@ -293,6 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_final_sample(run_dir: Path, device: str | None) -> None:
     """The run's showcase sample from the best model (prompted with the start of the test split)."""
     from minillm.checkpoint import load_run
+    from minillm.cli_generate import write_stream
     from minillm.generation import showcase
 
     run = load_run(run_dir, device)
@@ -302,43 +311,11 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
     write_stream(sample.tokens(run))
 
 
-def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None = None, compile: bool = False) -> None:
-    """Write the generated chunks to stdout as they come (see write_stream)."""
-    from minillm.engine import Engine
-    from minillm.generation import stream_tokens
-
-    write_stream(stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile)))
-
-
-def write_stream(tokens: Any) -> None:
-    """Write a TokenStream's chunks to stdout as they come, then a newline; on stderr, a note when the model
-    ended the text itself (EOS) before --max-new-tokens."""
-    try:
-        for _, chunk in tokens:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    finally:
-        tokens.close()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if tokens.end_note():
-        print(f"({tokens.end_note()})", file=sys.stderr)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from minillm.checkpoint import load_run
-    from minillm.generation import generation_inputs, unknown_characters_warning
+    from minillm.cli_generate import generate
 
-    run = load_run(args.run_dir, args.device)
-    sampling = SamplingConfig(**_overrides(args, "sampling__"))
-    prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
-    warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    if not is_encoder_decoder(run.config):
-        sys.stdout.write(prompt)  # stdout = prompt + continuation
-    stream(run, prompt, sampling, source, compile=args.compile)
-    return 0
+    return generate(args.run_dir, SamplingConfig(**_overrides(args, "sampling__")), args.prompt, args.source,
+                    args.prompt_file, args.num_samples, args.stop, args.compile, args.device)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
