@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-tokens", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
                           help="score at most about this many tokens (a larger set gives an estimate from a "
                                "random sample, with its 95%% confidence); 'none': all (default: the run's setting)")
+    evaluate.add_argument("--test-pairs", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
+                          help="on pairs, also answer at most this many greedily (a seeded random sample of more) "
+                               "and score the answers: exact match, character error rate, chrF and BLEU; 'none': "
+                               "all (default: the run's setting)")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -258,6 +262,7 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from minillm.training import StopReason, distributed, resume, train
+    from minillm.training.answers import describe_answers
 
     model_overrides = _overrides(args, "model__")
     train_overrides = _overrides(args, "train__")
@@ -282,6 +287,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
           f"{test['bits_per_byte']:.3f} bits per byte)")
+    if describe_answers(test):
+        print(f"test: {describe_answers(test)}")
     if result.stop_reason == StopReason.STOPPED:
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -320,11 +327,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from minillm.training import evaluate_run
+    from minillm.training.answers import describe_answers
     from minillm.training.evaluation import describe_score
 
     max_tokens = getattr(args, "test_tokens", "run")  # "run": the run's own --test-tokens
-    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True)
+    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True,
+                           max_pairs=getattr(args, "test_pairs", "run"),
+                           warn=lambda warning: print(f"warning: {warning}", file=sys.stderr, flush=True))
     print(f"{metrics['data']}: {describe_score(metrics)}")
+    if describe_answers(metrics):
+        print(f"{metrics['data']}: {describe_answers(metrics)}")
     return 0
 
 

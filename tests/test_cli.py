@@ -29,6 +29,7 @@ from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
+from minillm.training.answers import describe_answers
 from minillm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +203,9 @@ def test_train_says_how_it_read_a_pair_file_and_takes_its_first_two_columns(tmp_
     assert ("data file: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
             "--format text|tsv|jsonl overrides): 40 pairs") in captured.out
     assert "warning: " in captured.err and "has 3 tab-separated columns; using column 1 as the source" in captured.err
+    # The end-of-training summary shows the scores of the greedy answers to the test pairs.
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text(encoding="utf-8"))
+    assert f"test: {describe_answers(test)}\n" in captured.out and test["answers"] == 2  # (5% of 40 pairs)
 
 
 def test_format_option_reads_a_pair_file_as_text(tmp_path, capsys):
@@ -394,6 +398,14 @@ def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, caps
                                        f"byte ({expected['bits_per_char']:.3f} per character) over {tokens:,} "
                                        "tokens\n")
     assert expected["data"].startswith(f"{data} (read as plain text")
+
+
+def test_evaluate_data_warns_about_characters_the_tokenizer_never_saw(tiny_run, tmp_path, capsys):
+    data = tmp_path / "other.txt"
+    data.write_text("the \u03a9 cat sees the moon.\n\nthe \u03a9\u03a9 dog.\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_run), "--data", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {data}: 3 character(s) of the input are not in this run's character vocabulary")
 
 
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(tiny_run, corpus_file, capsys):

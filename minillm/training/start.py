@@ -121,7 +121,7 @@ def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
 
 # Settings that may change when a run is resumed (the rest would change what is being trained).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
-                    "compile", "dtype", "threads", "test_tokens")
+                    "compile", "dtype", "threads", "test_tokens", "test_pairs")
 
 
 def check_resumable(run_dir: str | Path) -> RunFolder:

@@ -37,6 +37,7 @@ from minillm.models import build_model, count_parameters, is_encoder_decoder, pi
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
+from minillm.training.answers import describe_answers
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import (
     OVERFIT_EVALS,
@@ -44,8 +45,8 @@ from minillm.training.evaluation import (
     describe_score,
     is_overfitting,
     mean_loss,
-    score,
     target_bytes,
+    task_scores,
 )
 from minillm.training.memory import check_memory
 from minillm.training.metrics import MetricsLog, plot_loss_curve
@@ -427,17 +428,20 @@ class Trainer:
     # -- the end -------------------------------------------------------------------------------------
 
     def test(self) -> dict[str, Any]:
-        """Loss, perplexity and bits per byte of the best model on the test split (at most about
-        --test-tokens of it, with a progress bar); written to test_metrics.json."""
+        """Loss, perplexity and bits per byte of the best model on the test split (at most about --test-tokens
+        of it), on pairs its greedy answers' scores (--test-pairs of them); written to test_metrics.json."""
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
-        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
-                        self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main)
+        c = self.config
+        metrics = task_scores(self.task, self.model, self.open_split("test"), c.batch_size, self.device, self.amp_dtype,
+                              self.tokenizer, c.test_tokens, c.test_pairs, c.seed, self.progress and self.main)
         metrics.update(best_step=self.state.best_step, best_val_loss=self.state.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
         self.log(f"test: {describe_score(metrics)} "
                  f"(best model: step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})")
+        if describe_answers(metrics):
+            self.log(f"test: {describe_answers(metrics)}")
         return metrics
 
     def result(self, stop_reason: StopReason, test_metrics: dict[str, Any]) -> TrainResult:
