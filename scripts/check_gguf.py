@@ -63,6 +63,13 @@ def llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return tokens
 
 
+def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """(len(ids), vocab) llama.cpp's logits at each position of `ids`."""
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+
+
 def identical_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -76,9 +83,7 @@ def check_float(run: Any, llm: Any, ours_ids: list[int], n: int) -> tuple[bool, 
     round_trip = llm.detokenize(mixed).decode("utf-8") == MIXED_TEXT
     print(f"mixed Unicode text ({len(mixed)} ids): same ids {same_mixed}, llama.cpp decodes it back {round_trip}")
 
-    llm.reset()
-    llm.eval(ours_ids)
-    their_logits = np.asarray(llm.scores[:len(ours_ids)], dtype=np.float64)
+    their_logits = llama_logits(llm, ours_ids)
     with torch.no_grad():
         our_logits = run.model(torch.tensor([ours_ids]))[0][0].double().numpy()
     print(f"max |logit difference| over the prompt's {len(ours_ids)} positions: "
@@ -94,19 +99,32 @@ def check_float(run: Any, llm: Any, ours_ids: list[int], n: int) -> tuple[bool, 
     return their_ids == ours_ids and same_mixed and round_trip and matching >= min(MIN_MATCHING, n), theirs
 
 
-def check_quantized(run_dir: Path, run: Any, work: Path, dtype: str, float_tokens: list[int], float_size: int,
+def check_quantized(run_dir: Path, run: Any, work: Path, dtype: str, float_llm: Any, float_tokens: list[int],
                     ours_ids: list[int], n: int) -> bool:
-    """The `dtype` export against the float32 one in llama.cpp: greedy tokens and file size."""
+    """The `dtype` export against the float32 one in llama.cpp: greedy tokens, logits and file size."""
     path = export_run(run_dir, "gguf", work / f"model-{dtype}.gguf", dtype=dtype)
-    size = path.stat().st_size
+    size, float_size = path.stat().st_size, Path(float_llm.model_path).stat().st_size
     print(f"exported {run_dir} to {path} ({dtype}, {size:,} bytes: {size / float_size:.2f} of float32's "
           f"{float_size:,})")
-    theirs = llama_greedy(open_llama(path, run.config.max_seq_len), ours_ids, n)
+    llm = open_llama(path, run.config.max_seq_len)
+    theirs = llama_greedy(llm, ours_ids, n)
     matching = identical_prefix(float_tokens, theirs)
     needed = min(MIN_QUANTIZED_MATCHING[dtype], n)
     print(f"llama.cpp's greedy continuation from the {dtype} file, {n} tokens: {matching} identical to the "
           f"float32 file's before the first difference (needed: {needed})")
     print(f"  {dtype:9}: {run.tokenizer.decode(theirs)!r}")
+    # Over the float32 file's continuation: how far the logits moved, and how close the float32 file's two
+    # choices were where the greedy tokens first differ (a near-tie flips with the smallest change).
+    sequence = ours_ids + float_tokens
+    float_logits, quantized = llama_logits(float_llm, sequence), llama_logits(llm, sequence)
+    note = f"max |logit difference| from the float32 file over {len(sequence)} positions: " \
+           f"{np.abs(quantized - float_logits).max():.3f}"
+    if matching < min(len(theirs), len(float_tokens)):
+        at = float_logits[len(ours_ids) - 1 + matching]
+        gap = at[float_tokens[matching]] - at[theirs[matching]]
+        note += (f"; where they first differ, the float32 file's token led the {dtype} file's by {gap:.4f} in "
+                 f"its logits (which spread over {np.ptp(at):.3f})")
+    print(note)
     return matching >= needed
 
 
@@ -155,9 +173,10 @@ def main() -> int:
     print(f"exported {run_dir} to {path} (float32, {path.stat().st_size:,} bytes)")
     ours_ids = [run.tokenizer.bos_id, *run.tokenizer.encode(PROMPT)]
     n = min(args.tokens, run.config.max_seq_len - len(ours_ids))
-    ok, float_tokens = check_float(run, open_llama(path, run.config.max_seq_len), ours_ids, n)
+    float_llm = open_llama(path, run.config.max_seq_len)
+    ok, float_tokens = check_float(run, float_llm, ours_ids, n)
     if args.dtype != "float32":
-        ok = check_quantized(run_dir, run, work, args.dtype, float_tokens, path.stat().st_size, ours_ids, n) and ok
+        ok = check_quantized(run_dir, run, work, args.dtype, float_llm, float_tokens, ours_ids, n) and ok
     if args.speed:
         speed_table(run_dir, run, work, ours_ids)
     print("check-gguf:", "OK" if ok else "FAILED (see the lines above for what differs)")
