@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS),
                         help="; ".join(f"{f.name}: {f.description}" for f in EXPORT_FORMATS.values()))
     export.add_argument("--out", type=Path, required=True, help="the folder (hf, safetensors) or file (gguf) to write")
-    export.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0], help="weights' precision")
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0],
+                        help="the weights: float32 or float16 (every format); q8_0 or q4_0, llama.cpp's 8- and "
+                             "4-bit blocks (gguf only)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     export.set_defaults(func=cmd_export)
 
