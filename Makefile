@@ -31,10 +31,10 @@ screenshot: setup  # refresh the README's pictures of the web UI (docs/ui.png, d
 	MINILLM_SCREENSHOT=docs/ui.png $(PY) -m pytest -q tests/test_ui_browser.py -k screenshot
 	MINILLM_TRAIN_SCREENSHOT=docs/ui_train.png $(PY) -m pytest -q tests/test_ui_train_browser.py -k stop
 
-check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds llama-cpp-python: many minutes)
+check-gguf: setup  # llama.cpp runs an exported GGUF (float32, and q8_0 against it) as the same model (builds llama-cpp-python: many minutes)
 	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"
-	$(PY) scripts/check_gguf.py
-	$(PY) scripts/check_gguf.py --qk-norm
+	$(PY) scripts/check_gguf.py --dtype q8_0
+	$(PY) scripts/check_gguf.py --qk-norm --dtype q8_0
 
 ui: setup
 	$(PY) -m minillm ui runs/demo --port $(PORT)

@@ -2,7 +2,7 @@
 
     minillm train [DATA ...] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm train --config RECIPE.yaml [options that override it]
-    minillm generate RUN_DIR --prompt "ROMEO:"
+    minillm generate RUN_DIR --prompt "ROMEO:" [--num-samples 3] [--stop STRING] [--prompt-file FILE]
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
@@ -184,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     generate.add_argument("--prompt", default="", help="text to continue (decoder-only) or the target prefix")
     generate.add_argument("--source", help="encoder-decoder input (default: --prompt)")
+    generate.add_argument("--prompt-file", type=Path, metavar="FILE",
+                          help="generate for each line of FILE (the prompt; an encoder-decoder's source) and write "
+                               "JSON Lines: each line's samples, their token counts and stop reasons, the settings")
+    generate.add_argument("--num-samples", type=int, default=1, metavar="N",
+                          help="N samples of the prompt, decoded as one batch drawn from --seed (default 1)")
+    generate.add_argument("--stop", action="append", default=[], metavar="STRING",
+                          help="end a sample where its text reaches STRING, which is left out (repeatable; a "
+                               "blank line in bash: --stop $'\\n\\n')")
     _add_config_options(generate.add_argument_group("sampling options"), SamplingConfig, "sampling__",
                         show_defaults=True)
     generate.add_argument("--compile", action="store_true",
@@ -198,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-tokens", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
                           help="score at most about this many tokens (a larger set gives an estimate from a "
                                "random sample, with its 95%% confidence); 'none': all (default: the run's setting)")
+    evaluate.add_argument("--test-pairs", type=_converter(int, True), default=argparse.SUPPRESS, metavar="INT",
+                          help="on pairs, also answer at most this many greedily (a seeded random sample of more) "
+                               "and score the answers: exact match, character error rate, chrF and BLEU; 'none': "
+                               "all (default: the run's setting)")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -208,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=sorted(EXPORT_FORMATS),
                         help="; ".join(f"{f.name}: {f.description}" for f in EXPORT_FORMATS.values()))
     export.add_argument("--out", type=Path, required=True, help="the folder (hf, safetensors) or file (gguf) to write")
-    export.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0], help="weights' precision")
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0],
+                        help="the weights: float32 or float16 (every format); q8_0 or q4_0, llama.cpp's 8- and "
+                             "4-bit blocks (gguf only)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     export.set_defaults(func=cmd_export)
 
@@ -271,6 +285,7 @@ def stop_on_ctrl_c() -> Iterator[threading.Event]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from minillm.training import StopReason, distributed, resume, train
+    from minillm.training.answers import describe_answers
 
     train_overrides = _overrides(args, "train__")
     if args.data:
@@ -296,6 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nrun saved in {result.run_dir} (best model: step {result.best_step}, "
           f"val loss {result.best_val_loss:.4f}; test perplexity {test['perplexity']:.2f}, "
           f"{test['bits_per_byte']:.3f} bits per byte)")
+    if describe_answers(test):
+        print(f"test: {describe_answers(test)}")
     if result.stop_reason == StopReason.STOPPED:
         print("stopped by Ctrl-C: continue with the same command plus --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -315,6 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def print_final_sample(run_dir: Path, device: str | None) -> None:
     """The run's showcase sample from the best model (prompted with the start of the test split)."""
     from minillm.checkpoint import load_run
+    from minillm.cli_generate import write_stream
     from minillm.generation import showcase
 
     run = load_run(run_dir, device)
@@ -324,52 +342,25 @@ def print_final_sample(run_dir: Path, device: str | None) -> None:
     write_stream(sample.tokens(run))
 
 
-def stream(run: Any, prompt: str, sampling: SamplingConfig, source: str | None = None, compile: bool = False) -> None:
-    """Write the generated chunks to stdout as they come (see write_stream)."""
-    from minillm.engine import Engine
-    from minillm.generation import stream_tokens
-
-    write_stream(stream_tokens(run.model, run.tokenizer, prompt, sampling, source, Engine(run.model, compile=compile)))
-
-
-def write_stream(tokens: Any) -> None:
-    """Write a TokenStream's chunks to stdout as they come, then a newline; on stderr, a note when the model
-    ended the text itself (EOS) before --max-new-tokens."""
-    try:
-        for _, chunk in tokens:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    finally:
-        tokens.close()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if tokens.end_note():
-        print(f"({tokens.end_note()})", file=sys.stderr)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from minillm.checkpoint import load_run
-    from minillm.generation import generation_inputs, unknown_characters_warning
+    from minillm.cli_generate import generate
 
-    run = load_run(args.run_dir, args.device)
-    sampling = SamplingConfig(**_overrides(args, "sampling__"))
-    prompt, source = generation_inputs(is_encoder_decoder(run.config), args.prompt, args.source)
-    warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    if not is_encoder_decoder(run.config):
-        sys.stdout.write(prompt)  # stdout = prompt + continuation
-    stream(run, prompt, sampling, source, compile=args.compile)
-    return 0
+    return generate(args.run_dir, SamplingConfig(**_overrides(args, "sampling__")), args.prompt, args.source,
+                    args.prompt_file, args.num_samples, args.stop, args.compile, args.device)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from minillm.training import evaluate_run
+    from minillm.training.answers import describe_answers
     from minillm.training.evaluation import describe_score
 
     max_tokens = getattr(args, "test_tokens", "run")  # "run": the run's own --test-tokens
-    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True)
+    metrics = evaluate_run(args.run_dir, args.data, args.device, max_tokens, progress=True,
+                           max_pairs=getattr(args, "test_pairs", "run"),
+                           warn=lambda warning: print(f"warning: {warning}", file=sys.stderr, flush=True))
     print(f"{metrics['data']}: {describe_score(metrics)}")
+    if describe_answers(metrics):
+        print(f"{metrics['data']}: {describe_answers(metrics)}")
     return 0
 
 

@@ -290,6 +290,9 @@ class TrainConfig(_JSONConfig):
     test_tokens: int | None = option(200_000, "score at most about this many test tokens at the end: a larger "
                                               "test split gives an estimate from a random sample of it, with "
                                               "its 95% confidence ('none': all)", 1, MAX_STEPS)
+    test_pairs: int | None = option(500, "a pair task's test also answers at most this many test pairs greedily "
+                                         "(a seeded random sample of a larger split) and scores the answers: "
+                                         "exact match, character error rate, chrF ('none': all)", 1, MAX_STEPS)
     patience: int | None = option(None, "stop after N evaluations without improvement ('none': never)", 1, 10**9)
     max_time: float | None = option(None, "wall-clock budget in seconds; the learning-rate schedule fits it "
                                            "('none': no budget)", 1e-6, 1e9)

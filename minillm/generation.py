@@ -82,6 +82,7 @@ class GenerationStop(str, Enum):
 
     END_OF_TEXT = "end_of_text"  # the model chose EOS: it ended the text itself
     MAX_NEW_TOKENS = "max_new_tokens"  # it made SamplingConfig.max_new_tokens tokens
+    STOP_STRING = "stop_string"  # its text reached a stop string (see minillm.completions)
 
     def __str__(self) -> str:
         return self.value
@@ -132,23 +133,28 @@ def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling:
                                     engine or Engine(model)))
 
 
-def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig, source: str | None,
-                 engine: Engine) -> Generator[tuple[int | None, str], None, GenerationStop]:
-    """stream_tokens' items; returns why it ended."""
+def encode_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str, source: str | None,
+                  engine: Engine | None = None) -> tuple[list[int], list[int] | None]:
+    """(prompt ids, source ids or None): what the engine continues for a prompt and source, as stream_tokens
+    describes; bad input (not text, no source for an encoder-decoder, an engine of another model) refused."""
     if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
-    if engine.model is not model:
+    if engine is not None and engine.model is not model:
         raise MiniLLMError("the engine was made for another model")
     if is_encoder_decoder(model.config):
         if source is None or not source.strip():
             raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
-        # A source longer than max_seq_len: the model's own clear error.
-        tokens = engine.stream(torch.tensor([tokenizer.encode(prompt)], dtype=torch.long), sampling,
-                               source_ids=torch.tensor([tokenizer.encode(source)], dtype=torch.long),
-                               eos_id=tokenizer.eos_id)
-    else:
-        prompt_ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
-        tokens = engine.stream(torch.tensor([prompt_ids], dtype=torch.long), sampling, eos_id=tokenizer.eos_id)
+        return tokenizer.encode(prompt), tokenizer.encode(source)  # (too long a source: the model's own error)
+    return tokenizer.encode(prompt) or [tokenizer.bos_id], None
+
+
+def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig, source: str | None,
+                 engine: Engine) -> Generator[tuple[int | None, str], None, GenerationStop]:
+    """stream_tokens' items; returns why it ended."""
+    prompt_ids, source_ids = encode_inputs(model, tokenizer, prompt, source, engine)
+    tokens = engine.stream(torch.tensor([prompt_ids], dtype=torch.long), sampling,
+                           source_ids=None if source_ids is None else torch.tensor([source_ids], dtype=torch.long),
+                           eos_id=tokenizer.eos_id)
 
     decoder = tokenizer.decode_stream(skip_special_tokens=True)
     new_ids: list[int] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -20,12 +21,15 @@ import minillm.generation
 import minillm.training
 from minillm.checkpoint import load_run, load_torch
 from minillm.cli import FINAL_SAMPLE_TOKENS, SAMPLE_PROMPT_TOKENS, main
+from minillm.cli_generate import SAMPLE_SEPARATOR
+from minillm.completions import COMPILE_NOTE, complete, stop_note
 from minillm.data.prepare import bundled_data_path, sample_prompt
-from minillm.generation import SHOWCASE_SEED, stream_text
+from minillm.generation import SHOWCASE_SEED, GenerationStop, stream_text
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import CharacterTokenizer
 from minillm.training import evaluate_run, train
 from minillm.training import trainer as trainer_module
+from minillm.training.answers import describe_answers
 from minillm.version import __version__
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,6 +203,9 @@ def test_train_says_how_it_read_a_pair_file_and_takes_its_first_two_columns(tmp_
     assert ("data file: fra.txt read as tab-separated pairs (by its content: every line has 3 tab-separated columns; "
             "--format text|tsv|jsonl overrides): 40 pairs") in captured.out
     assert "warning: " in captured.err and "has 3 tab-separated columns; using column 1 as the source" in captured.err
+    # The end-of-training summary shows the scores of the greedy answers to the test pairs.
+    test = json.loads((tmp_path / "run" / "test_metrics.json").read_text(encoding="utf-8"))
+    assert f"test: {describe_answers(test)}\n" in captured.out and test["answers"] == 2  # (5% of 40 pairs)
 
 
 def test_format_option_reads_a_pair_file_as_text(tmp_path, capsys):
@@ -262,7 +269,12 @@ def test_generate_with_compile_prints_the_same_text(tiny_run, capsys):
     assert main(options) == 0
     eager = capsys.readouterr().out
     assert main([*options, "--compile"]) == 0
-    assert capsys.readouterr().out == eager and len(eager) > len("the cat\n")
+    captured = capsys.readouterr()
+    assert captured.out == eager and len(eager) > len("the cat\n")
+    # The compile is announced and timed on stderr, before the text and its own note.
+    notes = captured.err.splitlines()
+    assert notes[0] == COMPILE_NOTE and re.fullmatch(r"\(compiled in [\d.]+ s\)", notes[1])
+    assert notes[2].startswith("(stopped at") and len(notes) == 3
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +307,46 @@ def test_generate_says_when_the_model_ended_the_text(ending_run, capsys):
     assert main(["generate", str(ending_run), "--prompt", "abc", "--temperature", "0"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "abcdef\n"  # stdout stays the text alone
-    assert captured.err == "(stopped at end of text after 3 tokens)\n"
+    assert re.fullmatch(r"\(stopped at end of text after 3 tokens; [\d,]+\.\d tokens/s\)\n", captured.err)
+
+
+def test_generate_num_samples_prints_each_sample_cut_at_its_stop_string(tiny_run, capsys):
+    settings = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=4)
+    assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "40", "--temperature", "1",
+                 "--seed", "4", "--num-samples", "3", "--stop", "e", "--stop", ".\n"]) == 0
+    captured = capsys.readouterr()
+    run = load_run(tiny_run)
+    result = complete(run.model, run.tokenizer, "the cat", settings, num_samples=3, stops=["e", ".\n"])
+    assert captured.out == f"\n{SAMPLE_SEPARATOR}\n".join(f"the cat{s.text}" for s in result.samples) + "\n"
+    assert all("e" not in s.text and ".\n" not in s.text for s in result.samples)
+    assert [s.stop_reason for s in result.samples].count(GenerationStop.STOP_STRING) >= 2, "the stops must cut"
+    notes = captured.err.splitlines()
+    assert notes[:3] == [f"(sample {i} of 3: {stop_note(s.stop_reason, s.tokens, s.stop_string)})"
+                         for i, s in enumerate(result.samples, start=1)]
+    assert re.fullmatch(rf"\({result.tokens} tokens in [\d.]+ s: [\d,]+\.\d tokens/s\)", notes[3])
+
+
+def test_generate_prompt_file_writes_json_lines_with_the_settings_and_token_counts(tiny_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n\na dog \n", encoding="utf-8")
+    assert main(["generate", str(tiny_run), "--prompt-file", str(prompts), "--max-new-tokens", "30", "--seed", "2",
+                 "--num-samples", "2", "--stop", "."]) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    run = load_run(tiny_run)
+    settings = SamplingConfig(max_new_tokens=30, seed=2)
+    assert [(r["line"], r["prompt"]) for r in records] == [(1, "the cat"), (3, "a dog ")]
+    for record in records:
+        result = complete(run.model, run.tokenizer, record["prompt"], settings, num_samples=2, stops=["."])
+        assert record["samples"] == [{"text": s.text, "tokens": s.tokens, "stop_reason": str(s.stop_reason),
+                                      "stop_string": s.stop_string} for s in result.samples]
+        assert record["prompt_tokens"] == len(run.tokenizer.encode(record["prompt"]))
+        assert record["settings"] == {"max_new_tokens": 30, "temperature": 0.8, "top_k": 50, "top_p": None,
+                                      "repetition_penalty": 1.0, "seed": 2, "num_samples": 2, "stop": ["."]}
+    tokens = sum(s["tokens"] for r in records for s in r["samples"])
+    assert re.fullmatch(rf"\(2 prompts, {tokens} tokens in [\d.]+ s: [\d,]+\.\d tokens/s\)\n", captured.err)
+    assert main(["generate", str(tiny_run), "--prompt-file", str(prompts), "--prompt", "x"]) == 2
+    assert "--prompt-file gives the prompts" in capsys.readouterr().err
 
 
 def test_generate_warns_about_characters_the_tokenizer_never_saw(tiny_run, capsys):
@@ -342,6 +393,14 @@ def test_evaluate_data_scores_every_sample_of_that_file(tiny_run, tmp_path, caps
                                        f"byte ({expected['bits_per_char']:.3f} per character) over {tokens:,} "
                                        "tokens\n")
     assert expected["data"].startswith(f"{data} (read as plain text")
+
+
+def test_evaluate_data_warns_about_characters_the_tokenizer_never_saw(tiny_run, tmp_path, capsys):
+    data = tmp_path / "other.txt"
+    data.write_text("the \u03a9 cat sees the moon.\n\nthe \u03a9\u03a9 dog.\n", encoding="utf-8")
+    assert main(["evaluate", str(tiny_run), "--data", str(data)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {data}: 3 character(s) of the input are not in this run's vocabulary")
 
 
 def test_evaluate_prints_loss_perplexity_and_bits_per_byte(tiny_run, corpus_file, capsys):

@@ -187,11 +187,17 @@ def test_gguf_file_holds_the_runs_tensors_and_tokenizer(runs, kind, dtype, tmp_p
             assert tensor.dtype == torch.float16 and torch.equal(tensor, weight.half()), name
 
 
+def stored_weights(reader) -> dict[str, torch.Tensor]:
+    """The GGUF file's tensors as float64, quantized ones dequantized by the `gguf` package, in numpy's order."""
+    return {t.name: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).double()
+            for t in reader.tensors}
+
+
 def llama_cpp_logits(reader, config: ModelConfig, ids: list[int]) -> torch.Tensor:
     """llama.cpp's Llama forward pass, written independently of our model from the GGUF tensors: RoPE
     rotates adjacent pairs of dimensions (its "normal" mode), which is why the exporter permutes q and k.
     Its qwen3 is the same with an RMSNorm on each head's q and k first and RoPE over the two halves ("neox")."""
-    w = {t.name: torch.from_numpy(t.data.copy()).double() for t in reader.tensors}
+    w = stored_weights(reader)
     T, H, Dh = len(ids), config.n_heads, config.head_dim
     qwen3 = gguf_field(reader, "general.architecture") == "qwen3"
 
@@ -232,6 +238,85 @@ def test_gguf_tensors_in_llama_cpp_layout_compute_the_same_logits(runs, tmp_path
         ours = run.model(torch.tensor([ids]))[0][0].double()
     assert (llama_cpp_logits(reader, run.config, ids) - ours).abs().max().item() <= LOGITS_TOLERANCE
     assert set(TENSOR_NAMES.values()) >= {"token_embd.weight", "output_norm.weight"}
+
+
+# A quantized weight is within (its block's largest |weight|) / this of its value: q8_0 rounds to steps of
+# max/127 (error half a step, and the float16 scale's rounding); q4_0 to steps of max/8, its one clamped
+# end (the value opposite the largest) a whole step off. The float16 scale's rounding (2^-11 relative, times
+# at most 8 steps in q4_0) adds up to 2^-8 of that.
+QUANT_ERROR_DIVISOR = {"q8_0": 127, "q4_0": 8}
+SCALE_ROUNDING = 1 + 2**-8
+QUANT_BLOCK = 32
+Q8_LOGITS_TOLERANCE = 0.05
+QUANTIZED_GREEDY_TOKENS = 20
+
+
+def block_errors(stored: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|stored - weight|, the largest |weight| of each one's block), both (blocks, QUANT_BLOCK)."""
+    weight = weight.double().reshape(-1, QUANT_BLOCK)
+    return (stored.reshape(-1, QUANT_BLOCK) - weight).abs(), weight.abs().amax(1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_gguf_holds_each_matrix_in_blocks_close_to_the_weights(runs, dtype, tmp_path):
+    run = load_run(runs["bpe"], "cpu")
+    path = export_run(runs["bpe"], "gguf", tmp_path / "model.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(path)
+    assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
+    state = split_fused(run.model.state_dict())
+    weights = stored_weights(reader)
+    for t in reader.tensors:
+        name = next(ours for ours in state if ours != "lm_head.weight" and gguf_name(ours) == t.name)
+        weight = state[name]
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[t.name] = unpermute_for_rope(weights[t.name], run.config.n_heads)
+        assert tuple(reversed([int(n) for n in t.shape])) == tuple(weight.shape), t.name  # ggml: columns first
+        if weight.dim() == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(weights[t.name].float(), weight)
+            continue
+        # The tied embeddings make the logits: q8_0 even in a q4_0 file.
+        kind = "q8_0" if t.name == "token_embd.weight" else dtype
+        assert t.tensor_type == gguf.GGMLQuantizationType[kind.upper()], t.name
+        error, largest = block_errors(weights[t.name], weight)
+        assert (error <= largest / QUANT_ERROR_DIVISOR[kind] * SCALE_ROUNDING).all(), t.name
+        assert error.max() > 0, f"{t.name} is stored exactly: not quantized"
+    float32 = export_run(runs["bpe"], "gguf", tmp_path / "float32.gguf").stat().st_size
+    assert path.stat().st_size < float32 / 3  # about 1.06 (q8_0) or 0.56 (q4_0) bytes a weight rather than 4
+
+
+def test_a_q8_0_gguf_computes_nearly_the_same_logits_and_greedy_tokens(runs, tmp_path):
+    run = load_run(runs["bpe"], "cpu")
+    reader = gguf.GGUFReader(export_run(runs["bpe"], "gguf", tmp_path / "model.gguf", dtype="q8_0"))
+    ids = prompt_ids(run)[0].tolist()
+    greedy = Engine(run.model).generate(prompt_ids(run), SamplingConfig(max_new_tokens=QUANTIZED_GREEDY_TOKENS,
+                                                                        temperature=0.0))[0].tolist()
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids + greedy]))[0][0].double()
+    theirs = llama_cpp_logits(reader, run.config, ids + greedy)
+    assert (theirs - ours).abs().max().item() <= Q8_LOGITS_TOLERANCE
+    # Greedy decoding from the quantized weights makes the same tokens: at each position the same argmax.
+    assert theirs[len(ids) - 1:-1].argmax(-1).tolist() == greedy
+
+
+def test_a_matrix_whose_rows_are_not_whole_blocks_is_stored_float16(tmp_path, corpus_file):
+    run_dir = train_tiny(tmp_path / "run", corpus_file, model_options={"d_model": 48, "d_ff": 96})
+    run = load_run(run_dir, "cpu")
+    reader = gguf.GGUFReader(export_run(run_dir, "gguf", tmp_path / "model.gguf", dtype="q8_0"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "F16"  # rows of 48: not whole blocks
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of d_ff = 96: three blocks
+    with torch.no_grad():
+        ours = run.model(prompt_ids(run))[0][0].double()
+    assert (llama_cpp_logits(reader, run.config, prompt_ids(run)[0].tolist()) - ours).abs().max() <= Q8_LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_the_quantized_dtypes_are_gguf_only(runs, tmp_path, fmt, capsys):
+    code = main(["export", str(runs["bpe"]), "--format", fmt, "--out", str(tmp_path / "out"), "--dtype", "q8_0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"--format {fmt} writes float32 or float16 weights, not q8_0; q8_0 is for --format gguf" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_qk_norm_run_exports_as_qwen3_to_transformers_and_llama_cpp(qk_norm_run, tmp_path, one_thread):

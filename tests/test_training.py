@@ -286,7 +286,7 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
         "transformer", "char", data, max_steps=250, learning_rate=3e-3, min_lr=3e-4, warmup_steps=20,
         batch_size=64, eval_interval=125, val_fraction=0.1, test_fraction=0.1)
     model_config = model_config.replace(d_model=64, n_heads=4, n_layers=2, max_seq_len=8)
-    train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
+    result = train(model_config, train_config, tmp_path / "run", progress=False, log=quiet)
 
     run = load_run(tmp_path / "run")
     record = read_split_record(tmp_path / "run")
@@ -304,6 +304,9 @@ def test_encoder_decoder_learns_to_reverse_strings(tmp_path):
         correct += out == targets[offsets[1, i]:offsets[1, i + 1]].tolist()
     assert n_test == 120
     assert correct / n_test >= 0.9
+    # The final test's exact match is this hand count (every test pair answered: fewer than --test-pairs).
+    assert result.test_metrics["answers"] == n_test
+    assert result.test_metrics["exact_match"] == pytest.approx(correct / n_test)
 
 
 def reversal_file(path, n: int = 300):

@@ -114,7 +114,7 @@ def test_the_plan_line_is_the_one_the_trainer_prints(corpus_file, tmp_path):
 
 @pytest.mark.parametrize("changes", [dict(grad_accum_steps=3), dict(grad_accum_steps=3, epochs=0.5)])
 def test_the_plan_counts_every_accumulation_step_as_the_trainer_does(corpus_file, tmp_path, changes):
-    model, config = train_tab.form_configs(*form(corpus_file)[:-1])
+    model, config = train_tab.form_configs(*form(corpus_file)[1:-1])
     config = config.replace(**changes)
     plan = [line for line in preview_run(model, config).lines() if line.startswith("plan:")]
     printed = []

@@ -56,6 +56,23 @@ class Batches(Protocol):
         ...
 
 
+class AnswerPairs(Protocol):
+    """A split of (prompt, answer) pairs that a model can be asked to answer: what the test's exact match,
+    character error rate and chrF score (training.answers). A task with answers gives one (Task.answer_pairs)."""
+
+    @property
+    def n_pairs(self) -> int: ...
+
+    def prompt_ids(self, pair: int) -> list[int]:
+        """What the model reads before it answers: a decoder-only model's prompt, which it continues; an
+        encoder-decoder's source (its decoder starts from BOS). Cut to the context as training cut it."""
+        ...
+
+    def answer_ids(self, pair: int) -> list[int]:
+        """The reference answer's tokens, whole (no EOS)."""
+        ...
+
+
 def scored_tokens(batch: Batch) -> int:
     """The targets of a batch that the loss counts."""
     return int((batch["targets"] != IGNORE_INDEX).sum())
@@ -257,6 +274,14 @@ class PairBatches:
         fit = self.fit()
         return {"pairs": fit.n_pairs, "pairs_cut": fit.pairs_cut, "target_tokens_cut": fit.target_tokens_cut}
 
+    def prompt_ids(self, pair: int) -> list[int]:
+        """The source of pair `pair`, cut to the context (see AnswerPairs)."""
+        start, end = self.offsets[0, pair], self.offsets[0, pair + 1]
+        return self.src[start:min(end, start + self.max_seq_len)].tolist()
+
+    def answer_ids(self, pair: int) -> list[int]:
+        return self.tgt[self.offsets[1, pair]:self.offsets[1, pair + 1]].tolist()
+
     def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
         """The pairs `indices`, padded: source cut to the context; target + EOS cut to the context, as
         targets and, shifted right after BOS, as the decoder's input (teacher forcing). Built with whole-array
@@ -331,6 +356,12 @@ class PromptAnswerBatches(PairBatches):
 
     def kept(self, src_len: np.ndarray, tgt_len: np.ndarray) -> Kept:
         return prompt_answer_kept(src_len, tgt_len, self.max_seq_len, len(self.separator))
+
+    def prompt_ids(self, pair: int) -> list[int]:
+        """The source, cut as a batch cuts it, and the separator: what the model answers (see AnswerPairs)."""
+        start = self.offsets[0, pair]
+        src_kept = int(self.kept(np.array([self.offsets[0, pair + 1] - start]), np.array([0]))[0][0])
+        return self.src[start:start + src_kept].tolist() + self.separator.tolist()
 
     def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
         """The pairs `indices` as input_ids (B, T) and targets (B, T) (the sequence shifted by one), built with

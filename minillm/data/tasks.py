@@ -25,6 +25,7 @@ import numpy as np
 
 from minillm.config import ModelConfig
 from minillm.data.batches import (
+    AnswerPairs,
     Batches,
     LMBatches,
     PairBatches,
@@ -83,6 +84,11 @@ class Task(ABC):
     def open_batches(self, folder: str | Path, split: str, record: SplitRecord, model_config: ModelConfig,
                      source_fraction: float) -> Batches:
         """Batches of one split prepared in `folder`, checked against the record's token counts."""
+
+    def answer_pairs(self, batches: Batches) -> AnswerPairs | None:
+        """A split's (prompt, answer) pairs, which a model's greedy answers are scored against (exact match,
+        character error rate, chrF); None for a task without answers (plain text)."""
+        return None
 
     @abstractmethod
     def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
@@ -209,6 +215,9 @@ class PairsTask(Task):
             raise MiniLLMError(f"the pairs in {folder} were prepared without a separator, for an encoder-decoder; "
                                "a decoder-only model needs them prepared for it: train a new run")
         return PromptAnswerBatches(src, tgt, offsets, c.max_seq_len, c.pad_id, c.eos_id, record.separator)
+
+    def answer_pairs(self, batches: PairBatches) -> AnswerPairs:
+        return batches
 
     def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
         # Target + EOS within the context: what a cut pair loses beyond it is never seen.

@@ -3,6 +3,7 @@
     export_run("runs/demo", "hf", "exports/demo-hf")          # transformers: AutoModelForCausalLM, AutoTokenizer
     export_run("runs/demo", "gguf", "exports/demo.gguf")      # llama.cpp (and Ollama, LM Studio)
     export_run("runs/seq2seq", "safetensors", "exports/s2s")  # any kind: weights + Mini LLM's config
+    export_run("runs/demo", "gguf", "exports/demo-q8.gguf", dtype="q8_0")  # 8-bit blocks (gguf only)
 
 A format is asked what it can do (`refusal(run)`: why it cannot take this run, or None); the CLI never
 names a format. The libraries a format writes with (transformers, safetensors, gguf) are the optional
@@ -36,6 +37,16 @@ def export_format(name: str) -> ExportFormat:
     return EXPORT_FORMATS[name]
 
 
+def check_dtype(fmt: ExportFormat, dtype: str) -> None:
+    """Refuse a --dtype that `fmt` does not write, naming the formats that do."""
+    if dtype not in EXPORT_DTYPES:
+        raise MiniLLMError(f"unknown export dtype {dtype!r}; choose one of {list(EXPORT_DTYPES)}")
+    if dtype not in fmt.dtypes:
+        writers = " or ".join(f.name for f in EXPORT_FORMATS.values() if dtype in f.dtypes)
+        raise MiniLLMError(f"--format {fmt.name} writes {' or '.join(fmt.dtypes)} weights, not {dtype}; "
+                           f"{dtype} is for --format {writers}")
+
+
 def export_run(run_dir: str | Path, format_name: str, out: str | Path, dtype: str = "float32",
                overwrite: bool = False, log: Callable[[str], None] = print) -> Path:
     """Write the best model of `run_dir` as `format_name` into `out`; returns `out`.
@@ -44,8 +55,7 @@ def export_run(run_dir: str | Path, format_name: str, out: str | Path, dtype: st
     when it is an earlier export (see export.target). `log` hears what was cleaned up from a killed export.
     """
     fmt = export_format(format_name)
-    if dtype not in EXPORT_DTYPES:
-        raise MiniLLMError(f"unknown export dtype {dtype!r}; choose one of {list(EXPORT_DTYPES)}")
+    check_dtype(fmt, dtype)
     target = ExportTarget(fmt, out, overwrite, log)  # refused before the run is even read
     run = load_run(run_dir, "cpu")
     reason = fmt.refusal(run)

@@ -15,7 +15,11 @@ from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
 from minillm.models.llama import options_beyond_qwen3
 
-EXPORT_DTYPES = ("float32", "float16")
+FLOAT_DTYPES = ("float32", "float16")
+# GGUF's block quantizations (8-bit and 4-bit weights with one float16 scale per block of 32), which only
+# llama.cpp's formats hold.
+QUANTIZED_DTYPES = ("q8_0", "q4_0")
+EXPORT_DTYPES = FLOAT_DTYPES + QUANTIZED_DTYPES
 EXTRA_HINT = "pip install 'mini-llm[export]'"
 
 
@@ -28,6 +32,7 @@ class ExportFormat:
     write: Callable[[Run, Path, str], None]  # (run, out, dtype): writes `out` (a folder or a file)
     refusal: Callable[[Run], str | None]  # why this run cannot be exported so (None: it can)
     folder: bool  # True: `out` is a folder of files; False: one file
+    dtypes: tuple[str, ...] = FLOAT_DTYPES  # the --dtype values it writes
     # A one-file format: whether a file is one of its exports (by a marker it writes in it): an --overwrite
     # replaces nothing else. A folder format's exports are recognised by export.target's marker file.
     is_export: Callable[[Path], bool] = lambda path: False

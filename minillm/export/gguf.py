@@ -11,11 +11,18 @@ such a text's first tokens differ there. Two layout changes: llama.cpp's Llama r
 dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
 (`permute_for_rope`, as llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and
 norms stay float32 whatever --dtype, as llama.cpp expects.
+
+--dtype q8_0 and q4_0 store the matrices in llama.cpp's blocks of 32 weights with one float16 scale each
+(8 or 4 bits a weight; quantized by the `gguf` package's own implementation of ggml's). q4_0 keeps the
+matrix that makes the logits (output.weight, or token_embd.weight when the embeddings are tied) in q8_0,
+as llama.cpp's quantizer keeps it above 4 bits (its q6_K, which the `gguf` package cannot write). A matrix
+whose rows are not a whole number of blocks is stored float16, as llama.cpp's converter does.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,7 @@ import numpy as np
 import torch
 
 from minillm.checkpoint import Run
-from minillm.export.base import ExportFormat, not_llama, require, torch_dtype
+from minillm.export.base import ExportFormat, not_llama, require
 from minillm.files import reporting_full_disk
 from minillm.models.llama import split_fused, standard_architecture
 from minillm.sampling import SamplingConfig
@@ -56,6 +63,27 @@ TENSOR_NAMES = {
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
 ROTATED = ("attn_q.weight", "attn_k.weight")
+LOGITS_MATRICES = ("output.weight", "token_embd.weight")  # the first of them in the file makes the logits
+
+
+@dataclass(frozen=True)
+class GGUFDtype:
+    """How one --dtype is stored: ggml's type of the matrices, of the matrix that makes the logits, and of a
+    matrix that cannot be quantized (rows not a whole number of blocks); and llama.cpp's file type. Names of
+    the `gguf` package's enums (it is imported only when a file is written)."""
+
+    matrices: str
+    logits: str
+    fallback: str
+    file_type: str
+
+
+GGUF_DTYPES = {
+    "float32": GGUFDtype("F32", "F32", "F32", "ALL_F32"),
+    "float16": GGUFDtype("F16", "F16", "F16", "MOSTLY_F16"),
+    "q8_0": GGUFDtype("Q8_0", "Q8_0", "F16", "MOSTLY_Q8_0"),
+    "q4_0": GGUFDtype("Q4_0", "Q8_0", "F16", "MOSTLY_Q4_0"),
+}
 
 
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -78,19 +106,39 @@ def gguf_name(name: str) -> str:
     return TENSOR_NAMES[f"layers.{{i}}.{rest}"].format(i=layer)
 
 
-def gguf_tensors(run: Run, dtype: str) -> dict[str, np.ndarray]:
-    """llama.cpp's name -> the array it stores (q/k permuted, matrices in `dtype`, vectors float32)."""
+def float_tensors(run: Run) -> dict[str, np.ndarray]:
+    """llama.cpp's name -> the float32 array it stores, before any conversion (q/k permuted; with tied
+    embeddings no output.weight: llama.cpp then uses token_embd.weight)."""
     tensors, permute = {}, standard_architecture(run.config) in PAIRWISE_ROPE
     for name, tensor in split_fused(run.model.state_dict()).items():  # Llama's separate q, k, v, gate, up
         if name == "lm_head.weight" and run.config.tie_embeddings:
-            continue  # llama.cpp uses token_embd.weight when the file has no output.weight
+            continue
         target = gguf_name(name)
         tensor = tensor.detach().cpu().float()
         if permute and target.endswith(ROTATED):
             tensor = permute_for_rope(tensor, run.config.n_heads)
-        tensor = tensor.to(torch_dtype(dtype)) if tensor.dim() > 1 else tensor
         tensors[target] = tensor.contiguous().numpy()
     return tensors
+
+
+def gguf_tensors(run: Run, dtype: str) -> dict[str, tuple[np.ndarray, Any]]:
+    """llama.cpp's name -> (the array it stores, its GGMLQuantizationType): vectors float32, matrices as
+    GGUF_DTYPES[dtype] says (a quantized one as its bytes, (rows, bytes per row))."""
+    (gguf,) = require("gguf")
+    kinds = GGUF_DTYPES[dtype]
+    tensors = float_tensors(run)
+    logits = next(name for name in LOGITS_MATRICES if name in tensors)
+    stored = {}
+    for name, array in tensors.items():
+        if array.ndim == 1:
+            stored[name] = (array, gguf.GGMLQuantizationType.F32)
+            continue
+        kind = gguf.GGMLQuantizationType[kinds.logits if name == logits else kinds.matrices]
+        block, _ = gguf.GGML_QUANT_SIZES[kind]
+        if array.shape[-1] % block:
+            kind = gguf.GGMLQuantizationType[kinds.fallback]
+        stored[name] = (gguf.quants.quantize(array, kind), kind)
+    return stored
 
 
 def byte_level_refusal(tokenizer_json: dict[str, Any]) -> str | None:
@@ -222,14 +270,14 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_DTYPES[dtype].file_type])
     add_tokenizer(writer, run)
     defaults = SamplingConfig()
     writer.add_sampling_temp(defaults.temperature)
     writer.add_sampling_top_k(defaults.top_k)
     writer.add_string(EXPORT_KEY, __version__)
-    for name, array in gguf_tensors(run, dtype).items():
-        writer.add_tensor(name, array)
+    for name, (array, kind) in gguf_tensors(run, dtype).items():
+        writer.add_tensor(name, array, raw_dtype=kind)
     with reporting_full_disk(out):
         try:
             writer.write_header_to_file()
@@ -256,4 +304,4 @@ def is_gguf_export(path: Path) -> bool:
 
 GGUF_FORMAT = ExportFormat(
     name="gguf", description="one GGUF file for llama.cpp, Ollama, LM Studio (Llama or Qwen3 architecture)",
-    write=write_gguf, refusal=gguf_refusal, folder=False, is_export=is_gguf_export)
+    write=write_gguf, refusal=gguf_refusal, folder=False, dtypes=tuple(GGUF_DTYPES), is_export=is_gguf_export)

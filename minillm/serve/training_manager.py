@@ -19,7 +19,7 @@ from typing import Any
 from minillm.errors import MiniLLMError, describe_error
 from minillm.run_folder import RunFolder
 from minillm.training.metrics import read_metrics
-from minillm.training.trainer import StopReason
+from minillm.training.outcome import StopReason
 
 MAX_LOG_LINES = 200  # the trainer's messages kept for the page (the newest)
 RATE_WINDOW = 5  # the last this many train rows give the steps per second behind the ETA

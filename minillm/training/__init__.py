@@ -9,8 +9,9 @@ where a run's files live is minillm.run_folder, and loading a trained run is min
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import evaluate_run
 from minillm.training.optimizer import lr_at
+from minillm.training.outcome import StopReason, TrainResult
 from minillm.training.start import check_resumable, resume, train
-from minillm.training.trainer import StopReason, Trainer, TrainResult
+from minillm.training.trainer import Trainer
 
 __all__ = ["StopReason", "TrainResult", "Trainer", "check_resumable", "evaluate_run", "is_main_process", "lr_at",
            "resume", "train"]

@@ -1,11 +1,11 @@
 """Scoring a model: token-weighted mean loss, perplexity, and `evaluate_run` (a run's best model on its
-test split or on another file)."""
+test split or on another file; for a task with answers, also its greedy answers: training.answers)."""
 
 from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ from minillm.data.corpus import FILE_FORMAT_NAMES
 from minillm.data.prepare import Spelling, open_split, write_splits
 from minillm.data.sources import load_samples
 from minillm.data.split_record import SplitRecord, read_split_record
-from minillm.data.tasks import task_for
+from minillm.data.tasks import Task, task_for
+from minillm.generation import unknown_characters_warning
 from minillm.models import is_encoder_decoder
 from minillm.tokenizers import Tokenizer
+from minillm.training.answers import score_answers
 from minillm.training.precision import autocast, autocast_dtype
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(700) is near the float64 limit
@@ -205,34 +207,55 @@ def describe_score(metrics: dict[str, Any]) -> str:
     return text
 
 
+def task_scores(task: Task, model: torch.nn.Module, batches: Batches, batch_size: int, device: torch.device,
+                dtype: torch.dtype | None, tokenizer: Tokenizer, max_tokens: int | None, max_pairs: int | None,
+                seed: int, progress: bool = False, unspelled_share: float = 0.0) -> dict[str, Any]:
+    """`score`, and for a task with answers (pairs) the scores of the model's greedy answers to at most
+    `max_pairs` of them (training.answers): the final test's and `evaluate`'s figures."""
+    metrics = score(model, batches, batch_size, device, dtype, tokenizer, max_tokens, seed, progress,
+                    unspelled_share)
+    pairs = task.answer_pairs(batches)
+    if pairs is not None and pairs.n_pairs:
+        metrics.update(score_answers(model, tokenizer, pairs, max_pairs, seed, batch_size, progress))
+    return metrics
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path | None = None, device: str | None = None,
-                 max_tokens: int | None | str = "run", progress: bool = False) -> dict[str, Any]:
+                 max_tokens: int | None | str = "run", progress: bool = False, max_pairs: int | None | str = "run",
+                 warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Loss, perplexity and bits per byte of a run's best model on its test split, or on every sample of
     another file (read for the run's task: a run trained on pairs reads a pair file as pairs and plain text
-    as text). `max_tokens`: see score (default "run": the run's --test-tokens)."""
+    as text); on pairs, also the scores of its greedy answers. `max_tokens` and `max_pairs`: see score and
+    training.answers.score_answers (default "run": the run's --test-tokens and --test-pairs). `warn` hears
+    that another file has characters the run's tokenizer does not know."""
     run = load_run(run_dir, device)
     config = read_train_config(run_dir)
     dtype = autocast_dtype(config.dtype, run.device)
     encoder_decoder = is_encoder_decoder(run.config)
     settings = dict(tokenizer=run.tokenizer, seed=config.seed, progress=progress,
-                    max_tokens=config.test_tokens if max_tokens == "run" else max_tokens)
+                    max_tokens=config.test_tokens if max_tokens == "run" else max_tokens,
+                    max_pairs=config.test_pairs if max_pairs == "run" else max_pairs)
+    run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
     if data is None:
         batches = open_split(run_dir, "test", run.config, encoder_decoder, config.source_fraction)
-        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings,
-                        unspelled_share=read_split_record(run_dir).unspelled_share("test"))
+        metrics = task_scores(run_task, run.model, batches, config.batch_size, run.device, dtype, **settings,
+                              unspelled_share=read_split_record(run_dir).unspelled_share("test"))
         return {**metrics, "data": f"{run_dir} test split"}
-    run_task = task_for(read_split_record(run_dir).task, encoder_decoder)
     loaded = load_samples(data, run_task.scores_files_as, config.split_mode, config.separator, config.data_format,
                           config.source_column, config.target_column, config.text_column)
     task = task_for(loaded.task, encoder_decoder)
     spelling = Spelling.measure(run.tokenizer, task.training_texts(loaded.samples))
     settings["unspelled_share"] = spelling.share
+    warning = unknown_characters_warning(run.tokenizer, "".join(text for sample in loaded.samples
+                                                                for text in task.sample_texts(sample)))
+    if warning and warn is not None:
+        warn(f"{data}: {warning}")
     with tempfile.TemporaryDirectory(prefix="minillm-eval-") as tmp:
         token_type, tokens = write_splits(tmp, task, {"test": loaded.samples}, run.tokenizer, contiguous=False)
         record = SplitRecord(task.name, token_type, tokens, {"test": len(loaded.samples)},
                              separator=task.separator_ids(run.tokenizer))
         batches = task.open_batches(tmp, "test", record, run.config, config.source_fraction)
-        metrics = score(run.model, batches, config.batch_size, run.device, dtype, **settings)
+        metrics = task_scores(task, run.model, batches, config.batch_size, run.device, dtype, **settings)
         del batches  # release the memmaps before the folder goes
     read_as = FILE_FORMAT_NAMES.get(loaded.file_format, "each file by its format")
     return {**metrics, "data": f"{data} (read as {read_as}, {loaded.how})"}

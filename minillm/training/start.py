@@ -26,16 +26,9 @@ from minillm.training import distributed
 from minillm.training.distributed import is_main_process
 from minillm.training.loggers import check_logger
 from minillm.training.memory import check_memory
+from minillm.training.outcome import LogFn, MetricsCallback, StopHook, StopReason, TrainResult, default_log
 from minillm.training.state import CHECKPOINT_FORMAT
-from minillm.training.trainer import (
-    LogFn,
-    MetricsCallback,
-    StopHook,
-    StopReason,
-    Trainer,
-    TrainResult,
-    default_log,
-)
+from minillm.training.trainer import Trainer
 
 
 def with_tokenizer(model_config: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
@@ -130,7 +123,7 @@ def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
 # Settings that may change when a run is resumed (the rest would change what is being trained), and one that
 # may change only to keep the global batch when the number of processes changes (check_global_batch).
 RESUMABLE_FIELDS = ("max_steps", "epochs", "max_time", "patience", "eval_interval", "log_interval", "device",
-                    "compile", "dtype", "threads", "test_tokens", "sample_interval", "log")
+                    "compile", "dtype", "threads", "test_tokens", "test_pairs", "sample_interval", "log")
 BATCH_KEEPING_FIELD = "grad_accum_steps"
 
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from minillm.models import build_model, count_parameters, is_encoder_decoder, pi
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import load_tokenizer
 from minillm.training import distributed
+from minillm.training.answers import describe_answers
 from minillm.training.distributed import is_main_process
 from minillm.training.evaluation import (
     describe_score,
@@ -44,13 +42,14 @@ from minillm.training.evaluation import (
     is_overfitting,
     mean_loss,
     overfitting_warning,
-    score,
     target_bytes,
+    task_scores,
 )
 from minillm.training.loggers import RunRecords
 from minillm.training.memory import check_memory
 from minillm.training.metrics import plot_loss_curve
 from minillm.training.optimizer import lr_at, make_optimizers
+from minillm.training.outcome import LogFn, MetricsCallback, StopHook, StopReason, TrainResult, default_log
 from minillm.training.plan import RunPlan, planned_steps
 from minillm.training.precision import autocast, autocast_dtype
 from minillm.training.samples import TrainingSamples
@@ -61,43 +60,6 @@ EVAL_SEED_OFFSET = 1  # the fixed evaluation windows come from their own generat
 BUDGET_EVALS = 5  # with a time budget, also evaluate each time another 1/BUDGET_EVALS of it has passed
 # With a time budget the bar leaves out tqdm's own ETA (steps left at its rate): "ends in" is the one ETA.
 BUDGET_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
-
-LogFn = Callable[[str], None]
-MetricsCallback = Callable[[dict[str, Any]], None]
-StopHook = Callable[[], bool]  # asked after every step; True = evaluate, save and return (e.g. Event.is_set)
-
-
-def default_log(message: str) -> None:
-    """Print above the progress bar; warnings go to stderr."""
-    if is_main_process():
-        tqdm.write(message, file=sys.stderr if message.startswith("warning:") else sys.stdout)
-
-
-class StopReason(str, Enum):
-    """Why a training ended (Trainer.fit, TrainResult.stop_reason)."""
-
-    MAX_STEPS = "max_steps"  # it took all its steps
-    MAX_TIME = "max_time"  # its time budget ran out
-    EARLY_STOPPING = "early_stopping"  # --patience evaluations without a better validation loss
-    STOPPED = "stopped"  # asked to (the stop hook: Ctrl-C, a Stop button): saved, and `resume` continues it
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports."""
-
-    run_dir: Path
-    steps: int
-    best_step: int
-    best_val_loss: float
-    test_metrics: dict[str, Any]
-    stop_reason: StopReason
-    parameters: int
-    history: list[dict[str, float]] = field(default_factory=list)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The trainer
@@ -428,18 +390,21 @@ class Trainer:
     # -- the end -------------------------------------------------------------------------------------
 
     def test(self) -> dict[str, Any]:
-        """Loss, perplexity and bits per byte of the best model on the test split (at most about
-        --test-tokens of it, with a progress bar); written to test_metrics.json."""
+        """Loss, perplexity and bits per byte of the best model on the test split (at most about --test-tokens
+        of it), on pairs its greedy answers' scores (--test-pairs of them); written to test_metrics.json."""
         best = load_torch(self.files.best_model, map_location=self.device)
         self.model.load_state_dict(clean_state_dict(best))
-        metrics = score(self.model, self.open_split("test"), self.config.batch_size, self.device, self.amp_dtype,
-                        self.tokenizer, self.config.test_tokens, self.config.seed, self.progress and self.main,
-                        self.split_record.unspelled_share("test"))
+        c = self.config
+        metrics = task_scores(self.task, self.model, self.open_split("test"), c.batch_size, self.device,
+                              self.amp_dtype, self.tokenizer, c.test_tokens, c.test_pairs, c.seed,
+                              self.progress and self.main, self.split_record.unspelled_share("test"))
         metrics.update(best_step=self.state.best_step, best_val_loss=self.state.best_val_loss)
         if self.main:
             write_json(self.files.test_metrics, metrics)
         self.log(f"test: {describe_score(metrics)} "
                  f"(best model: step {self.state.best_step}, val loss {self.state.best_val_loss:.4f})")
+        if describe_answers(metrics):
+            self.log(f"test: {describe_answers(metrics)}")
         return metrics
 
     def result(self, stop_reason: StopReason, test_metrics: dict[str, Any]) -> TrainResult:
