@@ -49,6 +49,13 @@ class MetricsLog:
         atomic_write(self.path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows)), mode="w")
 
 
+def prepare_plotting() -> None:
+    """Import matplotlib's figure and PNG writer now, before a training's clock starts: the import takes a
+    second or more, which the first evaluation's plot would otherwise take out of a short time budget."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def loss_figure(rows: list[dict[str, Any]], title: str = "", size_inches: tuple[float, float] = PLOT_SIZE_INCHES):
     """Train and validation loss by step, from metrics rows, as a matplotlib Figure (made without pyplot: no
     global state, so a server may draw in several threads; nothing to close)."""

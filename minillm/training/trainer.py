@@ -47,7 +47,7 @@ from minillm.training.evaluation import (
 )
 from minillm.training.loggers import RunRecords
 from minillm.training.memory import check_memory
-from minillm.training.metrics import plot_loss_curve
+from minillm.training.metrics import plot_loss_curve, prepare_plotting
 from minillm.training.optimizer import lr_at, make_optimizers
 from minillm.training.outcome import LogFn, MetricsCallback, StopHook, StopReason, TrainResult, default_log
 from minillm.training.plan import RunPlan, planned_steps
@@ -132,6 +132,8 @@ class Trainer:
         self.samples = TrainingSamples(run_dir, self.tokenizer, model_config, config, self.log, self.metrics, self.main)
         self.budget_evals = 0  # evaluations made for the time budget (see _budget_eval_due)
         self.throughput = ThroughputWatch()
+        if self.main:
+            prepare_plotting()  # (the first evaluation's plot: before the clock starts)
 
     def move_to(self, run_dir: Path) -> None:
         """Go on in `run_dir`, where this run's files have just been moved (from the staging folder it was
