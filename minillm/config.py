@@ -24,7 +24,7 @@ SCHEDULES = ("cosine", "warmdown")  # minillm.training.optimizer.SCHEDULE_SHAPES
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" and minillm.training.precision.AUTOCAST_DTYPES
 MLP_KINDS = ("swiglu", "relu2")  # minillm.models.layers.MLPS
 DATA_FORMATS = ("auto", "text", "tsv", "jsonl")  # "auto" and minillm.data.corpus.FILE_FORMAT_NAMES
-TASKS = ("auto", "text", "pairs")  # "auto" and minillm.data.tasks.TASKS
+TASKS = ("auto", "text", "pairs", "chat")  # "auto" and minillm.data.tasks.TASKS
 # The default feed-forward width per MLP kind, as a multiple of d_model: both give about 8 * d_model^2
 # weights per layer (SwiGLU has three matrices of d_ff x d_model, relu2 two).
 MLP_WIDTHS = {"swiglu": Fraction(8, 3), "relu2": Fraction(4)}
@@ -226,9 +226,14 @@ class TrainConfig(_JSONConfig):
     data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
                                       "its content), text, tsv or jsonl", choices=DATA_FORMATS)
     task: str = option("auto", "what the model learns: text (continue text; a pair is the text "
-                               "\"source\\ntarget\") or pairs (source in, target out: the loss on the target "
-                               "only; a decoder-only model reads \"source\\n\" and learns the target after it); "
-                               "auto: pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
+                               "\"source\\ntarget\"), pairs (source in, target out: the loss on the target "
+                               "only; a decoder-only model reads \"source\\n\" and learns the target after it) "
+                               "or chat (conversations, JSONL {\"messages\": [...]}: the loss on the assistant's "
+                               "turns only, with the run's chat template); auto: chat for a conversation file, "
+                               "pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
+    skip_bad_lines: bool = option(False, "leave out the bad lines of a JSONL file (not JSON, a message without a "
+                                         "role or content, an unknown role, no assistant message) and count "
+                                         "them, instead of stopping at the first")
     source_column: int | None = option(None, "TSV: the column (1 = first) that holds the sources (default: 1)", 1,
                                        MAX_COLUMN)
     target_column: int | None = option(None, "TSV: the column that holds the targets (default: 2; with more "

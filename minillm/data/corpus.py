@@ -1,11 +1,13 @@
 """From the user's file to samples: read it, cut it into samples, split them into train/val/test.
 
 Plain text is cut into samples (paragraphs, lines, or by a separator). A file of (source, target) pairs
-(TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs.
+(TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs, a
+JSONL file of conversations (`{"messages": [...]}`, data.conversations) gives conversations.
 The file format is taken from --format, else from the extension (.tsv, .jsonl), else from the content, and
 always said (`describe_samples`). The task (--task) says what the samples are: pairs for the pairs task
-(the default for a pair file), texts for the text task (a pair becomes the text "source\ntarget"). A file
-with few samples is cut into contiguous train/val/test stretches instead of being shuffled by sample.
+(the default for a pair file), texts for the text task (a pair becomes the text "source\ntarget"),
+conversations for the chat task (the default for a conversation file). A file with few samples is cut into
+contiguous train/val/test stretches instead of being shuffled by sample.
 """
 
 from __future__ import annotations
@@ -18,16 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.config import DATA_FORMATS, TASKS
+from minillm.data.conversations import (
+    SKIP_HINT,
+    SKIPPED_SHOWN,
+    conversation_chars,
+    is_conversation_line,
+    looks_like_conversations,
+    parse_conversations,
+)
 from minillm.data.split_record import SplitRecord
 from minillm.errors import MiniLLMError
 from minillm.run_folder import SPLITS
 
-AUTO_TASK, TEXT, PAIRS = TASKS  # what a run's samples are (--task; "auto": pairs for a pair file, else text)
+# What a run's samples are (--task; "auto": chat for a conversation file, pairs for a pair file, else text).
+AUTO_TASK, TEXT, PAIRS, CHAT = TASKS
 # Between a source and its target: in a pair file read as text samples, and in a decoder-only pairs sample.
 PAIR_SEPARATOR = "\n"
 AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE = DATA_FORMATS  # how a data file is read (--format)
 FILE_FORMATS = DATA_FORMATS[1:]
 FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON-lines pairs"}
+CONVERSATIONS_NAME = "JSON-lines conversations"  # (a JSONL file whose lines are {"messages": [...]})
 FORMAT_HINT = "--format text|tsv|jsonl overrides"
 DEFAULT_COLUMNS = (1, 2)  # the source and target columns of a TSV file (1-based, as `cut -f` counts)
 # Fewer samples than this and a shuffled split by sample is too coarse (a single paragraph could be the whole
@@ -96,6 +108,8 @@ def detect_format(path: str | Path, text: str) -> tuple[str, str]:
     if len(lines) >= 2:
         if all(_json_pair(line) is not None for line in lines):
             return JSONL_FILE, "by its content: every line is a JSON pair"
+        if all(is_conversation_line(line) for line in lines):
+            return JSONL_FILE, "by its content: every line is a JSON conversation"
         tabs = {line.count("\t") for line in lines}
         indented = any(not line.split("\t", 1)[0].strip() for line in lines)  # tabs as indentation: text
         if len(tabs) == 1 and min(tabs) >= 1 and not indented:
@@ -114,8 +128,10 @@ def _json_pair(line: str) -> tuple[str, str] | None:
 
 
 def parse_pairs(path: str | Path, text: str, file_format: str, source_column: int | None = None,
-                target_column: int | None = None, notes: list[str] | None = None) -> list[tuple[str, str]]:
-    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number.
+                target_column: int | None = None, notes: list[str] | None = None,
+                skip_bad_lines: bool = False) -> list[tuple[str, str]]:
+    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number (JSONL,
+    with `skip_bad_lines`: left out, and counted in `notes`).
 
     TSV: every line has the same columns; the source and target are columns `source_column` and
     `target_column` (1-based; default 1 and 2; other columns are left out, with a warning added to `notes`).
@@ -124,7 +140,7 @@ def parse_pairs(path: str | Path, text: str, file_format: str, source_column: in
         if source_column is not None or target_column is not None:
             raise MiniLLMError(f"{path} is read as JSON lines (\"input\", \"output\"): --source-column and "
                                "--target-column are for TSV files; leave them out")
-        pairs = _jsonl_pairs(path, text)
+        pairs = _jsonl_pairs(path, text, skip_bad_lines, notes if notes is not None else [])
     else:
         pairs = _tsv_pairs(path, text, source_column, target_column, notes if notes is not None else [])
     if len(pairs) < MIN_PAIRS:
@@ -140,18 +156,25 @@ def parse_pairs(path: str | Path, text: str, file_format: str, source_column: in
     return pairs
 
 
-def _jsonl_pairs(path: str | Path, text: str) -> list[tuple[str, str]]:
-    pairs = []
+def _jsonl_pairs(path: str | Path, text: str, skip_bad_lines: bool, notes: list[str]) -> list[tuple[str, str]]:
+    pairs, skipped = [], []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         pair = _json_pair(line)
-        if pair is None:
+        if pair is None and not skip_bad_lines:
             raise MiniLLMError(
                 f"{path} line {number} is not a JSON object with string \"input\" and \"output\"; "
-                "fix or remove that line (or read the file as plain text with --format text)"
+                f"{SKIP_HINT} (or read the file as plain text with --format text)"
             )
-        pairs.append(pair)
+        if pair is None:
+            skipped.append(number)
+        else:
+            pairs.append(pair)
+    if skipped:
+        lines = ", ".join(map(str, skipped[:SKIPPED_SHOWN])) + (", ..." if len(skipped) > SKIPPED_SHOWN else "")
+        notes.append(f"warning: left out {len(skipped):,} line(s) of {path} that are not JSON pairs "
+                     f"(--skip-bad-lines): line {lines}")
     return pairs
 
 
@@ -243,20 +266,22 @@ def chunk_text(text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> list[str]:
 class Samples:
     """The samples of a data file and how it was read."""
 
-    task: str  # TEXT or PAIRS: what the samples are
-    samples: list  # texts, or (source, target) pairs
+    task: str  # TEXT, PAIRS or CHAT: what the samples are
+    samples: list  # texts, (source, target) pairs, or conversations (lists of messages)
     file_format: str  # TEXT_FILE, TSV_FILE or JSONL_FILE: how the file was read
     how: str  # why it was read so ("by its .tsv extension", "as --format says", ...)
     notes: list[str] = field(default_factory=list)  # warnings about the reading ("warning: ...")
 
 
 def load_samples(path: str | Path, task: str, split_mode: str, separator: str, file_format: str = AUTO_FORMAT,
-                 source_column: int | None = None, target_column: int | None = None) -> Samples:
-    """The samples of a data file for `task` (AUTO_TASK, TEXT or PAIRS): text samples, or (source, target)
-    pairs. `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read the file.
+                 source_column: int | None = None, target_column: int | None = None,
+                 skip_bad_lines: bool = False) -> Samples:
+    """The samples of a data file for `task` (AUTO_TASK, TEXT, PAIRS or CHAT): text samples, (source, target)
+    pairs, or conversations. `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read the file.
 
-    AUTO_TASK is PAIRS for a pair file and TEXT otherwise; TEXT on a pair file makes each pair the text
-    sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain text is refused.
+    AUTO_TASK is CHAT for a conversation file, PAIRS for a pair file and TEXT otherwise; TEXT on a pair file
+    makes each pair the text sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain
+    text, CHAT on anything but conversations, and a conversation file for another task are refused.
     """
     text = read_text_file(path)
     if file_format == AUTO_FORMAT:
@@ -265,9 +290,12 @@ def load_samples(path: str | Path, task: str, split_mode: str, separator: str, f
         how = "as --format says"
     else:
         raise MiniLLMError(f"--format must be {AUTO_FORMAT} or one of {FILE_FORMATS}, got {file_format!r}")
+    conversations = file_format == JSONL_FILE and (task == CHAT or looks_like_conversations(text))
+    if conversations or task == CHAT:
+        return _conversation_samples(path, text, task, file_format, how, skip_bad_lines)
     if file_format != TEXT_FILE:
         notes: list[str] = []
-        pairs = parse_pairs(path, text, file_format, source_column, target_column, notes)
+        pairs = parse_pairs(path, text, file_format, source_column, target_column, notes, skip_bad_lines)
         if task in (AUTO_TASK, PAIRS):
             return Samples(PAIRS, pairs, file_format, how, notes)
         return Samples(TEXT, [f"{source}{PAIR_SEPARATOR}{target}" for source, target in pairs], file_format, how,
@@ -287,9 +315,28 @@ def load_samples(path: str | Path, task: str, split_mode: str, separator: str, f
     return Samples(TEXT, samples, file_format, how)
 
 
+def _conversation_samples(path: str | Path, text: str, task: str, file_format: str, how: str,
+                          skip_bad_lines: bool) -> Samples:
+    """The conversations of a JSONL file for the chat task (another task, or another file, is refused)."""
+    if file_format != JSONL_FILE:
+        raise MiniLLMError(f"--task chat needs a JSONL file of conversations ({{\"messages\": [...]}} per line), "
+                           f"but {path} is read as {FILE_FORMAT_NAMES[file_format]} ({how}); give a .jsonl file "
+                           "(or --format jsonl), or another --task")
+    if task not in (AUTO_TASK, CHAT):
+        raise MiniLLMError(f"{path} holds conversations ({{\"messages\": [...]}} lines): they train --task chat "
+                           f"(or auto), not --task {task}")
+    notes: list[str] = []
+    return Samples(CHAT, parse_conversations(path, text, skip_bad_lines, notes), file_format, how, notes)
+
+
 def describe_samples(path: str | Path, loaded: Samples, split_mode: str) -> str:
     """One line for the user: how the file was read and how many samples it gave."""
     n = len(loaded.samples)
+    if loaded.task == CHAT:
+        turns = sum(m["role"] == "assistant" for conversation in loaded.samples for m in conversation)
+        chars = sum(conversation_chars(conversation) for conversation in loaded.samples)
+        return (f"data file: {Path(path).name} read as {CONVERSATIONS_NAME} ({loaded.how}; {FORMAT_HINT}): "
+                f"{n:,} conversations with {turns:,} assistant messages, {chars:,} characters")
     if loaded.file_format == TEXT_FILE:
         unit = {"paragraph": "paragraphs", "line": "lines", "separator": "samples"}[split_mode]
         chars = sum(len(sample) for sample in loaded.samples)
@@ -311,8 +358,8 @@ def split_data(task: str, samples: list, path: str | Path, val_fraction: float, 
     nanoGPT holds out the last 10%: text the model has not seen the like of.
     """
     tail = holdout == "tail"
-    if task == PAIRS or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
-        if tail:  # the last pairs of the file
+    if task in (PAIRS, CHAT) or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
+        if tail:  # the last pairs (conversations) of the file
             counts = split_counts(len(samples), val_fraction, test_fraction)
             order = list(range(len(samples)))
             indices = {"train": order[:counts["train"]], "val": order[counts["train"]:-counts["test"]],
