@@ -2,6 +2,7 @@
 
     minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm generate RUN_DIR --prompt "ROMEO:"
+    minillm chat RUN_DIR [--system TEXT]
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
@@ -180,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None)
     generate.set_defaults(func=cmd_generate)
 
+    chat = commands.add_parser(
+        "chat", help="talk with a run trained on conversations, in the terminal",
+        description="A conversation with a chat run (trained on a JSONL file of {\"messages\": [...]} lines): "
+                    "the history is kept, answers stream; /system TEXT sets the system message, /reset starts "
+                    "over, Ctrl-C stops an answer, Ctrl-D quits.")
+    chat.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    chat.add_argument("--system", default="", help="the system message to start with (as in the training data)")
+    _add_config_options(chat.add_argument_group("sampling options"), SamplingConfig, "sampling__", show_defaults=True)
+    chat.add_argument("--compile", action="store_true", help="compile the decode step first (as generate's)")
+    chat.add_argument("--device", default=None)
+    chat.set_defaults(func=cmd_chat)
+
     evaluate = commands.add_parser("evaluate", help="loss, perplexity and bits per byte on the test split or a file")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--data", type=Path, help="score this file instead of the test split")
@@ -284,9 +297,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minillm.checkpoint import read_model_config
     from minillm.run_folder import RunFolder
 
-    trained, _ = read_model_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
+    folder = RunFolder(result.run_dir)
+    trained, _ = read_model_config(folder.best_config)  # (a resumed run's kind is not in args)
     flag = "--source" if is_encoder_decoder(trained) else "--prompt"
-    print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
+    use = f"chat {result.run_dir}" if folder.chat_template.is_file() else f"generate {result.run_dir} {flag} \"...\""
+    print(f"\nnext: minillm {use}   or   minillm ui {result.run_dir}")
     return 0
 
 
@@ -327,7 +342,8 @@ def write_stream(tokens: Any) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from minillm.checkpoint import load_run
-    from minillm.generation import generation_inputs, unknown_characters_warning
+    from minillm.engine import Engine
+    from minillm.generation import generation_inputs, stream_reply, task_prompt, unknown_characters_warning
 
     run = load_run(args.run_dir, args.device)
     sampling = SamplingConfig(**_overrides(args, "sampling__"))
@@ -335,9 +351,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     warning = unknown_characters_warning(run.tokenizer, prompt + (source or ""))
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    if run.tokenizer.chat_template is not None:  # stdout = the answer to the prompt as a user's message
+        print(f"note: {args.run_dir} is a chat run: the prompt is sent as one user message and stdout is the "
+              f"answer (`minillm chat {args.run_dir}` for a conversation)", file=sys.stderr)
+        messages = [{"role": "user", "content": prompt}]
+        write_stream(stream_reply(run.model, run.tokenizer, messages, sampling, Engine(run.model, args.compile)))
+        return 0
     if not is_encoder_decoder(run.config):
+        prompt = task_prompt(run, prompt)  # (a pairs run's: the source and the separator, so the answer follows)
         sys.stdout.write(prompt)  # stdout = prompt + continuation
     stream(run, prompt, sampling, source, compile=args.compile)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from minillm.checkpoint import load_run
+    from minillm.engine import Engine
+    from minillm.terminal_chat import TerminalChat, enable_line_editing
+
+    run = load_run(args.run_dir, args.device)
+    chat = TerminalChat(run, SamplingConfig(**_overrides(args, "sampling__")), Engine(run.model, args.compile),
+                        args.system)
+    enable_line_editing()
+    chat.loop()
     return 0
 
 
