@@ -3,10 +3,11 @@ built on it: Ollama, LM Studio), written with the `gguf` package that llama.cpp 
 
 The file holds Llama architecture metadata (Qwen3's, llama.cpp's "qwen3", for a run with QK-norm), the
 tensors under llama.cpp's names, the tokenizer as its "gpt2" model (byte-level vocabulary, merges, special
-ids) and the sampling defaults. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
-dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
-(`permute_for_rope`, as llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and
-norms stay float32 whatever --dtype, as llama.cpp expects.
+ids; a chat run's template as tokenizer.chat_template, its end-of-turn id as the eot id) and the sampling
+defaults. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's dimensions where ours
+(and Hugging Face's) rotate its two halves, so the query and key rows are permuted (`permute_for_rope`, as
+llama.cpp's own converter does; its qwen3 rotates halves as we do, unpermuted); and norms stay float32
+whatever --dtype, as llama.cpp expects.
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_pad_token_id(c.pad_id)
     writer.add_add_bos_token(True)  # samples began with BOS in training
     writer.add_add_eos_token(False)
+    if run.tokenizer.chat_template is not None:  # tokenizer.chat_template, and the end-of-turn token
+        writer.add_chat_template(run.tokenizer.chat_template.source)
+        end_of_turn = [i for i in run.tokenizer.chat_stop_ids() if i != c.eos_id]
+        if end_of_turn:
+            writer.add_eot_token_id(end_of_turn[0])
     defaults = SamplingConfig()
     writer.add_sampling_temp(defaults.temperature)
     writer.add_sampling_top_k(defaults.top_k)
