@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-SYSTEM = "You are a calculator. Answer with the working and the result."
-MAX_OPERAND = 99  # sums and differences of whole numbers up to this
+SYSTEM = "You are a calculator."
+MAX_OPERAND = 20  # sums and differences of whole numbers up to this (a table a small model learns in minutes)
 MAX_AMOUNT = 999  # the amounts converted
 # (question phrasings, the operation's symbol, the function)
 OPERATIONS = {

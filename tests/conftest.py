@@ -150,7 +150,7 @@ def tiny_run(tmp_path_factory, corpus_file) -> Path:
 
 REPO = Path(__file__).resolve().parents[1]
 DIALOGUES = 300  # conversations of the tests' data set (scripts/make_dialogues.py)
-CHAT_CONTEXT = 192  # the tiny chat run's context: a conversation of the data set is up to about 190 characters
+CHAT_CONTEXT = 128  # the tiny chat run's context: a conversation of the tests' data set is up to about 120 characters
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
 MAX_NEW_TOKENS = 12
 ENDLESS_LOGIT_SCALE = 10.0
 PROMPT_PAUSE_S = 1.0
-SYSTEM = "You are a calculator. Answer with the working and the result."
+SYSTEM = "You are a calculator."
 
 
 def _controlling_terminal() -> None:

@@ -21,7 +21,7 @@ from minillm.sampling import SamplingConfig
 from minillm.ui import app, train_tab
 
 SETTINGS = dict(max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=1)
-SYSTEM = "You are a calculator. Answer with the working and the result."
+SYSTEM = "You are a calculator."
 RUN_FILES = ("tokenizer.json", "special_tokens.json", "chat_template.jinja")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
