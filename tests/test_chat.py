@@ -129,8 +129,11 @@ def test_a_template_that_is_not_valid_jinja_or_not_incremental_is_refused():
     tok.chat_template = ChatTemplate("{% for m in messages | reverse %}{{ m['content'] }}<|end|>{% endfor %}")
     with pytest.raises(MiniLLMError, match="cannot tell which tokens are the assistant's"):
         tok.chat_training_ids(THREE_TURNS[:3])
-    with pytest.raises(MiniLLMError, match="could not render the conversation.*unknown role"):
-        chat_tokenizer("char").apply_chat_template([{"role": "tool", "content": "x"}])
+    tok = chat_tokenizer("char")
+    with pytest.raises(MiniLLMError, match="message 1 has the unknown role 'tool'"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(MiniLLMError, match="could not render the conversation.*unknown role tool"):  # (its own)
+        tok.chat_template.render_ids([{"role": "tool", "content": "x"}], False, tok)
 
 
 def chatml_tokenizer_file(folder, texts) -> object:

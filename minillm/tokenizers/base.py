@@ -22,7 +22,7 @@ from typing import Protocol
 
 from minillm.errors import MiniLLMError
 from minillm.run_folder import TOKENIZER_FILE
-from minillm.tokenizers.chat_template import ChatTemplate, Message
+from minillm.tokenizers.chat_template import ChatTemplate, Message, check_messages
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in both kinds
@@ -130,9 +130,9 @@ class Tokenizer(ABC):
         tokens after its last id; no existing id changes."""
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = False) -> list[int]:
-        """The ids of a conversation ({"role", "content"} messages) by the chat template, with the start of an
-        assistant's turn after it when `add_generation_prompt` (transformers' method of the same name)."""
-        return self._template().render_ids(messages, add_generation_prompt, self)
+        """The ids of a conversation ({"role", "content"} messages, checked) by the chat template, with the start
+        of an assistant's turn after it when `add_generation_prompt` (transformers' method of the same name)."""
+        return self._template().render_ids(check_messages(messages), add_generation_prompt, self)
 
     def chat_stop_ids(self) -> list[int]:
         """The ids that end an assistant's answer: the template's end-of-turn token and EOS."""
