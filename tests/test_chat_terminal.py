@@ -168,3 +168,30 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_quits(untrained_chat_run):
     finally:
         status = terminal.close()
     assert status == 0
+
+
+def test_a_history_longer_than_the_context_loses_its_oldest_turns_and_says_so(untrained_chat_run):
+    """(The loop itself, without a terminal: typed lines from a list, the output in a string.)"""
+    import io
+
+    from minillm.terminal_chat import TerminalChat
+
+    run = load_run(untrained_chat_run)
+    lines = iter(["What is 2 + 3?", "Add 10 and 4.", "How many m are 3 km?", "Take 6 from 19."])
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    chat = TerminalChat(run, SamplingConfig(temperature=0, max_new_tokens=MAX_NEW_TOKENS), system=SYSTEM,
+                        read=read, out=out)
+    chat.loop()
+    said = out.getvalue()
+    # Each exchange is about 30 tokens, and the 128-token context keeps 116 for the prompt.
+    assert "(the conversation no longer fits the model's 128-token context: its 2 oldest message(s) are left out)" \
+        in said
+    assert chat.turns[0] == {"role": "user", "content": "Add 10 and 4."} and len(chat.turns) == 6
+    assert said.count("bot> ") == 4
