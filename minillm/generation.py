@@ -109,11 +109,11 @@ class TokenStream:
     """An iterator of (token_id, text), as stream_tokens describes; once it is used up, `stop_reason` says
     why it ended (a GenerationStop) and `n_tokens` how many tokens it gave."""
 
-    def __init__(self, steps: Generator[tuple[int | None, str], None, GenerationStop], dropped: int = 0):
+    def __init__(self, steps: Generator[tuple[int | None, str], None, GenerationStop]):
         self._steps = steps
         self.n_tokens = 0
         self.stop_reason: GenerationStop | None = None
-        self.dropped = dropped  # a chat's oldest messages left out to fit the context (fit_history)
+        self.dropped = 0  # a chat's oldest messages left out to fit the context (stream_reply, fit_history)
 
     def __iter__(self) -> TokenStream:
         return self
