@@ -3,6 +3,7 @@
     minillm train [DATA ...] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm train --config RECIPE.yaml [options that override it]
     minillm generate RUN_DIR --prompt "ROMEO:" [--num-samples 3] [--stop STRING] [--prompt-file FILE]
+    minillm chat RUN_DIR [--system TEXT]
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
@@ -200,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None)
     generate.set_defaults(func=cmd_generate)
 
+    chat = commands.add_parser(
+        "chat", help="talk with a run trained on conversations, in the terminal",
+        description="A conversation with a chat run (trained on a JSONL file of {\"messages\": [...]} lines): "
+                    "the history is kept, answers stream; /system TEXT sets the system message, /reset starts "
+                    "over, Ctrl-C stops an answer, Ctrl-D quits.")
+    chat.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    chat.add_argument("--system", default="", help="the system message to start with (as in the training data)")
+    _add_config_options(chat.add_argument_group("sampling options"), SamplingConfig, "sampling__", show_defaults=True)
+    chat.add_argument("--compile", action="store_true", help="compile the decode step first (as generate's)")
+    chat.add_argument("--device", default=None)
+    chat.set_defaults(func=cmd_chat)
+
     evaluate = commands.add_parser("evaluate", help="loss, perplexity and bits per byte on the test split or a file")
     evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     evaluate.add_argument("--data", type=Path, help="score this file instead of the test split")
@@ -323,9 +336,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from minillm.checkpoint import read_model_config
     from minillm.run_folder import RunFolder
 
-    trained, _ = read_model_config(RunFolder(result.run_dir).best_config)  # (a resumed run's kind is not in args)
+    folder = RunFolder(result.run_dir)
+    trained, _ = read_model_config(folder.best_config)  # (a resumed run's kind is not in args)
     flag = "--source" if is_encoder_decoder(trained) else "--prompt"
-    print(f"\nnext: minillm generate {result.run_dir} {flag} \"...\"   or   minillm ui {result.run_dir}")
+    use = f"chat {result.run_dir}" if folder.chat_template.is_file() else f"generate {result.run_dir} {flag} \"...\""
+    print(f"\nnext: minillm {use}   or   minillm ui {result.run_dir}")
     return 0
 
 
@@ -347,6 +362,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     return generate(args.run_dir, SamplingConfig(**_overrides(args, "sampling__")), args.prompt, args.source,
                     args.prompt_file, args.num_samples, args.stop, args.compile, args.device)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from minillm.checkpoint import load_run
+    from minillm.engine import Engine
+    from minillm.terminal_chat import TerminalChat, enable_line_editing
+
+    run = load_run(args.run_dir, args.device)
+    chat = TerminalChat(run, SamplingConfig(**_overrides(args, "sampling__")), Engine(run.model, args.compile),
+                        args.system)
+    enable_line_editing()
+    chat.loop()
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """What `minillm generate` writes (the CLI's generate command; the work is minillm.completions'):
 
-    stdout  the prompt and its continuation (decoder-only) or the generated target (encoder-decoder),
-            streamed; with --num-samples N, the N samples one after another, SAMPLE_SEPARATOR between them;
-            with --prompt-file, one JSON Lines record a prompt (completions.completion_record)
+    stdout  the prompt and its continuation (decoder-only), the generated target (encoder-decoder), or the
+            answer to the prompt as a user's message (a chat run), streamed; with --num-samples N, the N
+            samples one after another, SAMPLE_SEPARATOR between them; with --prompt-file, one JSON Lines
+            record a prompt (completions.completion_record)
     stderr  warnings, the compile note and its time, and after the text, on a line of its own, why it
             stopped and its tokens/s
 """
@@ -28,7 +29,7 @@ from minillm.completions import (
 )
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
-from minillm.generation import generation_inputs, stream_tokens, unknown_characters_warning
+from minillm.generation import generation_inputs, stream_reply, stream_tokens, task_prompt, unknown_characters_warning
 from minillm.models import is_encoder_decoder
 from minillm.sampling import SamplingConfig
 
@@ -51,6 +52,10 @@ def generate(run_dir: Path, sampling: SamplingConfig, prompt: str = "", source: 
     encoder_decoder = is_encoder_decoder(run.config)
     prompt, source = generation_inputs(encoder_decoder, prompt, source)
     warn(unknown_characters_warning(run.tokenizer, prompt + (source or "")))
+    if run.tokenizer.chat_template is not None:
+        return reply(run, engine, prompt, sampling, num_samples, stops)
+    if not encoder_decoder:
+        prompt = task_prompt(run, prompt)  # (a pairs run's: the source and the separator, so the answer follows)
     compile_first(engine, run, prompt, sampling, num_samples, source)
     prefix = "" if encoder_decoder else prompt  # stdout = prompt + continuation (decoder-only)
     if num_samples == 1:
@@ -69,13 +74,30 @@ def generate(run_dir: Path, sampling: SamplingConfig, prompt: str = "", source: 
     return 0
 
 
+def reply(run: Run, engine: Engine, prompt: str, sampling: SamplingConfig, num_samples: int,
+          stops: tuple[str, ...]) -> int:
+    """A chat run's answer to the prompt sent as one user message, streamed to stdout."""
+    if num_samples != 1:
+        raise MiniLLMError(f"{run.folder.path} is a chat run: it answers one message at a time; leave out "
+                           "--num-samples (or use `minillm serve`, whose chat completions take n)")
+    print(f"note: {run.folder.path} is a chat run: the prompt is sent as one user message and stdout is the "
+          f"answer (`minillm chat {run.folder.path}` for a conversation)", file=sys.stderr)
+    tokens = stream_reply(run.model, run.tokenizer, [{"role": "user", "content": prompt}], sampling, engine)
+    write_stream(with_stop_strings(tokens, stops), timed=True)
+    return 0
+
+
 def generate_from_file(run: Run, engine: Engine, path: Path, sampling: SamplingConfig, num_samples: int,
                        stops: tuple[str, ...]) -> int:
     """--prompt-file: one JSON Lines record a prompt on stdout, then the totals on stderr."""
+    if run.tokenizer.chat_template is not None:
+        raise MiniLLMError(f"{run.folder.path} is a chat run: --prompt-file is for text, pair and encoder-decoder "
+                           "runs; send the prompts as messages (`minillm chat`, or `minillm serve`)")
     prompts, tokens, seconds = read_prompt_file(path), 0, 0.0
     encoder_decoder = is_encoder_decoder(run.config)
     for index, (line, text) in enumerate(prompts):
         prompt, source = generation_inputs(encoder_decoder, text, None)  # (an encoder-decoder's: the source)
+        prompt = prompt if encoder_decoder else task_prompt(run, prompt)
         warning = unknown_characters_warning(run.tokenizer, text)
         warn(f"line {line}: {warning}" if warning else "")
         if index == 0:

@@ -24,7 +24,7 @@ SCHEDULES = ("cosine", "warmdown")  # minillm.training.optimizer.SCHEDULE_SHAPES
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto" and minillm.training.precision.AUTOCAST_DTYPES
 MLP_KINDS = ("swiglu", "relu2")  # minillm.models.layers.MLPS
 DATA_FORMATS = ("auto", "text", "tsv", "jsonl", "parquet", "arrow")  # "auto" and minillm.data.corpus.FILE_FORMAT_NAMES
-TASKS = ("auto", "text", "pairs")  # "auto" and minillm.data.tasks.TASKS
+TASKS = ("auto", "text", "pairs", "chat")  # "auto" and minillm.data.tasks.TASKS
 LOGGERS = ("none", "tensorboard", "wandb")  # "none" and minillm.training.loggers.LOGGERS
 # The default feed-forward width per MLP kind, as a multiple of d_model: both give about 8 * d_model^2
 # weights per layer (SwiGLU has three matrices of d_ff x d_model, relu2 two).
@@ -240,9 +240,14 @@ class TrainConfig(_JSONConfig):
                                       ".parquet, .arrow; else by the content), text, tsv, jsonl, parquet or arrow",
                               choices=DATA_FORMATS)
     task: str = option("auto", "what the model learns: text (continue text; a pair is the text "
-                               "\"source\\ntarget\") or pairs (source in, target out: the loss on the target "
-                               "only; a decoder-only model reads \"source\\n\" and learns the target after it); "
-                               "auto: pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
+                               "\"source\\ntarget\"), pairs (source in, target out: the loss on the target "
+                               "only; a decoder-only model reads \"source\\n\" and learns the target after it) "
+                               "or chat (conversations, JSONL {\"messages\": [...]}: the loss on the assistant's "
+                               "turns only, with the run's chat template); auto: chat for a conversation file, "
+                               "pairs for a TSV/JSONL pair file, text otherwise", choices=TASKS)
+    skip_bad_lines: bool = option(False, "leave out the bad lines of a JSONL file (not JSON, a message without a "
+                                         "role or content, an unknown role, no assistant message) and count "
+                                         "them, instead of stopping at the first")
     text_column: str | None = option(None, "JSONL, parquet, arrow: the column that holds the texts (default: "
                                            "\"text\"), one sample per row")
     source_column: str | None = option(None, "the column that holds the sources: a number for a TSV file (1 = "

@@ -26,7 +26,7 @@ tokens for the same seed:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,14 +77,15 @@ class Engine:
 
     def stream(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None, *,
                source_ids: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
-               eos_id: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+               eos_id: int | Sequence[int] | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
         """Yield one (B,) tensor of new token ids per step.
 
         prompt_ids (B, T): the text to continue (decoder-only, T >= 1) or the target's start after BOS
         (encoder-decoder, optional); source_ids (B, S) and its (B, S) padding mask: the encoder-decoder's
-        input. Stops after sampling.max_new_tokens, or once every row has produced eos_id (finished rows
-        yield pad_id). A context longer than max_seq_len slides (see CONTEXT_KEEP_FRACTION). The model is
-        in eval mode while generating; closing the iterator stops the work.
+        input. Stops after sampling.max_new_tokens, or once every row has produced eos_id (or one of several
+        ids: a chat's end-of-turn and end-of-text tokens; finished rows yield pad_id). A context longer than
+        max_seq_len slides (see CONTEXT_KEEP_FRACTION). The model is in eval mode while generating; closing the
+        iterator stops the work.
         """
         sampling = SamplingConfig() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
@@ -94,7 +95,8 @@ class Engine:
 
     @torch.inference_mode()
     def _steps(self, context: torch.Tensor, sampling: SamplingConfig, source_ids: torch.Tensor | None,
-               source_mask: torch.Tensor | None, eos_id: int | None, use_cache: bool) -> Iterator[torch.Tensor]:
+               source_mask: torch.Tensor | None, eos_id: int | Sequence[int] | None,
+               use_cache: bool) -> Iterator[torch.Tensor]:
         model, config = self.model, self.model.config
         device, (batch, length) = context.device, context.shape
         max_seq_len, vocab = config.max_seq_len, config.vocab_size
@@ -109,9 +111,11 @@ class Engine:
         tokens = context.new_empty((batch, length + min(sampling.max_new_tokens, max_seq_len)))
         tokens[:, :length] = context
         seen = seen_tokens(context, vocab) if sampling.repetition_penalty != 1.0 else None
-        # Rows that produced EOS (batch > 1; one row just stops, from the id it has to read anyway).
-        finished = torch.zeros(batch, dtype=torch.bool, device=device) if eos_id is not None and batch > 1 else None
-        single_eos = eos_id if batch == 1 else None
+        # Rows that produced a stop id (batch > 1; one row just stops, from the id it has to read anyway).
+        stops = [] if eos_id is None else [int(i) for i in eos_id] if isinstance(eos_id, Sequence) else [int(eos_id)]
+        stop_ids = torch.tensor(stops, dtype=context.dtype, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device) if stops and batch > 1 else None
+        single_stops = stops if batch == 1 else []
         start = max(0, length - max_seq_len)  # the window is tokens[:, start:length]
         keep = max(1, int(max_seq_len * CONTEXT_KEEP_FRACTION))
         with eval_mode(model):
@@ -132,7 +136,7 @@ class Engine:
                 token = pending.pop()
                 if finished is not None:
                     token = token.masked_fill(finished, config.pad_id)
-                    finished |= token == eos_id
+                    finished |= torch.isin(token, stop_ids)
                 if length == tokens.size(1):
                     tokens = torch.cat([tokens, torch.empty_like(tokens)], dim=1)
                 tokens[:, length] = token
@@ -141,7 +145,7 @@ class Engine:
                     seen.scatter_(1, token[:, None], True)
                 yield token
                 if (n + 1 == sampling.max_new_tokens or (finished is not None and bool(finished.all()))
-                        or (single_eos is not None and int(token) == single_eos)):
+                        or (single_stops and int(token) in single_stops)):
                     return
                 if pending:
                     continue

@@ -2,6 +2,11 @@
 
     for chunk in stream_text(run.model, run.tokenizer, "ROMEO:", SamplingConfig(max_new_tokens=200, seed=1)):
         print(chunk, end="", flush=True)
+    reply = stream_reply(run.model, run.tokenizer, [{"role": "user", "content": "2+3?"}])  # a chat run's answer
+
+A chat run's answer (`stream_reply`) is the model's continuation of the conversation rendered by the run's
+chat template with the generation prompt; it stops at the template's end-of-turn token, and a history longer
+than the context loses its oldest turns first (`fit_history`; the stream's `dropped` says how many).
 
 Token ids in, token ids out is `minillm.engine.Engine`; the sampling settings and their defaults are
 `minillm.sampling.SamplingConfig`.
@@ -17,12 +22,17 @@ import torch
 from torch import nn
 
 from minillm.checkpoint import Run
-from minillm.data.prepare import sample_prompt
+from minillm.data.prepare import run_task, sample_prompt, sample_prompt_ids
 from minillm.engine import Engine
 from minillm.errors import MiniLLMError
 from minillm.models import is_encoder_decoder
 from minillm.sampling import SamplingConfig
 from minillm.tokenizers import Tokenizer
+from minillm.tokenizers.chat_template import Message, check_messages
+
+# A chat's prompt (the history) may fill the context but for room for the answer: max_new_tokens, or this
+# share of the context when that is more.
+ANSWER_ROOM_SHARE = 0.5
 
 
 def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | None) -> tuple[str, str | None]:
@@ -42,6 +52,16 @@ def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | N
     if not source.strip():
         raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
     return prompt, source
+
+
+def task_prompt(run: Run, prompt: str) -> str:
+    """What the user's prompt becomes for the run's task: for a decoder-only run trained on pairs, the source
+    with the separator after it, so that the answer follows (as-is when the run folder has no split.json)."""
+    try:
+        task = run_task(run.folder.path, is_encoder_decoder(run.config))
+    except MiniLLMError:
+        return prompt
+    return task.prompt_for(prompt)
 
 
 def unknown_characters_warning(tokenizer: Tokenizer, text: str) -> str:
@@ -81,6 +101,7 @@ class GenerationStop(str, Enum):
     """Why a generation ended (TokenStream.stop_reason; None while it runs, or when it was closed early)."""
 
     END_OF_TEXT = "end_of_text"  # the model chose EOS: it ended the text itself
+    END_OF_TURN = "end_of_turn"  # a chat's model chose its end-of-turn token: it ended its answer
     MAX_NEW_TOKENS = "max_new_tokens"  # it made SamplingConfig.max_new_tokens tokens
     STOP_STRING = "stop_string"  # its text reached a stop string (see minillm.completions)
 
@@ -96,6 +117,7 @@ class TokenStream:
         self._steps = steps
         self.n_tokens = 0
         self.stop_reason: GenerationStop | None = None
+        self.dropped = 0  # a chat's oldest messages left out to fit the context (stream_reply, fit_history)
 
     def __iter__(self) -> TokenStream:
         return self
@@ -114,10 +136,11 @@ class TokenStream:
         self._steps.close()
 
     def end_note(self) -> str:
-        """"stopped at end of text after 3 tokens" when the model ended the text itself, else ""."""
-        if self.stop_reason != GenerationStop.END_OF_TEXT:
+        """"stopped at end of text after 3 tokens" when the model ended the text (or its turn) itself, else ""."""
+        what = {GenerationStop.END_OF_TEXT: "text", GenerationStop.END_OF_TURN: "turn"}.get(self.stop_reason)
+        if what is None:
             return ""
-        return f"stopped at end of text after {self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"
+        return f"stopped at end of {what} after {self.n_tokens} token{'s' if self.n_tokens != 1 else ''}"
 
 
 def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
@@ -133,28 +156,78 @@ def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling:
                                     engine or Engine(model)))
 
 
-def encode_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str, source: str | None,
+def encode_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], source: str | None,
                   engine: Engine | None = None) -> tuple[list[int], list[int] | None]:
-    """(prompt ids, source ids or None): what the engine continues for a prompt and source, as stream_tokens
-    describes; bad input (not text, no source for an encoder-decoder, an engine of another model) refused."""
-    if not isinstance(prompt, str) or (source is not None and not isinstance(source, str)):
+    """(prompt ids, source ids or None): what the engine continues for a prompt (text, or ids that may hold
+    special tokens: a chat template's) and source, as stream_tokens describes; bad input (not text, no source
+    for an encoder-decoder, an engine of another model) refused."""
+    if not isinstance(prompt, (str, list)) or (source is not None and not isinstance(source, str)):
         raise MiniLLMError("prompt and source must be text")
     if engine is not None and engine.model is not model:
         raise MiniLLMError("the engine was made for another model")
     if is_encoder_decoder(model.config):
+        if isinstance(prompt, list):
+            raise MiniLLMError("this is an encoder-decoder model: it generates from a source text, not from ids")
         if source is None or not source.strip():
             raise MiniLLMError("this is an encoder-decoder model: give a source text to generate from")
         return tokenizer.encode(prompt), tokenizer.encode(source)  # (too long a source: the model's own error)
-    return tokenizer.encode(prompt) or [tokenizer.bos_id], None
+    return (list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)) or [tokenizer.bos_id], None
 
 
-def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig, source: str | None,
-                 engine: Engine) -> Generator[tuple[int | None, str], None, GenerationStop]:
-    """stream_tokens' items; returns why it ended."""
+def stream_from_ids(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
+                    sampling: SamplingConfig | None = None, engine: Engine | None = None,
+                    stop_ids: list[int] | None = None) -> TokenStream:
+    """stream_tokens from token ids (a decoder-only model): the continuation of `prompt_ids`, which may hold
+    special tokens (a chat template's); it stops at any of `stop_ids` (default: EOS)."""
+    if is_encoder_decoder(model.config):
+        raise MiniLLMError("this is an encoder-decoder model: it generates from a source text, not from ids")
+    return TokenStream(_token_steps(model, tokenizer, list(prompt_ids), sampling or SamplingConfig(), None,
+                                    engine or Engine(model), stop_ids))
+
+
+def fit_history(tokenizer: Tokenizer, messages: list[Message], context: int,
+                max_new_tokens: int) -> tuple[list[Message], int]:
+    """(the messages whose prompt fits the context with room for the answer, how many were left out): the
+    oldest turns after the leading system messages go first, and the kept ones begin with a user's. A last
+    message that does not fit even alone is a MiniLLMError."""
+    room = context - min(max_new_tokens, int(context * ANSWER_ROOM_SHARE))
+    n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    system, turns = messages[:n_system], messages[n_system:]
+    dropped = 0
+    while turns and len(tokenizer.apply_chat_template([*system, *turns], add_generation_prompt=True)) > room:
+        turns, dropped = turns[1:], dropped + 1
+        while turns and turns[0]["role"] != "user" and len(turns) > 1:
+            turns, dropped = turns[1:], dropped + 1
+    if not turns and messages[n_system:]:
+        size = len(tokenizer.apply_chat_template([*system, messages[-1]], add_generation_prompt=True))
+        raise MiniLLMError(f"the last message (with the system message) is {size:,} tokens, more than the {room:,} "
+                           f"that the model's {context}-token context leaves for a prompt; shorten it")
+    return [*system, *turns], dropped
+
+
+def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[Message],
+                 sampling: SamplingConfig | None = None, engine: Engine | None = None) -> TokenStream:
+    """The assistant's next turn after `messages` ({"role", "content"} dicts), streamed as stream_tokens'
+    items: the conversation rendered by the tokenizer's chat template with the generation prompt (cut from its
+    oldest turns to fit the context: the stream's `dropped`), stopped at the end of the turn."""
+    sampling = sampling or SamplingConfig()
+    kept, dropped = fit_history(tokenizer, check_messages(messages), model.config.max_seq_len,
+                                sampling.max_new_tokens)
+    ids = tokenizer.apply_chat_template(kept, add_generation_prompt=True)
+    stream = stream_from_ids(model, tokenizer, ids, sampling, engine, tokenizer.chat_stop_ids())
+    stream.dropped = dropped
+    return stream
+
+
+def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sampling: SamplingConfig,
+                 source: str | None, engine: Engine,
+                 stop_ids: list[int] | None = None) -> Generator[tuple[int | None, str], None, GenerationStop]:
+    """stream_tokens' items (a list `prompt`: ids, for stream_from_ids); returns why it ended."""
     prompt_ids, source_ids = encode_inputs(model, tokenizer, prompt, source, engine)
+    stops = stop_ids or [tokenizer.eos_id]
     tokens = engine.stream(torch.tensor([prompt_ids], dtype=torch.long), sampling,
                            source_ids=None if source_ids is None else torch.tensor([source_ids], dtype=torch.long),
-                           eos_id=tokenizer.eos_id)
+                           eos_id=stops[0] if len(stops) == 1 else stops)  # (the engine takes one id, or several)
 
     decoder = tokenizer.decode_stream(skip_special_tokens=True)
     new_ids: list[int] = []
@@ -163,8 +236,8 @@ def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: 
     try:
         for token in tokens:
             token_id = int(token[0])
-            if token_id == tokenizer.eos_id:
-                reason = GenerationStop.END_OF_TEXT
+            if token_id in stops:
+                reason = GenerationStop.END_OF_TEXT if token_id == tokenizer.eos_id else GenerationStop.END_OF_TURN
                 break
             new_ids.append(token_id)
             chunk = decoder.step(token_id) or ""
@@ -192,21 +265,31 @@ class Showcase:
     prefix: str  # the text the model continues, which the sample starts with ("" for an encoder-decoder)
     source: str | None  # the encoder-decoder's source (the prompt), or None
     sampling: SamplingConfig
+    prompt_ids: list[int] | None = None  # a chat run's: the test conversation up to its answer (as `prompt`)
 
     def tokens(self, run: Run, engine: Engine | None = None) -> TokenStream:
         """The sample's tokens, streamed (see stream_tokens); the text after `prefix`."""
+        if self.prompt_ids is not None:
+            return stream_from_ids(run.model, run.tokenizer, self.prompt_ids, self.sampling, engine,
+                                   run.tokenizer.chat_stop_ids())
         return stream_tokens(run.model, run.tokenizer, self.prefix, self.sampling, self.source, engine)
 
 
 def showcase(run: Run, max_new_tokens: int, prompt_tokens: int) -> Showcase:
     """The showcase sample of `run`: its prompt is the start of the run's test split (a pair file: the first
-    test source), at most `prompt_tokens` tokens and half the context; greedy-free sampling with the default
-    settings and SHOWCASE_SEED. A run folder without its split data is a MiniLLMError."""
+    test source; a chat run: the first test conversation up to its answer), at most `prompt_tokens` tokens and
+    half the context (a chat run's: the context); sampling with the default settings and SHOWCASE_SEED. A run
+    folder without its split data is a MiniLLMError."""
     encoder_decoder = is_encoder_decoder(run.config)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, seed=SHOWCASE_SEED)
+    ids = sample_prompt_ids(run.folder.path, encoder_decoder)
+    if ids is not None:
+        ids = ids[-run.config.max_seq_len:]
+        return Showcase(run.tokenizer.decode(ids, skip_special_tokens=False), "", None, sampling, ids)
     prompt = sample_prompt(run.folder.path, run.tokenizer, min(prompt_tokens, run.config.max_seq_len // 2),
                            encoder_decoder)
     prefix, source = generation_inputs(encoder_decoder, prompt, None)
-    return Showcase(prompt, prefix, source, SamplingConfig(max_new_tokens=max_new_tokens, seed=SHOWCASE_SEED))
+    return Showcase(prompt, prefix, source, sampling)
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,

@@ -3,6 +3,7 @@
     RUN_DIR/
       tokenizer.json          the tokenizer (its own format; says which kind it is)
       special_tokens.json     which of its tokens are pad/bos/eos (and which were added to a foreign one)
+      chat_template.jinja     a chat run's chat template (Jinja), beside its tokenizer
       best_model.pt           state_dict of the best model by validation loss (uncompiled keys)
       best_model_config.json  {"model": ModelConfig, "tokenizer_type": ..., "training": {step, val_loss, ...}}:
                               the model's config (the run's one copy of it)
@@ -17,6 +18,7 @@
       test_metrics.json       the best model's loss on the test split
       {split}.bin             the prepared tokens of a plain-text split (train, val, test)
       {split}.src.bin, {split}.tgt.bin, {split}.offsets.npy   the same for a file of pairs
+      {split}.bin, {split}.mask.bin, {split}.offsets.npy        ... for conversations (the mask: learned tokens)
       .minillm.lock           held by the process training here
       .staging-*/             a new run being prepared (and, replacing a run, trained until its first model)
       .swapping-*/            a new run being moved in (RunFolder.swap_in); finished by the next load
@@ -46,6 +48,7 @@ except ImportError:  # pragma: no cover
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # (transformers' name for the same file)
 BEST_MODEL_FILE = "best_model.pt"
 BEST_CONFIG_FILE = "best_model_config.json"
 LAST_CHECKPOINT_FILE = "last.pt"
@@ -89,6 +92,10 @@ class RunFolder:
     @property
     def special_tokens(self) -> Path:
         return self.path / SPECIAL_TOKENS_FILE
+
+    @property
+    def chat_template(self) -> Path:
+        return self.path / CHAT_TEMPLATE_FILE
 
     @property
     def best_model(self) -> Path:
@@ -144,8 +151,13 @@ class RunFolder:
         return self.path / f"{split}.{side}.bin"
 
     def pair_offsets(self, split: str) -> Path:
-        """(2, N + 1) start offsets of each pair's source and target in the two streams."""
+        """(2, N + 1) start offsets of each pair's source and target in the two streams (conversations: of each
+        conversation in the token stream, and the learned tokens before it)."""
         return self.path / f"{split}.offsets.npy"
+
+    def loss_mask(self, split: str) -> Path:
+        """One byte per token of a conversation split's stream: 1 where the model learns the token."""
+        return self.path / f"{split}.mask.bin"
 
     def has_best_model(self) -> bool:
         return self.best_model.is_file() and self.best_config.is_file()
@@ -185,10 +197,11 @@ class RunFolder:
 
     def file_names(self) -> list[str]:
         """The name of every file a run writes."""
-        names = [TOKENIZER_FILE, SPECIAL_TOKENS_FILE, BEST_MODEL_FILE, BEST_CONFIG_FILE, LAST_CHECKPOINT_FILE,
-                 TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE, SAMPLES_FILE]
+        names = [TOKENIZER_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE, BEST_MODEL_FILE, BEST_CONFIG_FILE,
+                 LAST_CHECKPOINT_FILE, TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE,
+                 SAMPLES_FILE]
         for split in SPLITS:
-            names += [self.tokens(split).name, self.pair_offsets(split).name]
+            names += [self.tokens(split).name, self.pair_offsets(split).name, self.loss_mask(split).name]
             names += [self.pair_tokens(split, side).name for side in PAIR_SIDES]
         return names
 

@@ -208,3 +208,31 @@ def ending_run(tmp_path_factory) -> Path:
     with single_thread():
         train(*tiny_configs(data=data), root / "run", progress=False, log=lambda message: None)
     return root / "run"
+REPO = Path(__file__).resolve().parents[1]
+DIALOGUES = 300  # conversations of the tests' data set (scripts/make_dialogues.py)
+CHAT_CONTEXT = 128  # the tiny chat run's context: a conversation of the tests' data set is up to about 120 characters
+
+
+@pytest.fixture(scope="session")
+def dialogues_file(tmp_path_factory) -> Path:
+    """A small conversation file (JSONL, OpenAI's format) written by the repository's script."""
+    import subprocess
+    import sys
+
+    path = tmp_path_factory.mktemp("dialogues") / "dialogues.jsonl"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_dialogues.py"), "--out", str(path), "--n",
+                    str(DIALOGUES), "--max-turns", "2"], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory, dialogues_file) -> Path:
+    """The run folder of a char-level decoder-only chat model trained with the tiny preset on the dialogues."""
+    from minillm.training import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-chat"
+    model_config, train_config = preset_configs("tiny", {"max_seq_len": CHAT_CONTEXT},
+                                                {"data": str(dialogues_file), "max_steps": 40})
+    with single_thread():
+        train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
+    return run_dir

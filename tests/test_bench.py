@@ -33,3 +33,11 @@ def test_the_training_benchmark_trains_scores_and_samples(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| nanogpt |" in done.stdout
     assert "sample from nanogpt (best model):\n\nROMEO:\n" in done.stdout
+
+
+def test_the_chat_benchmark_trains_scores_and_talks():
+    """A few seconds of bench/chat.py: the dialogues, a chat run, the held-out score and a transcript."""
+    done = run_script("chat.py", "--conversations", "60", "--held-out", "4", "--max-time", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| decoder_only (d_model 96, 3 layers, context 192), cpu preset's recipe |" in done.stdout
+    assert "system: You are a calculator.\nyou> What is 17 + 8?\nbot> " in done.stdout

@@ -330,7 +330,7 @@ def test_a_decoder_only_model_learns_pairs_with_the_loss_on_the_targets_by_defau
     run = load_run(tmp_path / "run")
     record = read_split_record(tmp_path / "run")
     assert record.task == "pairs" and record.separator == run.tokenizer.encode("\n")
-    assert any("the loss is on the targets only; a decoder-only model reads each source" in m for m in messages)
+    assert any(m.startswith("data: task pairs: ") and "prompt tokens (sources and separators" in m for m in messages)
     assert result.best_val_loss < result.history[0]["val_loss"]  # it learns
     trainer = tiny_trainer(tmp_path / "run")
     assert isinstance(trainer.task, PairsTask) and not trainer.task.encoder_decoder

@@ -117,7 +117,7 @@ class LMBatches:
                      "targets": continuation}
         else:
             batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
 
     def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
         return self.batch_at(self.sample_starts(batch_size, generator), device)
@@ -180,6 +180,7 @@ class PairFit:
     source_tokens_cut: int
     target_tokens_cut: int  # target tokens (EOS counted) beyond the context: never trained on, never scored
     kept_target_tokens: int  # target tokens + EOS within the context: what one pass over the pairs trains on
+    kept_prompt_tokens: int  # the tokens read but not learned: sources (and a decoder-only model's separators)
     fit_most: int  # a context length that fits CONTEXT_SUGGESTION_SHARE of the pairs whole
     fit_all: int  # ... and one that fits all of them
 
@@ -208,7 +209,7 @@ class PairFit:
                 f"{max_seq_len} tokens and are cut: {'; '.join(cuts)}; {fix}")
 
 
-def _round_up(n: float, multiple: int) -> int:
+def round_up(n: float, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
@@ -246,6 +247,7 @@ class PairBatches:
         self.src, self.tgt, self.offsets = src, tgt, offsets  # offsets: (2, N + 1) starts of sources, targets
         self.max_seq_len = max_seq_len
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
+        self.n_separator = 0  # tokens between a source and its target in a row (a decoder-only model's)
 
     @property
     def n_pairs(self) -> int:
@@ -265,9 +267,10 @@ class PairBatches:
             source_tokens_cut=int((src_len - src_kept).sum()),
             target_tokens_cut=int((tgt_len + 1 - predicted_kept).sum()),
             kept_target_tokens=int(predicted_kept.sum()),
-            fit_most=_round_up(np.quantile(needed, CONTEXT_SUGGESTION_SHARE) if len(needed) else 1,
+            kept_prompt_tokens=int(src_kept.sum()) + self.n_pairs * self.n_separator,
+            fit_most=round_up(np.quantile(needed, CONTEXT_SUGGESTION_SHARE) if len(needed) else 1,
                                CONTEXT_SUGGESTION_MULTIPLE),
-            fit_all=_round_up(needed.max() if len(needed) else 1, CONTEXT_SUGGESTION_MULTIPLE),
+            fit_all=round_up(needed.max() if len(needed) else 1, CONTEXT_SUGGESTION_MULTIPLE),
         )
 
     def cuts(self) -> dict[str, int]:
@@ -292,10 +295,10 @@ class PairBatches:
         predicted_len = np.minimum(t1 - t0 + 1, self.max_seq_len)  # the target and its EOS
         width = max(1, int(src_len.max()))
         in_source = np.arange(width) < src_len[:, None]
-        src_ids = np.where(in_source, _rows(self.src, s0, width), self.pad_id)
+        src_ids = np.where(in_source, stream_rows(self.src, s0, width), self.pad_id)
         columns = np.arange(int(predicted_len.max()))
         in_target = columns < predicted_len[:, None]
-        predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, _rows(self.tgt, t0, len(columns)))
+        predicted = np.where(columns == (t1 - t0)[:, None], self.eos_id, stream_rows(self.tgt, t0, len(columns)))
         targets = np.where(in_target, predicted, IGNORE_INDEX)
         tgt_ids = np.full_like(targets, self.pad_id)
         tgt_ids[:, 0] = self.bos_id
@@ -306,7 +309,7 @@ class PairBatches:
                  "src_mask": torch.from_numpy(np.arange(src_ids.shape[1]) < np.maximum(1, src_len)[:, None]),
                  "targets": torch.from_numpy(targets.astype(np.int64))}
         batch["tgt_mask"] = torch.from_numpy(in_target)
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
 
     def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(self.n_pairs, (batch_size,), generator=generator)
@@ -350,6 +353,7 @@ class PromptAnswerBatches(PairBatches):
                  pad_id: int, eos_id: int, separator: list[int]):
         super().__init__(src, tgt, offsets, max_seq_len, pad_id, pad_id, eos_id)  # (no BOS)
         self.separator = np.asarray(separator, dtype=np.int64)
+        self.n_separator = len(separator)
         if not separator or max_seq_len < len(separator):
             raise MiniLLMError(f"a context of {max_seq_len} tokens cannot hold the {len(separator)}-token separator "
                                "and an answer token; raise --max-seq-len")
@@ -377,17 +381,17 @@ class PromptAnswerBatches(PairBatches):
         separator = self.separator[np.clip(p - source_end, 0, len(self.separator) - 1)]
         sequence = np.select(
             [p < source_end, p < prompt, p < answer_end, p == answer_end],
-            [_rows(self.src, s0, p.shape[1]), separator, _rows(self.tgt, t0 - prompt[:, 0], p.shape[1]),
+            [stream_rows(self.src, s0, p.shape[1]), separator, stream_rows(self.tgt, t0 - prompt[:, 0], p.shape[1]),
              self.eos_id], default=self.pad_id)
         sequence = np.where(p < end, sequence, self.pad_id)  # (B, W)
         inputs = np.where(p[:, :-1] < end - 1, sequence[:, :-1], self.pad_id)  # (the last kept token is no input)
         scored = (p[:, 1:] >= prompt) & (p[:, 1:] < end)  # the target and EOS positions
         batch = {"input_ids": torch.from_numpy(inputs.astype(np.int64)),
                  "targets": torch.from_numpy(np.where(scored, sequence[:, 1:], IGNORE_INDEX).astype(np.int64))}
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
 
 
-def _rows(stream: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+def stream_rows(stream: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     """(len(starts), width) int64 tokens of `stream` from each start on (a start may be negative). Outside the
     stream (or for an empty stream) the values are arbitrary: the callers mask them."""
     if len(stream) == 0:
@@ -395,7 +399,7 @@ def _rows(stream: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
     return stream[np.clip(starts[:, None] + np.arange(width), 0, len(stream) - 1)].astype(np.int64)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

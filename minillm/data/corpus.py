@@ -2,12 +2,14 @@
 
 Plain text is cut into samples (paragraphs, lines, or by a separator). A file of (source, target) pairs
 (TSV `source<TAB>target`, extra columns allowed, or JSONL `{"input": ..., "output": ...}`) gives pairs; JSON
-Lines, parquet and arrow tables give texts or pairs by their columns (data.tables). The file format is taken
+Lines, parquet and arrow tables give texts or pairs by their columns (data.tables); a JSONL file of
+conversations (`{"messages": [...]}`, data.conversations) gives conversations. The file format is taken
 from --format, else from the extension (.tsv, .jsonl, .parquet, .arrow), else from the content, and always
 said (data.sources.describe_samples; data.sources also reads several files into one list of samples). The
 task (--task) says what the samples are: pairs for the pairs task (the default for a pair file), texts for the
-text task (a pair becomes the text "source\ntarget"). A file with few samples is cut into contiguous
-train/val/test stretches instead of being shuffled by sample.
+text task (a pair becomes the text "source\ntarget"), conversations for the chat task (the default for a
+conversation file). A file with few samples is cut into contiguous train/val/test stretches instead of being
+shuffled by sample.
 """
 
 from __future__ import annotations
@@ -20,18 +22,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.config import DATA_FORMATS, MAX_COLUMN, TASKS
+from minillm.data.conversations import (
+    conversation_chars,
+    is_conversation_line,
+    looks_like_conversations,
+    parse_conversations,
+)
 from minillm.data.split_record import SplitRecord
 from minillm.data.tables import arrow_table, is_dataset_folder, jsonl_table, table_samples
 from minillm.errors import MiniLLMError
 from minillm.run_folder import SPLITS
 
-AUTO_TASK, TEXT, PAIRS = TASKS  # what a run's samples are (--task; "auto": pairs for a pair file, else text)
+# What a run's samples are (--task; "auto": chat for a conversation file, pairs for a pair file, else text).
+AUTO_TASK, TEXT, PAIRS, CHAT = TASKS
 # Between a source and its target: in a pair file read as text samples, and in a decoder-only pairs sample.
 PAIR_SEPARATOR = "\n"
 AUTO_FORMAT, TEXT_FILE, TSV_FILE, JSONL_FILE, PARQUET_FILE, ARROW_FILE = DATA_FORMATS  # how a file is read (--format)
 FILE_FORMATS = DATA_FORMATS[1:]
 FILE_FORMAT_NAMES = {TEXT_FILE: "plain text", TSV_FILE: "tab-separated pairs", JSONL_FILE: "JSON lines",
                      PARQUET_FILE: "a parquet table", ARROW_FILE: "an arrow table"}
+CONVERSATIONS_NAME = "JSON-lines conversations"  # (a JSONL file whose lines are {"messages": [...]})
 BINARY_FORMATS = {".parquet": PARQUET_FILE, ".arrow": ARROW_FILE}  # read by extension, never sniffed as text
 FORMAT_HINT = "--format text|tsv|jsonl overrides"
 DEFAULT_COLUMNS = (1, 2)  # the source and target columns of a TSV file (1-based, as `cut -f` counts)
@@ -99,6 +109,8 @@ def detect_format(path: str | Path, text: str) -> tuple[str, str]:
     lines = [line for line in text[:200_000].split("\n")[:PAIR_DETECT_LINES * 4] if line.strip()]
     lines = lines[:PAIR_DETECT_LINES]
     if len(lines) >= 2:
+        if all(is_conversation_line(line) for line in lines):
+            return JSONL_FILE, "by its content: every line is a JSON conversation"
         if all(_json_object(line) for line in lines):
             return JSONL_FILE, "by its content: every line is a JSON object"
         tabs = {line.count("\t") for line in lines}
@@ -116,15 +128,18 @@ def _json_object(line: str) -> bool:
 
 
 def parse_pairs(path: str | Path, text: str, file_format: str, source_column: int | str | None = None,
-                target_column: int | str | None = None, notes: list[str] | None = None) -> list[tuple[str, str]]:
-    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number.
+                target_column: int | str | None = None, notes: list[str] | None = None,
+                skip_bad_lines: bool = False) -> list[tuple[str, str]]:
+    """(source, target) pairs from TSV or JSONL text; a malformed line is an error naming its number (JSONL,
+    with `skip_bad_lines`: left out, and counted in `notes`).
 
     TSV: every line has the same columns; the source and target are columns `source_column` and
     `target_column` (1-based; default 1 and 2; other columns are left out, with a warning added to `notes`).
     JSONL: the fields named so (default "input" and "output").
     """
     if file_format == JSONL_FILE:
-        _, pairs, _ = table_samples(path, jsonl_table(path, text), True, None, _name(source_column),
+        table = jsonl_table(path, text, skip_bad_lines, notes if notes is not None else [])
+        _, pairs, _ = table_samples(path, table, True, None, _name(source_column),
                                     _name(target_column))
     else:
         pairs = _tsv_pairs(path, text, source_column, target_column, notes if notes is not None else [])
@@ -248,8 +263,8 @@ def chunk_text(text: str, chunk_chars: int = ENCODE_CHUNK_CHARS) -> list[str]:
 class Samples:
     """The samples of a data file (or of several, merged by data.sources) and how they were read."""
 
-    task: str  # TEXT or PAIRS: what the samples are
-    samples: list  # texts, or (source, target) pairs
+    task: str  # TEXT, PAIRS or CHAT: what the samples are
+    samples: list  # texts, (source, target) pairs, or conversations (lists of messages)
     file_format: str  # one of FILE_FORMATS: how the file was read
     how: str  # why it was read so ("by its .tsv extension", "as --format says", ...)
     notes: list[str] = field(default_factory=list)  # warnings about the reading ("warning: ...")
@@ -274,13 +289,15 @@ def _file_format(path: Path, file_format: str) -> tuple[str, str]:
 
 def read_samples(path: str | Path, task: str, split_mode: str, separator: str, file_format: str = AUTO_FORMAT,
                  source_column: int | str | None = None, target_column: int | str | None = None,
-                 text_column: str | None = None) -> Samples:
-    """The samples of one data file for `task` (AUTO_TASK, TEXT or PAIRS): text samples, or (source, target)
-    pairs (how many is for the caller to check: data.sources.load_samples). `file_format` (AUTO_FORMAT or one
-    of FILE_FORMATS) says how to read the file.
+                 text_column: str | None = None, skip_bad_lines: bool = False) -> Samples:
+    """The samples of one data file for `task` (AUTO_TASK, TEXT, PAIRS or CHAT): text samples, (source,
+    target) pairs, or conversations (how many is for the caller to check: data.sources.load_samples).
+    `file_format` (AUTO_FORMAT or one of FILE_FORMATS) says how to read the file; `skip_bad_lines` leaves out
+    (and counts) the bad lines of a JSONL file instead of stopping at the first.
 
-    AUTO_TASK is PAIRS for a pair file and TEXT otherwise; TEXT on a pair file makes each pair the text
-    sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain text is refused.
+    AUTO_TASK is CHAT for a conversation file, PAIRS for a pair file and TEXT otherwise; TEXT on a pair file
+    makes each pair the text sample "source\\ntarget" (so a model learns the sources too); PAIRS on plain
+    text, CHAT on anything but conversations, and a conversation file for another task are refused.
     """
     path = Path(path)
     file_format, how = _file_format(path, file_format)
@@ -288,9 +305,11 @@ def read_samples(path: str | Path, task: str, split_mode: str, separator: str, f
     text = None if file_format in (PARQUET_FILE, ARROW_FILE) else read_text_file(path)
     if not file_format:
         file_format, how = detect_format(path, text)
+    if task == CHAT or (file_format == JSONL_FILE and looks_like_conversations(text)):
+        return _conversation_samples(path, text, task, file_format, how, skip_bad_lines)
     if file_format in (JSONL_FILE, PARQUET_FILE, ARROW_FILE):
-        table = jsonl_table(path, text) if text is not None else arrow_table(path, file_format == PARQUET_FILE,
-                                                                              notes)
+        table = (jsonl_table(path, text, skip_bad_lines, notes) if text is not None
+                 else arrow_table(path, file_format == PARQUET_FILE, notes))
         pairs, samples, columns = table_samples(path, table, task == PAIRS, text_column, _name(source_column),
                                                 _name(target_column))
         target = f"column {columns.split(' and ')[-1]}" if pairs else None
@@ -321,6 +340,20 @@ def read_samples(path: str | Path, task: str, split_mode: str, separator: str, f
     return Samples(TEXT, samples, file_format, how)
 
 
+def _conversation_samples(path: Path, text: str | None, task: str, file_format: str, how: str,
+                          skip_bad_lines: bool) -> Samples:
+    """The conversations of a JSONL file for the chat task (another task, or another file, is refused)."""
+    if file_format != JSONL_FILE:
+        raise MiniLLMError(f"--task chat needs a JSONL file of conversations ({{\"messages\": [...]}} per line), "
+                           f"but {path} is read as {FILE_FORMAT_NAMES[file_format]} ({how}); give a .jsonl file "
+                           "(or --format jsonl), or another --task")
+    if task not in (AUTO_TASK, CHAT):
+        raise MiniLLMError(f"{path} holds conversations ({{\"messages\": [...]}} lines): they train --task chat "
+                           f"(or auto), not --task {task}")
+    notes: list[str] = []
+    return Samples(CHAT, parse_conversations(path, text, skip_bad_lines, notes), file_format, how, notes)
+
+
 def _pairs_for(task: str, pairs: list[tuple[str, str]], file_format: str, how: str, notes: list[str],
                columns: str, target: str | None) -> Samples:
     """Pairs as the task wants them: pairs, or (--task text) text samples "source\\ntarget"."""
@@ -332,6 +365,9 @@ def _pairs_for(task: str, pairs: list[tuple[str, str]], file_format: str, how: s
 
 def sample_unit(loaded: Samples, split_mode: str) -> str:
     """What one of the samples is, in words: "paragraphs", "pairs", "rows", ..."""
+    if loaded.task == CHAT:
+        turns = sum(m["role"] == "assistant" for conversation in loaded.samples for m in conversation)
+        return f"conversations with {turns:,} assistant messages"
     if loaded.from_pairs:
         return "pairs" if loaded.task == PAIRS else 'pairs, as text samples "source\\ntarget" (--task text)'
     if loaded.file_format == TEXT_FILE:
@@ -343,6 +379,8 @@ def sample_chars(loaded: Samples) -> int:
     """The characters of the samples (a pair's two sides; not the separator a text sample puts between them)."""
     if loaded.task == PAIRS:
         return sum(len(s) + len(t) for s, t in loaded.samples)
+    if loaded.task == CHAT:
+        return sum(conversation_chars(conversation) for conversation in loaded.samples)
     return sum(len(sample) for sample in loaded.samples) - len(PAIR_SEPARATOR) * len(loaded.samples) * \
         loaded.from_pairs
 
@@ -357,8 +395,8 @@ def split_data(task: str, samples: list, path: str | Path, val_fraction: float, 
     nanoGPT holds out the last 10%: text the model has not seen the like of.
     """
     tail = holdout == "tail"
-    if task == PAIRS or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
-        if tail:  # the last pairs of the file
+    if task in (PAIRS, CHAT) or (len(samples) >= MIN_SAMPLES_FOR_SAMPLE_SPLIT and not tail):
+        if tail:  # the last pairs (conversations) of the file
             counts = split_counts(len(samples), val_fraction, test_fraction)
             order = list(range(len(samples)))
             indices = {"train": order[:counts["train"]], "val": order[counts["train"]:-counts["test"]],

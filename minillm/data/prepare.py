@@ -27,7 +27,7 @@ from minillm.data.streams import token_dtype
 from minillm.data.tasks import Task, task_for
 from minillm.errors import MiniLLMError
 from minillm.run_folder import RunFolder
-from minillm.tokenizers import Tokenizer, import_tokenizer, save_special_tokens, train_tokenizer
+from minillm.tokenizers import Tokenizer, import_tokenizer, save_chat_template, save_special_tokens, train_tokenizer
 
 LogFn = Callable[[str], None]
 MAX_UNSPELLED_SHARE = 0.01  # an imported tokenizer that cannot spell more of the training text is refused
@@ -60,7 +60,8 @@ def read_data(config: TrainConfig, encoder_decoder: bool, log: LogFn) -> SplitDa
     """Read the data of a TrainConfig (the bundled corpus when None: one file or many, see data.sources) for its
     task, say how it was read, and split it; bad data is a MiniLLMError here, before anything is written."""
     loaded = load_samples(config.data or str(bundled_data_path()), config.task, config.split_mode, config.separator,
-                          config.data_format, config.source_column, config.target_column, config.text_column)
+                          config.data_format, config.source_column, config.target_column, config.text_column,
+                          skip_bad_lines=config.skip_bad_lines)
     path = Path(loaded.label)
     splits, record = split_data(loaded.task, loaded.samples, path, config.val_fraction, config.test_fraction,
                                 config.seed, config.holdout)
@@ -170,8 +171,10 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
     else:
         texts = data.task.training_texts(data.splits["train"])
         tokenizer, added, source = train_tokenizer(tokenizer_kind, texts, bpe_vocab_size), [], "trained"
+    tokenizer, added_by_task = data.task.prepare_tokenizer(tokenizer)  # (a chat run's role markers, template)
     tokenizer.save(files.tokenizer)
-    save_special_tokens(tokenizer, files.special_tokens, added, source)
+    save_special_tokens(tokenizer, files.special_tokens, [*added, *added_by_task], source)
+    save_chat_template(tokenizer, folder)
     dtype, tokens = write_splits(folder, data.task, data.splits, tokenizer, data.record.contiguous,
                                  progress_factory)
     if tokens["train"] == 0:
@@ -246,7 +249,14 @@ def open_split(run_dir: str | Path, split: str, model_config: ModelConfig, encod
 
 def sample_prompt(run_dir: str | Path, tokenizer: Tokenizer, max_tokens: int, encoder_decoder: bool) -> str:
     """A prompt in the style of the data, at most `max_tokens` tokens: the start of the test split (up to its
-    first line end), or the first test source of a file of pairs (for a decoder-only model with the
-    separator after it, so that the answer follows)."""
+    first line end), the first test source of a file of pairs (for a decoder-only model with the
+    separator after it, so that the answer follows), or a chat run's first test conversation up to its answer
+    (special tokens spelled out)."""
     record = read_split_record(run_dir)
     return task_for(record.task, encoder_decoder).test_prompt(run_dir, record, tokenizer, max_tokens)
+
+
+def sample_prompt_ids(run_dir: str | Path, encoder_decoder: bool) -> list[int] | None:
+    """The sample prompt as ids, for a run whose prompts hold special tokens (chat); None for the others."""
+    record = read_split_record(run_dir)
+    return task_for(record.task, encoder_decoder).test_prompt_ids(run_dir, record)

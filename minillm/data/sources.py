@@ -19,6 +19,8 @@ import glob
 from pathlib import Path
 
 from minillm.data.corpus import (
+    CHAT,
+    CONVERSATIONS_NAME,
     FILE_FORMAT_NAMES,
     FORMAT_HINT,
     JSONL_FILE,
@@ -83,13 +85,14 @@ def data_label(data: str | list[str]) -> str:
 
 def load_samples(data: str | Path | list[str], task: str, split_mode: str, separator: str,
                  file_format: str = "auto", source_column: int | str | None = None,
-                 target_column: int | str | None = None, text_column: str | None = None) -> Samples:
+                 target_column: int | str | None = None, text_column: str | None = None,
+                 skip_bad_lines: bool = False) -> Samples:
     """The samples of all the data (see the module's docstring), for `task`; a pair file needs at least 3 pairs
     in all, and a target that is not empty."""
     data = str(data) if isinstance(data, Path) else data
     files = data_files(data)
     parts = [read_samples(path, task, split_mode, separator, file_format, source_column, target_column,
-                          text_column) for path in files]
+                          text_column, skip_bad_lines) for path in files]
     first = parts[0]
     for path, part in zip(files, parts, strict=True):
         if part.task != first.task:
@@ -109,7 +112,8 @@ def load_samples(data: str | Path | list[str], task: str, split_mode: str, separ
 
 
 def _kind(samples: Samples) -> str:
-    return f"{FILE_FORMAT_NAMES[samples.file_format]} ({'pairs' if samples.task == PAIRS else 'text samples'})"
+    what = {PAIRS: "pairs", CHAT: "conversations"}.get(samples.task, "text samples")
+    return f"{FILE_FORMAT_NAMES[samples.file_format]} ({what})"
 
 
 def describe_samples(loaded: Samples, split_mode: str) -> str:
@@ -121,7 +125,8 @@ def describe_samples(loaded: Samples, split_mode: str) -> str:
         shown = ", ".join(names[:NAMES_SHOWN]) + (f" and {len(names) - NAMES_SHOWN:,} more" if len(names) >
                                                    NAMES_SHOWN else "")
         what = f"data: {len(names):,} files ({shown})"
-    read_as = FILE_FORMAT_NAMES.get(loaded.file_format, "each by its format")
+    read_as = CONVERSATIONS_NAME if loaded.task == CHAT else FILE_FORMAT_NAMES.get(loaded.file_format,
+                                                                                    "each by its format")
     columns = f", {loaded.columns}" if loaded.columns else ""
     hint = f"; {FORMAT_HINT}" if loaded.file_format in (TEXT_FILE, TSV_FILE, JSONL_FILE) else ""
     return (f"{what} read as {read_as} ({loaded.how}{columns}{hint}): {len(loaded.samples):,} "

@@ -82,6 +82,34 @@ def write_pair_streams(folder: str | Path, split: str, tokenizer: Tokenizer, pai
     return int(offsets[1][-1])
 
 
+def write_conversation_streams(folder: str | Path, split: str, tokenizer: Tokenizer, conversations: list[list[dict]],
+                               dtype: np.dtype, progress: Any = None) -> int:
+    """The token stream of a split's conversations (by the tokenizer's chat template), the byte mask of the
+    tokens learned (the assistant's turns), and their offsets; returns the learned tokens."""
+    files = RunFolder(folder)
+    starts, learned_before = [0], [0]
+
+    def write_tokens(tokens_file) -> None:
+        def write_mask(mask_file) -> None:
+            for conversation in conversations:
+                ids, learned = tokenizer.chat_training_ids(conversation)
+                mask = np.asarray(learned, dtype=np.uint8)
+                mask[:1] = 0  # (a row's first token is never predicted)
+                tokens_file.write(np.asarray(ids, dtype=dtype).tobytes())
+                mask_file.write(mask.tobytes())
+                starts.append(starts[-1] + len(ids))
+                learned_before.append(learned_before[-1] + int(mask.sum()))
+                if progress is not None:
+                    progress.update(1)
+
+        atomic_write(files.loss_mask(split), write_mask)
+
+    atomic_write(files.tokens(split), write_tokens)
+    offsets = np.array([starts, learned_before], dtype=np.int64)  # (2, N + 1)
+    atomic_write(files.pair_offsets(split), lambda f: np.save(f, offsets))
+    return learned_before[-1]
+
+
 def read_stream(path: str | Path, dtype: str | np.dtype, expected: int | None = None) -> np.ndarray:
     """A token file as a read-only memmap (an empty file as an empty array: memmap refuses size 0).
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minillm.data.conversations import SKIP_HINT, SKIPPED_SHOWN
 from minillm.errors import MiniLLMError
 
 TEXT_COLUMN = "text"
@@ -41,9 +42,10 @@ def is_dataset_folder(path: Path) -> bool:
     return path.is_dir() and ((path / DATASET_STATE).is_file() or (path / DATASET_DICT).is_file())
 
 
-def jsonl_table(path: str | Path, text: str) -> Table:
-    """The rows of a JSON Lines file (blank lines skipped); a line that is not a JSON object is an error."""
-    rows, numbers = [], []
+def jsonl_table(path: str | Path, text: str, skip_bad_lines: bool = False, notes: list[str] | None = None) -> Table:
+    """The rows of a JSON Lines file (blank lines skipped); a line that is not a JSON object is an error, or
+    with `skip_bad_lines` left out, and counted in a warning added to `notes`."""
+    rows, numbers, skipped = [], [], []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -52,10 +54,17 @@ def jsonl_table(path: str | Path, text: str) -> Table:
         except json.JSONDecodeError:
             row = None
         if not isinstance(row, dict):
-            raise MiniLLMError(f"{path} line {number} is not a JSON object; fix or remove that line (or read the "
-                               "file as plain text with --format text)")
+            if skip_bad_lines:
+                skipped.append(number)
+                continue
+            raise MiniLLMError(f"{path} line {number} is not a JSON object; {SKIP_HINT} (or read the file as plain "
+                               "text with --format text)")
         rows.append(row)
         numbers.append(number)
+    if skipped and notes is not None:
+        shown = ", ".join(map(str, skipped[:SKIPPED_SHOWN])) + (", ..." if len(skipped) > SKIPPED_SHOWN else "")
+        notes.append(f"warning: left out {len(skipped):,} line(s) of {path} that are not JSON objects "
+                     f"(--skip-bad-lines): line {shown}")
     names = list(dict.fromkeys(key for row in rows for key in row))
     return Table(names, lambda name: [row.get(name) for row in rows], lambda i: f"line {numbers[i]}")
 

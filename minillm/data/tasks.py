@@ -6,8 +6,12 @@ everything about the data that depends on it.
     pairs  source in, target out, the loss on the target (and its EOS) only: an encoder-decoder reads the
            source and writes the target; a decoder-only model reads the source and a separator ("\\n") and
            learns the target after it (data.batches.PromptAnswerBatches), so it answers the prompt "source\\n".
+    chat   conversations (data.conversations), decoder-only: each rendered by the run's chat template (its
+           role markers added to the tokenizer), the loss on the assistant's turns only, each with its
+           end-of-turn token (data.conversation_batches).
 
-TrainConfig.task chooses ("auto", the default: pairs for a TSV/JSONL pair file, text otherwise); the data
+TrainConfig.task chooses ("auto", the default: chat for a conversation file, pairs for a TSV/JSONL pair file,
+text otherwise); the data
 read says which task it was read for, split.json records it, and code that differs by task asks the run's
 Task (`task_for(name, encoder_decoder)`): how to write and open its splits, count its tokens, estimate
 them, describe them, and prompt the model from its data. A new task is a Task subclass, one TASKS entry
@@ -33,12 +37,20 @@ from minillm.data.batches import (
     encoder_decoder_kept,
     prompt_answer_kept,
 )
-from minillm.data.corpus import AUTO_TASK, PAIR_SEPARATOR, PAIRS, TEXT
+from minillm.data.conversation_batches import ConversationBatches
+from minillm.data.corpus import AUTO_TASK, CHAT, PAIR_SEPARATOR, PAIRS, TEXT
 from minillm.data.split_record import SplitRecord
-from minillm.data.streams import read_offsets, read_stream, write_pair_streams, write_token_stream
+from minillm.data.streams import (
+    read_offsets,
+    read_stream,
+    write_conversation_streams,
+    write_pair_streams,
+    write_token_stream,
+)
 from minillm.errors import MiniLLMError
 from minillm.run_folder import INCOMPLETE_FIX, RunFolder
-from minillm.tokenizers import Tokenizer
+from minillm.tokenizers import ChatTemplate, Tokenizer
+from minillm.tokenizers.chat_template import ASSISTANT, CHAT_TOKENS, DEFAULT_TEMPLATE, learned_turns
 
 
 class Task(ABC):
@@ -68,6 +80,17 @@ class Task(ABC):
     def separator_ids(self, tokenizer: Tokenizer) -> list[int]:
         """The token ids a sample puts between a prompt and its answer (none by default)."""
         return []
+
+    def prepare_tokenizer(self, tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+        """The run's tokenizer made from the trained or imported one, and the special tokens added to it. By
+        default as it is, without a chat template (an imported one's is kept by the chat task only)."""
+        tokenizer.chat_template = None
+        return tokenizer, []
+
+    def prompt_for(self, prompt: str) -> str:
+        """The text a user's prompt becomes before the model continues it (for a decoder-only pairs run: the
+        source with the separator after it, so that the answer follows)."""
+        return prompt
 
     def check_training_split(self, samples: list, path: Path) -> None:
         """Refuse training samples that leave nothing to learn (before anything is written)."""
@@ -127,6 +150,10 @@ class Task(ABC):
     def test_prompt(self, folder: str | Path, record: SplitRecord, tokenizer: Tokenizer, max_tokens: int) -> str:
         """A prompt in the style of the data, from the start of the test split, of at most `max_tokens`."""
 
+    def test_prompt_ids(self, folder: str | Path, record: SplitRecord) -> list[int] | None:
+        """The prompt as token ids, for a task whose prompts hold special tokens (chat); None: `test_prompt`."""
+        return None
+
 
 class TextTask(Task):
     """Continue text (see the module docstring)."""
@@ -165,7 +192,8 @@ class TextTask(Task):
 
     def _split_notes(self, record: SplitRecord, train: Batches, test: Batches) -> list[str]:
         tokens = record.tokens
-        return [f"data: {tokens['train']:,} training tokens ({tokens['val']:,} validation, {tokens['test']:,} test)"]
+        return [f"data: task text: {tokens['train']:,} training tokens, every one learned ({tokens['val']:,} "
+                f"validation, {tokens['test']:,} test)"]
 
     def test_prompt(self, folder: str | Path, record: SplitRecord, tokenizer: Tokenizer, max_tokens: int) -> str:
         """The start of the test split, up to its first line end."""
@@ -189,6 +217,11 @@ class PairsTask(Task):
 
     def separator_ids(self, tokenizer: Tokenizer) -> list[int]:
         return tokenizer.encode(PAIR_SEPARATOR)
+
+    def prompt_for(self, prompt: str) -> str:
+        if self.encoder_decoder or prompt.endswith(PAIR_SEPARATOR):
+            return prompt
+        return prompt + PAIR_SEPARATOR
 
     def check_training_split(self, samples: list, path: Path) -> None:
         if not any(target.strip() for _, target in samples):
@@ -238,13 +271,13 @@ class PairsTask(Task):
         return int(prompt_answer_kept(src, tgt, context, n_separator)[1].sum())
 
     def _split_notes(self, record: SplitRecord, train: Batches, test: Batches) -> list[str]:
-        samples, tokens = record.samples, record.tokens
-        how = "" if self.encoder_decoder else "; a decoder-only model reads each source and learns its target"
-        return [f"data: {samples['train']:,} training pairs with {tokens['train']:,} target tokens, "
-                f"{train.fit().kept_target_tokens:,} within the context with their EOS "
-                f"({samples['val']:,} validation, {samples['test']:,} test pairs; the loss is on the targets "
-                f"only{how})",
-                train.fit().warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
+        samples, fit = record.samples, train.fit()
+        prompt = "sources" if self.encoder_decoder else "sources and separators"
+        return [f"data: task pairs: {samples['train']:,} training pairs, {fit.kept_target_tokens:,} answer tokens "
+                f"(targets with their EOS, within the context: the loss is on these only) and "
+                f"{fit.kept_prompt_tokens:,} prompt tokens ({prompt}: read, not learned); {samples['val']:,} "
+                f"validation, {samples['test']:,} test pairs",
+                fit.warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
 
     def test_prompt(self, folder: str | Path, record: SplitRecord, tokenizer: Tokenizer, max_tokens: int) -> str:
         """The first test source (for a decoder-only model: with the separator after it, so the answer
@@ -256,6 +289,88 @@ class PairsTask(Task):
             return _fitted(source[:max_tokens].tolist(), tokenizer, max_tokens)
         room = max_tokens - len(record.separator)
         return _fitted(source[:max(0, room)].tolist(), tokenizer, room) + PAIR_SEPARATOR
+
+
+class ChatTask(Task):
+    """Conversations, the loss on the assistant's turns only (see the module docstring)."""
+
+    name = CHAT
+    scores_files_as = CHAT
+
+    def __init__(self, encoder_decoder: bool) -> None:
+        if encoder_decoder:
+            raise MiniLLMError("conversations train a decoder-only model, which reads a conversation and writes the "
+                               "next turn; leave out --model transformer (the encoder-decoder has no chat template)")
+        super().__init__(encoder_decoder)
+
+    def sample_texts(self, sample: list[dict]) -> tuple[str, ...]:
+        return tuple(message["content"] for message in sample)
+
+    def prepare_tokenizer(self, tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+        """An imported tokenizer's own chat template when it has one (checked to render a conversation and to
+        end a turn), else Mini LLM's, whose role markers are added to the tokenizer as special tokens."""
+        if tokenizer.chat_template is not None:
+            tokenizer.chat_training_ids([{"role": "user", "content": "1"}, {"role": ASSISTANT, "content": "2"}])
+            return tokenizer, []
+        added = [token for token in CHAT_TOKENS if token not in tokenizer.special_tokens()]
+        tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
+        tokenizer.chat_template = ChatTemplate(DEFAULT_TEMPLATE, "Mini LLM's chat template")
+        return tokenizer, added
+
+    def write_split(self, folder: str | Path, split: str, samples: list, tokenizer: Tokenizer, dtype: np.dtype,
+                    contiguous: bool, progress: Any = None) -> int:
+        return write_conversation_streams(folder, split, tokenizer, samples, dtype, progress)
+
+    def open_batches(self, folder: str | Path, split: str, record: SplitRecord, model_config: ModelConfig,
+                     source_fraction: float) -> Batches:
+        files = RunFolder(folder)
+        if not files.pair_offsets(split).is_file():
+            raise MiniLLMError(f"{files.pair_offsets(split)} is missing; the run folder is incomplete: "
+                               f"{INCOMPLETE_FIX}")
+        offsets = read_offsets(files.pair_offsets(split))
+        tokens = read_stream(files.tokens(split), record.dtype, int(offsets[0, -1]))
+        learned = read_stream(files.loss_mask(split), np.uint8, int(offsets[0, -1]))
+        batches = ConversationBatches(tokens, learned, offsets, model_config.max_seq_len, model_config.pad_id)
+        batches.check_trainable("training" if split == "train" else split)
+        return batches
+
+    def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
+        return train.fit().kept_learned
+
+    def step_tokens(self, rows: int, epoch_tokens: int, n_samples: int, context: int) -> float:
+        return rows * epoch_tokens / max(1, n_samples)
+
+    def timed_length(self, context: int, epoch_tokens: int) -> int:
+        return context
+
+    def estimated_tokens(self, samples: list, per_char: float, context: int, contiguous: bool,
+                         n_separator: int) -> int:
+        # The assistant's texts and an end-of-turn token each (what is cut by the context is not estimated).
+        return sum(round(sum(len(m["content"]) for m in conversation if m["role"] == ASSISTANT
+                             and m.get("weight", 1)) * per_char) + learned_turns(conversation)
+                   for conversation in samples)
+
+    def _split_notes(self, record: SplitRecord, train: Batches, test: Batches) -> list[str]:
+        samples, fit = record.samples, train.fit()
+        return [f"data: task chat: {samples['train']:,} training conversations, {fit.kept_learned:,} answer tokens "
+                f"(the assistant's turns with their end-of-turn, within the context: the loss is on these only) "
+                f"and {fit.kept_prompt:,} prompt tokens (system and user turns, role markers: read, not learned); "
+                f"{samples['val']:,} validation, {samples['test']:,} test conversations",
+                fit.warning("training", train.max_seq_len), test.fit().warning("test", test.max_seq_len)]
+
+    def test_prompt(self, folder: str | Path, record: SplitRecord, tokenizer: Tokenizer, max_tokens: int) -> str:
+        """The first test conversation up to its first answer, special tokens spelled out."""
+        return tokenizer.decode(self.test_prompt_ids(folder, record), skip_special_tokens=False)
+
+    def test_prompt_ids(self, folder: str | Path, record: SplitRecord) -> list[int]:
+        """The ids of the first test conversation up to its first learned token: its messages before the first
+        answer, with the generation prompt (what the model answers)."""
+        files = RunFolder(folder)
+        offsets = read_offsets(files.pair_offsets("test"))
+        start, end = int(offsets[0, 0]), int(offsets[0, 1])
+        tokens = read_stream(files.tokens("test"), record.dtype)[start:end]
+        learned = np.asarray(read_stream(files.loss_mask("test"), np.uint8)[start:end]) > 0
+        return tokens[:int(np.argmax(learned)) if learned.any() else len(tokens)].tolist()
 
 
 def _fitted(ids: list[int], tokenizer: Tokenizer, max_tokens: int, first_line: bool = False) -> str:
@@ -274,7 +389,7 @@ def _fitted(ids: list[int], tokenizer: Tokenizer, max_tokens: int, first_line: b
 
 
 # The tasks by name (TrainConfig.task, SplitRecord.task).
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextTask, PairsTask)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (TextTask, PairsTask, ChatTask)}
 
 
 def task_for(name: str, encoder_decoder: bool) -> Task:

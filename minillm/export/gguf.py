@@ -5,7 +5,8 @@ The file holds Llama architecture metadata (Qwen3's, llama.cpp's "qwen3", for a 
 tensors under llama.cpp's names, the tokenizer and the sampling defaults. A byte-level BPE tokenizer (ours,
 GPT-2's) is llama.cpp's "gpt2" model (vocabulary, merges, special ids); a SentencePiece-style one with byte
 fallback (Llama-2's, Mistral's) is its "llama" model (vocabulary, scores that replay the merges in order,
-byte tokens, the space prefix; checked in llama.cpp by scripts/check_gguf.py --tokenizer-file). llama.cpp
+byte tokens, the space prefix; checked in llama.cpp by scripts/check_gguf.py --tokenizer-file); a chat run's
+template is tokenizer.chat_template, its end-of-turn id the eot id. llama.cpp
 always adds its space prefix, where a Metaspace pre-tokenizer (Mistral's) adds none before a leading space:
 such a text's first tokens differ there. Two layout changes: llama.cpp's Llama rotates adjacent pairs of a head's
 dimensions where ours (and Hugging Face's) rotate its two halves, so the query and key rows are permuted
@@ -250,6 +251,11 @@ def add_tokenizer(writer: Any, run: Run) -> None:
     writer.add_pad_token_id(c.pad_id)
     writer.add_add_bos_token(True)  # samples began with BOS in training
     writer.add_add_eos_token(False)
+    if run.tokenizer.chat_template is not None:  # tokenizer.chat_template, and the end-of-turn token
+        writer.add_chat_template(run.tokenizer.chat_template.source)
+        end_of_turn = [i for i in run.tokenizer.chat_stop_ids() if i != c.eos_id]
+        if end_of_turn:
+            writer.add_eot_token_id(end_of_turn[0])
 
 
 def write_gguf(run: Run, out: Path, dtype: str) -> None:

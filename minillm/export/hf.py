@@ -5,7 +5,9 @@
                                 special ids)
     DIR/model.safetensors       the weights, named as in LlamaForCausalLM (Qwen3ForCausalLM)
     DIR/generation_config.json  Mini LLM's sampling defaults, and a length that stays within the context
-    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds)
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds); a chat
+                                run's template is tokenizer_config.json's "chat_template", so that
+                                apply_chat_template gives Mini LLM's ids
     DIR/README.md               the model card
     DIR/minillm_export.json     the marker of an export (export.target)
 
@@ -40,6 +42,20 @@ output = model.generate(**inputs)  # sampling and length (the {context}-token co
 print(tokenizer.decode(output[0], skip_special_tokens=True))
 ```
 """
+
+CHAT_USAGE = """
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForCausalLM.from_pretrained("{out}")
+messages = {messages!r}
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+output = model.generate(**inputs)  # stops at the end of the turn (generation_config.json's eos_token_id)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+EXAMPLE_MESSAGES = [{"role": "user", "content": "Hello!"}]  # a chat run's how-to (Mini LLM keeps no test messages)
 
 
 def llama_state_dict(run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -81,21 +97,25 @@ def generation_config(run: Run) -> dict:
     would take precedence."""
     c = run.config
     defaults = SamplingConfig()
+    # A chat run's answers end at the end-of-turn token too (transformers takes a list).
+    eos = run.tokenizer.chat_stop_ids() if run.tokenizer.chat_template is not None else c.eos_id
     return {"do_sample": True, "temperature": defaults.temperature, "top_k": defaults.top_k,
-            "max_length": c.max_seq_len, "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+            "max_length": c.max_seq_len, "bos_token_id": c.bos_id, "eos_token_id": eos,
             "pad_token_id": c.pad_id}
 
 
 def write_tokenizer(run: Run, out: Path) -> None:
-    """tokenizer.json (the tokenizer's Hugging Face form), tokenizer_config.json and special_tokens_map.json."""
+    """tokenizer.json (the tokenizer's Hugging Face form), tokenizer_config.json (with a chat run's template)
+    and special_tokens_map.json."""
     tokenizer = run.tokenizer
     special = {f"{role}_token": token for role, (token, _) in tokenizer.role_tokens().items()}
     write_json(out / "tokenizer.json", tokenizer.hugging_face_json())
     write_json(out / "special_tokens_map.json", special)
+    template = {"chat_template": tokenizer.chat_template.source} if tokenizer.chat_template is not None else {}
     # clean_up_tokenization_spaces would delete the space before punctuation: decoding must give the text.
     write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False,
-        "model_max_length": run.config.max_seq_len})
+        "model_max_length": run.config.max_seq_len, **template})
 
 
 def write_hf(run: Run, out: Path, dtype: str) -> None:
@@ -108,7 +128,10 @@ def write_hf(run: Run, out: Path, dtype: str) -> None:
         safetensors_torch.save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "generation_config.json", generation_config(run))
     write_tokenizer(run, out)
-    usage = USAGE.format(out=out.name, prompt=example_prompt(run), context=run.config.max_seq_len)
+    if run.tokenizer.chat_template is not None:
+        usage = CHAT_USAGE.format(out=out.name, messages=EXAMPLE_MESSAGES)
+    else:
+        usage = USAGE.format(out=out.name, prompt=example_prompt(run), context=run.config.max_seq_len)
     atomic_write(out / "README.md", lambda f: f.write(model_card(run, usage)), mode="w")
 
 

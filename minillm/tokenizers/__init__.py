@@ -6,7 +6,10 @@
     tok, added = import_tokenizer("gpt2/tokenizer.json")  # an existing tokenizer for a new run
 
 A run records which of its tokenizer's tokens are pad/bos/eos in special_tokens.json beside
-tokenizer.json; loading reads that record and never changes an id.
+tokenizer.json; loading reads that record and never changes an id. A chat run's template is
+chat_template.jinja beside them (`save_chat_template`); loading attaches it to the tokenizer. An imported
+Hugging Face tokenizer brings its own template when it has one (tokenizer_config.json's "chat_template" or a
+chat_template.jinja beside its tokenizer.json).
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from minillm.errors import MiniLLMError
-from minillm.files import read_json, write_json
-from minillm.run_folder import SPECIAL_TOKENS_FILE
+from minillm.files import atomic_write, read_json, write_json
+from minillm.run_folder import CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_FILE
 from minillm.tokenizers.base import ROLES, Tokenizer, tokenizer_file
 from minillm.tokenizers.bpe_tokenizer import BPETokenizer
 from minillm.tokenizers.character_tokenizer import FILE_TYPE as CHAR_FILE_TYPE
 from minillm.tokenizers.character_tokenizer import CharacterTokenizer
+from minillm.tokenizers.chat_template import ChatTemplate
 
-__all__ = ["Tokenizer", "BPETokenizer", "CharacterTokenizer", "TOKENIZER_KINDS", "import_tokenizer",
-           "load_tokenizer", "save_special_tokens", "train_tokenizer"]
+__all__ = ["Tokenizer", "BPETokenizer", "CharacterTokenizer", "ChatTemplate", "TOKENIZER_KINDS",
+           "import_tokenizer", "load_tokenizer", "save_chat_template", "save_special_tokens", "train_tokenizer"]
+
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # where a Hugging Face tokenizer keeps its chat_template
 
 # The tokenizer kinds by name (TrainConfig.tokenizer, the "kind" of a loaded tokenizer).
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {cls.kind: cls for cls in (BPETokenizer, CharacterTokenizer)}
@@ -47,8 +53,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     raw = read_json(path, "tokenizer")
     recorded = read_special_tokens(path.parent / SPECIAL_TOKENS_FILE)
     if isinstance(raw, dict) and raw.get("type") == CHAR_FILE_TYPE:
-        return CharacterTokenizer.from_json(raw, path, recorded)
-    return BPETokenizer.from_json(_hugging_face_bpe(raw, path), path, recorded)
+        tokenizer: Tokenizer = CharacterTokenizer.from_json(raw, path, recorded)
+    else:
+        tokenizer = BPETokenizer.from_json(_hugging_face_bpe(raw, path), path, recorded)
+    tokenizer.chat_template = read_chat_template(path.parent / CHAT_TEMPLATE_FILE)
+    return tokenizer
 
 
 def import_tokenizer(path: str | Path) -> tuple[Tokenizer, list[str]]:
@@ -59,8 +68,42 @@ def import_tokenizer(path: str | Path) -> tuple[Tokenizer, list[str]]:
         return load_tokenizer(path), []
     raw = read_json(path, "tokenizer")
     if isinstance(raw, dict) and raw.get("type") == CHAR_FILE_TYPE:
-        return CharacterTokenizer.from_json(raw, path), []
-    return BPETokenizer.imported(_hugging_face_bpe(raw, path), path)
+        tokenizer, added = CharacterTokenizer.from_json(raw, path), []
+    else:
+        tokenizer, added = BPETokenizer.imported(_hugging_face_bpe(raw, path), path)
+    tokenizer.chat_template = (read_chat_template(path.parent / CHAT_TEMPLATE_FILE)
+                               or _config_chat_template(path.parent / HF_TOKENIZER_CONFIG))
+    return tokenizer, added
+
+
+def save_chat_template(tokenizer: Tokenizer, folder: str | Path) -> None:
+    """Write the tokenizer's chat template as chat_template.jinja in `folder` (nothing when it has none)."""
+    template = tokenizer.chat_template
+    if template is not None:
+        atomic_write(Path(folder) / CHAT_TEMPLATE_FILE, lambda f: f.write(template.source), mode="w")
+
+
+def read_chat_template(path: Path) -> ChatTemplate | None:
+    """The chat template in a chat_template.jinja file; None when there is none."""
+    if not path.is_file():
+        return None
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniLLMError(f"cannot read the chat template {path} ({e}); copy it again from the run") from None
+    return ChatTemplate(source, str(path))
+
+
+def _config_chat_template(path: Path) -> ChatTemplate | None:
+    """The "chat_template" of a Hugging Face tokenizer_config.json (a string, or a list of named templates of
+    which "default" is the one); None when it has none."""
+    if not path.is_file():
+        return None
+    raw = read_json(path, "tokenizer config")
+    found = raw.get("chat_template") if isinstance(raw, dict) else None
+    if isinstance(found, list):
+        found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
+    return ChatTemplate(found, f"the chat_template of {path}") if isinstance(found, str) else None
 
 
 def save_special_tokens(tokenizer: Tokenizer, path: str | Path, added: list[str], source: str) -> None:

@@ -7,6 +7,9 @@ keeps its own ids: its special tokens fill the three roles (pad, bos, eos) by th
 (ROLE_SPELLINGS), and the ids are read from the tokenizer, never assumed.
 Encoding ordinary text never produces a special id, even when the text spells one ("<|eos|>" is seven
 ordinary characters) unless the caller passes `allow_special=True`.
+
+More special tokens can be added after the last id (`with_special_tokens`: a chat run's role markers), and a
+tokenizer may carry a chat template (`chat_template`, see chat_template.py), stored beside its file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol
 
 from minillm.errors import MiniLLMError
 from minillm.run_folder import TOKENIZER_FILE
+from minillm.tokenizers.chat_template import ChatTemplate, Message, check_messages
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in both kinds
@@ -55,6 +59,8 @@ class Tokenizer(ABC):
     unk_id: int | None = None
     spells_every_text: bool = True  # no text loses a character (see unspelled)
     notes: tuple[str, ...] = ()  # what loading changed in the file, to tell the user (e.g. BPE dropout off)
+    # How a conversation becomes ids (a chat run's; None: the tokenizer has none). Set once, when loaded.
+    chat_template: ChatTemplate | None = None
 
     def noting(self, notes: Iterable[str]) -> Tokenizer:
         """This tokenizer, with `notes` about how it was loaded."""
@@ -127,6 +133,35 @@ class Tokenizer(ABC):
     @abstractmethod
     def token_text(self, token_id: int) -> str:
         """The spelling of one token id in the vocabulary (a special token's name, e.g. "<|eos|>")."""
+
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Every special token's spelling -> its id (the roles', the character tokenizer's unknown token, added
+        ones): what `allow_special` reads as one id, and what ordinary text never becomes."""
+
+    @abstractmethod
+    def with_special_tokens(self, spellings: Iterable[str]) -> Tokenizer:
+        """A copy of this tokenizer (without its chat template) with the `spellings` it lacks added as special
+        tokens after its last id; no existing id changes."""
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = False) -> list[int]:
+        """The ids of a conversation ({"role", "content"} messages, checked) by the chat template, with the start
+        of an assistant's turn after it when `add_generation_prompt` (transformers' method of the same name)."""
+        return self._template().render_ids(check_messages(messages), add_generation_prompt, self)
+
+    def chat_stop_ids(self) -> list[int]:
+        """The ids that end an assistant's answer: the template's end-of-turn token and EOS."""
+        return self._template().stop_ids(self)
+
+    def chat_training_ids(self, messages: list[Message]) -> tuple[list[int], list[bool]]:
+        """(the conversation's ids, which ones the model learns: its assistant turns with their end-of-turn)."""
+        return self._template().training_ids(messages, self)
+
+    def _template(self) -> ChatTemplate:
+        if self.chat_template is None:
+            raise MiniLLMError("this tokenizer has no chat template: the run was not trained on conversations "
+                               "(train on a JSONL file of {\"messages\": [...]} lines, --task chat)")
+        return self.chat_template
 
     def role_tokens(self) -> dict[str, tuple[str, int]]:
         """Each role ("pad", "bos", "eos") -> (the token's spelling, its id)."""

@@ -81,10 +81,12 @@ class BPETokenizer(Tokenizer):
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (DataLoader workers, deepcopy) as the JSON: HF's own pickling drops encode_special_tokens.
         return {"json": self._hf.to_str(), "roles": {role: token_id for role, (_, token_id) in
-                                                     self.role_tokens().items()}}
+                                                     self.role_tokens().items()},
+                "chat_template": self.chat_template}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(HFTokenizer.from_str(state["json"]), state.get("roles"))
+        self.chat_template = state.get("chat_template")
 
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int, min_frequency: int = 2) -> BPETokenizer:
@@ -124,6 +126,16 @@ class BPETokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    def special_tokens(self) -> dict[str, int]:
+        return {token.content: token_id for token_id, token in self._hf.get_added_tokens_decoder().items()
+                if token.special}
+
+    def with_special_tokens(self, spellings: Iterable[str]) -> BPETokenizer:
+        hf = HFTokenizer.from_str(self._hf.to_str())
+        # Declared special (a spelling already in the vocabulary keeps its id), never normalized or stripped.
+        hf.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in dict.fromkeys(spellings)])
+        return BPETokenizer(hf, {role: token_id for role, (_, token_id) in self.role_tokens().items()})
 
     @property
     def hf_tokenizer(self) -> HFTokenizer:

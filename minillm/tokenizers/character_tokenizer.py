@@ -1,6 +1,7 @@
 """One token per character: the vocabulary is every character seen in training, sorted by code point.
 
-Ids: the special tokens first ("<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2, "<|unk|>"=3), then the characters.
+Ids: the special tokens first ("<|pad|>"=0, "<|bos|>"=1, "<|eos|>"=2, "<|unk|>"=3), then the characters,
+then any special tokens added after training (a chat run's role markers, `with_special_tokens`).
 A character not seen in training encodes as unk_id and decodes as U+FFFD "\N{REPLACEMENT CHARACTER}";
 `count_unknown(text)` says how many there are, so a caller can warn before generating.
 """
@@ -35,7 +36,6 @@ TYPICAL_ALPHABET = 512  # letters, digits, punctuation and some accented or othe
 CHAR_SPECIAL_TOKENS = [*SPECIAL_TOKENS, UNK_TOKEN]
 UNK_ID = CHAR_SPECIAL_TOKENS.index(UNK_TOKEN)
 UNKNOWN_TEXT = "\N{REPLACEMENT CHARACTER}"  # what unk_id decodes to
-_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in CHAR_SPECIAL_TOKENS) + ")")
 
 
 class CharacterTokenizer(Tokenizer):
@@ -45,12 +45,19 @@ class CharacterTokenizer(Tokenizer):
     unk_id = UNK_ID
     spells_every_text = False  # a character not seen in training is unknown
 
-    def __init__(self, alphabet: str):
+    def __init__(self, alphabet: str, added: tuple[str, ...] = ()):
         self.alphabet = alphabet  # id of alphabet[i] is i + len(CHAR_SPECIAL_TOKENS)
+        self.added = tuple(added)  # special tokens after the alphabet, in id order
         self._ids = _CharIds({c: i + len(CHAR_SPECIAL_TOKENS) for i, c in enumerate(alphabet)})
         skipped = ["", "", "", UNKNOWN_TEXT]
         spelled = [*SPECIAL_TOKENS, UNKNOWN_TEXT]
-        self._decode_tables = {True: skipped + list(alphabet), False: spelled + list(alphabet)}
+        self._decode_tables = {True: skipped + list(alphabet) + [""] * len(self.added),
+                               False: spelled + list(alphabet) + list(self.added)}
+        self._specials = {**{t: i for i, t in enumerate(CHAR_SPECIAL_TOKENS)},
+                          **{t: len(CHAR_SPECIAL_TOKENS) + len(alphabet) + i for i, t in enumerate(self.added)}}
+        # Longest first: a spelling that begins another never cuts it short.
+        spellings = sorted(self._specials, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(re.escape(t) for t in spellings) + ")")
 
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int | None = None) -> CharacterTokenizer:
@@ -72,7 +79,17 @@ class CharacterTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return len(CHAR_SPECIAL_TOKENS) + len(self.alphabet)
+        return len(CHAR_SPECIAL_TOKENS) + len(self.alphabet) + len(self.added)
+
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    def with_special_tokens(self, spellings: Iterable[str]) -> CharacterTokenizer:
+        new = [t for t in dict.fromkeys(spellings) if t not in self._specials]
+        for spelling in new:
+            if not isinstance(spelling, str) or len(spelling) < 2:
+                raise MiniLLMError(f"a special token must be a spelling of two characters or more, got {spelling!r}")
+        return CharacterTokenizer(self.alphabet, (*self.added, *new))
 
     def encode(self, text: str, add_special_tokens: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids for `text`; BOS first and EOS last if `add_special_tokens`."""
@@ -82,9 +99,9 @@ class CharacterTokenizer(Tokenizer):
             ids = list(map(self._ids.__getitem__, text))
         else:
             ids = []
-            for n, piece in enumerate(_SPECIAL_SPLIT.split(text)):
+            for n, piece in enumerate(self._special_split.split(text)):
                 # Odd pieces of the split are special-token spellings, even pieces ordinary text.
-                ids += [CHAR_SPECIAL_TOKENS.index(piece)] if n % 2 else map(self._ids.__getitem__, piece)
+                ids += [self._specials[piece]] if n % 2 else map(self._ids.__getitem__, piece)
         return [BOS_ID, *ids, EOS_ID] if add_special_tokens else ids
 
     def count_unknown(self, text: str) -> int:
@@ -113,18 +130,20 @@ class CharacterTokenizer(Tokenizer):
 
     def token_text(self, token_id: int) -> str:
         [token_id] = checked_ids([token_id], self.vocab_size)
-        specials = len(CHAR_SPECIAL_TOKENS)
-        return CHAR_SPECIAL_TOKENS[token_id] if token_id < specials else self.alphabet[token_id - specials]
+        return self._decode_tables[False][token_id] if token_id != UNK_ID else UNK_TOKEN
 
     def hugging_face_json(self) -> dict:
         """The same mapping as a Hugging Face tokenizer.json: every character its own token (a Split
         pre-tokenizer on any one code point), a WordLevel vocabulary whose unknown token decodes as U+FFFD."""
         vocab = {token: i for i, token in enumerate(CHAR_SPECIAL_TOKENS)}
         vocab.update({c: i + len(CHAR_SPECIAL_TOKENS) for i, c in enumerate(self.alphabet)})
-        # pad/bos/eos are special (skipped by decode(skip_special_tokens=True)); <|unk|> stays an ordinary
-        # entry so that decoding never drops it: the Replace decoder turns it into U+FFFD, as ours does.
+        specials = {t: i for t, i in self._specials.items() if t != UNK_TOKEN}
+        vocab.update(specials)
+        # pad/bos/eos and the added ones are special (skipped by decode(skip_special_tokens=True)); <|unk|>
+        # stays an ordinary entry so that decoding never drops it: the Replace decoder turns it into U+FFFD,
+        # as ours does.
         added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)]
+                  "normalized": False, "special": True} for token, i in specials.items()]
         return {
             "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated",
@@ -136,7 +155,7 @@ class CharacterTokenizer(Tokenizer):
         }
 
     def canonical_form(self) -> str:
-        return "\n".join([*CHAR_SPECIAL_TOKENS, self.alphabet])
+        return "\n".join([*CHAR_SPECIAL_TOKENS, self.alphabet, *self.added])
 
     def save(self, path: str | Path) -> None:
         """Write our own JSON ({"type": "minillm-char", ...}), atomically."""
@@ -146,6 +165,7 @@ class CharacterTokenizer(Tokenizer):
             "special_tokens": CHAR_SPECIAL_TOKENS,
             "unknown_text": UNKNOWN_TEXT,
             "alphabet": self.alphabet,
+            **({"added_special_tokens": list(self.added)} if self.added else {}),
         })
 
     @classmethod
@@ -167,7 +187,11 @@ class CharacterTokenizer(Tokenizer):
             raise MiniLLMError(f"tokenizer {path} is a damaged character tokenizer file; retrain it")
         if len(set(alphabet)) != len(alphabet):
             raise MiniLLMError(f"tokenizer {path} lists a character twice in its alphabet; retrain it")
-        return cls(alphabet)
+        added = raw.get("added_special_tokens", [])
+        if (not isinstance(added, list) or not all(isinstance(t, str) and len(t) > 1 for t in added)
+                or len(set(added) | set(CHAR_SPECIAL_TOKENS)) != len(added) + len(CHAR_SPECIAL_TOKENS)):
+            raise MiniLLMError(f"tokenizer {path} has damaged added special tokens; retrain it")
+        return cls(alphabet, tuple(added))
 
 
 class _CharDecodeStream:

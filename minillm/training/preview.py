@@ -109,8 +109,8 @@ def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
                                        len(data.splits["train"]), context)
     seq_len = task.timed_length(context, counts["train"])
     how = "counted" if whole else f"estimated from the first {sample_chars:,} characters"
-    data_lines = (*notes, f"data: about {counts['train']:,} training tokens ({counts['val']:,} validation, "
-                          f"{counts['test']:,} test; {per_char:.3f} tokens per character, {how})")
+    data_lines = (*notes, f"data: task {task.name}: about {counts['train']:,} training tokens ({counts['val']:,} "
+                          f"validation, {counts['test']:,} test; {per_char:.3f} tokens per character, {how})")
     plan = RunPlan(model_config, config, parameters, counts["train"], tokens_per_step,
                    planned_steps(config, counts["train"], tokens_per_step), str(device), 1, data_lines)
     seconds, timed_rows = step_seconds(model_config, config, device, seq_len, parameters)

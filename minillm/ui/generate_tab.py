@@ -1,5 +1,6 @@
 """The Generate tab: pick a run (or name its files), load it, then generate from it with the output
-streaming in; Stop ends a generation between two tokens.
+streaming in; Stop ends a generation between two tokens. A run trained on conversations also shows a chat
+view (ui/chat_view.py) above the plain generation box.
 
 The handlers only call the library, as the CLI does (minillm.checkpoint to find runs, the run cache's
 `ServedRun.stream` to generate, through the same stream_tokens), so the page and `minillm generate` give
@@ -22,7 +23,7 @@ from minillm.checkpoint import Run, read_model_config
 from minillm.config import TOKENIZER_TYPES
 from minillm.errors import MiniLLMError, describe_error
 from minillm.files import read_json
-from minillm.generation import generation_inputs, unknown_characters_warning
+from minillm.generation import generation_inputs, stream_reply, task_prompt, unknown_characters_warning
 from minillm.models import count_parameters, is_encoder_decoder, model_class
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder, find_runs
 from minillm.sampling import SamplingConfig
@@ -30,6 +31,7 @@ from minillm.serve.access import run_folder
 from minillm.serve.limits import ServerLimits
 from minillm.serve.run_cache import model_files
 from minillm.serve.sessions import Session, Sessions
+from minillm.ui.chat_view import ChatView
 from minillm.ui.shared import client_of, error_box, no_error, warning_box
 
 LOAD_LABEL, LOADING_LABEL = "Load model", "Loading…"
@@ -192,6 +194,7 @@ class GenerateTab:
                               buttons=[])
 
     def _generate_column(self, encoder_decoder: bool) -> None:
+        self.chat = ChatView(self.sessions, self.limits, form_sampling, self.error, STREAM_INTERVAL_S)
         gr.Markdown("## Generate")
         # An encoder-decoder's input (the source) comes first, then the optional start of its output.
         self.source = gr.Textbox(label=SOURCE_LABEL, lines=3, elem_id="source", placeholder=SOURCE_PLACEHOLDER,
@@ -239,13 +242,14 @@ class GenerateTab:
                                **quick)
         self.refresh_button.click(self.refresh_runs, self.run_picker, self.run_picker, api_name="refresh_runs",
                                   **quick)
-        inputs = [self.prompt, self.source, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
-                  self.repetition_penalty, self.seed]
+        settings = [self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed]
+        inputs = [self.prompt, self.source, *settings]
         self.generate_button.click(self.start_generating, None, self.generate_button, api_name=False, **quick).then(
             self.generate, inputs, [self.output, self.stats, self.error, self.warning], api_name="generate",
             show_progress="minimal",
         ).then(self.finish_generating, None, self.generate_button, api_name=False, **quick)
         self.stop_button.click(self.stop, None, None, api_name="stop", **quick)
+        self.chat.wire(quick, settings)
 
     def load_after(self, loading: Any, quick: dict[str, Any], api_name: str | bool = False) -> None:
         """After `loading` (an event of `start_loading`: the button says it is working): load the paths' run,
@@ -253,7 +257,7 @@ class GenerateTab:
         loading.then(
             self.load_model, [self.model_path, self.tokenizer_path],
             [self.model_info, self.model_type, self.tokenizer_type, self.prompt, self.source, self.error,
-             self.warning], api_name=api_name,
+             self.warning, self.chat.column, self.chat.chatbot], api_name=api_name,
         ).then(self.finish_loading, None, self.load_button, api_name=False, **quick).then(
             self.run_curve, self.model_path, self.curve, api_name=False, **quick)
 
@@ -306,7 +310,8 @@ class GenerateTab:
             prompt = gr.update(label=PROMPT_LABEL, placeholder=PROMPT_PLACEHOLDER)
         return {self.model_info: info, self.model_type: run.config.model_type, self.tokenizer_type: run.tokenizer.kind,
                 self.prompt: prompt, self.source: gr.update(visible=is_encoder_decoder(run.config)),
-                self.error: no_error(), self.warning: warning_box("")}
+                self.error: no_error(), self.warning: warning_box(""),
+                self.chat.column: gr.update(visible=run.tokenizer.chat_template is not None), self.chat.chatbot: []}
 
     def start_generating(self, request: gr.Request | None = None) -> dict:
         """At the click, before the generation waits in the queue: Generate cannot be pressed again until it
@@ -357,17 +362,21 @@ class GenerateTab:
             prompt, source = generation_inputs(encoder_decoder, prompt, source if encoder_decoder else None)
             sampling = self.limits.check_generation(prompt, source, sampling)
             note = unknown_characters_warning(served.run.tokenizer, prompt + (source or ""))
+            chat = served.run.tokenizer.chat_template is not None  # (the prompt is a user's message: the answer)
+            if not encoder_decoder and not chat:
+                prompt = task_prompt(served.run, prompt)  # (a pairs run's source and separator)
         except Exception as e:
             yield {self.output: "", self.stats: "", self.error: error_box(e), self.warning: warning_box("")}
             return
 
-        text = prompt if source is None else ""
+        text = prompt if source is None and not chat else ""
         yield {self.output: text, self.stats: "Generating…", self.error: no_error(), self.warning: warning_box(note)}
         stopped, start = False, time.perf_counter()
         last_update = start
         tokens = None
         try:
-            tokens = served.stream(prompt, sampling, source)
+            tokens = (stream_reply(served.run.model, served.run.tokenizer, [{"role": "user", "content": prompt}],
+                                   sampling, served.engine()) if chat else served.stream(prompt, sampling, source))
             for _, chunk in tokens:  # one item per token (chunk "" while a character is incomplete)
                 text += chunk
                 if time.perf_counter() - last_update >= STREAM_INTERVAL_S:

@@ -16,7 +16,7 @@ from typing import Any
 import gradio as gr
 
 from minillm.checkpoint import read_model_config, read_train_config
-from minillm.config import DEFAULT_PRESET, PRESETS, TOKENIZER_TYPES, ModelConfig, TrainConfig, preset_configs
+from minillm.config import DEFAULT_PRESET, PRESETS, TASKS, TOKENIZER_TYPES, ModelConfig, TrainConfig, preset_configs
 from minillm.data.prepare import bundled_data_path
 from minillm.errors import MiniLLMError
 from minillm.models import model_kinds
@@ -35,7 +35,8 @@ POLL_INTERVAL_S = 1.0  # how often each tab reads the training's progress
 MODEL_FIELDS = {"train_d_model": "d_model", "train_n_layers": "n_layers", "train_n_heads": "n_heads",
                 "train_context": "max_seq_len", "train_dropout": "dropout"}
 TRAIN_FIELDS = {"train_vocab_size": "bpe_vocab_size", "train_batch_size": "batch_size",
-                "train_learning_rate": "learning_rate", "train_max_steps": "max_steps", "train_max_time": "max_time"}
+                "train_learning_rate": "learning_rate", "train_max_steps": "max_steps", "train_max_time": "max_time",
+                "train_task": "task"}
 FORM = ["train_file", "train_data_path", "train_tokenizer", "train_model_type", "train_preset", *MODEL_FIELDS,
         *TRAIN_FIELDS, "train_out"]
 PRESET_FIELDS = [*MODEL_FIELDS, *TRAIN_FIELDS]  # what a preset fills
@@ -43,8 +44,9 @@ LABELS = {"train_d_model": "Width (d_model)", "train_n_layers": "Layers", "train
           "train_context": "Context length (tokens)", "train_dropout": "Dropout",
           "train_vocab_size": "BPE vocabulary size", "train_batch_size": "Batch size",
           "train_learning_rate": "Learning rate", "train_max_steps": "Max steps",
-          "train_max_time": "Time budget (s)"}
+          "train_max_time": "Time budget (s)", "train_task": "Task"}
 FLOAT_FIELDS = ("train_dropout", "train_learning_rate")
+CHOSEN_FIELDS = ("task",)  # config fields the form picks from a list (names, not numbers)
 START_LABEL, RESUME_LABEL = "Start training", "Resume"
 UPLOADED = " (uploaded)"  # how the Data file box names an uploaded file
 MAX_NAME_BYTES = 255  # the longest file name most file systems take
@@ -57,7 +59,10 @@ FLAG_LABELS.update({"--block-size": LABELS["train_context"], "--vocab-size": LAB
 
 
 def _number(name: str, value: Any) -> Any:
-    """A form number as the config wants it: a whole number as int; a blank max_time means no budget."""
+    """A form number as the config wants it: a whole number as int; a blank max_time means no budget (a
+    choice among names, the task, is kept as it is)."""
+    if name in CHOSEN_FIELDS:
+        return value
     if isinstance(value, str):
         value = value.strip()
         if not value or value.lower() == "none":
@@ -149,8 +154,8 @@ class TrainTab:
 
     def _form(self, values: dict[str, Any]) -> None:
         gr.Markdown("## Data and model")
-        self.train_file = gr.File(label="Upload a text file (or TSV/JSONL pairs)", type="filepath",
-                                  elem_id="train_file", height=120)
+        self.train_file = gr.File(label="Upload a text file (or TSV/JSONL pairs, or JSONL conversations)",
+                                  type="filepath", elem_id="train_file", height=120)
         self.train_data_path = gr.Textbox(str(bundled_data_path()), label=f"Data file: {self.access.allowed()}",
                                           elem_id="train_data_path", max_lines=1,
                                           placeholder="blank = the bundled Tiny Shakespeare")
@@ -175,6 +180,9 @@ class TrainTab:
                                              elem_id="train_max_time", max_lines=1, placeholder="blank = none")
             self.train_out = gr.Textbox("", label="Run folder name", elem_id="train_out", max_lines=1,
                                         placeholder="blank = DATA-MODEL-TOKENIZER")
+        # auto: chat for a conversation file, pairs for a pair file, text otherwise (the plan says which)
+        self.train_task = gr.Dropdown(list(TASKS), value=values["train_task"], label=LABELS["train_task"],
+                                      elem_id="train_task", info="auto: chosen from the data, as the plan says")
         self.train_plan = gr.Markdown(elem_id="train_plan")
         with gr.Row():
             self.train_start = gr.Button(START_LABEL, variant="primary", elem_id="train_start")
