@@ -33,6 +33,7 @@ check-gguf: setup  # llama.cpp runs an exported GGUF as the same model (builds l
 	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"
 	$(PY) scripts/check_gguf.py
 	$(PY) scripts/check_gguf.py --qk-norm
+	$(PY) scripts/check_gguf.py --gqa
 
 ui: setup
 	$(PY) -m minillm ui runs/demo

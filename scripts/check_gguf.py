@@ -5,8 +5,9 @@ Trains a small byte-level BPE run on the bundled Tiny Shakespeare (or uses RUN_D
 the prompt's token ids, the logits of its positions, and the greedy continuation (at least MIN_MATCHING
 tokens must agree; a different token after a near-tie of two logits is reported, not hidden).
 
-Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm]
-(--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3.)
+Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm] [--gqa]
+(--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3;
+--gqa with grouped-query attention, 4 query heads over 2 key/value heads: llama.cpp's head_count_kv.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from minillm.training import train
 PROMPT = "ROMEO:\nWhat shall I say"
 MIXED_TEXT = "Café naïve — Ærøskøbing, 東京の中文字符 😀👩‍👩‍👧\tTab\r\nCRLF line\n\n  two spaces"
 MIN_MATCHING = 30
+GQA_KV_HEADS = 2  # --gqa: key/value heads for CHECK_RUN's 4 query heads
 CHECK_RUN = dict(model={"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
                  train={"tokenizer": "bpe", "bpe_vocab_size": 512, "max_steps": 300, "eval_interval": 100})
 
@@ -39,6 +41,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=40, help="greedy tokens to compare")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the export's weights")
     parser.add_argument("--qk-norm", action="store_true", help="train the run with QK-norm (llama.cpp's qwen3)")
+    parser.add_argument("--gqa", action="store_true",
+                        help=f"train the run with grouped-query attention ({GQA_KV_HEADS} key/value heads)")
     args = parser.parse_args()
     try:
         from llama_cpp import GGML_TYPE_F32, Llama
@@ -49,13 +53,16 @@ def main() -> int:
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = work / "run"
-        model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm},
+        grouped = {"n_kv_heads": GQA_KV_HEADS} if args.gqa else {}
+        model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm, **grouped},
                                                     CHECK_RUN["train"])
         print(f"training a small BPE run into {run_dir} ...", flush=True)
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     path = export_run(run_dir, "gguf", work / "model.gguf", dtype=args.dtype)
     run = load_run(run_dir, "cpu")
-    print(f"exported {run_dir} to {path} ({args.dtype}, {path.stat().st_size:,} bytes)")
+    c = run.config
+    print(f"exported {run_dir} to {path} ({args.dtype}, {path.stat().st_size:,} bytes; {c.n_heads} query heads "
+          f"over {c.n_kv_heads} key/value heads{', QK-norm' if c.qk_norm else ''})")
 
     # A float32 KV cache (llama.cpp's default is float16) so that the logits compare the model itself.
     llm = Llama(model_path=str(path), n_ctx=run.config.max_seq_len, logits_all=True, verbose=False, seed=0,

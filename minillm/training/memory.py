@@ -23,8 +23,11 @@ BYTES_PER_FLOAT = 4
 # AdamW's two moments, Muon's one momentum buffer, for the parameters each of them steps).
 FLOATS_PER_PARAMETER = 2
 # Kept for the backward pass, per token and layer, in units of d_model (norms, q/k/v, attention output,
-# projections, residuals) plus 4 of the feed-forward width (gate, up, their activation and product).
+# projections, residuals) plus 4 of the feed-forward width (gate, up, their activation and product). Of the
+# d_model widths, ATTENTION_WIDTHS are q, k, v and the attention output: the width of all the heads' queries
+# (n_heads * head_dim) for q and the output, of the key/value heads' (n_kv_heads * head_dim) for k and v.
 ACTIVATION_WIDTHS_PER_LAYER = 9
+ATTENTION_WIDTHS = 4
 FF_WIDTHS_PER_LAYER = 4
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, each (batch, time, vocab)
 
@@ -57,7 +60,9 @@ def estimate_training_memory(model_config: ModelConfig, config: TrainConfig) -> 
     c = model_config
     layers = c.n_encoder_layers + c.n_decoder_layers if is_encoder_decoder(c) else c.n_layers
     tokens = config.batch_size * c.max_seq_len
-    per_token = layers * (ACTIVATION_WIDTHS_PER_LAYER * c.d_model + FF_WIDTHS_PER_LAYER * c.d_ff)
+    attention = 2 * (c.n_heads + c.n_kv_heads) * c.head_dim  # q and its output; k and v
+    per_token = layers * ((ACTIVATION_WIDTHS_PER_LAYER - ATTENTION_WIDTHS) * c.d_model + attention
+                          + FF_WIDTHS_PER_LAYER * c.d_ff)
     per_token += LOGIT_COPIES * c.vocab_size
     return MemoryEstimate(parameters=parameters,
                           weights_and_optimizer=floats * BYTES_PER_FLOAT,
