@@ -244,6 +244,10 @@ class TrainConfig(_JSONConfig):
     tokenizer_file: str | None = option(None, "an existing tokenizer.json to use instead of training one: a Hugging "
                                               "Face BPE tokenizer (GPT-2's, Llama's) or another run's; the "
                                               "vocabulary comes from it")
+    init_from: str | None = option(None, "start from another model's weights: a run folder (its best model, "
+                                         "shape and tokenizer), or a local Hugging Face checkpoint folder of a "
+                                         "Llama or Qwen3 (its tokenizer as it is); the optimizer and schedule "
+                                         "start fresh ('none': from random weights)")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
     data_format: str = option("auto", "how to read the data file: auto (by its .tsv/.jsonl extension, else by "
@@ -311,6 +315,7 @@ class TrainConfig(_JSONConfig):
         check_fields(self)  # types, ranges and kinds; what follows relates fields to each other
         _check(bool(self.separator), "separator must not be empty")
         _check(self.tokenizer_file != "", "tokenizer_file must be the path of a tokenizer.json, got ''")
+        _check(self.init_from != "", "init_from must be the path of a run or checkpoint folder, got ''")
         _check(self.min_lr <= self.learning_rate,
                f"min_lr must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr}")
 

@@ -3,6 +3,7 @@
     RUN_DIR/
       tokenizer.json          the tokenizer (its own format; says which kind it is)
       special_tokens.json     which of its tokens are pad/bos/eos (and which were added to a foreign one)
+      chat_template.jinja     the chat template of the model it started from (--init-from), if that had one
       best_model.pt           state_dict of the best model by validation loss (uncompiled keys)
       best_model_config.json  {"model": ModelConfig, "tokenizer_type": ..., "training": {step, val_loss, ...}}:
                               the model's config (the run's one copy of it)
@@ -43,6 +44,7 @@ except ImportError:  # pragma: no cover
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 BEST_MODEL_FILE = "best_model.pt"
 BEST_CONFIG_FILE = "best_model_config.json"
 LAST_CHECKPOINT_FILE = "last.pt"
@@ -81,6 +83,10 @@ class RunFolder:
     @property
     def special_tokens(self) -> Path:
         return self.path / SPECIAL_TOKENS_FILE
+
+    @property
+    def chat_template(self) -> Path:
+        return self.path / CHAT_TEMPLATE_FILE
 
     @property
     def best_model(self) -> Path:
@@ -164,8 +170,8 @@ class RunFolder:
 
     def file_names(self) -> list[str]:
         """The name of every file a run writes."""
-        names = [TOKENIZER_FILE, SPECIAL_TOKENS_FILE, BEST_MODEL_FILE, BEST_CONFIG_FILE, LAST_CHECKPOINT_FILE,
-                 TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE]
+        names = [TOKENIZER_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE, BEST_MODEL_FILE, BEST_CONFIG_FILE,
+                 LAST_CHECKPOINT_FILE, TRAIN_CONFIG_FILE, SPLIT_FILE, METRICS_FILE, LOSS_CURVE_FILE, TEST_METRICS_FILE]
         for split in SPLITS:
             names += [self.tokens(split).name, self.pair_offsets(split).name]
             names += [self.pair_tokens(split, side).name for side in PAIR_SIDES]

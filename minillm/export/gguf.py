@@ -158,6 +158,8 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_pad_token_id(c.pad_id)
     writer.add_add_bos_token(True)  # samples began with BOS in training
     writer.add_add_eos_token(False)
+    if run.folder.chat_template.is_file():  # the chat template of the model the run started from
+        writer.add_chat_template(run.folder.chat_template.read_text(encoding="utf-8"))
     defaults = SamplingConfig()
     writer.add_sampling_temp(defaults.temperature)
     writer.add_sampling_top_k(defaults.top_k)

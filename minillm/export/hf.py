@@ -5,7 +5,8 @@
                                 special ids)
     DIR/model.safetensors       the weights, named as in LlamaForCausalLM (Qwen3ForCausalLM)
     DIR/generation_config.json  Mini LLM's sampling defaults, and a length that stays within the context
-    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds)
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   a fast tokenizer (both kinds), with
+                                the chat template of the model the run started from (--init-from), if any
     DIR/README.md               the model card
     DIR/minillm_export.json     the marker of an export (export.target)
 
@@ -93,9 +94,11 @@ def write_tokenizer(run: Run, out: Path) -> None:
     write_json(out / "tokenizer.json", tokenizer.hugging_face_json())
     write_json(out / "special_tokens_map.json", special)
     # clean_up_tokenization_spaces would delete the space before punctuation: decoding must give the text.
+    template = run.folder.chat_template  # the chat template of the model the run started from, if any
     write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False,
-        "model_max_length": run.config.max_seq_len})
+        "model_max_length": run.config.max_seq_len,
+        **({"chat_template": template.read_text(encoding="utf-8")} if template.is_file() else {})})
 
 
 def write_hf(run: Run, out: Path, dtype: str) -> None:

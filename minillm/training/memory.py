@@ -84,14 +84,21 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_memory(model_config: ModelConfig, config: TrainConfig, device: torch.device,
-                 vocab_size: int | None = None) -> MemoryEstimate:
-    """Refuse, with the estimate, a training that cannot fit in the device's free memory."""
+                 vocab_size: int | None = None, fixed_shape: bool = False) -> MemoryEstimate:
+    """Refuse, with the estimate, a training that cannot fit in the device's free memory. `fixed_shape`: the
+    model is another's (--init-from), so only the batch and the window can shrink."""
     if vocab_size is not None:
         model_config = model_config.replace(vocab_size=vocab_size)
     estimate = estimate_training_memory(model_config, config)
     free = available_memory(device)
     if free is not None and estimate.total > free:
         factor = math.ceil(estimate.total / max(free, 1))
+        if fixed_shape:
+            raise MiniLLMError(
+                f"training this model ({model_config.n_layers} layers, width {model_config.d_model}) needs "
+                f"{estimate.describe()} but {device.type} has {gib(free)} free; a smaller --batch-size (now "
+                f"{config.batch_size}) or --block-size (now {model_config.max_seq_len}) may make it fit, unless its "
+                "weights and optimizer state alone are too much: then start from a smaller model")
         raise MiniLLMError(
             f"this training needs {estimate.describe()} but {device.type} has {gib(free)} free; make it smaller: "
             f"--batch-size (now {config.batch_size}; --grad-accum-steps keeps the global batch), --block-size "
