@@ -41,6 +41,9 @@ LABELS = {"train_d_model": "Width (d_model)", "train_n_layers": "Layers", "train
           "train_max_time": "Time budget (s)"}
 FLOAT_FIELDS = ("train_dropout", "train_learning_rate")
 START_LABEL, RESUME_LABEL = "Start training", "Resume"
+# "Start from" (TrainConfig.init_from): nothing (random weights), a run of the runs folder, or a folder path
+# typed in (a Hugging Face checkpoint). Its value comes after the FORM values, where the handlers take it.
+FROM_NOTHING = "nothing (random weights)"
 
 
 def _number(name: str, value: Any) -> Any:
@@ -68,6 +71,13 @@ def form_configs(data_path: str, tokenizer: str, model_type: str, preset: str,
     data = (data_path or "").strip() or None
     return preset_configs(preset, {**model, "model_type": model_type},
                           {**trained, "tokenizer": tokenizer, "data": data})
+
+
+def split_start(form: tuple) -> tuple[tuple, str | None]:
+    """(the FORM values, the "start from" folder after them: None to start from nothing)."""
+    start = form[len(FORM)] if len(form) > len(FORM) else None
+    start = (start or "").strip()
+    return form[:len(FORM)], None if start in ("", FROM_NOTHING) else start
 
 
 def form_run_dir(runs_dir: str, name: str, config: TrainConfig, model_type: str) -> Path:
@@ -196,6 +206,11 @@ class TrainTab:
                                              elem_id="train_max_time", max_lines=1, placeholder="blank = none")
             self.train_out = gr.Textbox("", label="Run folder name", elem_id="train_out", max_lines=1,
                                         placeholder="blank = DATA-MODEL-TOKENIZER")
+        self.train_init_from = gr.Dropdown(
+            [FROM_NOTHING, *run_choices(self.runs_dir)], value=FROM_NOTHING, allow_custom_value=True,
+            label="Start from", elem_id="train_init_from",
+            info="nothing, one of your runs, or a Hugging Face checkpoint folder on the server (Llama, Qwen3; type "
+                 "its path): its model shape and tokenizer replace the form's")
         self.train_plan = gr.Markdown(elem_id="train_plan")
         with gr.Row():
             self.train_start = gr.Button(START_LABEL, variant="primary", elem_id="train_start")
@@ -213,19 +228,23 @@ class TrainTab:
         """The tab's events, and the plan of the default form when the page opens. "Load this run" picks the
         trained run in the Generate tab (and loads it there); the poll refreshes that tab's run picker."""
         form, generate = self.form, self.generate
-        plan = dict(fn=self.show_plan, inputs=form, outputs=[self.train_plan, self.train_error], api_name=False,
+        inputs = [*form, self.train_init_from]  # the form, then where the run starts from (split_start)
+        plan = dict(fn=self.show_plan, inputs=inputs, outputs=[self.train_plan, self.train_error], api_name=False,
                     concurrency_limit=1, concurrency_id="train_plan", show_progress="minimal")
-        for component in form:
+        for component in inputs:
             (component.change if isinstance(component, gr.Dropdown) else component.blur)(
                 **plan, trigger_mode="always_last")
+        self.train_init_from.focus(self.start_choices, self.train_init_from, self.train_init_from, api_name=False,
+                                   **quick)
         self.train_data_path.submit(**plan, trigger_mode="always_last")
-        presets = self.train_preset.change(self.pick_preset, self.train_preset, form[4:-1], api_name=False, **quick)
+        presets = self.train_preset.change(self.pick_preset, self.train_preset,
+                                           [getattr(self, name) for name in PRESET_FIELDS], api_name=False, **quick)
         presets.then(**plan, trigger_mode="always_last")
         for event in (self.train_file.upload, self.train_file.clear):
             event(self.use_upload, self.train_file, self.train_data_path, api_name=False, **quick).then(
                 **plan, trigger_mode="always_last")
         started = [self.train_error, self.train_status]
-        self.train_start.click(self.start_training, form, started, api_name="train_start", **quick)
+        self.train_start.click(self.start_training, inputs, started, api_name="train_start", **quick)
         self.train_resume.click(self.resume_training, form, started, api_name="train_resume", **quick)
         self.train_stop.click(self.stop_training, None, self.train_status, api_name="train_stop", **quick)
         polled = [self.train_status, self.train_plot, self.train_error, self.train_warning, self.train_start,
@@ -247,11 +266,18 @@ class TrainTab:
         """A file was uploaded: it becomes the data path (cleared upload: back to Tiny Shakespeare)."""
         return str(path) if path else str(bundled_data_path())
 
+    def start_choices(self, current: str | None) -> dict:
+        """"Start from" opened: the runs of the runs folder as they are now (a typed folder stays)."""
+        return gr.update(choices=[FROM_NOTHING, *run_choices(self.runs_dir, current if current != FROM_NOTHING
+                                                                            else None)])
+
     def show_plan(self, *form: Any) -> dict:
         """The plan line under the form (the CLI's), or the form's error."""
         try:
+            form, start = split_start(form)
             *config_form, name = form
             model, config = form_configs(*config_form)
+            config = config.replace(init_from=start)
             folder = form_run_dir(self.runs_dir, name, config, model.model_type)
             lines = preview_run(model, config).lines()
         except Exception as e:
@@ -263,8 +289,10 @@ class TrainTab:
         """Start: everything `train` checks first is checked here, so a bad form starts nothing; then the
         training runs in the background."""
         try:
+            form, start = split_start(form)
             *config_form, name = form
             model, config = form_configs(*config_form)
+            config = config.replace(init_from=start)  # (its shape and tokenizer then replace the form's)
             folder = form_run_dir(self.runs_dir, name, config, model.model_type)
             RunFolder(folder).check_new_run(overwrite=False)
             preview_run(model, config)  # the data, the device, the memory, as `train` checks them
