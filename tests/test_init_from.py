@@ -73,18 +73,26 @@ def quiet(message: str) -> None:
     pass
 
 
-CASES = {"llama float32": ("llama", torch.float32, None), "llama bfloat16": ("llama", torch.bfloat16, None),
-         "llama sharded": ("llama", torch.float32, "20KB"), "qwen3 float32": ("qwen3", torch.float32, None),
-         "qwen3 bfloat16": ("qwen3", torch.bfloat16, None), "qwen3 sharded": ("qwen3", torch.float32, "20KB")}
+def model_tied(model) -> bool:
+    return model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+CASES = {"llama float32": ("llama", torch.float32, None, {}), "llama bfloat16": ("llama", torch.bfloat16, None, {}),
+         "llama sharded": ("llama", torch.float32, "20KB", {}), "qwen3 float32": ("qwen3", torch.float32, None, {}),
+         "qwen3 bfloat16": ("qwen3", torch.bfloat16, None, {}), "qwen3 sharded": ("qwen3", torch.float32, "20KB", {}),
+         "qwen3 float16 tied": ("qwen3", torch.float16, None, {"tie_word_embeddings": True})}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_checkpoint_starts_as_the_same_model(case, tmp_path):
-    architecture, dtype, shard = CASES[case]
-    reference = save_checkpoint(tmp_path, architecture, dtype, shard)  # float32 of what is on disk
+    architecture, dtype, shard, options = CASES[case]
+    reference = save_checkpoint(tmp_path, architecture, dtype, shard, **options)  # float32 of what is on disk
+    assert model_tied(reference) == bool(options)
     if shard:
         assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
     model, tokenizer = starting_model(str(tmp_path), WINDOW, log=quiet)
+    assert model.config.tie_embeddings == bool(options) and (model.lm_head.weight is model.embed_tokens.weight) == \
+        bool(options)
     assert (model.config.n_heads, model.config.n_kv_heads, model.config.head_dim) == (4, 2, 12)
     assert (model.config.norm_eps, model.config.rope_theta, model.config.qk_norm) == (3e-6, 12345.0,
                                                                                      architecture == "qwen3")
