@@ -17,9 +17,9 @@ from minillm.checkpoint import load_run
 from minillm.cli import main
 from minillm.engine import Engine
 from minillm.export import export_run
+from minillm.models.hf_checkpoint import weights_fingerprint
 from minillm.sampling import SamplingConfig
 from minillm.training import resume, train
-from minillm.training.init_from import file_fingerprint
 from minillm.training.start import starting_model
 
 transformers = import_dev_dependency("transformers")
@@ -126,7 +126,7 @@ def test_a_run_started_from_a_checkpoint_trains_and_exports_back_to_transformers
     run = load_run(tmp_path / "run", "cpu")
     record = run.info["init_from"]
     assert (record["kind"], record["step"], record["path"]) == ("hugging_face", None, str((tmp_path / "hf").resolve()))
-    assert record["fingerprint"] == file_fingerprint(tmp_path / "hf" / "model.safetensors")
+    assert record["fingerprint"] == weights_fingerprint([tmp_path / "hf" / "model.safetensors"])
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["train"]["init_from"] == str(
         tmp_path / "hf")
 
@@ -155,7 +155,7 @@ def test_a_role_the_tokenizer_lacks_grows_the_embedding_by_its_mean_row_and_unus
     lines = []
     model, tokenizer = starting_model(str(tmp_path), WINDOW, log=lines.append)
     assert tokenizer.vocab_size == ids + 1 and tokenizer.pad_id == ids  # <|pad|>, after the last id
-    assert lines == ["left out 3 rows of its embedding that no token of tokenizer.json has",
+    assert lines == ["left out 4 rows of its embedding that no token of tokenizer.json has",
                      "the embedding and the head grew by 1 row(s) for <|pad|> (added to the tokenizer), initialised "
                      "to the mean of the others"]
     for ours, theirs in ((model.embed_tokens.weight, reference.model.embed_tokens.weight),
@@ -187,7 +187,7 @@ def test_a_run_started_from_another_starts_at_its_validation_loss_on_the_same_te
     record = load_run(tmp_path / "tuned", "cpu").info["init_from"]
     assert record["val_loss"] == pytest.approx(source.info["training"]["val_loss"], abs=1e-6)
     assert (record["kind"], record["step"], record["fingerprint"]) == (
-        "run", source.info["training"]["step"], file_fingerprint(pretrained / "best_model.pt"))
+        "run", source.info["training"]["step"], weights_fingerprint([pretrained / "best_model.pt"]))
     assert f"validation loss before training: {record['val_loss']:.4f}" in "\n".join(lines)
     assert result.best_val_loss <= record["val_loss"]
 
@@ -203,7 +203,7 @@ def test_a_pair_run_starts_from_a_text_run_with_its_weights_and_tokenizer(pretra
           log=lines.append)
     tuned, source = load_run(tmp_path / "pairs", "cpu"), load_run(pretrained, "cpu")
     assert tuned.tokenizer.fingerprint() == source.tokenizer.fingerprint() and tuned.config == source.config
-    assert tuned.info["init_from"]["fingerprint"] == file_fingerprint(pretrained / "best_model.pt")
+    assert tuned.info["init_from"]["fingerprint"] == weights_fingerprint([pretrained / "best_model.pt"])
     # a random model's loss is about log(vocab): the text run already knows how the answers go on
     assert tuned.info["init_from"]["val_loss"] < math.log(source.config.vocab_size) - 0.5
     assert json.loads((tmp_path / "pairs" / "split.json").read_text())["task"] == "pairs"

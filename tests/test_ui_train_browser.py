@@ -173,10 +173,11 @@ def test_start_from_a_run_or_a_folder_typed_in(page, tiny_run, corpus_file, runs
     typed = page.locator("#train_init_from input").first
     typed.fill(str(runs_dir / "nowhere"))
     typed.press("Enter")  # a value of one's own (a folder on the server)
-    page.locator("#train_error").get_by_text("no such folder").wait_for()
+    # (each change of the form asks for a plan, one at a time, the last one kept: a busy machine takes a while)
+    page.locator("#train_error").get_by_text("no such folder").wait_for(timeout=TRAIN_WAIT_MS)
     typed.fill("")  # (the list shows the runs whose path holds what is typed)
     choose(page, "train_init_from", str(source))
-    page.locator("#train_plan").get_by_text("d_model 32").wait_for()  # the source's width, not the form's 64
+    page.locator("#train_plan").get_by_text("d_model 32").wait_for(timeout=TRAIN_WAIT_MS)  # not the form's 64
     assert not page.locator("#train_error").is_visible()
     page.locator("#train_start").click()
     text = wait_for_status(page, r"Finished")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,7 @@ class HFCheckpoint:
 
     def fingerprint(self) -> str:
         """A short sha256 of the weight files' bytes (what a run records of the weights it started from)."""
-        digest = hashlib.sha256()
-        for file in self.weight_files:
-            with open(file, "rb") as f:
-                while chunk := f.read(HASH_CHUNK):
-                    digest.update(chunk)
-        return digest.hexdigest()[:FINGERPRINT_CHARS]
+        return weights_fingerprint(self.weight_files)
 
     def load_into(self, model: nn.Module, base_rows: int) -> None:
         """Copy the weights into `model` (built from self.config with the run's vocabulary), as float32 or
@@ -126,6 +121,16 @@ class HFCheckpoint:
                                            f"its config.json says {tuple(parameter.shape)}; the folder is damaged")
                     else:
                         parameter.copy_(value)
+
+
+def weights_fingerprint(files: Iterable[Path]) -> str:
+    """A short sha256 of the bytes of weight files, in order: which weights a run started from."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
 def _architecture(raw: dict[str, Any], path: Path) -> str:

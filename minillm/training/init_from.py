@@ -14,7 +14,6 @@ the weights) in best_model_config.json ("init_from"), and the model card says it
 
 from __future__ import annotations
 
-import hashlib
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,7 +25,7 @@ from minillm.checkpoint import check_finite, clean_state_dict, read_model_config
 from minillm.config import ModelConfig, TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
-from minillm.models.hf_checkpoint import CONFIG_FILE, FINGERPRINT_CHARS, HASH_CHUNK, HFCheckpoint
+from minillm.models.hf_checkpoint import CONFIG_FILE, HFCheckpoint, weights_fingerprint
 from minillm.models.llama import fuse_split
 from minillm.run_folder import RunFolder
 
@@ -121,7 +120,7 @@ class RunStart(StartPoint):
         model.load_state_dict(state)
 
     def fingerprint(self) -> str:
-        return file_fingerprint(self.folder.best_model)
+        return weights_fingerprint([self.folder.best_model])
 
     def chat_template(self) -> str | None:
         path = self.folder.chat_template
@@ -155,15 +154,6 @@ class CheckpointStart(StartPoint):
 
     def record(self) -> dict[str, Any]:
         return {**super().record(), "architecture": self.checkpoint.architecture}
-
-
-def file_fingerprint(path: Path) -> str:
-    """A short sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
 def open_start(init_from: str) -> StartPoint:

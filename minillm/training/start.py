@@ -141,10 +141,11 @@ def begin_from(trainer: Trainer, start: StartPoint, imported: ImportedTokenizer,
 def load_start(model: nn.Module, start: StartPoint, imported: ImportedTokenizer, log: LogFn) -> None:
     """Copy the source's weights into `model` (built for the run's tokenizer), and say what changed on the
     way in: rows of the embedding no token has, left out; rows for roles added to the tokenizer, grown."""
-    vocab, added = imported.tokenizer.vocab_size, imported.added
-    start.load_into(model, vocab - len(added))  # a role the tokenizer lacked was added after its last id
-    if start.config.vocab_size > vocab:
-        log(f"left out {start.config.vocab_size - vocab:,} rows of its embedding that no token of "
+    added = imported.added
+    base_rows = imported.tokenizer.vocab_size - len(added)  # a role the tokenizer lacked was added after its last id
+    start.load_into(model, base_rows)
+    if start.config.vocab_size > base_rows:
+        log(f"left out {start.config.vocab_size - base_rows:,} rows of its embedding that no token of "
             f"{start.tokenizer_file.name} has")
     if added:
         log(f"the embedding{'' if start.config.tie_embeddings else ' and the head'} grew by {len(added)} row(s) "
