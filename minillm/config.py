@@ -155,7 +155,7 @@ class ModelConfig(_JSONConfig):
                                           1024)
     n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)", 1,
                                           1024)
-    n_heads: int = option(4, "attention heads (must divide --d-model)", 1, 4096)
+    n_heads: int = option(4, "attention heads (must divide --d-model, unless --head-dim is set)", 1, 4096)
     n_kv_heads: int | None = option(None, "key/value heads (grouped-query attention: each serves n_heads / "
                                           "n_kv_heads query heads, and the KV cache holds this many; must divide "
                                           "--n-heads; default: --n-heads, plain multi-head attention)", 1, 4096)

@@ -268,8 +268,8 @@ class TrainTab:
 
     def start_choices(self, current: str | None) -> dict:
         """"Start from" opened: the runs of the runs folder as they are now (a typed folder stays)."""
-        return gr.update(choices=[FROM_NOTHING, *run_choices(self.runs_dir, current if current != FROM_NOTHING
-                                                                            else None)])
+        typed = None if current == FROM_NOTHING else current
+        return gr.update(choices=[FROM_NOTHING, *run_choices(self.runs_dir, typed)])
 
     def show_plan(self, *form: Any) -> dict:
         """The plan line under the form (the CLI's), or the form's error."""
