@@ -35,6 +35,7 @@ check-gguf: setup  # llama.cpp runs an exported GGUF (float32, and q8_0 against 
 	$(PY) -m pip install --quiet "llama-cpp-python>=0.3"
 	$(PY) scripts/check_gguf.py --dtype q8_0
 	$(PY) scripts/check_gguf.py --qk-norm --dtype q8_0
+	$(PY) scripts/check_gguf.py --gqa
 
 ui: setup
 	$(PY) -m minillm ui runs/demo --port $(PORT)

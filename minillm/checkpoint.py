@@ -34,11 +34,12 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, tokenizer_type: str,
-              training: dict[str, Any], tokenizer_fingerprint: str | None = None) -> None:
+              training: dict[str, Any], tokenizer_fingerprint: str | None = None,
+              init_from: dict[str, Any] | None = None) -> None:
     """Save best_model.pt and best_model_config.json (weights first, so the config never points ahead).
 
     `tokenizer_fingerprint` (Tokenizer.fingerprint()) lets a load tell the run's own tokenizer from another
-    one of the same kind and size.
+    one of the same kind and size; `init_from` is where the run started (training.init_from's record).
     """
     folder = RunFolder(run_dir)
     state = clean_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -48,6 +49,7 @@ def save_best(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, 
         "model": config.to_dict(),
         "tokenizer_type": tokenizer_type,
         **({"tokenizer_fingerprint": tokenizer_fingerprint} if tokenizer_fingerprint else {}),
+        **({"init_from": init_from} if init_from else {}),
         "training": training,
     })
 

@@ -315,7 +315,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 should_stop=stop.is_set)
             else:
                 result = train(model_config, train_config, out, overwrite=args.overwrite, progress=progress,
-                               should_stop=stop.is_set)
+                               should_stop=stop.is_set, model_overrides=model_overrides)
     finally:
         distributed.teardown()
     if not distributed.is_main_process():  # under torchrun, rank 0 reports

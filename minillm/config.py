@@ -165,7 +165,12 @@ class ModelConfig(_JSONConfig):
                                           1024)
     n_decoder_layers: int | None = option(None, "decoder depth of the encoder-decoder (default: --n-layers)", 1,
                                           1024)
-    n_heads: int = option(4, "attention heads (must divide --d-model)", 1, 4096)
+    n_heads: int = option(4, "attention heads (must divide --d-model, unless --head-dim is set)", 1, 4096)
+    n_kv_heads: int | None = option(None, "key/value heads (grouped-query attention: each serves n_heads / "
+                                          "n_kv_heads query heads, and the KV cache holds this many; must divide "
+                                          "--n-heads; default: --n-heads, plain multi-head attention)", 1, 4096)
+    head_dim: int | None = option(None, "width of each attention head (default: --d-model / --n-heads; "
+                                        "Qwen3-0.6B's is 128 with d_model 1024 and 16 heads)", 2, 65536)
     d_ff: int | None = option(None, "hidden width of the feed-forward layers (default: about 8/3 of --d-model for "
                                     "swiglu, 4 x --d-model for relu2: the same number of weights)", 1, 2**20)
     max_seq_len: int = option(256, "context length in tokens (the training window, block size)", 1, 2**20)
@@ -193,12 +198,20 @@ class ModelConfig(_JSONConfig):
         check_fields(self)  # types, ranges and kinds; what follows relates fields to each other
         # Which model kinds exist is the models' registry's to say (build_model refuses an unknown one).
         _check(bool(self.model_type), f"model_type must be the name of a model kind, got {self.model_type!r}")
-        _check(
-            self.d_model % self.n_heads == 0,
-            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
-        )
+        if self.head_dim is None:
+            _check(
+                self.d_model % self.n_heads == 0,
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+            )
+            self.head_dim = self.d_model // self.n_heads
         _check(self.head_dim % 2 == 0,
-               f"d_model / n_heads must be even for rotary embeddings, got {self.head_dim}")
+               f"the head width (d_model / n_heads, or head_dim) must be even for rotary embeddings, got "
+               f"{self.head_dim}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each key/value head serves "
+               "the same number of query heads")
         if self.n_encoder_layers is None:
             self.n_encoder_layers = self.n_layers
         if self.n_decoder_layers is None:
@@ -214,9 +227,19 @@ class ModelConfig(_JSONConfig):
             _check(value < self.vocab_size,
                    f"{name} must be a token id below vocab_size ({self.vocab_size}), got {value!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    # Fields that default to a value derived from others (None = derive it), filled in by __post_init__.
+    DERIVED_FIELDS: ClassVar[tuple[str, ...]] = ("n_encoder_layers", "n_decoder_layers", "n_kv_heads", "head_dim",
+                                                 "d_ff")
+
+    def replace(self, **changes):
+        """A copy with some fields changed, validated again. A derived field that holds its derived value is
+        derived again from the new values (replace(d_model=64) gives the head width and feed-forward width of
+        d_model 64, not the old ones); one set to something else is kept."""
+        derived = dataclasses.replace(self, **{name: None for name in self.DERIVED_FIELDS})
+        for name in self.DERIVED_FIELDS:
+            if name not in changes and getattr(self, name) == getattr(derived, name):
+                changes[name] = None
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -234,6 +257,10 @@ class TrainConfig(_JSONConfig):
     tokenizer_file: str | None = option(None, "an existing tokenizer.json to use instead of training one: a Hugging "
                                               "Face BPE tokenizer (GPT-2's, Llama's) or another run's; the "
                                               "vocabulary comes from it")
+    init_from: str | None = option(None, "start from another model's weights: a run folder (its best model, "
+                                         "shape and tokenizer), or a local Hugging Face checkpoint folder of a "
+                                         "Llama or Qwen3 (its tokenizer as it is); the optimizer and schedule "
+                                         "start fresh ('none': from random weights)")
     bpe_vocab_size: int = option(4096, "BPE vocabulary size, special tokens included (ignored by the char "
                                        "tokenizer)", 1, MAX_VOCAB_SIZE)
     data_format: str = option("auto", "how to read the data files: auto (by the extension: .tsv, .jsonl, "
@@ -329,6 +356,7 @@ class TrainConfig(_JSONConfig):
             _check(getattr(self, name) != "", f"{name} must name a column, got ''")
         _check(bool(self.separator), "separator must not be empty")
         _check(self.tokenizer_file != "", "tokenizer_file must be the path of a tokenizer.json, got ''")
+        _check(self.init_from != "", "init_from must be the path of a run or checkpoint folder, got ''")
         _check(self.min_lr <= self.learning_rate,
                f"min_lr must be between 0 and learning_rate ({self.learning_rate}), got {self.min_lr}")
 

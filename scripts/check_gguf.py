@@ -10,9 +10,10 @@ quantized file with its continuation from the float32 file (q8_0: at least MIN_Q
 must agree; q4_0's is reported, not required), and states both files' sizes. --speed times llama.cpp's
 greedy decoding of the run exported in each dtype (tokens/s, the best of a few repeats) and prints a table.
 
-Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm] [--dtype q8_0] [--speed]
+Run: .venv/bin/python scripts/check_gguf.py [RUN_DIR] [--tokens 40] [--qk-norm] [--gqa] [--dtype q8_0] [--speed]
     [--tokenizer-file PATH]
 (--qk-norm trains the run with QK-norm, the cpu preset's architecture, which exports as llama.cpp's qwen3;
+--gqa with grouped-query attention, 4 query heads over 2 key/value heads: llama.cpp's head_count_kv;
 --tokenizer-file trains it with that tokenizer.json: a Llama-2 or Mistral one exports as llama.cpp's
 SentencePiece "llama" tokenizer.)
 """
@@ -40,6 +41,7 @@ PROMPT = "ROMEO:\nWhat shall I say"
 MIXED_TEXT = "Café naïve — Ærøskøbing, 東京の中文字符 😀👩‍👩‍👧\tTab\r\nCRLF line\n\n  two spaces"
 MIN_MATCHING = 30
 MIN_QUANTIZED_MATCHING = {"float16": MIN_MATCHING, "q8_0": 20, "q4_0": 0}  # 4-bit weights may change choices
+GQA_KV_HEADS = 2  # --gqa: key/value heads for CHECK_RUN's 4 query heads
 CHECK_RUN = dict(model={"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
                  train={"tokenizer": "bpe", "bpe_vocab_size": 512, "max_steps": 300, "eval_interval": 100})
 THREADS = 2
@@ -158,6 +160,8 @@ def main() -> int:
     parser.add_argument("--qk-norm", action="store_true", help="train the run with QK-norm (llama.cpp's qwen3)")
     parser.add_argument("--tokenizer-file", help="train the run with this tokenizer.json (e.g. a Llama-2 one)")
     parser.add_argument("--speed", action="store_true", help="also time llama.cpp's decoding in each dtype")
+    parser.add_argument("--gqa", action="store_true",
+                        help=f"train the run with grouped-query attention ({GQA_KV_HEADS} key/value heads)")
     args = parser.parse_args()
     try:
         import llama_cpp
@@ -169,13 +173,16 @@ def main() -> int:
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = work / "run"
-        model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm},
+        grouped = {"n_kv_heads": GQA_KV_HEADS} if args.gqa else {}
+        model_config, train_config = preset_configs("tiny", {**CHECK_RUN["model"], "qk_norm": args.qk_norm, **grouped},
                                                     {**CHECK_RUN["train"], "tokenizer_file": args.tokenizer_file})
         print(f"training a small BPE run into {run_dir} ...", flush=True)
         train(model_config, train_config, run_dir, progress=False, log=lambda message: None)
     path = export_run(run_dir, "gguf", work / "model.gguf")
     run = load_run(run_dir, "cpu")
-    print(f"exported {run_dir} to {path} (float32, {path.stat().st_size:,} bytes)")
+    c = run.config
+    print(f"exported {run_dir} to {path} (float32, {path.stat().st_size:,} bytes; {c.n_heads} query heads "
+          f"over {c.n_kv_heads} key/value heads{', QK-norm' if c.qk_norm else ''})")
     ours_ids = [run.tokenizer.bos_id, *run.tokenizer.encode(PROMPT)]
     n = min(args.tokens, run.config.max_seq_len - len(ours_ids))
     float_llm = open_llama(path, run.config.max_seq_len)

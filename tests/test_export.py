@@ -172,7 +172,7 @@ def test_gguf_file_holds_the_runs_tensors_and_tokenizer(runs, kind, dtype, tmp_p
     special = {t["id"] for t in hf["added_tokens"] if t["special"]}
     assert {i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL} == special >= {c.bos_id, c.eos_id, c.pad_id}
 
-    state = split_fused(run.model.state_dict())  # the Llama names the GGUF file uses
+    state = split_fused(run.model.state_dict(), run.config)  # the Llama names the GGUF file uses
     stored = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     assert set(stored) == {gguf_name(name) for name in state if name != "lm_head.weight"}  # tied: no output
     for name, weight in state.items():
@@ -180,7 +180,7 @@ def test_gguf_file_holds_the_runs_tensors_and_tokenizer(runs, kind, dtype, tmp_p
             continue
         tensor = stored[gguf_name(name)]
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            tensor = unpermute_for_rope(tensor, c.n_heads)
+            tensor = unpermute_for_rope(tensor, c.n_heads if name.endswith("q_proj.weight") else c.n_kv_heads)
         if weight.dim() == 1 or dtype == "float32":
             assert tensor.dtype == torch.float32 and torch.equal(tensor, weight), name
         else:
@@ -198,7 +198,7 @@ def llama_cpp_logits(reader, config: ModelConfig, ids: list[int]) -> torch.Tenso
     rotates adjacent pairs of dimensions (its "normal" mode), which is why the exporter permutes q and k.
     Its qwen3 is the same with an RMSNorm on each head's q and k first and RoPE over the two halves ("neox")."""
     w = stored_weights(reader)
-    T, H, Dh = len(ids), config.n_heads, config.head_dim
+    T, H, Hkv, Dh = len(ids), config.n_heads, config.n_kv_heads, config.head_dim
     qwen3 = gguf_field(reader, "general.architecture") == "qwen3"
 
     def norm(x, weight):
@@ -212,7 +212,7 @@ def llama_cpp_logits(reader, config: ModelConfig, ids: list[int]) -> torch.Tenso
         return torch.cat(rotated, -1) if qwen3 else torch.stack(rotated, -1).flatten(2)
 
     def heads(h, i, n):  # (T, H, Dh) queries or keys of layer i, normed per head in qwen3
-        x = (h @ w[f"blk.{i}.attn_{n}.weight"].T).view(T, H, Dh)
+        x = (h @ w[f"blk.{i}.attn_{n}.weight"].T).view(T, -1, Dh)
         return rope(norm(x, w[f"blk.{i}.attn_{n}_norm.weight"]) if qwen3 else x)
 
     x = w["token_embd.weight"][ids]
@@ -220,7 +220,8 @@ def llama_cpp_logits(reader, config: ModelConfig, ids: list[int]) -> torch.Tenso
     for i in range(config.n_layers):
         h = norm(x, w[f"blk.{i}.attn_norm.weight"])
         q, k = heads(h, i, "q"), heads(h, i, "k")
-        v = (h @ w[f"blk.{i}.attn_v.weight"].T).view(T, H, Dh)
+        v = (h @ w[f"blk.{i}.attn_v.weight"].T).view(T, Hkv, Dh)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)  # a k/v head per group
         scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(Dh)
         attention = scores.masked_fill(~causal, -math.inf).softmax(-1)
         x = x + torch.einsum("hts,shd->thd", attention, v).reshape(T, H * Dh) @ w[f"blk.{i}.attn_output.weight"].T
@@ -263,7 +264,7 @@ def test_quantized_gguf_holds_each_matrix_in_blocks_close_to_the_weights(runs, d
     path = export_run(runs["bpe"], "gguf", tmp_path / "model.gguf", dtype=dtype)
     reader = gguf.GGUFReader(path)
     assert gguf_field(reader, "general.file_type") == gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
-    state = split_fused(run.model.state_dict())
+    state = split_fused(run.model.state_dict(), run.config)
     weights = stored_weights(reader)
     for t in reader.tensors:
         name = next(ours for ours in state if ours != "lm_head.weight" and gguf_name(ours) == t.name)
@@ -339,6 +340,21 @@ def test_a_qk_norm_run_exports_as_qwen3_to_transformers_and_llama_cpp(qk_norm_ru
     assert gguf_field(reader, "general.architecture") == "qwen3"
     assert gguf_field(reader, "qwen3.attention.head_count") == run.config.n_heads
     assert {t.name for t in reader.tensors} >= {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}
+    assert (llama_cpp_logits(reader, run.config, ids) - ours).abs().max().item() <= LOGITS_TOLERANCE
+
+
+def test_a_grouped_query_run_exports_to_gguf_with_its_key_value_heads(tmp_path_factory, corpus_file, tmp_path):
+    """4 query heads over 2 key/value heads, with a head width that is not d_model / n_heads: llama.cpp's
+    head_count_kv and key_length, the keys permuted per key/value head."""
+    path = train_tiny(tmp_path_factory.mktemp("export-gqa") / "run", corpus_file,
+                      model_options={"n_heads": 4, "n_kv_heads": 2, "head_dim": 12})
+    run = load_run(path, "cpu")
+    reader = gguf.GGUFReader(export_run(path, "gguf", tmp_path / "model.gguf"))
+    assert (gguf_field(reader, "llama.attention.head_count"), gguf_field(reader, "llama.attention.head_count_kv"),
+            gguf_field(reader, "llama.attention.key_length")) == (4, 2, 12)
+    ids = prompt_ids(run)[0].tolist() + run.tokenizer.encode(" the old king waits for the river.")
+    with torch.no_grad():
+        ours = run.model(torch.tensor([ids]))[0][0].double()
     assert (llama_cpp_logits(reader, run.config, ids) - ours).abs().max().item() <= LOGITS_TOLERANCE
 
 

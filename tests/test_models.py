@@ -73,7 +73,7 @@ def test_weight_names_and_shapes_are_llama_style():
     assert state["layers.1.self_attn.o_proj.weight"].shape == (D, D)
     assert state["layers.0.mlp.gate_up_proj.weight"].shape == (2 * F_, D)  # fused: gate, up rows
     assert state["layers.0.mlp.down_proj.weight"].shape == (D, F_)
-    llama = split_fused(state)  # Llama's own names and shapes, where a format needs them
+    llama = split_fused(state, config)  # Llama's own names and shapes, where a format needs them
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert llama[f"layers.1.self_attn.{name}.weight"].shape == (D, D)
     assert llama["layers.0.mlp.gate_proj.weight"].shape == llama["layers.0.mlp.up_proj.weight"].shape == (F_, D)
@@ -346,7 +346,8 @@ def test_decoder_only_equals_hugging_face_llama_with_the_same_weights():
 def assert_matches_hugging_face(hf_model: torch.nn.Module, model: torch.nn.Module) -> None:
     """Our weights, split and renamed to Hugging Face's, load into `hf_model` exactly (nothing missing or
     left over) and give our logits."""
-    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v for k, v in split_fused(model.state_dict()).items()}
+    renamed = {(k if k == "lm_head.weight" else f"model.{k}"): v
+               for k, v in split_fused(model.state_dict(), model.config).items()}
     missing, unexpected = hf_model.load_state_dict(renamed, strict=False)
     assert not missing and not unexpected
     ids = random_ids(2, 12)

@@ -100,15 +100,26 @@ def third_party_imports(path: Path) -> set[str]:
     return found
 
 
+# Outside minillm/export, the one reader of another tool's format: a Hugging Face checkpoint for --init-from
+# reads its safetensors weights (never transformers: the format is read by hand, so a run needs no
+# transformers to start from one), importing safetensors by name when it reads them.
+CHECKPOINT_READER = "minillm.models.hf_checkpoint"
+
+
 def test_the_export_extra_is_imported_by_the_exporter_only_and_hf_tokenizers_by_the_bpe_module_only():
     export_extra = {"transformers", "safetensors", "gguf"}
     users = {name: third_party_imports(path) for name, path in package_modules().items()}
     assert {name for name, found in users.items() if found & export_extra and not name.startswith(
         "minillm.export")} == set()
-    # `require` imports the extra by name (importlib), so importing the exporter needs none of it:
-    code = f"import sys, minillm.export; print(sorted(m for m in {sorted(export_extra)} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    # `require` imports the extra by name (importlib), so importing the exporter needs none of it; nor does
+    # importing the checkpoint reader or the training that uses it:
+    for module in ("minillm.export", CHECKPOINT_READER, "minillm.training"):
+        code = f"import sys, {module}; print(sorted(m for m in {sorted(export_extra)} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]", module
+    reader = package_modules()[CHECKPOINT_READER].read_text(encoding="utf-8")
+    assert 'importlib.import_module("safetensors")' in reader and "transformers" not in third_party_imports(
+        package_modules()[CHECKPOINT_READER])
     assert {name for name, found in users.items() if "tokenizers" in found} == {"minillm.tokenizers.bpe_tokenizer"}
 
 

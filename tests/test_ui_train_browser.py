@@ -288,3 +288,29 @@ def test_a_bad_file_shows_its_error_and_starts_nothing(page, tmp_path, runs_dir,
     error.get_by_text(message).wait_for()
     assert "Traceback" not in page.content()
     assert not (runs_dir / "browser-bad").exists()
+
+
+def test_start_from_a_run_or_a_folder_typed_in(page, tiny_run, corpus_file, runs_dir):
+    """"Start from" lists the runs of the runs folder as they are when it is opened; a folder typed in that
+    does not exist is the plan's error; a run started from a run has its shape and records where it started."""
+    import json
+    import shutil
+
+    source = runs_dir / "browser-source"
+    shutil.copytree(tiny_run, source)  # (after the page was built: the list is refreshed when opened)
+    upload(page, corpus_file)
+    fill_form(page, "browser-from", train_d_model=64)
+    typed = page.locator("#train_init_from input").first
+    typed.fill(str(runs_dir / "nowhere"))
+    typed.press("Enter")  # a value of one's own (a folder on the server)
+    # (each change of the form asks for a plan, one at a time, the last one kept: a busy machine takes a while)
+    page.locator("#train_error").get_by_text("no such folder").wait_for(timeout=TRAIN_WAIT_MS)
+    typed.fill("")  # (the list shows the runs whose path holds what is typed)
+    choose(page, "train_init_from", str(source))
+    page.locator("#train_plan").get_by_text("d_model 32").wait_for(timeout=TRAIN_WAIT_MS)  # not the form's 64
+    assert not page.locator("#train_error").is_visible()
+    page.locator("#train_start").click()
+    text = wait_for_status(page, r"Finished[^\n]*browser-from")  # (not an earlier test's training)
+    assert "60 / 60" in text, text
+    record = json.loads(RunFolder(runs_dir / "browser-from").best_config.read_text())["init_from"]
+    assert (record["kind"], record["path"]) == ("run", str(source.resolve()))

@@ -369,3 +369,28 @@ def test_a_failure_is_the_same_one_line_in_the_cli_the_page_and_a_background_tra
         return
     assert minillm.cli.main(["evaluate", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_start_from_a_run_trains_from_its_weights_and_a_missing_folder_is_one_error(tiny_run, corpus_file, tmp_path):
+    """"Start from": the runs of the runs folder are offered; a run started from one has its shape and its
+    weights (the form's width is ignored); a folder that does not exist is the CLI's error, and starts nothing."""
+    import json
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_run, source)
+    page = TrainPage(tmp_path)
+    assert page.tab.train_init_from.value == train_tab.FROM_NOTHING
+    assert str(source) in page.tab.start_choices(train_tab.FROM_NOTHING)["choices"]
+    out = page.start([*form(corpus_file, out="missing", max_steps=5), str(tmp_path / "nowhere")])
+    assert "no such folder" in shown(out["train_error"]) and page.manager.status() is None
+    assert not (tmp_path / "missing").exists()
+    values = [*form(corpus_file, out="tuned", d_model=64, max_steps=5), str(source)]
+    assert "d_model 32" in page.show_plan(values)["train_plan"]  # the source's shape, not the form's 64
+    out = page.start(values)
+    assert not shown(out["train_error"])
+    status = finish(page.manager)
+    assert status.state == FINISHED, status.error
+    assert any(line.startswith(f"starting from the run {source}") for line in status.log)
+    record = json.loads(RunFolder(tmp_path / "tuned").best_config.read_text())["init_from"]
+    assert (record["kind"], record["path"]) == ("run", str(source.resolve()))

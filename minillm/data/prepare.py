@@ -138,11 +138,12 @@ class ImportedTokenizer:
     tokenizer: Tokenizer
     added: list[str]  # the special tokens it lacked, added after its last id
     source: Path
+    from_model: bool = False  # the tokenizer of a model the run starts from (--init-from): its template stays
 
     @classmethod
-    def read(cls, path: str | Path) -> ImportedTokenizer:
+    def read(cls, path: str | Path, from_model: bool = False) -> ImportedTokenizer:
         tokenizer, added = import_tokenizer(path)
-        return cls(tokenizer, added, Path(path).resolve())
+        return cls(tokenizer, added, Path(path).resolve(), from_model)
 
     def check_spelling(self, data: SplitData, log: LogFn) -> None:
         """Refuse a tokenizer that cannot spell more than MAX_UNSPELLED_SHARE of the training text (the model
@@ -171,7 +172,10 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
     else:
         texts = data.task.training_texts(data.splits["train"])
         tokenizer, added, source = train_tokenizer(tokenizer_kind, texts, bpe_vocab_size), [], "trained"
+    template = tokenizer.chat_template  # (an imported one's)
     tokenizer, added_by_task = data.task.prepare_tokenizer(tokenizer)  # (a chat run's role markers, template)
+    if imported is not None and imported.from_model and tokenizer.chat_template is None:
+        tokenizer.chat_template = template  # a model started from keeps its chat template, whatever the task
     tokenizer.save(files.tokenizer)
     save_special_tokens(tokenizer, files.special_tokens, [*added, *added_by_task], source)
     save_chat_template(tokenizer, folder)

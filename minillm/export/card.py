@@ -35,7 +35,8 @@ def model_card(run: Run, usage: str, library: str = "transformers") -> str:
         "---", f"library_name: {library}", f"license: {LICENSE.lower()}", "pipeline_tag: text-generation",
         "tags: [minillm]", "---", "",
         f"# {folder.path.name}", "",
-        f"A small {c.model_type} language model trained from scratch with Mini LLM {__version__}: "
+        f"A small {c.model_type} language model trained {_origin(run.info.get('init_from'))} with Mini LLM "
+        f"{__version__}: "
         f"{count_parameters(run.model):,} parameters, {c.n_layers} layers, {c.n_heads} heads, width {c.d_model}, "
         f"context {c.max_seq_len} tokens, a {run.tokenizer.kind} tokenizer of {run.tokenizer.vocab_size:,} ids.", "",
         "## Training", "",
@@ -50,6 +51,16 @@ def model_card(run: Run, usage: str, library: str = "transformers") -> str:
         "## Use it", "", usage.strip(), "",
     ]
     return "\n".join(lines)
+
+
+def _origin(init_from: dict[str, Any] | None) -> str:
+    """Where the model started: "from scratch", or the run or checkpoint it was tuned from (--init-from)."""
+    if not init_from:
+        return "from scratch"
+    what = "the run" if init_from.get("kind") == "run" else f"the {init_from.get('architecture', '')} checkpoint"
+    step = f"step {init_from['step']}, " if init_from.get("step") is not None else ""
+    return (f"from {what} `{Path(init_from.get('path', '?')).name}` ({step}weights {init_from.get('fingerprint')}, "
+            f"validation loss {_loss(init_from.get('val_loss'))} before training)")
 
 
 def _loss(loss: float | None) -> str:

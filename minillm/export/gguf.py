@@ -111,13 +111,14 @@ def float_tensors(run: Run) -> dict[str, np.ndarray]:
     """llama.cpp's name -> the float32 array it stores, before any conversion (q/k permuted; with tied
     embeddings no output.weight: llama.cpp then uses token_embd.weight)."""
     tensors, permute = {}, standard_architecture(run.config) in PAIRWISE_ROPE
-    for name, tensor in split_fused(run.model.state_dict()).items():  # Llama's separate q, k, v, gate, up
+    for name, tensor in split_fused(run.model.state_dict(), run.config).items():  # Llama's separate q, k, v, gate, up
         if name == "lm_head.weight" and run.config.tie_embeddings:
             continue
         target = gguf_name(name)
         tensor = tensor.detach().cpu().float()
-        if permute and target.endswith(ROTATED):
-            tensor = permute_for_rope(tensor, run.config.n_heads)
+        if permute and target.endswith(ROTATED):  # (grouped-query attention: the keys have n_kv_heads heads)
+            heads = run.config.n_heads if target.endswith(ROTATED[0]) else run.config.n_kv_heads
+            tensor = permute_for_rope(tensor, heads)
         tensors[target] = tensor.contiguous().numpy()
     return tensors
 
@@ -271,7 +272,9 @@ def write_gguf(run: Run, out: Path, dtype: str) -> None:
     writer.add_block_count(c.n_layers)
     writer.add_feed_forward_length(c.d_ff)
     writer.add_head_count(c.n_heads)
-    writer.add_head_count_kv(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)  # grouped-query attention: fewer key/value heads
+    writer.add_key_length(c.head_dim)  # (needed where head_dim is not d_model / n_heads, as in Qwen3-0.6B)
+    writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)

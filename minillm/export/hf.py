@@ -61,7 +61,7 @@ EXAMPLE_MESSAGES = [{"role": "user", "content": "Hello!"}]  # a chat run's how-t
 def llama_state_dict(run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The weights under LlamaForCausalLM's names, as contiguous `dtype` tensors on the CPU."""
     state = {}
-    for name, tensor in split_fused(run.model.state_dict()).items():  # Llama's separate q, k, v, gate, up
+    for name, tensor in split_fused(run.model.state_dict(), run.config).items():  # Llama's separate q, k, v, gate, up
         if name == "lm_head.weight" and run.config.tie_embeddings:
             continue  # it is model.embed_tokens.weight; transformers ties it again (tie_word_embeddings)
         hf_name = name if name == "lm_head.weight" else f"model.{name}"
@@ -82,7 +82,7 @@ def llama_config(run: Run, dtype: str) -> dict:
     extra = {"mlp_bias": False} if config_class == "LlamaConfig" else {"use_sliding_window": False}
     config = getattr(transformers, config_class)(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads, head_dim=c.head_dim,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
         max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
         tie_word_embeddings=c.tie_embeddings, attention_bias=False, hidden_act="silu",
         bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=c.pad_id,

@@ -81,4 +81,4 @@ class DecoderOnlyTransformer(nn.Module):
                   source_mask: torch.Tensor | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows and up to max_seq_len positions."""
         weight, c = self.embed_tokens.weight, self.config
-        return KVCache(c.n_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim, weight.dtype, weight.device)
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.max_seq_len, c.head_dim, weight.dtype, weight.device)

@@ -17,7 +17,8 @@ returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when t
 second path stays, where the benchmark shows it pays: one token over a static cache (the compiled decode
 step) attends by `one_query_attention` rather than SDPA.
 
-Shapes: B batch, T query time, S key time, D d_model, H heads, Dh head_dim (D = H * Dh).
+Shapes: B batch, T query time, S key time, D d_model, H heads, Hkv key/value heads (H unless grouped-query
+attention), Dh head_dim (D = H * Dh unless head_dim is set).
 """
 
 from __future__ import annotations
@@ -128,20 +129,25 @@ def memory_attention_mask(src_mask: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention: self-attention (causal or bidirectional,
     optionally over a KV cache) or cross-attention over an encoder's output. `layer_idx` is the layer's
-    place in its stack: its slot in a KVCache, its entry in a Memory."""
+    place in its stack: its slot in a KVCache, its entry in a Memory.
+
+    Grouped-query attention (n_kv_heads < n_heads, as Llama 3, Qwen3, SmolLM2): each key/value head serves a
+    group of n_heads / n_kv_heads query heads, so the k/v projections and the KV cache shrink by that factor;
+    SDPA pairs the groups itself (enable_gqa), without copying keys or values per query head."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, causal: bool = True, cross: bool = False) -> None:
         super().__init__()
         self.layer_idx, self.causal = layer_idx, causal
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.grouped = self.n_kv_heads != self.n_heads
         self.dropout = config.dropout
-        d = config.d_model
+        d, q_width, kv_width = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         if cross:  # queries from the decoder, keys and values from the encoder's output
-            self.q_proj = nn.Linear(d, d, bias=False)
-            self.kv_proj = nn.Linear(d, 2 * d, bias=False)
+            self.q_proj = nn.Linear(d, q_width, bias=False)
+            self.kv_proj = nn.Linear(d, 2 * kv_width, bias=False)
         else:
-            self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+            self.qkv_proj = nn.Linear(d, q_width + 2 * kv_width, bias=False)  # q rows, then k, then v
+        self.o_proj = nn.Linear(q_width, d, bias=False)
         if config.qk_norm:
             # One learned (Dh,) scale each for queries and keys, shared by the heads (as Qwen3 and OLMo 2):
             # unit-RMS q and k bound the attention logits, so no head's softmax saturates early in training.
@@ -150,16 +156,17 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, H, T, Dh)."""
+        """(B, T, H * Dh) -> (B, H, T, Dh)."""
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                 is_causal: bool) -> torch.Tensor:
-        """Attention of (B, H, T, Dh) queries over (B, H, S, Dh) keys/values, then the output projection."""
+        """Attention of (B, H, T, Dh) queries over (B, Hkv, S, Dh) keys/values, then the output projection."""
         B, _, T, _ = q.shape
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.grouped)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
@@ -172,16 +179,16 @@ class Attention(nn.Module):
         position's keys and values, but only the last position's output (B, 1, D).
         """
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
-        # split and unbind, not qkv[:2] and qkv[2]: their backward is one cat / stack, where indexing's
-        # backward zero-fills a tensor of qkv's size per slice and adds them.
-        qk, v = qkv.split((2, 1))
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, Dh)
+        # split, not indexing: its backward is one cat, where each slice's backward zero-fills a tensor of
+        # qkv's size and adds them.
+        qk, v = qkv.split((H + Hkv, Hkv), dim=1)
         q, k = self.rotated_qk(qk, *rope)
-        v = v.squeeze(0)
         is_causal = self.causal and mask is None
         if cache is not None:
             mask, is_causal = cache.attention_mask(T)
-            k, v = cache.store(self.layer_idx, k, v)  # (B, H, S, Dh): S = what the new queries attend over
+            k, v = cache.store(self.layer_idx, k, v)  # (B, Hkv, S, Dh): S = what the new queries attend over
         if last_only:  # the last query: every key it may see is in k and v already
             q, is_causal = q[:, :, -1:], False
             mask = None if mask is None else mask[..., -1:, :]
@@ -190,20 +197,21 @@ class Attention(nn.Module):
         return self._attend(q, k, v, mask, is_causal)
 
     def rotated_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries and keys of a (2, B, H, T, Dh) q/k stack, QK-normed (with qk_norm) then rotated."""
+        """The (B, H, T, Dh) queries and (B, Hkv, T, Dh) keys of a (B, H + Hkv, T, Dh) q/k slab, QK-normed (with
+        qk_norm) then rotated."""
         if self.qk_norm:  # the norm comes first: RoPE is a rotation, so the vectors stay unit-RMS
-            q, k = qk.unbind(0)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
             return apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
-        q, k = apply_rotary(qk, cos, sin).unbind(0)  # q and k rotated together: one op, not two
+        q, k = apply_rotary(qk, cos, sin).split((self.n_heads, self.n_kv_heads), dim=1)  # rotated together: one op
         return q, k
 
     def memory_keys_values(self, encoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys and values of the (B, S, D) encoder output, each (B, H, S, Dh).
+        """Cross-attention keys and values of the (B, S, D) encoder output, each (B, Hkv, S, Dh).
 
         Computed once per forward pass, or per generation (the source does not change while the target grows).
         """
         B, S, _ = encoded.shape
-        k, v = self.kv_proj(encoded).view(B, S, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv_proj(encoded).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return (self.k_norm(k) if self.qk_norm else k), v
 
     def cross(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
@@ -217,13 +225,15 @@ class Attention(nn.Module):
 
 def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         key_mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one (B, H, 1, Dh) query over (B, H, L, Dh) keys/values where `key_mask` (1, L) is True;
-    returns (B, H, Dh). The compiled decode step's attention: written as products and sums, which inductor
-    fuses into the step's own loops, where SDPA stays a kernel call of its own (bench/generation.py
-    --choices times the step both ways)."""
-    scores = (q * keys).sum(dim=-1) * q.size(-1) ** -0.5  # (B, H, L)
+    """Attention of one (B, H, 1, Dh) query over (B, Hkv, L, Dh) keys/values where `key_mask` (1, L) is True
+    (each key/value head serving H / Hkv query heads); returns (B, H, Dh). The compiled decode step's
+    attention: written as products and sums, which inductor fuses into the step's own loops, where SDPA stays
+    a kernel call of its own (bench/generation.py --choices times the step both ways)."""
+    B, H, _, Dh = q.shape
+    groups = q.view(B, keys.size(1), H // keys.size(1), 1, Dh)  # (B, Hkv, H / Hkv, 1, Dh)
+    scores = (groups * keys.unsqueeze(2)).sum(dim=-1) * Dh ** -0.5  # (B, Hkv, H / Hkv, L)
     weights = scores.masked_fill(~key_mask, -math.inf).softmax(dim=-1)
-    return (weights.unsqueeze(-1) * values).sum(dim=2)
+    return (weights.unsqueeze(-1) * values.unsqueeze(2)).sum(dim=3).view(B, H, Dh)
 
 
 class SwiGLU(nn.Module):

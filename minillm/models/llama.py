@@ -19,16 +19,24 @@ FUSED = {
 }
 
 
-def split_fused(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fused_rows(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our fused weight (name suffix) -> the rows of each of its parts (FUSED's order): with grouped-query
+    attention the key and value projections have fewer rows than the query projection."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    return {"self_attn.qkv_proj.weight": (q, kv, kv), "cross_attn.kv_proj.weight": (kv, kv),
+            "mlp.gate_up_proj.weight": (config.d_ff, config.d_ff)}
+
+
+def split_fused(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The same weights under Llama's names: each fused matrix cut into its parts (views, no copies)."""
-    out = {}
+    out, rows = {}, fused_rows(config)
     for name, value in state_dict.items():
         suffix = next((s for s in FUSED if name.endswith(s)), None)
         if suffix is None:
             out[name] = value
             continue
         prefix = name[:-len(suffix)]
-        for part_name, part in zip(FUSED[suffix], value.chunk(len(FUSED[suffix]), dim=0), strict=True):
+        for part_name, part in zip(FUSED[suffix], value.split(rows[suffix], dim=0), strict=True):
             out[prefix + part_name] = part
     return out
 

@@ -137,7 +137,7 @@ class TransformerModel(nn.Module):
         """A KV cache for decoding against this (B, S) source: encoded and projected to cross-attention
         keys/values once, padded to max_seq_len (masked) so the decode step's shapes do not depend on S."""
         weight, c = self.embed_tokens.weight, self.config
-        cache = KVCache(c.n_decoder_layers, batch_size, c.n_heads, c.max_seq_len, c.head_dim,
+        cache = KVCache(c.n_decoder_layers, batch_size, c.n_kv_heads, c.max_seq_len, c.head_dim,
                         weight.dtype, weight.device)
         src = source_ids.to(weight.device)
         real = torch.ones_like(src, dtype=torch.bool) if source_mask is None else source_mask.to(src.device).bool()

@@ -23,8 +23,11 @@ BYTES_PER_FLOAT = 4
 # AdamW's two moments, Muon's one momentum buffer, for the parameters each of them steps).
 FLOATS_PER_PARAMETER = 2
 # Kept for the backward pass, per token and layer, in units of d_model (norms, q/k/v, attention output,
-# projections, residuals) plus 4 of the feed-forward width (gate, up, their activation and product).
+# projections, residuals) plus 4 of the feed-forward width (gate, up, their activation and product). Of the
+# d_model widths, ATTENTION_WIDTHS are q, k, v and the attention output: the width of all the heads' queries
+# (n_heads * head_dim) for q and the output, of the key/value heads' (n_kv_heads * head_dim) for k and v.
 ACTIVATION_WIDTHS_PER_LAYER = 9
+ATTENTION_WIDTHS = 4
 FF_WIDTHS_PER_LAYER = 4
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, each (batch, time, vocab)
 
@@ -57,7 +60,9 @@ def estimate_training_memory(model_config: ModelConfig, config: TrainConfig) -> 
     c = model_config
     layers = c.n_encoder_layers + c.n_decoder_layers if is_encoder_decoder(c) else c.n_layers
     tokens = config.batch_size * c.max_seq_len
-    per_token = layers * (ACTIVATION_WIDTHS_PER_LAYER * c.d_model + FF_WIDTHS_PER_LAYER * c.d_ff)
+    attention = 2 * (c.n_heads + c.n_kv_heads) * c.head_dim  # q and its output; k and v
+    per_token = layers * ((ACTIVATION_WIDTHS_PER_LAYER - ATTENTION_WIDTHS) * c.d_model + attention
+                          + FF_WIDTHS_PER_LAYER * c.d_ff)
     per_token += LOGIT_COPIES * c.vocab_size
     return MemoryEstimate(parameters=parameters,
                           weights_and_optimizer=floats * BYTES_PER_FLOAT,
@@ -79,14 +84,21 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_memory(model_config: ModelConfig, config: TrainConfig, device: torch.device,
-                 vocab_size: int | None = None) -> MemoryEstimate:
-    """Refuse, with the estimate, a training that cannot fit in the device's free memory."""
+                 vocab_size: int | None = None, fixed_shape: bool = False) -> MemoryEstimate:
+    """Refuse, with the estimate, a training that cannot fit in the device's free memory. `fixed_shape`: the
+    model is another's (--init-from), so only the batch and the window can shrink."""
     if vocab_size is not None:
         model_config = model_config.replace(vocab_size=vocab_size)
     estimate = estimate_training_memory(model_config, config)
     free = available_memory(device)
     if free is not None and estimate.total > free:
         factor = math.ceil(estimate.total / max(free, 1))
+        if fixed_shape:
+            raise MiniLLMError(
+                f"training this model ({model_config.n_layers} layers, width {model_config.d_model}) needs "
+                f"{estimate.describe()} but {device.type} has {gib(free)} free; a smaller --batch-size (now "
+                f"{config.batch_size}) or --block-size (now {model_config.max_seq_len}) may make it fit, unless its "
+                "weights and optimizer state alone are too much: then start from a smaller model")
         raise MiniLLMError(
             f"this training needs {estimate.describe()} but {device.type} has {gib(free)} free; make it smaller: "
             f"--batch-size (now {config.batch_size}; --grad-accum-steps keeps the global batch), --block-size "

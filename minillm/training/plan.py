@@ -52,7 +52,8 @@ class RunPlan:
         makes *up to* its max_steps' worth of passes, and the notes say so."""
         mc, c = self.model_config, self.config
         layers = model_class(mc.model_type).layers_description(mc)
-        shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads, context {mc.max_seq_len}"
+        grouped = f" over {mc.n_kv_heads} key/value heads" if mc.n_kv_heads != mc.n_heads else ""
+        shape = f"d_model {mc.d_model}, {layers}, {mc.n_heads} heads{grouped}, context {mc.max_seq_len}"
         total, epochs = self.max_steps * self.tokens_per_step, self.epochs
         budget = f", or {c.max_time:g} s, whichever comes first" if c.max_time else ""
         if c.patience is not None:

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from minillm.data.batches import LMBatches
 from minillm.data.prepare import SplitData, bundled_data_path, read_data
 from minillm.data.sources import data_files_key
 from minillm.models import build_model, count_parameters, is_encoder_decoder, model_class, pick_device
-from minillm.tokenizers import train_tokenizer
+from minillm.tokenizers import import_tokenizer, train_tokenizer
+from minillm.training.init_from import starting_configs
 from minillm.training.memory import check_memory
 from minillm.training.optimizer import make_optimizers
 from minillm.training.plan import RunPlan, planned_steps
@@ -38,7 +40,8 @@ EVAL_COST = 1 / 3  # an evaluation batch (forward only) costs about a third of a
 # What a plan reads of a data file is kept for the next plan of the same file and settings (the form
 # asks for a plan at every change): at most this many files' worth.
 MAX_KEPT_READS = 2
-DATA_FIELDS = ("data", "tokenizer", "bpe_vocab_size", "data_format", "task", "text_column", "source_column",
+DATA_FIELDS = ("data", "tokenizer", "tokenizer_file", "bpe_vocab_size", "data_format", "task", "skip_bad_lines",
+               "text_column", "source_column",
                "target_column", "split_mode", "separator", "val_fraction", "test_fraction", "seed", "holdout")
 _reads: dict[str, tuple] = {}
 _read_lock = threading.Lock()
@@ -91,13 +94,16 @@ def describe_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def preview_run(model_config: ModelConfig, config: TrainConfig) -> RunPreview:
-    """The plan of a training of these configs, without writing anything (see the module's docstring)."""
+def preview_run(model_config: ModelConfig, config: TrainConfig,
+                model_overrides: dict[str, Any] | None = None) -> RunPreview:
+    """The plan of a training of these configs, without writing anything (see the module's docstring).
+    With config.init_from, of the model it starts from (`model_overrides`: as `train` takes them)."""
+    start, model_config, config = starting_configs(model_config, config, model_overrides)
     model_class(model_config.model_type)
     device = pick_device(config.device)
     notes, data, tokenizer, per_char, sample_chars, whole = _read_tokens(config, is_encoder_decoder(model_config))
     model_config = with_tokenizer(model_config, tokenizer)  # (the vocabulary of the sample's tokenizer)
-    check_memory(model_config, config, device)
+    check_memory(model_config, config, device, fixed_shape=start is not None)
     with torch.device("meta"):
         parameters = count_parameters(build_model(model_config))
 
@@ -129,7 +135,10 @@ def _read_tokens(config: TrainConfig, encoder_decoder: bool) -> tuple:
     notes: list[str] = []
     data = read_data(config, encoder_decoder, notes.append)
     samples = _first_samples(data)
-    tokenizer = train_tokenizer(config.tokenizer, data.task.training_texts(samples), config.bpe_vocab_size)
+    if config.tokenizer_file:  # an existing tokenizer (--tokenizer-file, or the one of --init-from's model)
+        tokenizer = import_tokenizer(config.tokenizer_file)[0]
+    else:
+        tokenizer = train_tokenizer(config.tokenizer, data.task.training_texts(samples), config.bpe_vocab_size)
     sample = [text for one in samples for text in data.task.sample_texts(one)]
     sample_chars = sum(len(text) for text in sample)
     per_char = sum(len(ids) for ids in tokenizer.encode_batch(sample)) / max(1, sample_chars)

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from tqdm.auto import tqdm
 
 from minillm.checkpoint import check_finite, check_tokenizer, read_model_config, read_train_config, write_train_config
@@ -18,12 +19,14 @@ from minillm.config import ModelConfig, TrainConfig
 from minillm.data.prepare import ImportedTokenizer, data_change, read_data, read_split_record, write_data
 from minillm.errors import MiniLLMError
 from minillm.files import load_torch
-from minillm.models import is_encoder_decoder, model_class, pick_device
+from minillm.models import build_model, is_encoder_decoder, model_class, pick_device
 from minillm.models.llama import fuse_split
 from minillm.run_folder import RunFolder
 from minillm.tokenizers import TOKENIZER_KINDS, Tokenizer, load_tokenizer
 from minillm.training import distributed
 from minillm.training.distributed import is_main_process
+from minillm.training.evaluation import mean_loss
+from minillm.training.init_from import StartPoint, starting_configs
 from minillm.training.loggers import check_logger
 from minillm.training.memory import check_memory
 from minillm.training.outcome import LogFn, MetricsCallback, StopHook, StopReason, TrainResult, default_log
@@ -39,9 +42,14 @@ def with_tokenizer(model_config: ModelConfig, tokenizer: Tokenizer) -> ModelConf
 
 def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *, overwrite: bool = False,
           progress: bool = True, log: LogFn = default_log, on_metrics: MetricsCallback | None = None,
-          should_stop: StopHook | None = None) -> TrainResult:
+          should_stop: StopHook | None = None, model_overrides: dict[str, Any] | None = None) -> TrainResult:
     """Train a new model into `run_dir` (its vocabulary comes from the tokenizer trained here, or from
     config.tokenizer_file).
+
+    With config.init_from the model's shape, tokenizer and first weights are another run's or a Hugging Face
+    checkpoint's (training.init_from); `model_overrides` are the model options the user gave explicitly
+    (they must agree with the source, but for the window and dropout; `model_config` supplies the default
+    window).
 
     Everything that can be checked is checked before the folder is touched (model kind, device, data).
     The new run is prepared in a staging folder inside the old one; replacing a run (`overwrite`; only a
@@ -52,12 +60,16 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
     (its error is theirs too).
     """
     folder = RunFolder(run_dir)
+    start, model_config, config = starting_configs(model_config, config, model_overrides, run_dir)
     model_class(model_config.model_type)  # an unknown kind, a missing logger or an unavailable device fails
     check_logger(config.log)  # before any file
     device = distributed.setup(pick_device(config.device))
     imported = None
+    if start is not None:
+        log(f"starting from {start.describe()}: its shape, tokenizer and weights; a fresh optimizer and schedule "
+            f"(training window {model_config.max_seq_len:,} tokens)")
     if config.tokenizer_file:  # its kind, not --tokenizer's, is the run's
-        imported = ImportedTokenizer.read(config.tokenizer_file)
+        imported = ImportedTokenizer.read(config.tokenizer_file, from_model=start is not None)
         config = config.replace(tokenizer=imported.tokenizer.kind)
         log(f"tokenizer: {imported.source} ({imported.tokenizer.kind}, {imported.tokenizer.vocab_size:,} ids; "
             + ", ".join(f"{role} {token} = {i}" for role, (token, i) in imported.tokenizer.role_tokens().items())
@@ -72,7 +84,8 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
                 imported.check_spelling(data, log)
             vocab = (imported.tokenizer.vocab_size if imported else
                      TOKENIZER_KINDS[config.tokenizer].planned_vocab_size(config.bpe_vocab_size))
-            check_memory(model_config, config, device, vocab)  # before anything is written or allocated
+            # before anything is written or allocated (or any weight of a model to start from read)
+            check_memory(model_config, config, device, vocab, fixed_shape=start is not None)
             held.enter_context(folder.lock())
             for message in folder.clean_leftovers():
                 log(message)
@@ -100,6 +113,8 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
 
         trainer = Trainer(Path(workdir), ModelConfig.from_dict(trained), config, split_record, log, progress,
                           on_metrics, after_save=swap_in_first_model)
+        if start is not None:
+            begin_from(trainer, start, imported, log)
         trainer.describe()
         with trainer.metrics:  # (closes the experiment log however the training ends)
             try:
@@ -109,6 +124,42 @@ def train(model_config: ModelConfig, config: TrainConfig, run_dir: str | Path, *
                     log(f"the run that was in {folder.path} is kept: the new one had not saved a model yet")
                 raise
             return finish(trainer, stop_reason)
+
+
+def begin_from(trainer: Trainer, start: StartPoint, imported: ImportedTokenizer, log: LogFn) -> None:
+    """Give a new run the weights it starts from, and score them on the run's validation batches: the loss
+    a tuning improves on (recorded with where the run started)."""
+    load_start(trainer.model, start, imported, log)
+    val_loss, _ = mean_loss(trainer.eval_model, trainer.eval_batches, trainer.device, trainer.amp_dtype)
+    trainer.started_from = {**start.record(), "val_loss": val_loss}
+    log(f"validation loss before training: {val_loss:.4f} (weights {trainer.started_from['fingerprint']})")
+
+
+def load_start(model: nn.Module, start: StartPoint, imported: ImportedTokenizer, log: LogFn) -> None:
+    """Copy the source's weights into `model` (built for the run's tokenizer), and say what changed on the
+    way in: rows of the embedding no token has, left out; rows for roles added to the tokenizer, grown."""
+    added = imported.added
+    base_rows = imported.tokenizer.vocab_size - len(added)  # a role the tokenizer lacked was added after its last id
+    start.load_into(model, base_rows)
+    if start.config.vocab_size > base_rows:
+        log(f"left out {start.config.vocab_size - base_rows:,} rows of its embedding that no token of "
+            f"{start.tokenizer_file.name} has")
+    if added:
+        log(f"the embedding{'' if start.config.tie_embeddings else ' and the head'} grew by {len(added)} row(s) "
+            f"for {', '.join(added)} (added to the tokenizer), initialised to the mean of the others")
+
+
+def starting_model(init_from: str, max_seq_len: int | None = None,
+                   log: LogFn = default_log) -> tuple[nn.Module, Tokenizer]:
+    """The model (eval mode, on the CPU) and tokenizer a run with --init-from `init_from` would start from,
+    without training: to look at a run or checkpoint before tuning it. max_seq_len: its window (default: the
+    source's context, as far as the default model config's window allows for a checkpoint)."""
+    explicit = {} if max_seq_len is None else {"max_seq_len": max_seq_len}
+    start, model_config, config = starting_configs(ModelConfig(), TrainConfig(init_from=init_from), explicit)
+    imported = ImportedTokenizer.read(config.tokenizer_file)
+    model = build_model(with_tokenizer(model_config, imported.tokenizer))
+    load_start(model, start, imported, log)
+    return model.eval(), imported.tokenizer
 
 
 def finish(trainer: Trainer, stop_reason: StopReason) -> TrainResult:
@@ -210,6 +261,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None, *,
             log(f"warning: the data file {change}; the run continues on the tokens prepared from it then (start "
                 "a new run with --overwrite to train on the file as it is now)")
         trainer = Trainer(folder.path, model_config, config, split_record, log, progress, on_metrics)
+        trainer.started_from = meta.get("init_from")
         trainer.load_state(state)
         del state
         if is_main_process():

@@ -69,6 +69,7 @@ class Trainer:
     """Owns the model, optimizer, data and state of one run; `fit()` runs the loop."""
 
     _eval_bytes: int | None = None  # UTF-8 bytes of the validation batches' targets
+    started_from: dict[str, Any] | None = None  # where the run started (init_from's record), saved with the model
 
     def __init__(self, run_dir: Path, model_config: ModelConfig, config: TrainConfig, split_record: SplitRecord,
                  log: LogFn = default_log, progress: bool = True, on_metrics: MetricsCallback | None = None,
@@ -343,7 +344,7 @@ class Trainer:
                            "elapsed": self.state.elapsed, "parameters": self.n_params,
                            "data": self.split_record.source}
                 save_best(self.run_dir, self.model, self.model_config, self.config.tokenizer, summary,
-                          tokenizer_fingerprint=self.tokenizer_fingerprint)
+                          tokenizer_fingerprint=self.tokenizer_fingerprint, init_from=self.started_from)
         else:
             self.state.evals_since_best += 1
         self.state.history.append({"step": self.state.step, "train_loss": train_loss, "val_loss": val_loss,

@@ -56,6 +56,9 @@ FLAG_LABELS = {f"--{field.replace('_', '-')}": LABELS[elem_id]
 FLAG_LABELS.update({"--block-size": LABELS["train_context"], "--vocab-size": LABELS["train_vocab_size"],
                     "--tokenizer": "Tokenizer", "--model": "Model type", "--preset": "Preset",
                     "--out": "Run folder name"})
+# "Start from" (TrainConfig.init_from): nothing (random weights), a run of the runs folder, or a folder path
+# typed in (a Hugging Face checkpoint). Its value comes after the FORM values, where the handlers take it.
+FROM_NOTHING = "nothing (random weights)"
 
 
 def _number(name: str, value: Any) -> Any:
@@ -87,6 +90,13 @@ def form_configs(data_path: str, tokenizer: str, model_type: str, preset: str,
     # No samples during training (the page shows none): a run asks for them in its recipe or the CLI.
     return preset_configs(preset, {**model, "model_type": model_type},
                           {"sample_interval": 0, **trained, "tokenizer": tokenizer, "data": data})
+
+
+def split_start(form: tuple) -> tuple[tuple, str | None]:
+    """(the FORM values, the "start from" folder after them: None to start from nothing)."""
+    start = form[len(FORM)] if len(form) > len(FORM) else None
+    start = (start or "").strip()
+    return form[:len(FORM)], None if start in ("", FROM_NOTHING) else start
 
 
 def form_run_dir(runs_dir: str, name: str, config: TrainConfig, model_type: str) -> Path:
@@ -183,6 +193,11 @@ class TrainTab:
         # auto: chat for a conversation file, pairs for a pair file, text otherwise (the plan says which)
         self.train_task = gr.Dropdown(list(TASKS), value=values["train_task"], label=LABELS["train_task"],
                                       elem_id="train_task", info="auto: chosen from the data, as the plan says")
+        self.train_init_from = gr.Dropdown(
+            [FROM_NOTHING, *run_choices(self.runs_dir)], value=FROM_NOTHING, allow_custom_value=True,
+            label="Start from", elem_id="train_init_from",
+            info="nothing, one of your runs, or a Hugging Face checkpoint folder on the server (Llama, Qwen3; type "
+                 "its path): its model shape and tokenizer replace the form's")
         self.train_plan = gr.Markdown(elem_id="train_plan")
         with gr.Row():
             self.train_start = gr.Button(START_LABEL, variant="primary", elem_id="train_start")
@@ -201,11 +216,14 @@ class TrainTab:
         "Load this run" picks the trained run in the Generate tab (and loads it there); the poll refreshes
         that tab's run picker."""
         form, generate = self.form, self.generate
-        plan = dict(fn=self.show_plan, inputs=form, outputs=[self.train_plan, self.train_error], api_name=False,
+        inputs = [*form, self.train_init_from]  # the form, then where the run starts from (split_start)
+        plan = dict(fn=self.show_plan, inputs=inputs, outputs=[self.train_plan, self.train_error], api_name=False,
                     concurrency_limit=1, concurrency_id="train_plan", show_progress="minimal")
-        for component in form[1:]:
+        for component in inputs[1:]:  # (an upload has its own event)
             (component.change if isinstance(component, gr.Dropdown) else component.blur)(
                 **plan, trigger_mode="always_last")
+        self.train_init_from.focus(self.start_choices, self.train_init_from, self.train_init_from, api_name=False,
+                                   **quick)
         self.train_data_path.submit(**plan, trigger_mode="always_last")
         # .input, not .change: a preset the page sets (a run's settings) must not overwrite the values with it.
         presets = self.train_preset.input(self.pick_preset, self.train_preset,
@@ -215,7 +233,7 @@ class TrainTab:
             event(self.use_upload, self.train_file, self.train_data_path, api_name=False, **quick).then(
                 **plan, trigger_mode="always_last")
         started = [self.train_error, self.train_status]
-        self.train_start.click(self.start_training, form, started, api_name="train_start", **quick)
+        self.train_start.click(self.start_training, inputs, started, api_name="train_start", **quick)
         self.train_resume.click(self.resume_training, form, started, api_name="train_resume", **quick)
         self.train_stop.click(self.stop_training, None, self.train_status, api_name="train_stop", **quick)
         polled = [self.train_status, self.train_plot, self.train_error, self.train_warning, self.train_start,
@@ -251,13 +269,20 @@ class TrainTab:
     def _configs(self, form: tuple) -> tuple[ModelConfig, TrainConfig, Path, str]:
         """(model config, training config, run folder, the data as the form shows it) of the form's values;
         the data only from an upload, the bundled corpus or an allowed folder."""
+        form, start = split_start(form)
         upload, data_path, *config_form, name = form
         if not upload and (data_path or "").endswith(UPLOADED):  # (a run's settings, shown by a page opened later)
             raise MiniLLMError(f"{data_path.removesuffix(UPLOADED)} was uploaded in another page: upload it "
                                "here to start a new run on it (Resume needs no data)")
         data = self.access.check_upload(upload) if upload else self.access.check(data_path)
         model, config = form_configs(str(data), *config_form)
+        config = config.replace(init_from=start)  # (its shape and tokenizer then replace the form's)
         return model, config, form_run_dir(self.runs_dir, name, config, model.model_type), data_shown(data)
+
+    def start_choices(self, current: str | None) -> dict:
+        """"Start from" opened: the runs of the runs folder as they are now (a typed folder stays)."""
+        typed = None if current == FROM_NOTHING else current
+        return gr.update(choices=[FROM_NOTHING, *run_choices(self.runs_dir, typed)])
 
     def show_plan(self, *form: Any) -> dict:
         """The plan line under the form (the CLI's, naming the form's fields), or the form's error."""
