@@ -20,7 +20,8 @@ from minillm.ui import app
 pytestmark = pytest.mark.usefixtures("one_thread")
 SECRET = "root:$6$not-a-real-hash:19000:0:99999:7:::\n" * 200  # a file the server can read and must not give
 TRAIN_WAIT_S = 120
-LOAD_OUTPUTS = 8  # load_model's outputs: model_info, model_type, tokenizer_type, prompt, source, error, warning, chatbot
+# load_model's outputs: model_info, model_type, tokenizer_type, prompt, source, error, warning, chatbot
+LOAD_OUTPUTS = 8
 
 
 @pytest.fixture
