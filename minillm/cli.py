@@ -1,10 +1,12 @@
-"""The `minillm` command: train, generate, evaluate, ui. A thin layer: parse arguments, call the library.
+"""The `minillm` command: train, generate, evaluate, export, ui, serve. A thin layer: parse arguments, call the
+library.
 
     minillm train [DATA] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm generate RUN_DIR --prompt "ROMEO:"
     minillm evaluate RUN_DIR [--data FILE]
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
+    minillm serve [RUN_DIR | RUNS_DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 `train` has an option for every ModelConfig and TrainConfig field (generated from the dataclasses,
 `--d-model`, `--learning-rate`, ...); explicit options override the --preset. A problem the user can fix
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import os
 import signal
 import sys
 import textwrap
@@ -39,7 +42,17 @@ from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
 from minillm.run_folder import default_run_name
 from minillm.sampling import SamplingConfig
-from minillm.serve.address import DEFAULT_HOST, DEFAULT_RUNS_DIR, DEFAULT_UI_PORT, MAX_PORT, MIN_PORT, check_port_number
+from minillm.serve.address import (
+    DEFAULT_API_PORT,
+    DEFAULT_HOST,
+    DEFAULT_RUNS_DIR,
+    DEFAULT_UI_PORT,
+    MAX_PORT,
+    MIN_PORT,
+    check_port_number,
+)
+from minillm.serve.batching import DEFAULT_MAX_ROWS, WAITING_PER_ROW, BatchSettings
+from minillm.serve.limits import ServerLimits
 from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -52,6 +65,7 @@ MODEL_FIELDS_NOT_OPTIONS = ("model_type", "vocab_size", "pad_id", "bos_id", "eos
 TRAIN_FIELDS_NOT_OPTIONS = ("data", "tokenizer")
 OPTION_ALIASES = {"max_seq_len": ["--block-size"], "bpe_vocab_size": ["--vocab-size"], "data_format": ["--format"]}
 NONE_WORDS = ("none", "off")
+API_KEY_VARIABLE = "MINILLM_API_KEY"  # `minillm serve`'s key when --api-key is not given
 PRESET_HELP_WIDTH = 100
 
 class _Parser(argparse.ArgumentParser):
@@ -210,7 +224,43 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--runs-dir", type=Path, default=Path(DEFAULT_RUNS_DIR), help="where to list runs from")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)
+    add_serve_command(commands)
     return parser
+
+
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve runs over an OpenAI-compatible HTTP API (needs the 'serve' extra)",
+        description="Serve the run RUN_DIR, or every run under RUNS_DIR (each named by its folder), over OpenAI's "
+                    "HTTP API (/v1/models, /v1/completions, /v1/chat/completions) at http://HOST:PORT/v1.")
+    serve.add_argument("path", nargs="?", type=Path, default=Path(DEFAULT_RUNS_DIR), metavar="RUN_DIR | RUNS_DIR",
+                       help=f"a run folder, or a folder of runs (default: {DEFAULT_RUNS_DIR})")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on (default {DEFAULT_HOST}: this "
+                       "machine only; any other address needs --api-key, or it starts with a warning)")
+    serve.add_argument("--port", type=_port, default=DEFAULT_API_PORT,
+                       help=f"port to serve on, {MIN_PORT}-{MAX_PORT} (default {DEFAULT_API_PORT})")
+    serve.add_argument("--api-key", help=f"the key clients must send (Authorization: Bearer KEY; default: "
+                       f"${API_KEY_VARIABLE}, else none)")
+    serve.add_argument("--compile", action="store_true", help="compile each run's batched decode step in the "
+                       "background when it loads (served eagerly until it is ready; the same tokens)")
+    serve.add_argument("--max-batch", type=_whole(1), default=DEFAULT_MAX_ROWS, metavar="N",
+                       help=f"generations of one run decoded together (default {DEFAULT_MAX_ROWS})")
+    serve.add_argument("--max-queue", type=_whole(0), metavar="N", help="generations of one run that may wait "
+                       f"for a row (default {WAITING_PER_ROW} x --max-batch); more are refused (429, retry later)")
+    serve.add_argument("--max-loaded", type=_whole(1), default=ServerLimits.max_loaded_runs, metavar="N",
+                       help=f"runs kept in memory, least recently used out (default {ServerLimits.max_loaded_runs})")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def _whole(low: int) -> Callable[[str], int]:
+    def convert(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {low}, got {text!r}")
+        return int(text)
+
+    return convert
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,6 +413,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from minillm.ui.app import launch
 
     launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise MiniLLMError("the HTTP API needs fastapi and uvicorn: pip install 'mini-llm[serve]'")
+    from minillm.serve.http import APIOptions, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    limits = ServerLimits(max_loaded_runs=args.max_loaded)
+    waiting = args.max_batch * WAITING_PER_ROW if args.max_queue is None else args.max_queue
+    batch = BatchSettings(args.max_batch, waiting, compile=args.compile)
+    options = APIOptions(args.path, api_key, limits, batch, tuple(args.cors_origin))
+    serve(options, args.host, args.port)
     return 0
 
 
