@@ -35,9 +35,10 @@ openai = import_dev_dependency("openai")
 KEY = "test-key-0123"
 STARTUP_S = 120  # importing torch and FastAPI on a loaded 2-core machine takes a while
 MAX_BATCH = 16
+QUEUE = 2  # the test server's queue: generations that may wait for a row
 # What the server may keep of 16 concurrent generations once they are over (allocator slack, the event
 # loop's buffers); the weights and the batch's cache are allocated before the measurement starts.
-MEMORY_MARGIN_MIB = 48
+MEMORY_MARGIN_MIB = 32
 PROMPT = "the cat"
 # The sampler's defaults (Mini LLM's; the API's are OpenAI's). A trained tiny model often ends its text
 # early: the tests compare finish reasons with the library's, not with "length".
@@ -122,7 +123,7 @@ def start_server(*args: str, env: dict | None = None) -> Server:
 
 @pytest.fixture(scope="module")
 def server(runs_dir):
-    server = start_server(str(runs_dir), "--max-batch", str(MAX_BATCH), "--max-queue", "0",
+    server = start_server(str(runs_dir), "--max-batch", str(MAX_BATCH), "--max-queue", str(QUEUE),
                           env={"MINILLM_API_KEY": KEY})
     yield server
     server.process.terminate()
@@ -222,9 +223,12 @@ def test_echo_scores_the_prompt(server, tiny):
     assert texts[0] == PROMPT + complete(server, max_tokens=5, seed=2)[0][0]
 
 
-def test_a_model_that_ends_its_text_finishes_with_stop(server):
+def test_a_model_that_ends_its_text_finishes_with_stop_unless_told_to_ignore_it(server):
     assert complete(server, model="ending", prompt="abc", temperature=0, max_tokens=30)[:2] == (
         [ENDING_SAMPLE[3:]], ["stop"])
+    texts, reasons, response = complete(server, model="ending", prompt="abc", temperature=0, max_tokens=30,
+                                        extra_body={"ignore_eos": True})
+    assert texts[0].startswith(ENDING_SAMPLE[3:]) and reasons == ["length"] and response.usage.completion_tokens == 30
 
 
 def test_an_encoder_decoder_takes_the_prompt_as_its_source(server, runs_dir):
@@ -322,22 +326,33 @@ def test_sixteen_concurrent_clients_get_the_text_each_gets_alone(server):
 
 
 def test_a_full_batch_and_queue_is_a_429_and_clients_that_leave_free_their_rows(server):
-    streams = [server.client.completions.create(model="endless", prompt=PROMPT, max_tokens=1000, temperature=0,
-                                                stream=True) for _ in range(MAX_BATCH)]
+    def endless():
+        return server.client.completions.create(model="endless", prompt=PROMPT, max_tokens=1000, temperature=0,
+                                                stream=True)
+
+    running = [endless() for _ in range(MAX_BATCH)]
+    waiting = []
     try:
-        for stream in streams:
+        for stream in running:
             next(iter(stream))  # each is running
-        assert server.model("endless")["running"] == MAX_BATCH
-        with pytest.raises(openai.RateLimitError, match="busy"):  # (the test's server has no queue)
+        waiting = [endless() for _ in range(QUEUE)]
+        deadline = time.monotonic() + 30
+        while server.model("endless")["waiting"] < QUEUE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (server.model("endless")["running"], server.model("endless")["waiting"]) == (MAX_BATCH, QUEUE)
+        with pytest.raises(openai.RateLimitError, match="busy"):
             complete(server, model="endless")
-        for stream in streams[:2]:
+        for stream in running[:QUEUE + 2]:  # four leave: the two waiting take two rows, two rows are free
             stream.close()
+        for stream in waiting:
+            next(iter(stream))
         deadline = time.monotonic() + 30
         while server.model("endless")["running"] > MAX_BATCH - 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert complete(server, model="endless", n=2, max_tokens=5)[1] == ["length", "length"]  # their two rows
+        # A short request is served while the long ones go on (it does not wait for them to end).
+        assert complete(server, model="endless", n=2, max_tokens=5)[1] == ["length", "length"]
     finally:
-        for stream in streams:
+        for stream in running + waiting:
             stream.close()
     server.wait_idle("endless")
 

@@ -75,7 +75,8 @@ class Job:
             for j in range(request.n):
                 index = p * request.n + j
                 generation = Generation(ids, sampling_for(request, seed, index, limits), source,
-                                        (tokenizer.eos_id,), request.logprobs, request.echo and scored)
+                                        () if request.ignore_eos else (tokenizer.eos_id,), request.logprobs,
+                                        request.echo and scored)
                 choices.append(Choice(index, generation, ChoiceText(tokenizer, request.stops, prompt_piece.text),
                                       prompt_piece, scored, generate=request.max_tokens > 0))
         return cls(served, request, choices, prompt_tokens)
@@ -84,6 +85,7 @@ class Job:
     def chat(cls, served: ServedRun, request: ChatRequest, limits: ServerLimits) -> Job:
         run, seed = served.run, first_seed(request)
         ids, stop_ids = chat_prompt(run, request.model, list(request.messages))
+        stop_ids = () if request.ignore_eos else stop_ids
         check_length(ids, run.config.max_seq_len, request.model, "messages")
         choices = [Choice(i, Generation(ids, sampling_for(request, seed, i, limits), None, stop_ids, request.logprobs),
                           ChoiceText(run.tokenizer, request.stops), Piece(), request.logprobs is not None)
@@ -115,35 +117,46 @@ class Job:
 
     async def pieces(self) -> AsyncIterator[tuple[Choice, Piece]]:
         """(choice, its new piece) as the choices' tokens arrive, until every choice has its finish_reason
-        (set before its last piece). APIError 500 when the generation failed."""
+        (set before its last piece). Updates that arrived together make one piece per choice, so a client
+        that falls behind gets fewer, larger pieces rather than a growing backlog. APIError 500 when the
+        generation failed."""
         choices = {choice.index: choice for choice in self.choices}
         left = len(choices)
         while left:
-            index, update = await self._updates.get()
-            choice = choices[index]
-            if choice.finish_reason is not None:
-                continue  # (tokens made after a stop string, before its row left)
-            if update.error is not None:
-                self.cancel()
-                raise APIError(500, f"the generation failed: {update.error}")
-            if update.prompt_logprobs and choice.scored_tokens:
-                choice.prompt_piece.tokens[1:] = update.prompt_logprobs  # the first prompt token has none
-            for token in update.tokens if choice.generate else []:
-                choice.text.add(token)
-            if choice.text.stopped or not choice.generate:
-                choice.ticket.cancel()
-            if choice.text.stopped or update.done or not choice.generate:
-                choice.finish_reason = FINISH_STOP if choice.text.stopped or update.stopped_by is not None \
-                    else FINISH_LENGTH
-                choice.text.finish()
-                left -= 1
-            piece = choice.text.take()
-            if choice.prompt_piece.text or choice.prompt_piece.tokens:  # the echo comes first, whole
-                piece = Piece(piece.text, [*choice.prompt_piece.tokens, *piece.tokens],
-                              [*choice.prompt_piece.offsets, *piece.offsets])
-                choice.prompt_piece = Piece()
-            if piece.text or piece.tokens or choice.finish_reason is not None:
-                yield choice, piece
+            arrived = [await self._updates.get()]
+            while not self._updates.empty():
+                arrived.append(self._updates.get_nowait())
+            changed: dict[int, Choice] = {}
+            for index, update in arrived:
+                choice = choices[index]
+                if choice.finish_reason is None:  # (else: tokens made after a stop string, before its row left)
+                    self._receive(choice, update)
+                    left -= choice.finish_reason is not None
+                    changed[index] = choice
+            for choice in changed.values():
+                piece = choice.text.take()
+                if choice.prompt_piece.text or choice.prompt_piece.tokens:  # the echo comes first, whole
+                    piece = Piece(piece.text, [*choice.prompt_piece.tokens, *piece.tokens],
+                                  [*choice.prompt_piece.offsets, *piece.offsets])
+                    choice.prompt_piece = Piece()
+                if piece.text or piece.tokens or choice.finish_reason is not None:
+                    yield choice, piece
+
+    def _receive(self, choice: Choice, update: Update) -> None:
+        """Add an update's tokens to the choice's text; end the choice at its end or a stop string."""
+        if update.error is not None:
+            self.cancel()
+            raise APIError(500, f"the generation failed: {update.error}")
+        if update.prompt_logprobs and choice.scored_tokens:
+            choice.prompt_piece.tokens[1:] = update.prompt_logprobs  # the first prompt token has none
+        for token in update.tokens if choice.generate else []:
+            choice.text.add(token)
+        if choice.text.stopped or not choice.generate:
+            choice.ticket.cancel()
+        if choice.text.stopped or update.done or not choice.generate:
+            choice.finish_reason = FINISH_STOP if choice.text.stopped or update.stopped_by is not None \
+                else FINISH_LENGTH
+            choice.text.finish()
 
 
 def first_seed(request: GenerationRequest) -> int:

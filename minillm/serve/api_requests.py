@@ -2,7 +2,8 @@
 an `APIError` that names the parameter (HTTP 400), never a silently ignored setting.
 
 The parameters and their defaults are OpenAI's (a completion's max_tokens 16, temperature 1, top_p 1);
-Mini LLM's own sampling settings `top_k` and `repetition_penalty` are extra fields, off by default. A
+Mini LLM's own sampling settings `top_k` and `repetition_penalty` are extra fields, off by default, and so is
+`ignore_eos` (vLLM's name: generate max_tokens whatever the model says, for benchmarks). A
 parameter OpenAI defines that Mini LLM cannot honour (presence_penalty other than 0, tools, ...) is refused
 by name, as is a parameter nobody defines.
 """
@@ -39,7 +40,8 @@ CHAT_ONLY = {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool
              "function_call", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
              "reasoning_effort", "web_search_options", "store", "service_tier", "metadata"}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "logprobs", "stop",
-          "seed", "user", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"}
+          "seed", "user", "top_k", "repetition_penalty", "ignore_eos", "presence_penalty", "frequency_penalty",
+          "logit_bias"}
 
 
 class APIError(MiniLLMError):
@@ -74,6 +76,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None  # alternatives per token (0: the chosen token's logprob only); None: no logprobs
     stops: list[str]
+    ignore_eos: bool
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def _shared(body: dict, limits: ServerLimits, prompts: int, allow_zero_tokens: b
         name = next((key for key in settings if str(e).startswith(key)), None)
         raise bad(name, str(e)) from None
     return {"model": body["model"], "sampling": sampling, "max_tokens": max_tokens, "n": n, "stream": stream,
-            "include_usage": bool(options and options.get("include_usage")), "stops": _stops(body.get("stop"))}
+            "include_usage": bool(options and options.get("include_usage")), "stops": _stops(body.get("stop")),
+            "ignore_eos": _boolean(body, "ignore_eos")}
 
 
 def _whole(body: dict, name: str, low: int, high: int | None, hint: str = "") -> int | None:

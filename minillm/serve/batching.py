@@ -124,9 +124,10 @@ class BatchScheduler:
                 left = [t for t in self._running if t.cancelled]
                 self._running = [t for t in self._running if not t.cancelled]
                 self._waiting = deque(t for t in self._waiting if not t.cancelled)
-                joining = []
-                while self._waiting and len(self._running) + len(joining) < self.limits.max_rows:
+                joining = []  # counted as running from here: submit's room is right while they prefill
+                while self._waiting and len(self._running) < self.limits.max_rows:
                     joining.append(self._waiting.popleft())
+                    self._running.append(joining[-1])
                 if not self._running and not joining and not left:
                     self._thread = None  # submit starts another when work comes
                     return
@@ -143,19 +144,17 @@ class BatchScheduler:
             try:
                 ticket.row, made = self.engine.add(ticket.generation)
             except MiniLLMError as e:  # this generation's input: it alone fails
+                with self._lock:
+                    self._running.remove(ticket)
                 _send(ticket, Update(done=True, error=describe_error(e)))
                 continue
             self._deliver(ticket, made, first=True)
-            if not ticket.row.done:
-                with self._lock:
-                    self._running.append(ticket)
-        if not self.engine.rows:
-            return
-        by_row = {id(t.row): t for t in self._running}
-        made = self.engine.step()
-        self.steps += 1
-        for row, tokens in made:
-            self._deliver(by_row[id(row)], tokens)
+        if self.engine.rows:
+            by_row = {id(t.row): t for t in self._running}
+            made = self.engine.step()
+            self.steps += 1
+            for row, tokens in made:
+                self._deliver(by_row[id(row)], tokens)
         with self._lock:
             self._running = [t for t in self._running if not t.row.done]
 
