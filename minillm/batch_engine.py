@@ -19,6 +19,7 @@ from a lone row's, far below what changes a token but at a near tie.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,11 @@ class BatchEngine:
                     step(tokens, scratch.lengths, *scratch.static_tensors(rows))  # compiles
             self._compiled[rows] = step
 
+    def _eval_mode(self) -> contextlib.AbstractContextManager:
+        """Eval mode for a forward pass. A served model is in eval mode already: its root module's flag says
+        so without the walk over every module that eval_mode makes (a visible part of a small model's step)."""
+        return eval_mode(self.model) if self.model.training else contextlib.nullcontext()
+
     def _dummy_source(self) -> torch.Tensor | None:
         """A one-token source for an encoder-decoder (what its cache is shaped for), else None."""
         return torch.tensor([[self.model.config.bos_id]]) if is_encoder_decoder(self.model.config) else None
@@ -141,7 +147,7 @@ class BatchEngine:
         source = None if generation.source_ids is None else torch.tensor([generation.source_ids])
         context = model.decoder_context(torch.tensor([generation.prompt_ids], dtype=torch.long), source)
         device, vocab = context.device, model.config.vocab_size
-        with eval_mode(model):
+        with self._eval_mode():
             like = model.new_cache(1, source)  # (the encoder-decoder encodes its source here)
         if like is None:
             raise MiniLLMError(f"a {type(model).__name__} keeps no KV cache; it cannot decode in a batch")
@@ -169,7 +175,7 @@ class BatchEngine:
                 if row.done:
                     self._leave(row)
         if self.rows:
-            with eval_mode(self.model):
+            with self._eval_mode():
                 logits = self._decode()  # (rows, V)
             for row, row_logits in zip(list(self.rows), logits, strict=True):
                 made[id(row)][1].append(self._sample(row, row_logits[None]))
@@ -203,7 +209,7 @@ class BatchEngine:
         """Fill the row's slot with its window (its memory: a new row's source) and sample the next token."""
         window = torch.tensor([row.tokens[row.start:]], device=self._cache.slots.device)
         view = self._cache.row_view(row.slot, memory)
-        with eval_mode(self.model):
+        with self._eval_mode():
             logits = self.model(window, cache=view, last_only=not prompt_logprobs)[0][0]  # (T or 1, V)
         self._cache.commit(row.slot, view.length)
         if prompt_logprobs:  # each prompt token after the first, from the logits before it
