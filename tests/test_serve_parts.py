@@ -208,3 +208,24 @@ def test_the_serve_command_refuses_a_bad_folder_or_a_busy_port_in_one_line(tmp_p
     assert "already in use" in capsys.readouterr().err
     assert main(["serve", "--max-batch", "0"]) == 2
 
+
+
+@pytest.mark.slow  # compiling takes a minute or more per batch size on a small CPU
+def test_with_compile_requests_are_served_at_once_and_the_compiled_steps_give_the_same_tokens():
+    model = tiny_model("decoder_only")
+    generation = Generation(random_ids(1, 3)[0].tolist(), SamplingConfig(max_new_tokens=40, temperature=1.0, seed=4))
+
+    def tokens(scheduler: BatchScheduler) -> list[int]:
+        updates, done = [], threading.Event()
+        scheduler.submit([generation], [collect(updates, done)])
+        assert done.wait(60)
+        return [t.id for u in updates for t in u.tokens]
+
+    eager = tokens(BatchScheduler(model, BatchSettings(max_rows=2)))
+    compiling = BatchScheduler(model, BatchSettings(max_rows=2, compile=True))
+    assert tokens(compiling) == eager and not compiling.engine.compiled  # served while it compiles
+    deadline = time.monotonic() + 900
+    while not compiling.engine.compiled and compiling.compile_error is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert compiling.engine.compiled, compiling.compile_error
+    assert tokens(compiling) == eager
