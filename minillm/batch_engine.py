@@ -177,11 +177,36 @@ class BatchEngine:
         if self.rows:
             with self._eval_mode():
                 logits = self._decode()  # (rows, V)
-            for row, row_logits in zip(list(self.rows), logits, strict=True):
-                made[id(row)][1].append(self._sample(row, row_logits[None]))
+            rows = list(self.rows)
+            for row, token in zip(rows, self._sample_rows(rows, logits), strict=True):
+                made[id(row)][1].append(token)
                 if row.done:
                     self._leave(row)
         return list(made.values())
+
+    def _sample_rows(self, rows: list[Row], logits: torch.Tensor) -> list[Token]:
+        """Each row's next token from the (rows, V) logits: rows with the same settings in one call of the
+        sampler (its every step works row by row, so a row's token is the one it gets alone), each with the
+        noise of its own generator."""
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            sampling = row.generation.sampling
+            key = (sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty)
+            groups.setdefault(key, []).append(i)
+        chosen = [0] * len(rows)
+        for members in groups.values():
+            group = [rows[i] for i in members]
+            sampling = group[0].generation.sampling
+            noise = None if sampling.greedy else torch.cat([
+                draw_noise(1, sampling.candidates(logits.size(-1)), row.generator, logits.device) for row in group])
+            seen = None if group[0].seen is None else torch.cat([row.seen for row in group])
+            picked = sample_next_token(logits[members], sampling, seen, noise).tolist()
+            for i, token_id in zip(members, picked, strict=True):
+                chosen[i] = token_id
+        scored = [i for i, row in enumerate(rows) if row.generation.logprobs is not None]
+        logprobs = dict(zip(scored, torch.log_softmax(logits[scored].float(), dim=-1), strict=True)) if scored else {}
+        return [self._take(row, token_id, logprobs.get(i))
+                for i, (row, token_id) in enumerate(zip(rows, chosen, strict=True))]
 
     def _decode(self) -> torch.Tensor:
         """(rows, V) logits after each row's last token, by the compiled step of its bucket once it is ready."""
@@ -219,23 +244,21 @@ class BatchEngine:
         return self._sample(row, logits[-1:])
 
     def _sample(self, row: Row, logits: torch.Tensor) -> Token:
-        """The row's next token from its (1, V) logits, drawn with its own generator; ends the row at a stop
-        id or its max_new_tokens."""
-        sampling = row.generation.sampling
-        noise = None if sampling.greedy else draw_noise(1, sampling.candidates(logits.size(-1)), row.generator,
-                                                        logits.device)
-        token_id = int(sample_next_token(logits, sampling, row.seen, noise)[0])
+        """The row's next token from its (1, V) logits (a prefill's)."""
+        return self._sample_rows([row], logits)[0]
+
+    def _take(self, row: Row, token_id: int, logprobs: torch.Tensor | None) -> Token:
+        """Append a chosen token to its row (its (V,) log-softmax: the row asked for logprobs); end the row
+        at a stop id or its max_new_tokens."""
         row.tokens.append(token_id)
         row.made += 1
         if row.seen is not None:
             row.seen[0, token_id] = True
         if token_id in row.generation.stop_ids:
             row.done, row.stopped_by = True, token_id
-        elif row.made >= sampling.max_new_tokens:
+        elif row.made >= row.generation.sampling.max_new_tokens:
             row.done = True
-        if row.generation.logprobs is None:
-            return Token(token_id)
-        return self._scored(token_id, torch.log_softmax(logits[0].float(), dim=-1), row.generation.logprobs)
+        return Token(token_id) if logprobs is None else self._scored(token_id, logprobs, row.generation.logprobs)
 
     @staticmethod
     def _scored(token_id: int, logprobs: torch.Tensor, top: int) -> Token:

@@ -97,6 +97,15 @@ def test_rows_decoded_together_are_each_the_engines_generation_alone(model_type,
     assert batch.free == 4 and batch.rows == []
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=None), dict(temperature=0.8, top_k=20),
+                                      dict(temperature=1.0, top_p=0.8, repetition_penalty=1.3)])
+def test_rows_with_the_same_settings_sampled_in_one_call_each_get_their_own_tokens(settings):
+    model = tiny_model("decoder_only")
+    todo = [Generation(g.prompt_ids, SamplingConfig(max_new_tokens=g.sampling.max_new_tokens, seed=g.sampling.seed,
+                                                    **settings)) for g in generations("decoder_only")]
+    assert run_batch(BatchEngine(model, max_rows=6), todo) == {i: alone(model, g) for i, g in enumerate(todo)}
+
+
 def test_a_row_that_leaves_early_changes_no_other_row(sampled_logits):
     model = tiny_model("decoder_only")
     todo = generations("decoder_only")
@@ -121,12 +130,17 @@ def test_a_row_ends_at_a_stop_id_which_is_its_last_token():
 def test_logprobs_are_the_log_softmax_of_the_models_logits():
     model = tiny_model("decoder_only")
     prompt = random_ids(1, 5, seed=3)[0].tolist()
-    generation = Generation(prompt, SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=None, seed=1),
-                            logprobs=3, prompt_logprobs=True)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=None, seed=1)
+    generation = Generation(prompt, sampling, logprobs=3, prompt_logprobs=True)
     batch = BatchEngine(model, max_rows=2)
+    # A row without logprobs, with the same settings, goes first: the scored row is the second of its group.
+    other, other_tokens = batch.add(Generation(random_ids(1, 4, seed=4)[0].tolist(), sampling.replace(seed=2)))
     row, tokens = batch.add(generation)
     while batch.rows:
-        tokens += batch.step()[0][1]
+        made = {id(r): t for r, t in batch.step()}
+        tokens += made.get(id(row), [])
+        other_tokens += made.get(id(other), [])
+    assert all(t.logprob is None and t.top == () for t in other_tokens)
     ids = prompt + [t.id for t in tokens]
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
