@@ -1,7 +1,7 @@
 """Serving many clients at once: `minillm serve` decoding their generations together in one batch, against the
 same load served one request at a time, measured in the same run.
 
-Run: .venv/bin/python bench/serve.py [--clients 1 4 16] [--new-tokens 200] [--threads N]
+Run: .venv/bin/python bench/serve.py [--clients 1 4 16] [--new-tokens 200] [--repeats 3] [--threads N]
 
 One randomly initialised run of nanoGPT's CPU shape (4 layers, 4 heads, 128 wide, a 64-token context,
 QK-norm as the cpu preset; a character vocabulary of 65), served by two `minillm serve` processes started
