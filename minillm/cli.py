@@ -1,4 +1,5 @@
-"""The `minillm` command: train, generate, evaluate, ui. A thin layer: parse arguments, call the library.
+"""The `minillm` command: train, generate, evaluate, export, ui, serve. A thin layer: parse arguments, call the
+library.
 
     minillm train [DATA ...] --tokenizer {bpe,char} --model {decoder_only,transformer} --out RUN_DIR
     minillm train --config RECIPE.yaml [options that override it]
@@ -8,6 +9,7 @@
     minillm export RUN_DIR --format {hf,gguf,safetensors} --out PATH [--dtype float16]
     minillm ui [RUN_DIR]
     minillm runs [FOLDER] [--json]
+    minillm serve [RUN_DIR | RUNS_DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 `train` has an option for every ModelConfig and TrainConfig field (generated from the dataclasses,
 `--d-model`, `--learning-rate`, ...); explicit options override the --preset. A problem the user can fix
@@ -20,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minillm.cli_serve import add_serve_command
 from minillm.config import (
     DEFAULT_PRESET,
     PRESETS,
@@ -46,8 +48,16 @@ from minillm.export import EXPORT_DTYPES, EXPORT_FORMATS, export_run
 from minillm.models import is_encoder_decoder, model_kinds
 from minillm.recipe import FIELD_ALIASES, with_recipe
 from minillm.run_folder import default_run_name
+from minillm.runs_list import add_runs_command
 from minillm.sampling import SamplingConfig
-from minillm.serve.address import DEFAULT_HOST, DEFAULT_RUNS_DIR, DEFAULT_UI_PORT, MAX_PORT, MIN_PORT, check_port_number
+from minillm.serve.address import (
+    DEFAULT_HOST,
+    DEFAULT_RUNS_DIR,
+    DEFAULT_UI_PORT,
+    MAX_PORT,
+    MIN_PORT,
+    check_port_number,
+)
 from minillm.version import __version__
 
 EXIT_USER_ERROR = 2
@@ -253,11 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
     ui.set_defaults(func=cmd_ui)
 
-    runs = commands.add_parser("runs", help="list the runs in a folder: kind, size, data, steps, losses, date")
-    runs.add_argument("folder", nargs="?", type=Path, default=Path(DEFAULT_RUNS_DIR), metavar="FOLDER",
-                      help=f"where the run folders are (default: {DEFAULT_RUNS_DIR})")
-    runs.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
-    runs.set_defaults(func=cmd_runs)
+    add_runs_command(commands)
+    add_serve_command(commands, _port)
     return parser
 
 
@@ -405,17 +412,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share,
            data_dirs=args.data_dirs)
-    return 0
-
-
-def cmd_runs(args: argparse.Namespace) -> int:
-    from minillm.runs_list import list_runs, runs_table
-
-    runs = list_runs(args.folder)
-    if args.json:
-        print(json.dumps(runs, indent=2))
-    else:
-        print(runs_table(runs) if runs else f"no runs in {args.folder} (a run folder holds a best_model.pt)")
     return 0
 
 

@@ -7,7 +7,9 @@ that is missing or damaged leaves its columns empty rather than hiding the run.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from minillm.data.split_record import read_split_record
 from minillm.errors import MiniLLMError
 from minillm.files import read_json
 from minillm.run_folder import RunFolder, find_runs
+from minillm.serve.address import DEFAULT_RUNS_DIR
 from minillm.training.metrics import read_metrics
 
 COLUMNS = {"run": "run", "kind": "kind", "parameters": "size", "data": "data", "steps": "steps",
@@ -88,3 +91,21 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) if i in numeric else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(line, widths, strict=True))).rstrip()
                      for line in table)
+
+
+def add_runs_command(commands: argparse._SubParsersAction) -> None:
+    """The CLI's `runs` command."""
+    runs = commands.add_parser("runs", help="list the runs in a folder: kind, size, data, steps, losses, date")
+    runs.add_argument("folder", nargs="?", type=Path, default=Path(DEFAULT_RUNS_DIR), metavar="FOLDER",
+                      help=f"where the run folders are (default: {DEFAULT_RUNS_DIR})")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run, for scripts")
+    runs.set_defaults(func=cmd_runs)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = list_runs(args.folder)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+    else:
+        print(runs_table(runs) if runs else f"no runs in {args.folder} (a run folder holds a best_model.pt)")
+    return 0

@@ -162,6 +162,20 @@ def test_the_serving_core_is_gradio_free_and_only_the_cli_ui_command_imports_the
     assert graph["minillm.errors"] == set()
 
 
+def test_the_http_api_is_the_serve_extras_only_user_and_only_the_cli_serve_command_imports_it():
+    """FastAPI and uvicorn (the `serve` extra) are imported by minillm.serve.http alone, which nothing but the
+    CLI's `serve` command imports (lazily, in the function), so every other command runs without them."""
+    modules = package_modules()
+    serve_extra = {"fastapi", "uvicorn", "starlette"}
+    assert {name for name, path in modules.items() if third_party_imports(path) & serve_extra} == {
+        "minillm.serve.http"}
+    graph = {name: imported_modules(path, set(modules)) for name, path in modules.items()}
+    assert {name for name, targets in graph.items() if "minillm.serve.http" in targets} == {"minillm.cli_serve"}
+    lazily = {function for function, targets in function_level_imports(modules["minillm.cli_serve"]).items()
+              if "minillm.serve.http" in targets}
+    assert lazily == {"cmd_serve"}
+
+
 def test_gradio_state_is_never_defeated_by_a_deepcopy_override():
     """A server-wide object (the run cache, the training manager) is closed over by the handlers, not put in
     a per-session gr.State whose deep copy it then has to refuse."""
@@ -171,9 +185,10 @@ def test_gradio_state_is_never_defeated_by_a_deepcopy_override():
     assert offenders == []
 
 
-def test_importing_the_cli_imports_no_ui_nor_gradio_and_sets_no_environment_variable():
+def test_importing_the_cli_imports_no_ui_nor_gradio_nor_the_http_api_and_sets_no_environment_variable():
     code = ("import os, sys, json; before = dict(os.environ); known = set(sys.modules); import minillm.cli; "
-            "print(json.dumps({'modules': sorted(m for m in set(sys.modules) - known if m.split('.')[0] == 'gradio' "
+            "print(json.dumps({'modules': sorted(m for m in set(sys.modules) - known if m.split('.')[0] in "
+            "('gradio', 'fastapi', 'uvicorn', 'starlette') or m == 'minillm.serve.http' "
             "or m == 'minillm.ui' or m.startswith('minillm.ui.')), "
             "'changed': sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}

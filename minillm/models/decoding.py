@@ -154,6 +154,156 @@ class KVCache:
         self.position.zero_()
 
 
+class SlotCache(KVCache):
+    """The KV cache of many generations decoded together (a server's batch), each row at its own position.
+
+    `rows` slots shaped like a one-row cache of the model (`like`: what `new_cache(1, ...)` returns, so its
+    layers, heads and memory are the model's own). The generations in flight hold slots 0..active-1: a row
+    joins by prefilling its own slot (through `row_view`, a plain one-row cache over the slot) and `commit`,
+    and leaves by `release`, which moves the last row into its slot, so the active rows stay one block and
+    a decode step reads them as views (no copy). A step's forward sees the cache as any other: the
+    positions, the RoPE angles and the attention mask it asks for are each row's own; a row's attention
+    never reads another row's slot, so each row's logits are those it would get alone.
+    """
+
+    def __init__(self, like: KVCache, rows: int) -> None:
+        def zeros(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.new_zeros((rows, *tensor.shape[1:]))
+
+        self.keys, self.values = tuple(map(zeros, like.keys)), tuple(map(zeros, like.values))
+        self.slots, self.static, self.rows = like.slots, False, rows
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=like.slots.device)  # positions per slot
+        self._lengths = [0] * rows  # the same, on the host: the longest row bounds what a step reads
+        self._memory = None if like.memory is None else Memory(
+            tuple((zeros(k), zeros(v)) for k, v in like.memory.keys_values),
+            None if like.memory.mask is None else zeros(like.memory.mask))
+        self.active = 0  # rows in flight: slots 0..active-1
+        self.length, self.position = 0, torch.zeros((), dtype=torch.long, device=like.slots.device)  # (unused)
+
+    @property
+    def memory(self) -> Memory | None:
+        """The active rows' encoder-decoder memory (views), or None for a decoder-only model."""
+        if self._memory is None:
+            return None
+        n, mask = self.active, self._memory.mask
+        return Memory(tuple((k[:n], v[:n]) for k, v in self._memory.keys_values),
+                      None if mask is None else mask[:n])
+
+    def row_view(self, slot: int, memory: Memory | None = None) -> KVCache:
+        """A one-row cache over `slot`, empty: prefilling it fills the slot (then `commit`). `memory`: the
+        row's own source (a one-row cache's), copied into the slot; None keeps the slot's."""
+        if self._memory is not None and memory is not None:
+            for (k, v), (row_k, row_v) in zip(self._memory.keys_values, memory.keys_values, strict=True):
+                k[slot].copy_(row_k[0])
+                v[slot].copy_(row_v[0])
+            if self._memory.mask is not None:
+                self._memory.mask[slot].copy_(memory.mask[0])
+        one = slice(slot, slot + 1)
+        mem = None if self._memory is None else (tuple((k[one], v[one]) for k, v in self._memory.keys_values),
+                                                 None if self._memory.mask is None else self._memory.mask[one])
+        return KVCache.over(tuple(k[one] for k in self.keys), tuple(v[one] for v in self.values),
+                            torch.zeros_like(self.position), self.slots, *(mem or (None, None)), static=False)
+
+    def commit(self, slot: int, length: int) -> None:
+        """`slot` holds `length` positions now (its row_view was prefilled); a slot past the active ones joins."""
+        self._lengths[slot] = length
+        self.lengths[slot] = length
+        if slot == self.active:
+            self.active += 1
+
+    def release(self, slot: int) -> None:
+        """The row in `slot` left: the last active row moves into its slot (its caller's rows move alike)."""
+        last = self.active - 1
+        if slot != last:
+            used = self._lengths[last]
+            for tensor in (*self.keys, *self.values):
+                tensor[slot, :, :used].copy_(tensor[last, :, :used])
+            if self._memory is not None:
+                for k, v in self._memory.keys_values:
+                    k[slot].copy_(k[last])
+                    v[slot].copy_(v[last])
+                if self._memory.mask is not None:
+                    self._memory.mask[slot].copy_(self._memory.mask[last])
+            self.commit(slot, used)
+        self.active = last
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        """(rows, n): each active row's next n positions."""
+        if max(self._lengths[:self.active]) + n > self.capacity:
+            raise MiniLLMError(f"KV cache overflow: a row needs more than the {self.capacity} positions of a slot")
+        return self.lengths[:self.active, None] + self.slots[:n]
+
+    def attention_mask(self, n: int) -> tuple[torch.Tensor, bool]:
+        """(rows, 1, n, L) over the keys `store` returns: each row's own filled slots, up to each query."""
+        keys = self.slots[:max(self._lengths[:self.active]) + n]
+        return keys <= self.next_positions(n)[:, None, :, None], False
+
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (rows, H, n, Dh) keys/values at each row's positions; return the active rows' keys and values
+        up to the longest row's end (rows, H, L, Dh), the positions past a row's own end masked."""
+        rows, heads, n, dim = k.shape
+        where = self.next_positions(n)[:, None, :, None].expand(rows, heads, n, dim)
+        end = max(self._lengths[:rows]) + n
+        out = []
+        for tensor, new in ((self.keys[layer_idx], k), (self.values[layer_idx], v)):
+            tensor[:rows].scatter_(2, where, new)
+            out.append(tensor[:rows, :, :end])
+        return out[0], out[1]
+
+    def advance(self, n: int) -> None:
+        for slot in range(self.active):
+            self._lengths[slot] += n
+        self.lengths[:self.active] += n
+
+    def reset(self) -> None:
+        raise MiniLLMError("a SlotCache's rows are reset one by one (row_view, commit), not all at once")
+
+    def row_lengths(self) -> list[int]:
+        """The positions each active row holds."""
+        return self._lengths[:self.active]
+
+    def static_tensors(self, rows: int) -> tuple:
+        """What StaticSlots.over takes after the lengths: the first `rows` slots' tensors (views)."""
+        memory = (None, None) if self._memory is None else (
+            tuple((k[:rows], v[:rows]) for k, v in self._memory.keys_values),
+            None if self._memory.mask is None else self._memory.mask[:rows])
+        return tuple(k[:rows] for k in self.keys), tuple(v[:rows] for v in self.values), self.slots, *memory
+
+
+class StaticSlots(SlotCache):
+    """A SlotCache's first slots as a compiled decode step sees them: one new token per row, each at the
+    position its (rows,) `lengths` tensor holds, attending over every position of its slot under a mask of
+    its own filled ones, so the step's shapes never change and it compiles once per number of rows. Rows
+    past the active ones decode padding at position 0 (their outputs are not read). The caller counts the
+    stored positions (SlotCache.advance), not the step."""
+
+    @classmethod
+    def over(cls, lengths: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...],
+             slots: torch.Tensor, memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None,
+             memory_mask: torch.Tensor | None) -> StaticSlots:
+        view = cls.__new__(cls)
+        view.keys, view.values, view.slots, view.lengths = keys, values, slots, lengths
+        view.static, view.rows, view.active = True, lengths.size(0), lengths.size(0)
+        view._memory = None if memory_kv is None else Memory(memory_kv, memory_mask)
+        return view
+
+    def next_positions(self, n: int) -> torch.Tensor:
+        return self.lengths[:, None] + self.slots[:n]
+
+    def attention_mask(self, n: int) -> tuple[torch.Tensor, bool]:
+        """(rows, 1, L) for the one-query attention of the compiled step: each row's filled slots and its own."""
+        return (self.slots <= self.lengths[:, None])[:, None, :], False
+
+    def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        where = self.next_positions(k.size(2))[:, None, :, None].expand_as(k)
+        self.keys[layer_idx].scatter_(2, where, k)
+        self.values[layer_idx].scatter_(2, where, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, n: int) -> None:
+        pass
+
+
 def causal_mask_for_cache(length: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for `length` new queries at positions start.. over start+length cached keys."""
     if length == 1:

@@ -90,10 +90,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, length: int, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin, each (length, Dh), for `length` new tokens: at positions 0.. without a cache,
-        else at the positions that follow the cache's."""
+        else at the positions that follow the cache's; (B, 1, length, Dh) where the cache's rows are each at
+        their own position (a SlotCache: its positions are (B, length))."""
         if cache is None:
             return self.cos[:length], self.sin[:length]
         positions = cache.next_positions(length)
+        if positions.dim() == 2:
+            return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
 

@@ -12,6 +12,7 @@ from minillm.errors import MiniLLMError
 
 DEFAULT_HOST = "127.0.0.1"  # local only; a public link needs --share
 DEFAULT_UI_PORT = 7860  # Gradio's usual port
+DEFAULT_API_PORT = 8000  # the usual port of OpenAI-compatible servers (vLLM, litgpt)
 DEFAULT_RUNS_DIR = "runs"
 MIN_PORT, MAX_PORT = 1, 65535
 LOCAL_NAMES = ("localhost",)
@@ -44,6 +45,20 @@ def network_warning(host: str) -> str:
     return (f"--host {host} is not local: anyone on the network who can reach this machine can use the UI: load "
             "any run the server can read, train on uploads and the files under --data-dir, write runs into "
             "--runs-dir; keep the default --host 127.0.0.1 to serve this machine only")
+
+
+def api_network_warning(host: str, has_key: bool) -> str:
+    """What serving the HTTP API on `host` exposes, or "" for a local address. Without a key it is loud:
+    anyone on the network could use the models and the machine's processors."""
+    if is_local_host(host):
+        return ""
+    if has_key:
+        return (f"warning: --host {host} is not local: the API is reachable from the network over plain HTTP, "
+                "so the key travels unencrypted; put a TLS proxy in front of it for anything but a trusted network")
+    rule = "!" * 100
+    return (f"{rule}\nWARNING: serving on {host} WITHOUT AN API KEY: anyone who can reach this machine can use "
+            "its models and its processors.\nSet --api-key KEY (or the MINILLM_API_KEY variable), or keep the "
+            f"default --host {DEFAULT_HOST} to serve this machine only.\n{rule}")
 
 
 def check_can_serve(host: str, port: int) -> None:

@@ -27,6 +27,9 @@ class ServerLimits:
     # Generations one client (a page's tab, an API client) may run at once; beyond it a request is refused
     # at once, so a client that queues many cannot hold the server's few workers while others wait.
     generations_per_client: int = 1
+    # An API request's generations (its prompts times n): each takes a row of the batch or a place in its queue.
+    max_choices: int = 16
+    max_body_bytes: int = 1_000_000  # an API request's body (the prompt limit, in JSON, with room to spare)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -26,6 +26,7 @@ from minillm.generation import TokenStream, stream_tokens
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
 from minillm.serve.access import run_file
+from minillm.serve.batching import BatchScheduler, BatchSettings
 from minillm.serve.limits import ServerLimits
 
 
@@ -74,12 +75,21 @@ def _stamps(*paths: Path) -> tuple[tuple[int, int], ...]:
 
 
 class ServedRun:
-    """A run as a server holds it: the loaded `Run` (read-only) and its long-lived engines."""
+    """A run as a server holds it: the loaded `Run` (read-only) and its long-lived engines: one per way of
+    decoding a lone generation, and the scheduler that decodes many clients' generations together."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
         self._engines = {False: Engine(run.model)}
+        self._scheduler: BatchScheduler | None = None
         self._lock = threading.Lock()
+
+    def scheduler(self, limits: BatchSettings | None = None) -> BatchScheduler:
+        """The run's batch scheduler (made at the first ask, with `limits`; kept while the run is loaded)."""
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(self.run.model, limits)
+            return self._scheduler
 
     def engine(self, compile: bool = False) -> Engine:
         """The run's eager engine, or its compiled one (made at the first ask; each sampling setting compiles
@@ -141,6 +151,19 @@ class RunCache:
     def claim(self, client: str, model_path: str | Path, tokenizer_path: str | Path) -> ServedRun:
         """Load (or share) a run for `client`; it replaces the run `client` held before."""
         return self._get(RunKey.of(model_path, tokenizer_path), client)
+
+    def claim_loaded(self, client: str, model_path: str | Path, tokenizer_path: str | Path) -> ServedRun | None:
+        """`claim` when the run is loaded already (without waiting); None when it would have to be loaded."""
+        key = RunKey.of(model_path, tokenizer_path)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None:
+                return None
+            self._runs.move_to_end(key)
+            dropped = self._set_claim(client, key)
+        if dropped:
+            return_freed_memory()
+        return run
 
     def run_of(self, client: str) -> ServedRun | None:
         """The run `client` claimed (loaded again if it was pushed out), or None when it claimed none."""
