@@ -234,7 +234,24 @@ def prompt_answer_kept(src_len: np.ndarray, tgt_len: np.ndarray, max_seq_len: in
     return src_kept, predicted_kept, src_len + n_separator + tgt_len
 
 
-class PairBatches:
+class SampleRows:
+    """Batches whose rows are whole samples (a pair, a conversation): a batch is `batch_of` the indices
+    `sample_starts` draws."""
+
+    def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_of(self, indices: list[int] | np.ndarray, device: torch.device) -> Batch:
+        raise NotImplementedError
+
+    def batch_at(self, starts: torch.Tensor, device: torch.device) -> Batch:
+        return self.batch_of(starts.numpy(), device)
+
+    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
+        return self.batch_at(self.sample_starts(batch_size, generator), device)
+
+
+class PairBatches(SampleRows):
     """Padded batches of (source, target) pairs for the encoder-decoder.
 
     Decoder input = BOS + target, targets = target + EOS; padded positions have target IGNORE_INDEX and
@@ -313,12 +330,6 @@ class PairBatches:
 
     def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(self.n_pairs, (batch_size,), generator=generator)
-
-    def batch_at(self, starts: torch.Tensor, device: torch.device) -> Batch:
-        return self.batch_of(starts.numpy(), device)
-
-    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
-        return self.batch_at(self.sample_starts(batch_size, generator), device)
 
     @property
     def n_sequential(self) -> int:

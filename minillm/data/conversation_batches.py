@@ -20,6 +20,7 @@ from minillm.data.batches import (
     CONTEXT_SUGGESTION_MULTIPLE,
     CONTEXT_SUGGESTION_SHARE,
     Batch,
+    SampleRows,
     round_up,
     scored_tokens,
     stream_rows,
@@ -53,7 +54,7 @@ class ConversationFit:
                 f"{lost}; {fix}")
 
 
-class ConversationBatches:
+class ConversationBatches(SampleRows):
     """Padded rows of conversations: input_ids (B, T) and targets (B, T), the targets of the tokens that are
     not learned set to IGNORE_INDEX."""
 
@@ -115,12 +116,6 @@ class ConversationBatches:
 
     def sample_starts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.from_numpy(self.rows)[torch.randint(len(self.rows), (batch_size,), generator=generator)]
-
-    def batch_at(self, starts: torch.Tensor, device: torch.device) -> Batch:
-        return self.batch_of(starts.numpy(), device)
-
-    def sample(self, batch_size: int, generator: torch.Generator, device: torch.device) -> Batch:
-        return self.batch_at(self.sample_starts(batch_size, generator), device)
 
     @property
     def n_sequential(self) -> int:

@@ -117,14 +117,15 @@ class Task(ABC):
     def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
         """The tokens one pass over the training split trains on (what the loss counts)."""
 
-    @abstractmethod
     def step_tokens(self, rows: int, epoch_tokens: int, n_samples: int, context: int) -> float:
         """The tokens an optimizer step of `rows` rows trains on (on average), given the epoch's tokens and
-        training samples: the training's and the preview's figure alike."""
+        training samples: the training's and the preview's figure alike. By default a row is one sample (a
+        pair, a conversation)."""
+        return rows * epoch_tokens / max(1, n_samples)
 
-    @abstractmethod
     def timed_length(self, context: int, epoch_tokens: int) -> int:
-        """The length of the rows a step runs at most (what the preview times)."""
+        """The length of the rows a step runs at most (what the preview times): by default the context."""
+        return context
 
     @abstractmethod
     def estimated_tokens(self, samples: list, per_char: float, context: int, contiguous: bool,
@@ -256,12 +257,6 @@ class PairsTask(Task):
         # Target + EOS within the context: what a cut pair loses beyond it is never seen.
         return train.fit().kept_target_tokens
 
-    def step_tokens(self, rows: int, epoch_tokens: int, n_samples: int, context: int) -> float:
-        return rows * epoch_tokens / max(1, n_samples)
-
-    def timed_length(self, context: int, epoch_tokens: int) -> int:
-        return context
-
     def estimated_tokens(self, samples: list, per_char: float, context: int, contiguous: bool,
                          n_separator: int) -> int:
         src = np.array([round(len(source) * per_char) for source, _ in samples], dtype=np.int64)
@@ -336,12 +331,6 @@ class ChatTask(Task):
 
     def epoch_tokens(self, train: Batches, record: SplitRecord) -> int:
         return train.fit().kept_learned
-
-    def step_tokens(self, rows: int, epoch_tokens: int, n_samples: int, context: int) -> float:
-        return rows * epoch_tokens / max(1, n_samples)
-
-    def timed_length(self, context: int, epoch_tokens: int) -> int:
-        return context
 
     def estimated_tokens(self, samples: list, per_char: float, context: int, contiguous: bool,
                          n_separator: int) -> int:
