@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a folder whose files the Train tab may train on, given by their path (repeatable; "
                          "default: none: the page trains on uploads and the bundled corpus only)")
     ui.add_argument("--share", action="store_true", help="make a public Gradio link (anyone can use it)")
+    ui.add_argument("--compile", action="store_true",
+                    help="compile each loaded run's decode step in the background (a minute or more on a CPU; "
+                         "until it is ready generations run eagerly, the same text, and the page says so)")
     ui.set_defaults(func=cmd_ui)
 
     add_runs_command(commands)
@@ -411,7 +414,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from minillm.ui.app import launch
 
     launch(run_dir=args.run_dir, host=args.host, port=args.port, runs_dir=args.runs_dir, share=args.share,
-           data_dirs=args.data_dirs)
+           data_dirs=args.data_dirs, compile=args.compile)
     return 0
 
 

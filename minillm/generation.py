@@ -8,15 +8,17 @@ A chat run's answer (`stream_reply`) is the model's continuation of the conversa
 chat template with the generation prompt; it stops at the template's end-of-turn token, and a history longer
 than the context loses its oldest turns first (`fit_history`; the stream's `dropped` says how many).
 
-Token ids in, token ids out is `minillm.engine.Engine`; the sampling settings and their defaults are
-`minillm.sampling.SamplingConfig`.
+Token ids in, token ids out is `minillm.engine.Engine` (or anything that streams like it: a server's batch
+scheduler, minillm.serve.batching, which decodes many clients' generations together); the sampling settings
+and their defaults are `minillm.sampling.SamplingConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,6 +35,16 @@ from minillm.tokenizers.chat_template import Message, check_messages
 # A chat's prompt (the history) may fill the context but for room for the answer: max_new_tokens, or this
 # share of the context when that is more.
 ANSWER_ROOM_SHARE = 0.5
+
+
+class TokenEngine(Protocol):
+    """What the functions here generate with: an Engine, or a server's BatchScheduler (minillm.serve.batching),
+    which streams a generation of one row the way Engine.stream does."""
+
+    model: nn.Module
+
+    def stream(self, prompt_ids: torch.Tensor, sampling: SamplingConfig, *, source_ids: torch.Tensor | None = None,
+               eos_id: int | Sequence[int] | None = None) -> Iterator[torch.Tensor]: ...
 
 
 def generation_inputs(encoder_decoder: bool, prompt: str | None, source: str | None) -> tuple[str, str | None]:
@@ -77,7 +89,7 @@ def unknown_characters_warning(tokenizer: Tokenizer, text: str) -> str:
 
 
 def stream_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
-                source: str | None = None, engine: Engine | None = None) -> Iterator[str]:
+                source: str | None = None, engine: TokenEngine | None = None) -> Iterator[str]:
     """Yield the generated continuation as text chunks, never a broken character; stops at EOS.
 
     Decoder-only: continues `prompt` (which is not yielded again); an empty prompt starts from the BOS
@@ -144,7 +156,7 @@ class TokenStream:
 
 
 def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
-                  source: str | None = None, engine: Engine | None = None) -> TokenStream:
+                  source: str | None = None, engine: TokenEngine | None = None) -> TokenStream:
     """Yield (token_id, text) for each generated token; text is "" while a character is incomplete.
 
     The same stream as stream_text (which joins the texts), one item per token, for callers that count
@@ -157,7 +169,7 @@ def stream_tokens(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling:
 
 
 def encode_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], source: str | None,
-                  engine: Engine | None = None) -> tuple[list[int], list[int] | None]:
+                  engine: TokenEngine | None = None) -> tuple[list[int], list[int] | None]:
     """(prompt ids, source ids or None): what the engine continues for a prompt (text, or ids that may hold
     special tokens: a chat template's) and source, as stream_tokens describes; bad input (not text, no source
     for an encoder-decoder, an engine of another model) refused."""
@@ -175,7 +187,7 @@ def encode_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int
 
 
 def stream_from_ids(model: nn.Module, tokenizer: Tokenizer, prompt_ids: list[int],
-                    sampling: SamplingConfig | None = None, engine: Engine | None = None,
+                    sampling: SamplingConfig | None = None, engine: TokenEngine | None = None,
                     stop_ids: list[int] | None = None) -> TokenStream:
     """stream_tokens from token ids (a decoder-only model): the continuation of `prompt_ids`, which may hold
     special tokens (a chat template's); it stops at any of `stop_ids` (default: EOS)."""
@@ -206,7 +218,7 @@ def fit_history(tokenizer: Tokenizer, messages: list[Message], context: int,
 
 
 def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[Message],
-                 sampling: SamplingConfig | None = None, engine: Engine | None = None) -> TokenStream:
+                 sampling: SamplingConfig | None = None, engine: TokenEngine | None = None) -> TokenStream:
     """The assistant's next turn after `messages` ({"role", "content"} dicts), streamed as stream_tokens'
     items: the conversation rendered by the tokenizer's chat template with the generation prompt (cut from its
     oldest turns to fit the context: the stream's `dropped`), stopped at the end of the turn."""
@@ -220,7 +232,7 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[Message]
 
 
 def _token_steps(model: nn.Module, tokenizer: Tokenizer, prompt: str | list[int], sampling: SamplingConfig,
-                 source: str | None, engine: Engine,
+                 source: str | None, engine: TokenEngine,
                  stop_ids: list[int] | None = None) -> Generator[tuple[int | None, str], None, GenerationStop]:
     """stream_tokens' items (a list `prompt`: ids, for stream_from_ids); returns why it ended."""
     prompt_ids, source_ids = encode_inputs(model, tokenizer, prompt, source, engine)
@@ -267,7 +279,7 @@ class Showcase:
     sampling: SamplingConfig
     prompt_ids: list[int] | None = None  # a chat run's: the test conversation up to its answer (as `prompt`)
 
-    def tokens(self, run: Run, engine: Engine | None = None) -> TokenStream:
+    def tokens(self, run: Run, engine: TokenEngine | None = None) -> TokenStream:
         """The sample's tokens, streamed (see stream_tokens); the text after `prefix`."""
         if self.prompt_ids is not None:
             return stream_from_ids(run.model, run.tokenizer, self.prompt_ids, self.sampling, engine,
@@ -293,6 +305,6 @@ def showcase(run: Run, max_new_tokens: int, prompt_tokens: int) -> Showcase:
 
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
-                  source: str | None = None, engine: Engine | None = None) -> str:
+                  source: str | None = None, engine: TokenEngine | None = None) -> str:
     """The whole continuation as one string (stream_text, joined)."""
     return "".join(stream_text(model, tokenizer, prompt, sampling, source, engine))

@@ -426,9 +426,9 @@ def test_ui_passes_its_options_to_launch(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "minillm.ui.app", fake)
     assert main(["ui", str(tmp_path), "--port", "7999", "--runs-dir", str(tmp_path)]) == 0
     assert calls == [dict(run_dir=tmp_path, host="127.0.0.1", port=7999, runs_dir=tmp_path, share=False,
-                          data_dirs=[])]
-    assert main(["ui", "--data-dir", str(tmp_path), "--data-dir", "/srv/texts"]) == 0
-    assert calls[-1]["data_dirs"] == [tmp_path, Path("/srv/texts")]
+                          data_dirs=[], compile=False)]
+    assert main(["ui", "--data-dir", str(tmp_path), "--data-dir", "/srv/texts", "--compile"]) == 0
+    assert calls[-1]["data_dirs"] == [tmp_path, Path("/srv/texts")] and calls[-1]["compile"] is True
 
 
 def test_ui_refuses_a_data_dir_that_is_not_a_folder(launch_without_serving, tmp_path, capsys):

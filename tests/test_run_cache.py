@@ -70,7 +70,7 @@ def test_users_of_the_same_files_share_one_read_only_model(runs):
     sampling = SamplingConfig(max_new_tokens=10, seed=0)
     text = "".join(chunk for _, chunk in first.stream("the", sampling))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # Its own engine makes the library's text.
+    # Its scheduler makes the library's text.
     assert text == "".join(stream_text(model, first.run.tokenizer, "the", sampling)) and text
 
 
@@ -123,7 +123,7 @@ def test_users_that_go_away_release_their_models(runs):
     alive = []
     for i in range(40):
         served = cache.claim(f"tab{i}", *paths(runs[i % 3]))
-        served.engine(compile=True)  # its engines (made, not used) go with it
+        served.scheduler()  # its scheduler (made, not used) goes with it
         alive.append(weakref.ref(served.run.model))
     del served
     assert len(cache) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from minillm.models import build_model, count_parameters
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
 from minillm.serve import run_cache
+from minillm.serve.batching import BatchScheduler, CompileState
 from minillm.serve.limits import ServerLimits
 from minillm.tokenizers import CharacterTokenizer
 from minillm.ui import app, generate_tab
@@ -32,6 +34,7 @@ SETTINGS = dict(max_new_tokens=24, temperature=0.9, top_k=10, top_p=0.95, repeti
 LOAD_OUTPUTS = ["model_info", "model_type", "tokenizer_type", "prompt", "source", "error", "warning"]
 GENERATE_OUTPUTS = ["output", "stats", "error", "warning"]
 MAX_LOADED_RUNS = ServerLimits().max_loaded_runs
+COMPILE_WAIT_S = 900  # a background compile of every batch size, on a loaded 2-core machine
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -290,22 +293,48 @@ def test_generate_streams_what_the_library_generates(page, ui_run, every_token):
     assert tab.generate(prompt="Speak")[-1]["output"] == expected
 
 
-def test_generations_use_the_loaded_runs_one_engine(page, ui_run, monkeypatch):
-    """Every generation of every session on a run goes through the engine the cache keeps with that run (so a
-    compiled engine's graphs would serve them all), not an engine made for the request."""
+def test_generations_use_the_loaded_runs_one_scheduler(page, ui_run, monkeypatch):
+    """Every generation of every session on a run goes through the scheduler the cache keeps with that run (so
+    they are decoded together and its compiled steps serve them all), not an engine made for the request."""
     first, second = Tab(page), Tab(page)
     first.load(ui_run)
     second.load(ui_run)
     served = first.session.run
-    assert second.session.run is served and served.engine() is served.engine()
-    assert served.engine(compile=True) is served.engine(compile=True) is not served.engine()
+    assert second.session.run is served and served.scheduler() is served.scheduler()
     used = []
-    real_stream = Engine.stream
-    monkeypatch.setattr(Engine, "stream", lambda engine, *args, **kwargs: (
-        used.append(engine), real_stream(engine, *args, **kwargs))[1])
+    real_submit = BatchScheduler.submit
+    monkeypatch.setattr(BatchScheduler, "submit", lambda scheduler, *args: (
+        used.append(scheduler), real_submit(scheduler, *args))[1])
+    monkeypatch.setattr(Engine, "stream", None)  # no eager engine of its own
     for tab in (first, second, first):
         assert "Generated" in tab.generate(max_new_tokens=3)[-1]["stats"]
-    assert used == [served.engine()] * 3
+    assert used == [served.scheduler()] * 3
+
+
+def test_without_compile_the_page_says_nothing_about_a_compile(page, ui_run):
+    tab = Tab(page)
+    assert not shown(tab.ui.load_model(str(ui_run / BEST_MODEL_FILE), "", tab.request)[tab.ui.decode_step])
+    assert tab.ui.compile_timer is None and tab.session.run.scheduler().compile_state is CompileState.OFF
+
+
+@pytest.mark.slow  # compiling takes a minute or more per batch size on a small CPU
+def test_with_compile_the_page_generates_at_once_and_the_compiled_step_gives_the_same_text(page, ui_run):
+    """`minillm ui --compile`: loading a run starts its compile; generations do not wait for it (eager until it
+    is ready) and give the text they give without a compile; the note under the model follows it."""
+    eager, tab = Tab(page), Tab(app.build_page(runs_dir=ui_run.parent, compile=True))
+    eager.load(ui_run)
+    expected = [eager.generate(seed=seed)[-1]["output"] for seed in (5, 6)]
+    note = tab.ui.load_model(str(ui_run / BEST_MODEL_FILE), "", tab.request)[tab.ui.decode_step]
+    assert shown(note) and "compiling in the background" in note["value"]
+    scheduler = tab.session.run.scheduler()
+    assert tab.generate(seed=5)[-1]["output"] == expected[0]
+    assert scheduler.compile_state is CompileState.COMPILING  # served while it compiles
+    deadline = time.monotonic() + COMPILE_WAIT_S
+    while scheduler.compile_state is CompileState.COMPILING and time.monotonic() < deadline:
+        time.sleep(1)
+    assert scheduler.compile_state is CompileState.COMPILED, scheduler.compile_error
+    assert tab.ui.decode_step_status(tab.request)["value"] == generate_tab.COMPILE_NOTES[CompileState.COMPILED]
+    assert [tab.generate(seed=seed)[-1]["output"] for seed in (5, 6)] == expected
 
 
 def test_blank_seed_draws_one_and_reports_it(page, ui_run):

@@ -291,8 +291,9 @@ class StaticSlots(SlotCache):
         return self.lengths[:, None] + self.slots[:n]
 
     def attention_mask(self, n: int) -> tuple[torch.Tensor, bool]:
-        """(rows, 1, L) for the one-query attention of the compiled step: each row's filled slots and its own."""
-        return (self.slots <= self.lengths[:, None])[:, None, :], False
+        """(rows, 1, 1, L) for the one-query attention of the compiled step (its scores are (rows, Hkv, H / Hkv,
+        L)): each row's filled slots and its own."""
+        return (self.slots <= self.lengths[:, None])[:, None, None, :], False
 
     def store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         where = self.next_positions(k.size(2))[:, None, :, None].expand_as(k)

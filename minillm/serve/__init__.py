@@ -8,8 +8,9 @@ minillm.ui, an HTTP API). Gradio-free, and it imports nothing of minillm.ui.
     limits.py            ServerLimits: what one client may ask for (new tokens, prompt length, generations at
                          once) and how many runs stay loaded; check_generation applies them to a request
     run_cache.py         RunCache: the loaded runs shared by every client, at most N, least recently used out;
-                         ServedRun: one loaded run with its long-lived engines (eager; compiled when asked)
-                         and `stream`, the one place a server generates; RunKey, model_files
+                         ServedRun: one loaded run with its long-lived batch scheduler (its decode steps
+                         compiled in the background when asked) and `stream`/`reply`, the one place a server
+                         generates; RunKey, model_files
     sessions.py          Sessions: each client's Session (its claim on a run, its stop flag, its generations)
     training_manager.py  TrainingManager: one training at a time per server, in a background thread
 

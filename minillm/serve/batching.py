@@ -4,6 +4,8 @@ minillm.batch_engine.BatchEngine in a thread of its own.
     scheduler = BatchScheduler(model, BatchSettings(max_rows=16, max_waiting=64))
     ticket = scheduler.submit([generation], [deliver])[0]  # deliver(update) is called from the thread
     ticket.cancel()                                           # the client went away: its row leaves
+    for token in scheduler.stream(prompt_ids, sampling, eos_id=eos_id): ...  # one generation, as Engine.stream
+
 
 Between two decode steps, rows that ended or were cancelled leave and waiting generations join (each
 prefilled into a free slot), so a short generation that arrives while a long one runs is served at once,
@@ -14,14 +16,19 @@ while there is work and ends when there is none, so a run that the cache unloads
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
 
 from minillm.batch_engine import BatchEngine, Generation, Row, Token
 from minillm.errors import MiniLLMError, describe_error, log
 from minillm.models.decoding import DecodingModel
+from minillm.sampling import SamplingConfig
 
 DEFAULT_MAX_ROWS = 16  # generations decoded together per run (--max-batch)
 WAITING_PER_ROW = 4  # the queue holds this many generations per row in flight, by default
@@ -44,6 +51,15 @@ class BatchSettings:
         if self.max_rows < 1 or self.max_waiting < 0:
             raise MiniLLMError(f"--max-batch must be at least 1 (got {self.max_rows}) and --max-queue at least 0 "
                                f"(got {self.max_waiting})")
+
+
+class CompileState(str, Enum):
+    """Where a scheduler's background compile of its decode steps is (BatchScheduler.compile_state)."""
+
+    OFF = "off"  # not asked for: every step runs eagerly
+    COMPILING = "compiling"  # in the background: steps run eagerly until it is ready
+    COMPILED = "compiled"  # every batch size has its compiled step
+    FAILED = "failed"  # compile_error says why; steps go on eagerly
 
 
 @dataclass
@@ -81,6 +97,7 @@ class BatchScheduler:
 
     def __init__(self, model: DecodingModel, limits: BatchSettings | None = None) -> None:
         self.limits = limits or BatchSettings()
+        self.model = model
         self.engine = BatchEngine(model, self.limits.max_rows)
         self._waiting: deque[Ticket] = deque()
         self._running: list[Ticket] = []
@@ -98,6 +115,14 @@ class BatchScheduler:
         except Exception as e:  # a missing C++ compiler, an unsupported op: the eager steps go on serving
             self.compile_error = describe_error(e)
             log.warning("compiling the batched decode step failed; serving without it: %s", self.compile_error)
+
+    @property
+    def compile_state(self) -> CompileState:
+        if not self.limits.compile:
+            return CompileState.OFF
+        if self.compile_error is not None:
+            return CompileState.FAILED
+        return CompileState.COMPILED if self.engine.compiled else CompileState.COMPILING
 
     def load(self) -> tuple[int, int]:
         """(rows in flight, generations waiting) now."""
@@ -117,6 +142,35 @@ class BatchScheduler:
                 self._thread = threading.Thread(target=self._run, name="minillm-batch", daemon=True)
                 self._thread.start()
         return tickets
+
+    def stream(self, prompt_ids: torch.Tensor, sampling: SamplingConfig, *, source_ids: torch.Tensor | None = None,
+               eos_id: int | Sequence[int] | None = None) -> Iterator[torch.Tensor]:
+        """One generation decoded in the batch, yielded as Engine.stream yields a batch of one: a (1,) tensor
+        of each new token id, the stop id that ended it last. So minillm.generation's stream_tokens and
+        stream_reply take the scheduler as their engine. prompt_ids (1, T), source_ids (1, S): as
+        Engine.stream's. Closing the iterator makes its row leave the batch; QueueFull when it cannot wait."""
+        if prompt_ids.shape[0] != 1 or (source_ids is not None and source_ids.shape[0] != 1):
+            raise MiniLLMError("a scheduler streams one generation at a time: give a batch of one prompt")
+        stops = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+        source = None if source_ids is None else source_ids[0].tolist()
+        return self._stream(Generation(prompt_ids[0].tolist(), sampling, source, tuple(int(i) for i in stops)))
+
+    def _stream(self, generation: Generation) -> Iterator[torch.Tensor]:
+        updates: queue.SimpleQueue[Update] = queue.SimpleQueue()
+        [ticket] = self.submit([generation], [updates.put])
+        try:
+            while True:
+                update = updates.get()  # delivered by the scheduler's thread, which ends every row it takes
+                if update.error is not None:
+                    raise MiniLLMError(update.error)
+                for token in update.tokens:
+                    yield torch.tensor([token.id])
+                if update.done:
+                    if update.stopped_by is not None:
+                        yield torch.tensor([update.stopped_by])
+                    return
+        finally:
+            ticket.cancel()  # a caller that stopped early: the row leaves at the next step
 
     def _run(self) -> None:
         while True:

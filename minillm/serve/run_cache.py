@@ -1,13 +1,15 @@
 """The runs a server has loaded, shared by all its clients (the web UI's tabs, API clients), each with the
-engines that generate from it.
+scheduler that generates from it.
 
 Clients who load the same files get the same `ServedRun`, read-only: its model is in eval mode, its weights
-need no gradient, and generation runs under torch.inference_mode. A ServedRun keeps its engines for as long
-as it stays loaded (an eager one, and a compiled one once asked for), so a compiled engine's graphs serve
-every later request instead of being compiled again. The cache alone owns the runs; a client holds a claim
-(its id -> the key of the files it loaded). At most `max_runs` runs stay loaded, the least recently used go
-first, and a run that nobody claims any more is dropped at once. A client whose run was pushed out gets it
-loaded again from the same files when it next needs it, unless the files changed meanwhile.
+need no gradient, and generation runs under torch.inference_mode. A ServedRun generates through one batch
+scheduler (minillm.serve.batching) for as long as it stays loaded, so generations of many clients are
+decoded together and, with BatchSettings(compile=True), its decode steps compile in the background once,
+when it loads, and then serve every later request (eagerly until they are ready: no request waits for a
+compile). The cache alone owns the runs; a client holds a claim (its id -> the key of the files it loaded).
+At most `max_runs` runs stay loaded, the least recently used go first, and a run that nobody claims any more
+is dropped at once. A client whose run was pushed out gets it loaded again from the same files when it next
+needs it, unless the files changed meanwhile.
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minillm.checkpoint import Run, load_model_files
-from minillm.engine import Engine
 from minillm.errors import MiniLLMError
-from minillm.generation import TokenStream, stream_tokens
+from minillm.generation import TokenStream, stream_reply, stream_tokens
 from minillm.run_folder import BEST_CONFIG_FILE, BEST_MODEL_FILE, TOKENIZER_FILE
 from minillm.sampling import SamplingConfig
 from minillm.serve.access import run_file
 from minillm.serve.batching import BatchScheduler, BatchSettings
 from minillm.serve.limits import ServerLimits
+from minillm.tokenizers.chat_template import Message
 
 
 def model_files(model_path: str, tokenizer_path: str = "") -> tuple[Path, Path]:
@@ -75,34 +77,33 @@ def _stamps(*paths: Path) -> tuple[tuple[int, int], ...]:
 
 
 class ServedRun:
-    """A run as a server holds it: the loaded `Run` (read-only) and its long-lived engines: one per way of
-    decoding a lone generation, and the scheduler that decodes many clients' generations together."""
+    """A run as a server holds it: the loaded `Run` (read-only) and the one scheduler that decodes every
+    client's generations from it, made with `batch` (with batch.compile, made at once: its decode steps
+    compile in the background from the moment the run is loaded)."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, batch: BatchSettings | None = None) -> None:
         self.run = run
-        self._engines = {False: Engine(run.model)}
+        self.batch = batch or BatchSettings()
         self._scheduler: BatchScheduler | None = None
         self._lock = threading.Lock()
+        if self.batch.compile:
+            self.scheduler()
 
     def scheduler(self, limits: BatchSettings | None = None) -> BatchScheduler:
-        """The run's batch scheduler (made at the first ask, with `limits`; kept while the run is loaded)."""
+        """The run's batch scheduler (made at the first ask, with `limits` or the run's own settings; kept
+        while the run is loaded)."""
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = BatchScheduler(self.run.model, limits)
+                self._scheduler = BatchScheduler(self.run.model, limits or self.batch)
             return self._scheduler
 
-    def engine(self, compile: bool = False) -> Engine:
-        """The run's eager engine, or its compiled one (made at the first ask; each sampling setting compiles
-        at its first use, seconds to a minute, and is kept for the requests after it)."""
-        with self._lock:
-            if compile not in self._engines:
-                self._engines[compile] = Engine(self.run.model, compile=compile)
-            return self._engines[compile]
+    def stream(self, prompt: str, sampling: SamplingConfig, source: str | None = None) -> TokenStream:
+        """Generate from this run through its scheduler: minillm.generation.stream_tokens' items."""
+        return stream_tokens(self.run.model, self.run.tokenizer, prompt, sampling, source, self.scheduler())
 
-    def stream(self, prompt: str, sampling: SamplingConfig, source: str | None = None,
-               compile: bool = False) -> TokenStream:
-        """Generate from this run with its engine: minillm.generation.stream_tokens' items."""
-        return stream_tokens(self.run.model, self.run.tokenizer, prompt, sampling, source, self.engine(compile))
+    def reply(self, messages: list[Message], sampling: SamplingConfig) -> TokenStream:
+        """A chat run's answer to `messages` through its scheduler: minillm.generation.stream_reply's items."""
+        return stream_reply(self.run.model, self.run.tokenizer, messages, sampling, self.scheduler())
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -122,11 +123,11 @@ def return_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def load_read_only(key: RunKey) -> ServedRun:
-    """Load the key's files into a ServedRun whose model nothing may train or change."""
+def load_read_only(key: RunKey, batch: BatchSettings | None = None) -> ServedRun:
+    """Load the key's files into a ServedRun whose model nothing may train or change (its scheduler: `batch`)."""
     run = load_model_files(key.model, key.tokenizer, key.config)
     run.model.requires_grad_(False)  # shared by many clients
-    return ServedRun(run)
+    return ServedRun(run, batch)
 
 
 class RunCache:
@@ -181,6 +182,12 @@ class RunCache:
                 f"to make room (at most {self.max_runs} stay loaded); press Load model to load the files as "
                 "they are now")
         return self._get(key, client)
+
+    def loaded_run_of(self, client: str) -> ServedRun | None:
+        """The run `client` claimed if it is loaded now, else None; never loads and counts as no use."""
+        with self._lock:
+            key = self._claims.get(client)
+            return None if key is None else self._runs.get(key)
 
     def has_claim(self, client: str) -> bool:
         with self._lock:

@@ -32,6 +32,11 @@ class Session:
         return self.runs.run_of(self.id)
 
     @property
+    def loaded_run(self) -> ServedRun | None:
+        """The run this session loaded if it is in memory now (never loads it again), or None."""
+        return self.runs.loaded_run_of(self.id)
+
+    @property
     def has_run(self) -> bool:
         return self.runs.has_claim(self.id)
 

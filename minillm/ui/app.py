@@ -5,12 +5,14 @@ The tabs (generate_tab.py, train_tab.py) hold the components and the handlers; t
 library, the same functions the CLI uses. Every failure becomes a readable message in the page's error box
 and the app keeps working. What the page serves from is the server's, not the page's (minillm.serve): the
 loaded runs, shared read-only by every tab and API client that loads the same files (at most
-ServerLimits.max_loaded_runs of them, released when the tabs that use them close), each client's Session
-(looked up by the request's session hash), and one TrainingManager.
+ServerLimits.max_loaded_runs of them, released when the tabs that use them close), each generating through
+its one batch scheduler (with `compile`, its decode steps compile in the background when it loads), each
+client's Session (looked up by the request's session hash), and one TrainingManager.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,8 +27,9 @@ except ImportError:  # gradio is the optional "ui" extra
     raise MiniLLMError("the web UI needs gradio: pip install 'mini-llm[ui]'") from None
 
 from minillm.serve.access import DataAccess
+from minillm.serve.batching import WAITING_PER_ROW, BatchSettings
 from minillm.serve.limits import ServerLimits
-from minillm.serve.run_cache import RunCache
+from minillm.serve.run_cache import RunCache, load_read_only
 from minillm.serve.sessions import Sessions
 from minillm.serve.training_manager import TrainingManager
 from minillm.ui.generate_tab import GenerateTab
@@ -35,6 +38,9 @@ from minillm.ui.train_tab import TrainTab
 
 # Events of all tabs running at once (loads and generations); more would only split the same CPU cores.
 CONCURRENCY_LIMIT = 2
+# Generations of one run decoded together: the Generate box and the chat view each run CONCURRENCY_LIMIT at
+# once (a batch's KV cache is made for all its rows: no more than the page can use).
+BATCH_ROWS = 2 * CONCURRENCY_LIMIT
 # The short UI-state steps skip the concurrency limit, so they never wait behind a generation.
 QUICK = dict(concurrency_limit=None, show_progress="hidden", queue=True)
 TITLE = "Mini LLM"
@@ -83,22 +89,29 @@ class Page:
     trainings: TrainingManager
 
 
+def batch_settings(compile: bool = False) -> BatchSettings:
+    """How the page's runs decode: BATCH_ROWS generations together; `compile`: in the background at load."""
+    return BatchSettings(BATCH_ROWS, BATCH_ROWS * WAITING_PER_ROW, compile)
+
+
 def build_page(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
                trainings: TrainingManager | None = None, limits: ServerLimits | None = None,
-               runs: RunCache | None = None, data_dirs: Sequence[str | Path] = ()) -> Page:
+               runs: RunCache | None = None, data_dirs: Sequence[str | Path] = (), compile: bool = False) -> Page:
     """The page. With `run_dir` the paths are pre-filled and that run loads when the page opens.
     `trainings`, `runs`: the server's training manager and run cache (new ones by default). `data_dirs`:
-    the folders whose files the Train tab may train on (besides uploads and the bundled corpus)."""
+    the folders whose files the Train tab may train on (besides uploads and the bundled corpus). `compile`:
+    a loaded run's decode steps compile in the background (generations run eagerly until they are ready)."""
     runs_dir = str(runs_dir)
     run_dir = str(run_dir) if run_dir else None
     limits = limits or ServerLimits()
-    sessions = Sessions(runs or RunCache(limits.max_loaded_runs))
+    load = functools.partial(load_read_only, batch=batch_settings(compile))
+    sessions = Sessions(runs or RunCache(limits.max_loaded_runs, load))
     trainings = trainings or TrainingManager()  # one training at a time on this server, seen by every tab
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nTrain a model on your text, or load a trained run, and generate text from it.")
         with gr.Tabs(selected="generate") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="generate_tab"):
-                generate = GenerateTab(sessions, limits, runs_dir, run_dir)
+                generate = GenerateTab(sessions, limits, runs_dir, run_dir, compile)
             with gr.Tab("Train", id="train", elem_id="train_tab"):
                 train = TrainTab(trainings, runs_dir, generate, tabs, DataAccess(data_dirs, upload_folder()))
         generate.wire(QUICK)
@@ -120,15 +133,18 @@ def build_page(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT
 
 
 def build_demo(run_dir: str | Path | None = None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
-               trainings: TrainingManager | None = None, data_dirs: Sequence[str | Path] = ()) -> gr.Blocks:
+               trainings: TrainingManager | None = None, data_dirs: Sequence[str | Path] = (),
+               compile: bool = False) -> gr.Blocks:
     """The page as a gr.Blocks; see build_page."""
-    return build_page(run_dir, runs_dir, trainings, data_dirs=data_dirs).demo
+    return build_page(run_dir, runs_dir, trainings, data_dirs=data_dirs, compile=compile).demo
 
 
 def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_UI_PORT,
-           runs_dir: str | Path = DEFAULT_RUNS_DIR, share: bool = False, data_dirs: Sequence[str | Path] = ()) -> None:
+           runs_dir: str | Path = DEFAULT_RUNS_DIR, share: bool = False, data_dirs: Sequence[str | Path] = (),
+           compile: bool = False) -> None:
     """Serve the UI until interrupted: on 127.0.0.1 only, unless `host` or `share` says otherwise. The Train
-    tab trains on uploads, the bundled corpus and the files under `data_dirs` (`--data-dir`) only."""
+    tab trains on uploads, the bundled corpus and the files under `data_dirs` (`--data-dir`) only. `compile`:
+    each loaded run's decode steps compile in the background (see build_page)."""
     if run_dir and not Path(run_dir).is_dir():
         raise MiniLLMError(f"run folder not found: {run_dir}; train one with `minillm train --out {run_dir}`")
     DataAccess.check_folders(data_dirs)
@@ -137,7 +153,7 @@ def launch(run_dir: str | Path | None = None, host: str = DEFAULT_HOST, port: in
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     trainings = TrainingManager()
-    demo = build_demo(run_dir, runs_dir, trainings, data_dirs)
+    demo = build_demo(run_dir, runs_dir, trainings, data_dirs, compile)
     if share:
         print("note: --share makes a public link: anyone with it can use this model through your machine")
     try:

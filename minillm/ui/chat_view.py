@@ -2,10 +2,10 @@
 conversation (gr.Chatbot) with its history, the answers streaming in, Stop (ends an answer between two
 tokens, the text so far stays) and Clear (starts over).
 
-Each answer is the library's `stream_reply` on the run's long-lived engine, with the tab's sampling
-settings: the history (the chatbot's messages, after an optional system message) rendered by the run's chat
-template, cut from its oldest turns when it no longer fits the context (the note under the conversation
-says so), stopped at the end of the turn. The session's stop flag and generation limit are the Generate
+Each answer is the library's `stream_reply` through the run's scheduler (ServedRun.reply), with the tab's
+sampling settings: the history (the chatbot's messages, after an optional system message) rendered by the
+run's chat template, cut from its oldest turns when it no longer fits the context (the note under the
+conversation says so), stopped at the end of the turn. The session's stop flag and generation limit are the Generate
 tab's: one generation per client at a time, whichever box started it.
 """
 
@@ -19,7 +19,6 @@ from typing import Any
 import gradio as gr
 
 from minillm.errors import MiniLLMError
-from minillm.generation import stream_reply
 from minillm.sampling import SamplingConfig
 from minillm.serve.limits import ServerLimits
 from minillm.serve.sessions import Session, Sessions
@@ -138,7 +137,7 @@ class ChatView:
                 raise MiniLLMError("write a message first")
             sampling = self.limits.check_generation(message, None, self.read_settings(*settings))
             messages = [*conversation(history, system), {"role": "user", "content": message}]
-            tokens = stream_reply(served.run.model, served.run.tokenizer, messages, sampling, served.engine())
+            tokens = served.reply(messages, sampling)
         except Exception as e:
             yield {self.error: error_box(e)}
             return

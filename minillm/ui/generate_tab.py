@@ -3,9 +3,12 @@ streaming in; Stop ends a generation between two tokens. A run trained on conver
 view (ui/chat_view.py) above the plain generation box.
 
 The handlers only call the library, as the CLI does (minillm.checkpoint to find runs, the run cache's
-`ServedRun.stream` to generate, through the same stream_tokens), so the page and `minillm generate` give
-the same text for the same settings and seed. Each client (tab or API client) has its own Session, looked
-up by the request's session hash; the runs are the server's, shared read-only (minillm.serve.run_cache).
+`ServedRun.stream` to generate, through the same stream_tokens), so the page and `minillm generate` give the
+same text for the same settings and seed. Generations go through the run's one batch scheduler, as the HTTP
+API's do; with `minillm ui --compile` its decode steps compile in the background when the run loads
+(generating eagerly, the same text, until they are ready), and a note under the model says how far it is.
+Each client (tab or API client) has its own Session, looked up by the request's session hash; the runs are
+the server's, shared read-only (minillm.serve.run_cache).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from minillm.checkpoint import Run, read_model_config
 from minillm.config import TOKENIZER_TYPES
 from minillm.errors import MiniLLMError, describe_error
 from minillm.files import read_json
-from minillm.generation import generation_inputs, stream_reply, task_prompt, unknown_characters_warning
+from minillm.generation import generation_inputs, task_prompt, unknown_characters_warning
 from minillm.models import count_parameters, is_encoder_decoder, model_class
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder, find_runs
 from minillm.sampling import SamplingConfig
 from minillm.serve.access import run_folder
+from minillm.serve.batching import CompileState
 from minillm.serve.limits import ServerLimits
-from minillm.serve.run_cache import model_files
+from minillm.serve.run_cache import ServedRun, model_files
 from minillm.serve.sessions import Session, Sessions
 from minillm.ui.chat_view import ChatView
 from minillm.ui.shared import client_of, error_box, no_error, warning_box
@@ -56,6 +60,14 @@ SLIDER_MAX_REPETITION_PENALTY = 2.0
 # than a small model takes to make the token. Stop is still checked after every token.
 STREAM_INTERVAL_S = 0.05
 NO_MODEL_MESSAGE = "no model loaded yet: pick a run or enter its paths, then press Load model"
+# With --compile: how often an open page asks whether its run's compiled decode step is ready, and what it says.
+COMPILE_POLL_S = 5.0
+COMPILE_NOTES = {
+    CompileState.COMPILING: "Decode step: **compiling in the background** (generating eagerly until it is "
+                            "ready: the same text, slower)",
+    CompileState.COMPILED: "Decode step: **compiled**",
+    CompileState.FAILED: "Decode step: eager (compiling it failed: {error})",
+}
 
 WHOLE_NUMBER = re.compile(r"[+-]?\d+")
 
@@ -122,6 +134,15 @@ def _test_rows(run_dir: Path) -> list[tuple[str, str]]:
         return []
 
 
+def decode_step_note(served: ServedRun | None) -> dict:
+    """The note on the run's decode step (compiling, compiled, failed), hidden without --compile or a run."""
+    if served is None or not served.batch.compile:
+        return gr.update(value="", visible=False)
+    scheduler = served.scheduler()
+    note = COMPILE_NOTES[scheduler.compile_state].format(error=html.escape(scheduler.compile_error or ""))
+    return gr.update(value=note, visible=True)
+
+
 def form_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any, repetition_penalty: Any,
                   seed: Any) -> SamplingConfig:
     """The form's (or the API's) settings as a SamplingConfig, which checks their ranges. Here only what a
@@ -152,10 +173,13 @@ def _stats(n_tokens: int, seconds: float, seed: int, stopped: bool) -> str:
 
 class GenerateTab:
     """The tab's components (made inside a gr.Tab) and its handlers, which close over the server's sessions
-    (and through them its run cache), its limits and its runs folder. `run_dir`: a run to pre-fill."""
+    (and through them its run cache), its limits and its runs folder. `run_dir`: a run to pre-fill.
+    `compile`: the runs' decode steps compile in the background (the run cache's settings): show how far."""
 
-    def __init__(self, sessions: Sessions, limits: ServerLimits, runs_dir: str, run_dir: str | None) -> None:
+    def __init__(self, sessions: Sessions, limits: ServerLimits, runs_dir: str, run_dir: str | None,
+                 compile: bool = False) -> None:
         self.sessions, self.limits, self.runs_dir = sessions, limits, runs_dir
+        self.compile_timer = gr.Timer(COMPILE_POLL_S) if compile else None
         model_path, tokenizer_path, model_type, tokenizer_type = "", "", "", ""
         if run_dir:
             model_path, tokenizer_path = str(RunFolder(run_dir).best_model), str(RunFolder(run_dir).tokenizer)
@@ -190,6 +214,7 @@ class GenerateTab:
                                          elem_id="tokenizer_path", max_lines=1)
         self.load_button = gr.Button(LOAD_LABEL, variant="primary", elem_id="load_button")
         self.model_info = gr.Markdown("No model loaded yet.", elem_id="model_info")
+        self.decode_step = gr.Markdown(visible=False, elem_id="decode_step")
         self.curve = gr.Image(label="Loss curve of the run", elem_id="run_curve", visible=HIDDEN, interactive=False,
                               buttons=[])
 
@@ -250,14 +275,16 @@ class GenerateTab:
         ).then(self.finish_generating, None, self.generate_button, api_name=False, **quick)
         self.stop_button.click(self.stop, None, None, api_name="stop", **quick)
         self.chat.wire(quick, settings)
+        if self.compile_timer is not None:
+            self.compile_timer.tick(self.decode_step_status, None, self.decode_step, api_name=False, **quick)
 
     def load_after(self, loading: Any, quick: dict[str, Any], api_name: str | bool = False) -> None:
         """After `loading` (an event of `start_loading`: the button says it is working): load the paths' run,
         then show its loss curve."""
         loading.then(
             self.load_model, [self.model_path, self.tokenizer_path],
-            [self.model_info, self.model_type, self.tokenizer_type, self.prompt, self.source, self.error,
-             self.warning, self.chat.column, self.chat.chatbot], api_name=api_name,
+            [self.model_info, self.decode_step, self.model_type, self.tokenizer_type, self.prompt, self.source,
+             self.error, self.warning, self.chat.column, self.chat.chatbot], api_name=api_name,
         ).then(self.finish_loading, None, self.load_button, api_name=False, **quick).then(
             self.run_curve, self.model_path, self.curve, api_name=False, **quick)
 
@@ -299,8 +326,8 @@ class GenerateTab:
         from the files."""
         session = self.sessions.get(client_of(request))
         try:
-            run = session.load(*model_files(model_path, tokenizer_path)).run
-            info = model_info_markdown(run)
+            served = session.load(*model_files(model_path, tokenizer_path))
+            run, info = served.run, model_info_markdown(served.run)
         except Exception as e:
             still = " (the model loaded before is still in use)" if session.has_run else ""
             return {self.error: error_box(describe_error(e) + still), self.warning: warning_box("")}
@@ -308,10 +335,15 @@ class GenerateTab:
             prompt = gr.update(label=TARGET_PREFIX_LABEL, placeholder=TARGET_PREFIX_PLACEHOLDER)
         else:
             prompt = gr.update(label=PROMPT_LABEL, placeholder=PROMPT_PLACEHOLDER)
-        return {self.model_info: info, self.model_type: run.config.model_type, self.tokenizer_type: run.tokenizer.kind,
+        return {self.model_info: info, self.decode_step: decode_step_note(served),
+                self.model_type: run.config.model_type, self.tokenizer_type: run.tokenizer.kind,
                 self.prompt: prompt, self.source: gr.update(visible=is_encoder_decoder(run.config)),
                 self.error: no_error(), self.warning: warning_box(""),
                 self.chat.column: gr.update(visible=run.tokenizer.chat_template is not None), self.chat.chatbot: []}
+
+    def decode_step_status(self, request: gr.Request | None = None) -> dict:
+        """The note on the decode step of this client's run, as it is now (the page asks every few seconds)."""
+        return decode_step_note(self.sessions.get(client_of(request)).loaded_run)
 
     def start_generating(self, request: gr.Request | None = None) -> dict:
         """At the click, before the generation waits in the queue: Generate cannot be pressed again until it
@@ -375,8 +407,8 @@ class GenerateTab:
         last_update = start
         tokens = None
         try:
-            tokens = (stream_reply(served.run.model, served.run.tokenizer, [{"role": "user", "content": prompt}],
-                                   sampling, served.engine()) if chat else served.stream(prompt, sampling, source))
+            tokens = (served.reply([{"role": "user", "content": prompt}], sampling) if chat
+                      else served.stream(prompt, sampling, source))
             for _, chunk in tokens:  # one item per token (chunk "" while a character is incomplete)
                 text += chunk
                 if time.perf_counter() - last_update >= STREAM_INTERVAL_S:
