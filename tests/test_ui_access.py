@@ -15,13 +15,14 @@ from test_ui_browser import OFFLINE_ENV, client_for, shown_text, ui_server
 from test_ui_training import TrainPage, form, shown
 
 from minillm.run_folder import BEST_MODEL_FILE, TOKENIZER_FILE, RunFolder
-from minillm.ui import app
+from minillm.ui import app, train_tab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SECRET = "root:$6$not-a-real-hash:19000:0:99999:7:::\n" * 200  # a file the server can read and must not give
 TRAIN_WAIT_S = 120
-# load_model's outputs: model_info, model_type, tokenizer_type, prompt, source, error, warning, chatbot
-LOAD_OUTPUTS = 8
+# load_model's outputs as the API gives them (the chat column, a layout, gives none)
+LOAD_OUTPUTS = ("model_info", "decode_step", "model_type", "tokenizer_type", "prompt", "source", "error", "warning",
+                "chatbot")
 
 
 @pytest.fixture
@@ -137,8 +138,8 @@ def raw_call(url: str, api_name: str, data: list) -> tuple[str, str]:
 
 
 def api_form(data_path, out, upload=None, **changes):
-    """/train_start's arguments: the form, with the tiny preset's values."""
-    return form(data_path, out=out, upload=upload, **changes)
+    """/train_start's arguments: the form, with the tiny preset's values, then "Start from" (nothing)."""
+    return [*form(data_path, out=out, upload=upload, **changes), train_tab.FROM_NOTHING]
 
 
 def test_a_live_server_refuses_through_its_api_what_it_does_not_allow(live, corpus_file):
@@ -149,8 +150,8 @@ def test_a_live_server_refuses_through_its_api_what_it_does_not_allow(live, corp
     # Generate: the API loads runs only.
     for path in (str(secret), "/etc/passwd", str(runs)):
         outputs = client.predict(path, "", api_name="/load_model")
-        assert len(outputs) == LOAD_OUTPUTS
-        error = shown_text(outputs[5])
+        assert len(outputs) == len(LOAD_OUTPUTS)
+        error = shown_text(outputs[LOAD_OUTPUTS.index("error")])
         assert "of a run (the web UI loads runs only)" in error and "root:" not in error, error
     assert "Parameters" in shown_text(client.predict(str(runs / "tiny"), "", api_name="/load_model")[0])
     # Train: a server path outside the allowed folder is refused, and so is a forged "upload" of one.
