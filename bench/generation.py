@@ -16,7 +16,8 @@ in training mode (the engine then switches it to eval mode and back).
 path as it is against the same path with one choice undone (4 decode steps per graph call rather than 1
 or 8, linear layers as batched products, guards checked at a generation's first call only, the C++
 wrapper, the decode step's one-query attention rather than SDPA). Each undone choice compiles its own
-graphs (tens of seconds each, cold).
+graphs (tens of seconds each, cold). It also times the eager path with its one choice undone (the RMSNorm
+of one position per row by a batched dot product rather than F.rms_norm).
 Prints markdown tables.
 """
 
@@ -160,6 +161,49 @@ CHOICES = {  # the compiled path with one choice undone, by name: what undoes it
 }
 
 
+def rms_norm_of_torch(x, weight, eps):
+    """layers.one_position_rms_norm as F.rms_norm (what every other position gets)."""
+    return F.rms_norm(x, (x.size(-1),), weight, float(eps.item()))
+
+
+EAGER_CHOICES = {  # the eager path with one choice undone
+    "as it is": contextlib.nullcontext,
+    "RMSNorm by F.rms_norm at one position (no one_position_rms_norm)": lambda: mock.patch.object(
+        layers, "one_position_rms_norm", rms_norm_of_torch),
+}
+
+
+def eager_choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Tokens/s of the eager path as it is and with each choice undone, alternating, batch 1."""
+    print(f"\nWhat each choice of the eager path is worth (batch 1, {args.new_tokens} new tokens, median of "
+          f"{args.repeats}):\n")
+    print("| context | eager path | tokens/s | vs as it is | same tokens |")
+    print("| --- | --- | --- | --- | --- |")
+    prompt = torch.ones((1, 1), dtype=torch.long, device=device)
+    for context in (64, 256):
+        ours, _ = models(context, device, dtype)
+        generators = {}
+        for name, undo in EAGER_CHOICES.items():
+            engine = Engine(ours)
+
+            def generate(p, n, seed, engine=engine, undo=undo):
+                with undo():
+                    return engine.generate(p, SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING))
+
+            generators[name] = generate
+        same = {name: torch.equal(generate(prompt, 50, 1), generators["as it is"](prompt, 50, 1))
+                for name, generate in generators.items()}
+        rates: dict[str, list[float]] = {name: [] for name in generators}
+        for repeat in range(args.repeats):
+            for name, generate in generators.items():
+                rates[name].append(rate(generate, 1, args.new_tokens, repeat, device))
+        baseline = statistics.median(rates["as it is"])
+        for name, values in rates.items():
+            median = statistics.median(values)
+            print(f"| {context} | {name} | {median:,.0f} | {median / baseline:.2f}x | "
+                  f"{'same' if same[name] else 'DIFFERENT'} |")
+
+
 def choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
     """Tokens/s of the compiled path as it is and with each choice undone, alternating, batch 1."""
     print(f"\nWhat each choice of the compiled path is worth (batch 1, {args.new_tokens} new tokens, median of "
@@ -241,6 +285,7 @@ def main() -> None:
     for name, seconds in first_token_seconds(ours, reference, args.repeats, device).items():
         print(f"| {name} | {seconds * 1000:.1f} |")
     if args.choices and device.type == "cpu":  # batched products and the C++ wrapper are the CPU path's
+        eager_choices_table(args, device, dtype)
         choices_table(args, device, dtype)
 
 

@@ -133,8 +133,8 @@ class KVCache:
         positions = self.next_positions(k.size(2))
         keys, values = self.keys[layer_idx], self.values[layer_idx]  # (B, H, max_seq_len, Dh)
         # (under autocast the new keys/values may be in the autocast dtype: the cache keeps its own)
-        keys.index_copy_(2, positions, k.to(keys.dtype))
-        values.index_copy_(2, positions, v.to(values.dtype))
+        keys.index_copy_(2, positions, k if k.dtype == keys.dtype else k.to(keys.dtype))
+        values.index_copy_(2, positions, v if v.dtype == values.dtype else v.to(values.dtype))
         if self.static:
             return keys, values
         end = self.length + k.size(2)

@@ -13,9 +13,10 @@ logit soft-capping (`cap_logits`, called by the models wherever they make logits
 
 Every layer runs the same code to train, to prefill and to decode: with a KVCache, a self-attention layer
 writes its new keys/values into the cache at the new tokens' positions and attends over what the cache
-returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when the model is built. One
-second path stays, where the benchmark shows it pays: one token over a static cache (the compiled decode
-step) attends by `one_query_attention` rather than SDPA.
+returns (see KVCache); a layer finds its own slot by its `layer_idx`, set when the model is built. Two
+second paths stay, where the benchmark (bench/generation.py --choices) shows they pay: one token over a
+static cache (the compiled decode step) attends by `one_query_attention` rather than SDPA, and the eager
+decode step's RMSNorm of one position per row is `one_position_rms_norm` rather than F.rms_norm.
 
 Shapes: B batch, T query time, S key time, D d_model, H heads, Hkv key/value heads (H unless grouped-query
 attention), Dh head_dim (D = H * Dh unless head_dim is set).
@@ -55,6 +56,14 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def one_position_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of (B, 1, D), one position per row (an eager decode step on the CPU): a batched dot product
+    gives mean(x^2) + eps in one op, where F.rms_norm runs several small kernels (bench/generation.py
+    --choices times the eager step without it)."""
+    mean_square = torch.baddbmm(eps, x, x.transpose(1, 2), alpha=1.0 / x.size(-1))
+    return x * mean_square.rsqrt_() * weight
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (no mean subtraction, no bias), as in Llama."""
 
@@ -62,11 +71,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("eps_tensor", torch.full((1, 1, 1), eps), persistent=False)  # (one_position_...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., D)."""
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled():
-            return _RMSNormFunction.apply(x, self.weight, self.eps)  # training on the CPU
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            if torch.is_grad_enabled():
+                return _RMSNormFunction.apply(x, self.weight, self.eps)  # training on the CPU
+            if x.dim() == 3 and x.size(1) == 1 and not torch.compiler.is_compiling():
+                return one_position_rms_norm(x, self.weight, self.eps_tensor)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
