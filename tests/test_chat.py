@@ -270,6 +270,32 @@ def test_the_loss_of_a_conversation_batch_is_on_the_assistant_turns_only(tmp_pat
     assert loss.item() == pytest.approx(sum(nats) / len(nats), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_conversations_answer_pair_is_its_last_assistant_turn_after_the_rest(kind, tmp_path):
+    """What a chat run's answers are scored against: each conversation's last assistant message (its text,
+    without the end of turn), after everything before it rendered with the generation prompt; a
+    conversation whose last answer lies beyond the context has none."""
+    tok = chat_tokenizer(kind)
+    batches = conversation_batches(tmp_path / "whole", tok, CONVERSATIONS, 96)
+    assert batches.n_pairs == len(CONVERSATIONS)
+    for pair, conversation in enumerate(CONVERSATIONS):
+        assert tok.decode(batches.answer_ids(pair)) == conversation[-1]["content"]
+        prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True)
+        assert batches.prompt_ids(pair)[-len(prompt):] == prompt
+    short = conversation_batches(tmp_path / "short", tok, CONVERSATIONS, 12)
+    assert short.n_pairs < len(CONVERSATIONS)
+
+
+def test_evaluate_scores_a_chat_runs_last_answers(chat_run):
+    from minillm.training import evaluate_run
+    from minillm.training.answers import describe_answers
+
+    metrics = evaluate_run(chat_run)
+    assert metrics["answers"] == 15 and metrics["answers_to"] == "conversations (their last answer)"  # 5% of 300
+    assert 0 <= metrics["exact_match"] <= 1 and metrics["cer"] >= 0
+    assert describe_answers(metrics).startswith("greedy answers to 15 conversations (their last answer): ")
+
+
 def test_conversation_batches_equal_a_row_by_row_construction_and_cut_long_ones(tmp_path):
     tok = chat_tokenizer("char")
     context = 40

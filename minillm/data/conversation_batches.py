@@ -9,6 +9,7 @@ within the context is left out of the batches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,6 +75,39 @@ class ConversationBatches(SampleRows):
     @property
     def n_conversations(self) -> int:
         return self.offsets.shape[1] - 1
+
+    # As AnswerPairs (data.batches): each conversation whose last learned turn lies within the context is a
+    # pair, the prompt everything before that turn (its role marker included), the answer the turn's text.
+
+    @functools.cached_property
+    def _last_turns(self) -> list[tuple[int, int, int]]:
+        """(start, answer start, answer end) in `tokens` of each answerable conversation's last learned turn
+        (the end before its end-of-turn token)."""
+        found = []
+        for c in range(self.n_conversations):
+            start, end = int(self.offsets[0, c]), int(self.offsets[0, c + 1])
+            learned = np.flatnonzero(self.learned[start:end])
+            if not len(learned) or learned[-1] + 1 > self._kept[c]:
+                continue  # nothing learned, or its last turn beyond the context (never trained, never scored)
+            last = learned[-1]
+            first = last
+            while first > 0 and self.learned[start + first - 1]:
+                first -= 1
+            if first > 0:
+                found.append((start, start + int(first), start + int(last)))
+        return found
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self._last_turns)
+
+    def prompt_ids(self, pair: int) -> list[int]:
+        start, answer, _ = self._last_turns[pair]
+        return self.tokens[start:answer].tolist()
+
+    def answer_ids(self, pair: int) -> list[int]:
+        _, answer, end = self._last_turns[pair]
+        return self.tokens[answer:end].tolist()
 
     def fit(self) -> ConversationFit:
         needed = self._lengths - 1  # a conversation of n tokens needs a context of n - 1

@@ -108,6 +108,8 @@ class Task(ABC):
                      source_fraction: float) -> Batches:
         """Batches of one split prepared in `folder`, checked against the record's token counts."""
 
+    answer_unit = "pairs"  # what answer_pairs' pairs are, in words (the scores' line)
+
     def answer_pairs(self, batches: Batches) -> AnswerPairs | None:
         """A split's (prompt, answer) pairs, which a model's greedy answers are scored against (exact match,
         character error rate, chrF); None for a task without answers (plain text)."""
@@ -300,6 +302,11 @@ class ChatTask(Task):
 
     def sample_texts(self, sample: list[dict]) -> tuple[str, ...]:
         return tuple(message["content"] for message in sample)
+
+    answer_unit = "conversations (their last answer)"
+
+    def answer_pairs(self, batches: ConversationBatches) -> AnswerPairs:
+        return batches  # each conversation's last assistant turn, after the rest of it
 
     def prepare_tokenizer(self, tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
         """An imported tokenizer's own chat template when it has one (checked to render a conversation and to

@@ -72,9 +72,10 @@ def answer_limit(pairs: AnswerPairs, pair: int) -> int:
     return ANSWER_LENGTH_FACTOR * len(pairs.answer_ids(pair)) + 1
 
 
-def greedy_answers(model: nn.Module, pairs: AnswerPairs, indices: list[int], eos_id: int, batch_size: int,
+def greedy_answers(model: nn.Module, pairs: AnswerPairs, indices: list[int], stop_ids: list[int], batch_size: int,
                    progress: bool = False) -> dict[int, list[int]]:
-    """pair index -> the model's greedy answer: its tokens before EOS, at most answer_limit of them."""
+    """pair index -> the model's greedy answer: its tokens before the first of `stop_ids` (EOS; a chat run's
+    end of turn too), at most answer_limit of them."""
     engine, answers = Engine(model), {}
     encoder_decoder = is_encoder_decoder(model.config)
     groups = answer_groups(model, pairs, indices, batch_size)
@@ -86,12 +87,12 @@ def greedy_answers(model: nn.Module, pairs: AnswerPairs, indices: list[int], eos
             pad = model.config.pad_id
             source = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], dtype=torch.long)
             mask = torch.tensor([[j < max(1, len(p)) for j in range(width)] for p in prompts])
-            made = engine.generate(None, sampling, source_ids=source, source_mask=mask, eos_id=eos_id)
+            made = engine.generate(None, sampling, source_ids=source, source_mask=mask, eos_id=stop_ids)
         else:
-            made = engine.generate(torch.tensor(prompts, dtype=torch.long), sampling, eos_id=eos_id)
+            made = engine.generate(torch.tensor(prompts, dtype=torch.long), sampling, eos_id=stop_ids)
         for index, row in zip(group, made.tolist(), strict=True):
             row = row[:answer_limit(pairs, index)]
-            answers[index] = row[:row.index(eos_id)] if eos_id in row else row
+            answers[index] = row[:next((i for i, token in enumerate(row) if token in stop_ids), len(row))]
     return answers
 
 
@@ -116,18 +117,20 @@ def text_scores(answers: list[str], references: list[str]) -> dict[str, Any]:
 
 
 def score_answers(model: nn.Module, tokenizer: Tokenizer, pairs: AnswerPairs, max_pairs: int | None, seed: int,
-                  batch_size: int, progress: bool = False) -> dict[str, Any]:
+                  batch_size: int, progress: bool = False, unit: str = "pairs") -> dict[str, Any]:
     """The model's greedy answers to the pairs (all of them, or a seeded random sample of `max_pairs`)
-    scored as text (see the module docstring); "answers_sampled": the pairs of the split when sampled."""
+    scored as text (see the module docstring); "answers_of": the pairs of the split when sampled;
+    "answers_to": what a pair is, in words (`unit`)."""
     n = pairs.n_pairs
     indices = list(range(n))
     if max_pairs is not None and n > max_pairs:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         indices = sorted(order[:max_pairs].tolist())
-    answers = greedy_answers(model, pairs, indices, tokenizer.eos_id, batch_size, progress)
+    stop_ids = tokenizer.chat_stop_ids() if tokenizer.chat_template is not None else [tokenizer.eos_id]
+    answers = greedy_answers(model, pairs, indices, stop_ids, batch_size, progress)
     scores = text_scores([tokenizer.decode(answers[i]) for i in indices],
                          [tokenizer.decode(pairs.answer_ids(i)) for i in indices])
-    return {**scores, **({"answers_of": n} if len(indices) < n else {})}
+    return {**scores, "answers_to": unit, **({"answers_of": n} if len(indices) < n else {})}
 
 
 def describe_answers(metrics: dict[str, Any]) -> str:
@@ -137,8 +140,8 @@ def describe_answers(metrics: dict[str, Any]) -> str:
         return ""
     n = f"{metrics['answers']:,}" + (f" (a random sample of the {metrics['answers_of']:,}; --test-pairs sets it)"
                                      if "answers_of" in metrics else "")
-    text = (f"greedy answers to {n} pairs: exact match {100 * metrics['exact_match']:.1f}%, character error rate "
-            f"{metrics['cer']:.3f}")
+    text = (f"greedy answers to {n} {metrics.get('answers_to', 'pairs')}: exact match "
+            f"{100 * metrics['exact_match']:.1f}%, character error rate {metrics['cer']:.3f}")
     text += f", chrF {metrics['chrf']:.1f}" if "chrf" in metrics else ""
     text += f", BLEU {metrics['bleu']:.1f}" if "bleu" in metrics else ""
     return text + (f" ({metrics['chrf_missing']})" if "chrf_missing" in metrics else "")

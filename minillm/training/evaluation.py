@@ -216,7 +216,8 @@ def task_scores(task: Task, model: torch.nn.Module, batches: Batches, batch_size
                     unspelled_share)
     pairs = task.answer_pairs(batches)
     if pairs is not None and pairs.n_pairs:
-        metrics.update(score_answers(model, tokenizer, pairs, max_pairs, seed, batch_size, progress))
+        metrics.update(score_answers(model, tokenizer, pairs, max_pairs, seed, batch_size, progress,
+                                     task.answer_unit))
     return metrics
 
 
