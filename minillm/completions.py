@@ -6,9 +6,10 @@ decoded as one batch, prompts from a file, and the compile of the decode step an
     result = complete(model, tokenizer, "ROMEO:", sampling, num_samples=3, stops=["\\n\\n"])
     for sample in result.samples: sample.text, sample.tokens, sample.stop_reason
 
-The samples of one `complete` call are the rows of one batch, drawn together from `sampling.seed`: the same
-seed and number of samples give the same texts (the rows share one random stream, so sample 1 of 3 is not
-the text a single generation with that seed gives; with a seed, each prompt of a file gets the same draws).
+The samples of one `complete` call are the rows of one batch, each with a seed of its own: sample i (from 0)
+is drawn with `sampling.seed` + i, so it is the text a single generation with that seed gives (as the HTTP
+API's `n` choices are); with a seed, each prompt of a file gets the same draws. Without a seed every row
+draws from torch's global generator.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from minillm.engine import COMPILED_BLOCK, Engine
 from minillm.errors import MiniLLMError
 from minillm.generation import GenerationStop, TokenStream, encode_inputs
-from minillm.sampling import SamplingConfig
+from minillm.sampling import MAX_SEED, SamplingConfig
 from minillm.stop_strings import StopMatcher, check_stop_strings
 from minillm.tokenizers import Tokenizer
 
@@ -150,8 +151,8 @@ def batch_inputs(model: nn.Module, tokenizer: Tokenizer, prompt: str, source: st
 def complete(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
              num_samples: int = 1, source: str | None = None, engine: Engine | None = None,
              stops: Iterable[str] = ()) -> Completions:
-    """`num_samples` generations from one prompt (and source), decoded as one batch (see the module
-    docstring for the seed); each ends at EOS, at its first stop string or after max_new_tokens. The prompt
+    """`num_samples` generations from one prompt (and source), decoded as one batch, sample i with seed + i
+    (see the module docstring); each ends at EOS, at its first stop string or after max_new_tokens. The prompt
     is encoded as stream_tokens encodes it, and one sample's text equals what stream_tokens would yield for
     that row's tokens."""
     sampling = sampling or SamplingConfig()
@@ -160,7 +161,8 @@ def complete(model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: Samp
     prompt_ids, source_ids = batch_inputs(model, tokenizer, prompt, source, num_samples, engine)
     rows = [_Row(tokenizer.decode_stream(skip_special_tokens=True), StopMatcher(stops)) for _ in range(num_samples)]
     start = time.perf_counter()
-    steps = engine.stream(prompt_ids, sampling, source_ids=source_ids, eos_id=tokenizer.eos_id)
+    seeds = None if sampling.seed is None else [(sampling.seed + i) % (MAX_SEED + 1) for i in range(num_samples)]
+    steps = engine.stream(prompt_ids, sampling, source_ids=source_ids, eos_id=tokenizer.eos_id, row_seeds=seeds)
     try:
         for step in steps:  # (rows,) new ids; a row that ended gets pad ids until all have
             for row, token_id in zip(rows, step.tolist(), strict=True):

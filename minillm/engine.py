@@ -77,7 +77,8 @@ class Engine:
 
     def stream(self, prompt_ids: torch.Tensor | list | None = None, sampling: SamplingConfig | None = None, *,
                source_ids: torch.Tensor | None = None, source_mask: torch.Tensor | None = None,
-               eos_id: int | Sequence[int] | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+               eos_id: int | Sequence[int] | None = None, use_cache: bool = True,
+               row_seeds: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         """Yield one (B,) tensor of new token ids per step.
 
         prompt_ids (B, T): the text to continue (decoder-only, T >= 1) or the target's start after BOS
@@ -85,26 +86,37 @@ class Engine:
         input. Stops after sampling.max_new_tokens, or once every row has produced eos_id (or one of several
         ids: a chat's end-of-turn and end-of-text tokens; finished rows yield pad_id). A context longer than
         max_seq_len slides (see CONTEXT_KEEP_FRACTION). The model is in eval mode while generating; closing the
-        iterator stops the work.
+        iterator stops the work. row_seeds: a seed for each row (in place of sampling.seed), each row then
+        drawing from its own generator, so that row i is the generation sampling.replace(seed=row_seeds[i])
+        makes alone.
         """
         sampling = SamplingConfig() if sampling is None else sampling
         if not isinstance(sampling, SamplingConfig):
             raise MiniLLMError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
         context = self.model.decoder_context(prompt_ids, source_ids, source_mask)
-        return self._steps(context, sampling, source_ids, source_mask, eos_id, use_cache)
+        if row_seeds is not None and len(row_seeds) != context.size(0):
+            raise MiniLLMError(f"{len(row_seeds)} row seeds for a batch of {context.size(0)} rows")
+        return self._steps(context, sampling, source_ids, source_mask, eos_id, use_cache, row_seeds)
 
     @torch.inference_mode()
     def _steps(self, context: torch.Tensor, sampling: SamplingConfig, source_ids: torch.Tensor | None,
                source_mask: torch.Tensor | None, eos_id: int | Sequence[int] | None,
-               use_cache: bool) -> Iterator[torch.Tensor]:
+               use_cache: bool, row_seeds: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         model, config = self.model, self.model.config
         device, (batch, length) = context.device, context.shape
         max_seq_len, vocab = config.max_seq_len, config.vocab_size
-        generator = sampling.generator(device)
         candidates = sampling.candidates(vocab)
+        if row_seeds is None:
+            generator = sampling.generator(device)
 
-        def noise() -> torch.Tensor | None:
-            return None if sampling.greedy else draw_noise(batch, candidates, generator, device)
+            def noise() -> torch.Tensor | None:
+                return None if sampling.greedy else draw_noise(batch, candidates, generator, device)
+        else:
+            generators = [sampling.replace(seed=int(seed)).generator(device) for seed in row_seeds]
+
+            def noise() -> torch.Tensor | None:
+                return None if sampling.greedy else torch.cat(
+                    [draw_noise(1, candidates, row_generator, device) for row_generator in generators])
 
         # The whole history, written in place; its capacity doubles when full, so a huge max_new_tokens
         # does not allocate up front.

@@ -111,13 +111,14 @@ def test_a_stop_string_inside_a_multibyte_character_sequence_is_matched_on_text(
 
 # ---- several samples as one batch -------------------------------------------------------------------------
 
-def test_samples_are_the_rows_of_one_seeded_batch_each_cut_at_eos_or_its_stop_string(char_tokenizer):
+def test_samples_are_the_rows_of_one_batch_each_its_seeds_text_cut_at_eos_or_its_stop_string(char_tokenizer):
     model = tiny_model(char_tokenizer)
     stops = ["e", "o "]
     result = complete(model, char_tokenizer, "the cat", SAMPLED, num_samples=3, stops=stops)
-    # The same batch straight from the engine: each row's text, to EOS, cut at its first stop string.
-    rows = Engine(model).generate(torch.tensor([char_tokenizer.encode("the cat")] * 3), SAMPLED,
-                                  eos_id=char_tokenizer.eos_id).tolist()
+    # Sample i is the generation alone with seed + i: each row's text, to EOS, cut at its first stop string.
+    prompt = torch.tensor([char_tokenizer.encode("the cat")])
+    rows = [Engine(model).generate(prompt, SAMPLED.replace(seed=SAMPLED.seed + i),
+                                   eos_id=char_tokenizer.eos_id)[0].tolist() for i in range(3)]
     expected = []
     for row in rows:
         ids = first_eos_cut(row, char_tokenizer.eos_id)
@@ -125,7 +126,10 @@ def test_samples_are_the_rows_of_one_seeded_batch_each_cut_at_eos_or_its_stop_st
         cut = cut_at_first(text, stops)
         if cut != text:
             stop = next(s for s in stops if text[len(cut):].startswith(s))
-            expected.append(Completion(cut, len(cut) + len(stop), GenerationStop.STOP_STRING, stop))
+            # (tokens made: up to the one that completes the stop string; a special token decodes to nothing)
+            made = next(k for k in range(1, len(ids) + 1)
+                        if cut_at_first(char_tokenizer.decode(ids[:k]), stops) != char_tokenizer.decode(ids[:k]))
+            expected.append(Completion(cut, made, GenerationStop.STOP_STRING, stop))
         elif len(ids) < len(row):
             expected.append(Completion(text, len(ids), GenerationStop.END_OF_TEXT))
         else:
