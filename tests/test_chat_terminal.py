@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -38,8 +39,11 @@ SYSTEM = "You are a calculator."
 
 
 def _controlling_terminal() -> None:
-    """In the child, after setsid: the pty (its stdin) becomes its controlling terminal, so Ctrl-C signals it."""
+    """In the child, after setsid: the pty (its stdin) becomes its controlling terminal, so Ctrl-C signals it;
+    and Ctrl-C is not ignored, as a terminal's shell leaves it (a test run started in the background of a
+    non-interactive shell ignores SIGINT, and Python then installs no KeyboardInterrupt for it)."""
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:

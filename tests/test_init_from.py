@@ -103,7 +103,8 @@ def test_a_checkpoint_starts_as_the_same_model(case, tmp_path):
         cache = model.new_cache(1)  # cached decoding: a prefill, then one token at a time
         steps = [model(ids[:, :4], cache=cache)[0]] + [model(ids[:, t:t + 1], cache=cache)[0]
                                                         for t in range(4, ids.size(1))]
-    torch.testing.assert_close(torch.cat(steps, dim=1), ours, atol=1e-5, rtol=0)
+    # (one position at a time normalises by another float32 formula: within float32 rounding of logits near 1)
+    torch.testing.assert_close(torch.cat(steps, dim=1), ours, atol=1e-5, rtol=1e-5)
     prompt = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(PROMPT)]])
     greedy = Engine(model).generate(prompt, SamplingConfig(max_new_tokens=GREEDY_TOKENS, temperature=0.0))
     reference.generation_config.eos_token_id = None
