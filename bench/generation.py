@@ -173,6 +173,24 @@ EAGER_CHOICES = {  # the eager path with one choice undone
 }
 
 
+def median_rates(generators: dict, batch: int, args, device: torch.device) -> dict[str, float]:
+    """Median tokens/s of each generator over args.repeats runs, the generators taking turns (so background
+    load hits them alike)."""
+    rates: dict[str, list[float]] = {name: [] for name in generators}
+    for repeat in range(args.repeats):
+        for name, generate in generators.items():
+            rates[name].append(rate(generate, batch, args.new_tokens, repeat, device))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def with_choice_undone(engine: Engine, undo):
+    """`engine`'s generate(prompt, new tokens, seed) with one choice undone (`undo`: a context manager)."""
+    def generate(p, n, seed):
+        with undo():
+            return engine.generate(p, SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING))
+    return generate
+
+
 def eager_choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
     """Tokens/s of the eager path as it is and with each choice undone, alternating, batch 1."""
     print(f"\nWhat each choice of the eager path is worth (batch 1, {args.new_tokens} new tokens, median of "
@@ -182,24 +200,12 @@ def eager_choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
     prompt = torch.ones((1, 1), dtype=torch.long, device=device)
     for context in (64, 256):
         ours, _ = models(context, device, dtype)
-        generators = {}
-        for name, undo in EAGER_CHOICES.items():
-            engine = Engine(ours)
-
-            def generate(p, n, seed, engine=engine, undo=undo):
-                with undo():
-                    return engine.generate(p, SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING))
-
-            generators[name] = generate
+        generators = {name: with_choice_undone(Engine(ours), undo) for name, undo in EAGER_CHOICES.items()}
         same = {name: torch.equal(generate(prompt, 50, 1), generators["as it is"](prompt, 50, 1))
                 for name, generate in generators.items()}
-        rates: dict[str, list[float]] = {name: [] for name in generators}
-        for repeat in range(args.repeats):
-            for name, generate in generators.items():
-                rates[name].append(rate(generate, 1, args.new_tokens, repeat, device))
-        baseline = statistics.median(rates["as it is"])
-        for name, values in rates.items():
-            median = statistics.median(values)
+        medians = median_rates(generators, 1, args, device)
+        baseline = medians["as it is"]
+        for name, median in medians.items():
             print(f"| {context} | {name} | {median:,.0f} | {median / baseline:.2f}x | "
                   f"{'same' if same[name] else 'DIFFERENT'} |")
 
@@ -216,24 +222,15 @@ def choices_table(args, device: torch.device, dtype: torch.dtype) -> None:
         eager = Engine(ours).generate(prompt, SamplingConfig(max_new_tokens=50, seed=1, **SAMPLING))
         generators, compile_s, same = {}, {}, {}
         for name, undo in CHOICES.items():
-            fast = Engine(ours, compile=True)
-
-            def generate(p, n, seed, fast=fast, undo=undo):
-                with undo():
-                    return fast.generate(p, SamplingConfig(max_new_tokens=n, seed=seed, **SAMPLING))
-
+            generate = with_choice_undone(Engine(ours, compile=True), undo)
             start = time.perf_counter()
             rate(generate, 1, args.new_tokens, 0, device)  # every graph the timed runs use (a slide's too)
             compile_s[name] = time.perf_counter() - start
             same[name] = torch.equal(generate(prompt, 50, 1), eager)
             generators[name] = generate
-        rates: dict[str, list[float]] = {name: [] for name in generators}
-        for repeat in range(args.repeats):
-            for name, generate in generators.items():
-                rates[name].append(rate(generate, 1, args.new_tokens, repeat, device))
-        baseline = statistics.median(rates[AS_IT_IS])
-        for name, values in rates.items():
-            median = statistics.median(values)
+        medians = median_rates(generators, 1, args, device)
+        baseline = medians[AS_IT_IS]
+        for name, median in medians.items():
             print(f"| {context} | {name} | {median:,.0f} | {median / baseline:.2f}x | {compile_s[name]:.1f} | "
                   f"{'same' if same[name] else 'DIFFERENT'} |")
 
@@ -266,13 +263,9 @@ def main() -> None:
                 rate(generate, batch, WARMUP_TOKENS, 0, device)
             prompt = torch.ones((batch, 1), dtype=torch.long, device=device)
             mismatches += not torch.equal(generators[FAST](prompt, 50, 1), generators[EAGER](prompt, 50, 1))
-            rates: dict[str, list[float]] = {name: [] for name in generators}
-            for repeat in range(args.repeats):
-                for name, generate in generators.items():
-                    rates[name].append(rate(generate, batch, args.new_tokens, repeat, device))
-            baseline = statistics.median(rates[REFERENCE])
-            for name, values in rates.items():
-                median = statistics.median(values)
+            medians = median_rates(generators, batch, args, device)
+            baseline = medians[REFERENCE]
+            for name, median in medians.items():
                 print(f"| {context} | {batch} | {name} | {median:,.0f} | {median / baseline:.1f}x |")
     print(f"\nCompiling the fast path (first call per context and batch): "
           f"{', '.join(f'{s:.1f}' for s in compile_seconds)} s. Fast path and eager path gave "

@@ -185,14 +185,19 @@ def test_gradio_state_is_never_defeated_by_a_deepcopy_override():
     assert offenders == []
 
 
+def run_without_gradio_variables(code: str) -> str:
+    """The stdout of `code` in a fresh Python whose environment has none of gradio's or the HF hub's variables."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+
+
 def test_importing_the_cli_imports_no_ui_nor_gradio_nor_the_http_api_and_sets_no_environment_variable():
     code = ("import os, sys, json; before = dict(os.environ); known = set(sys.modules); import minillm.cli; "
             "print(json.dumps({'modules': sorted(m for m in set(sys.modules) - known if m.split('.')[0] in "
             "('gradio', 'fastapi', 'uvicorn', 'starlette') or m == 'minillm.serve.http' "
             "or m == 'minillm.ui' or m.startswith('minillm.ui.')), "
             "'changed': sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    out = run_without_gradio_variables(code)
     assert json.loads(out) == {"modules": [], "changed": []}
 
 
@@ -207,8 +212,7 @@ def test_the_ui_sets_gradios_offline_variables_before_gradio_is_imported():
             "sys.meta_path.insert(0, Watch())\n"
             "import minillm.ui.app\n"
             "print(json.dumps(seen))")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "HF_HUB_"))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    out = run_without_gradio_variables(code)
     assert json.loads(out.strip().splitlines()[-1]) == {"GRADIO_ANALYTICS_ENABLED": "False",
                                                           "HF_HUB_DISABLE_TELEMETRY": "1"}
 

@@ -53,6 +53,14 @@ from minillm.tokenizers import ChatTemplate, Tokenizer
 from minillm.tokenizers.chat_template import ASSISTANT, CHAT_TOKENS, DEFAULT_TEMPLATE, learned_turns
 
 
+def split_offsets(folder: str | Path, split: str) -> np.ndarray:
+    """The offsets file of a split stored by sample (pairs, conversations): refused when it is missing."""
+    path = RunFolder(folder).pair_offsets(split)
+    if not path.is_file():
+        raise MiniLLMError(f"{path} is missing; the run folder is incomplete: {INCOMPLETE_FIX}")
+    return read_offsets(path)
+
+
 class Task(ABC):
     """What a run learns from its data; made for one model kind (`encoder_decoder`)."""
 
@@ -237,11 +245,7 @@ class PairsTask(Task):
 
     def open_batches(self, folder: str | Path, split: str, record: SplitRecord, model_config: ModelConfig,
                      source_fraction: float) -> Batches:
-        files = RunFolder(folder)
-        if not files.pair_offsets(split).is_file():
-            raise MiniLLMError(f"{files.pair_offsets(split)} is missing; the run folder is incomplete: "
-                               f"{INCOMPLETE_FIX}")
-        offsets = read_offsets(files.pair_offsets(split))
+        files, offsets = RunFolder(folder), split_offsets(folder, split)
         src = read_stream(files.pair_tokens(split, "src"), record.dtype, int(offsets[0, -1]))
         tgt = read_stream(files.pair_tokens(split, "tgt"), record.dtype, int(offsets[1, -1]))
         c = model_config
@@ -325,11 +329,7 @@ class ChatTask(Task):
 
     def open_batches(self, folder: str | Path, split: str, record: SplitRecord, model_config: ModelConfig,
                      source_fraction: float) -> Batches:
-        files = RunFolder(folder)
-        if not files.pair_offsets(split).is_file():
-            raise MiniLLMError(f"{files.pair_offsets(split)} is missing; the run folder is incomplete: "
-                               f"{INCOMPLETE_FIX}")
-        offsets = read_offsets(files.pair_offsets(split))
+        files, offsets = RunFolder(folder), split_offsets(folder, split)
         tokens = read_stream(files.tokens(split), record.dtype, int(offsets[0, -1]))
         learned = read_stream(files.loss_mask(split), np.uint8, int(offsets[0, -1]))
         batches = ConversationBatches(tokens, learned, offsets, model_config.max_seq_len, model_config.pad_id)
