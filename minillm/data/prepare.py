@@ -172,10 +172,8 @@ def write_data(folder: str | Path, data: SplitData, tokenizer_kind: str, bpe_voc
     else:
         texts = data.task.training_texts(data.splits["train"])
         tokenizer, added, source = train_tokenizer(tokenizer_kind, texts, bpe_vocab_size), [], "trained"
-    template = tokenizer.chat_template  # (an imported one's)
-    tokenizer, added_by_task = data.task.prepare_tokenizer(tokenizer)  # (a chat run's role markers, template)
-    if imported is not None and imported.from_model and tokenizer.chat_template is None:
-        tokenizer.chat_template = template  # a model started from keeps its chat template, whatever the task
+    # (a chat run's role markers and template; a model started from keeps its template, whatever the task)
+    tokenizer, added_by_task = data.task.prepare_tokenizer(tokenizer, imported is not None and imported.from_model)
     tokenizer.save(files.tokenizer)
     save_special_tokens(tokenizer, files.special_tokens, [*added, *added_by_task], source)
     save_chat_template(tokenizer, folder)

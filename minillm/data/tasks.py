@@ -89,10 +89,12 @@ class Task(ABC):
         """The token ids a sample puts between a prompt and its answer (none by default)."""
         return []
 
-    def prepare_tokenizer(self, tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    def prepare_tokenizer(self, tokenizer: Tokenizer, keep_template: bool = False) -> tuple[Tokenizer, list[str]]:
         """The run's tokenizer made from the trained or imported one, and the special tokens added to it. By
-        default as it is, without a chat template (an imported one's is kept by the chat task only)."""
-        tokenizer.chat_template = None
+        default as it is, without a chat template: an imported one's is kept by the chat task, and with
+        `keep_template` (the tokenizer of a model the run starts from) by every task."""
+        if not keep_template:
+            tokenizer.chat_template = None
         return tokenizer, []
 
     def prompt_for(self, prompt: str) -> str:
@@ -312,7 +314,7 @@ class ChatTask(Task):
     def answer_pairs(self, batches: ConversationBatches) -> AnswerPairs:
         return batches  # each conversation's last assistant turn, after the rest of it
 
-    def prepare_tokenizer(self, tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    def prepare_tokenizer(self, tokenizer: Tokenizer, keep_template: bool = False) -> tuple[Tokenizer, list[str]]:
         """An imported tokenizer's own chat template when it has one (checked to render a conversation and to
         end a turn), else Mini LLM's, whose role markers are added to the tokenizer as special tokens."""
         if tokenizer.chat_template is not None:
