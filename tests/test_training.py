@@ -160,9 +160,9 @@ def test_existing_run_is_refused_unless_overwrite(tmp_path, corpus_file, tiny_ru
     assert [row["step"] for row in read_metrics(run_dir / "metrics.jsonl") if row["kind"] == "eval"] == [1, 2]
 
 
-def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monkeypatch):
-    # Validation loss scripted to rise after the first evaluation; everything else is real.
-    scripted = iter([2.0, 2.1, 2.2, 2.3, 2.4])
+def script_validation_losses(monkeypatch, losses: list[float]) -> None:
+    """The trainer's validation losses, one per evaluation, from `losses` (the final test stays real)."""
+    scripted = iter(losses)
     real_mean_loss = trainer_module.mean_loss
 
     def mean_loss(model, batches, device, dtype):
@@ -171,6 +171,11 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
         return real_mean_loss(model, batches, device, dtype)  # the final test
 
     monkeypatch.setattr(trainer_module, "mean_loss", mean_loss)
+
+
+def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monkeypatch):
+    # Validation loss scripted to rise after the first evaluation; everything else is real.
+    script_validation_losses(monkeypatch, [2.0, 2.1, 2.2, 2.3, 2.4])
     messages = []
     model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, patience=3)
     result = train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
@@ -183,15 +188,7 @@ def test_early_stopping_and_the_overfitting_warning(tmp_path, corpus_file, monke
 
 def test_the_overfitting_warning_is_said_once_however_long_it_lasts(tmp_path, corpus_file, monkeypatch):
     # Validation loss scripted to rise at each of 7 evaluations (no early stopping); everything else is real.
-    scripted = iter([2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6])
-    real_mean_loss = trainer_module.mean_loss
-
-    def mean_loss(model, batches, device, dtype):
-        if isinstance(batches, list):  # the fixed validation batches
-            return next(scripted), 1
-        return real_mean_loss(model, batches, device, dtype)  # the final test
-
-    monkeypatch.setattr(trainer_module, "mean_loss", mean_loss)
+    script_validation_losses(monkeypatch, [2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6])
     messages = []
     model_config, train_config = tiny_configs(data=corpus_file, eval_interval=5, max_steps=35)
     train(model_config, train_config, tmp_path / "run", progress=False, log=messages.append)
